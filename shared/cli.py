@@ -1,0 +1,209 @@
+"""The command line door: `python -m shared export|validate|sandbox|demo ...`. No business rules here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import secrets as pysecrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import engine
+from .config import load_config
+from .errors import ConfigError, ConnectorError, LeaseUnavailable
+from .secrets import RedactingFilter, provider_from_env
+from .state import StateStore
+from .storage import LocalFolderStore
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SUCCESS = ("completed", "completed_with_errors", "submitted", "dry_run")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+
+
+def source_location(path: str) -> tuple[LocalFolderStore, str]:
+    """A local export path as (store, key): the store is the folder holding model.json or the plain file."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "model.json").is_file():
+            raise ConfigError(f"{path} is a folder without model.json: name a model.json, a CSV or a JSON Lines file",
+                              field="--source")
+        return LocalFolderStore(p), "model.json"
+    if not p.is_file():
+        raise ConfigError(f"{path} does not exist", field="--source")
+    return LocalFolderStore(p.parent), p.name
+
+
+def _progress(info: dict[str, Any]) -> None:
+    print(f"  read {info['read']:,} rows, sent {info['sent']:,} contacts, {info['rate']:,.0f} rows/s",
+          file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary(report: dict[str, Any]) -> str:
+    c, r = report["counts"], report["requests"]
+    lines = [
+        f"run {report['run_id']} of '{report['destination']}': {report['status']}"
+        + (f" ({report['error']})" if report.get("error") else ""),
+        f"  rows read {c['read']:,}; valid distinct {c['valid']:,}; duplicates {c['duplicates']:,}; "
+        f"rejected {c['rejected_total']:,} {c['rejected'] or ''}",
+        f"  sent {c['sent']:,} contacts in {r['count']} request(s), {r['bytes']:,} bytes "
+        f"(largest {r['max_bytes']:,} bytes / {r['max_contacts']:,} contacts); trimmed {c['trimmed'] or 0}",
+    ]
+    if report["jobs"]:
+        states: dict[str, int] = {}
+        for job in report["jobs"]:
+            states[job["status"]] = states.get(job["status"], 0) + 1
+        lines.append(f"  SendGrid jobs: {states}")
+    for w in report.get("warnings", []) + report.get("file_errors", []):
+        lines.append(f"  warning: {w}")
+    for rej in report.get("rejections", [])[:5]:
+        lines.append(f"  rejected: {rej['file']} line {rej['line']}: {rej['reason']}")
+    if report.get("rejections_file"):
+        lines.append(f"  every rejection: {report['rejections_file']} in the state folder")
+    if report["timings"].get("seconds") is not None:
+        lines.append(f"  {report['timings']['seconds']:.2f} s; first request after "
+                     f"{report['timings'].get('first_request_s')} s; peak memory {peak_rss_mb():.0f} MB")
+    return "\n".join(lines)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    store, key = source_location(args.source)
+    state = StateStore(LocalFolderStore(args.state_dir))
+    svc = engine.Services(config=config, secrets=provider_from_env(), state=state, sources=store,
+                          environ=os.environ, progress=None if args.quiet else _progress)
+    deadline = time.monotonic() + args.deadline_seconds if args.deadline_seconds else None
+    req = engine.RunRequest(args.destination, key, trigger="cli", dry_run=args.dry_run, wait=args.wait,
+                            resume=args.resume, deadline=deadline)
+    try:
+        report = engine.run(req, svc)
+    except LeaseUnavailable:
+        print(f"destination '{args.destination}' is being exported by another run; try again when it ends",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.report:
+        Path(args.report).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(summary(report))
+    return EXIT_OK if report["status"] in SUCCESS else EXIT_FAILED
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for name, dest in config.destinations.items():
+        notes = [] if dest.consent else ["no consent: will refuse to run"]
+        if not dest.enabled:
+            notes.append("disabled")
+        print(f"ok   {name}: list {dest.list_id}, segments {', '.join(dest.segments)}, mode {dest.mode}"
+              + (f" ({'; '.join(notes)})" if notes else ""))
+    for error in config.errors.values():
+        print(f"FAIL {error}")
+    return EXIT_USAGE if config.errors else EXIT_OK
+
+
+def cmd_sandbox(argv: Sequence[str]) -> int:
+    from . import sandbox
+
+    return sandbox.main(list(argv))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import samplegen, sandbox
+
+    work = Path(args.dir).resolve()
+    export_root = work / "export"
+    print(f"demo: generating a Customer Insights export of {args.profiles:,} profiles in {export_root} ...")
+    info = samplegen.write_cdm_export(export_root, args.profiles, seed=args.seed)
+    key = "SG." + pysecrets.token_urlsafe(16) + "." + pysecrets.token_urlsafe(32)
+    box = sandbox.Sandbox(api_keys=[key], job_delay=0.5)
+    list_id = box.create_list("VIP newsletter")
+    box.create_field("lifetime_value", "Number")
+    box.create_field("signup_date", "Date")
+    with sandbox.serve(box) as server:
+        os.environ["SENDGRID_API_KEY"] = key  # this process only: the export reads it like a real deployment would
+        os.environ["SENDGRID_API_URL"] = server.url
+        config_path = work / "destinations.json"
+        config_path.write_bytes(orjson.dumps(samplegen.demo_destinations(list_id), option=orjson.OPT_INDENT_2))
+        print(f"demo: SendGrid sandbox at {server.url}; list {list_id}; config {config_path}")
+        args_export = argparse.Namespace(
+            config=str(config_path), destination="vip-newsletter", source=str(export_root / info.model_key),
+            state_dir=str(work / "state"), report=str(work / "report.json"), dry_run=False, wait=True, resume=None,
+            deadline_seconds=None, quiet=False)
+        code = cmd_export(args_export)
+        in_list = len(box.list_emails(list_id))
+    expected = info.valid_distinct
+    print(f"demo: the sandbox list now holds {in_list:,} contacts; the export had {expected:,} distinct valid "
+          f"profiles ({info.bad_rows:,} bad rows, {info.duplicate_rows:,} duplicates)")
+    print(f"demo: report {work / 'report.json'}")
+    if in_list != expected:
+        print("demo: MISMATCH between the list and the export", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export one destination from one source")
+    p.add_argument("--config", required=True, help="destinations JSON file")
+    p.add_argument("--destination", required=True)
+    p.add_argument("--source", required=True, help="model.json, a folder with one, or a CSV / JSON Lines file (.gz ok)")
+    p.add_argument("--state-dir", default=".state", help="where run reports and checkpoints go (default .state)")
+    p.add_argument("--report", help="also write the JSON report here")
+    p.add_argument("--dry-run", action="store_true", help="read, map and validate everything; send nothing")
+    p.add_argument("--wait", action="store_true", help="poll SendGrid's jobs until they finish")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume an interrupted run from its checkpoint")
+    p.add_argument("--deadline-seconds", type=float, help="stop cleanly (resumable) after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("validate", help="check a destinations file")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_validate)
+
+    sub.add_parser("sandbox", help="run the local SendGrid sandbox (see its --help)", add_help=False)
+
+    p = sub.add_parser("demo", help="generate a sample export, start the sandbox, export it, print the summary")
+    p.add_argument("--dir", default=".demo", help="working folder (default .demo)")
+    p.add_argument("--profiles", type=int, default=25_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sandbox"]:
+        setup_logging()
+        return cmd_sandbox(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED

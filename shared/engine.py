@@ -1,0 +1,491 @@
+"""One run, start to end: source rows -> contacts -> requests -> SendGrid jobs -> report. Every door calls `run`.
+
+A run is deterministic for one source version, so its checkpoint is a single number: how many de-duplicated contacts
+SendGrid has accepted. Resuming replays the source without sending up to that point (rebuilding counts and the
+de-duplication state) and sends the rest; at most the request in flight at a crash is sent twice (upserts are
+idempotent). Parsing and sending overlap: a sender thread sends one request while the next batch is being built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import batching, contacts, sources
+from .config import Config, Destination
+from .errors import (
+    AuthError,
+    ConfigError,
+    ConnectorError,
+    DeadlineReached,
+    RunRefused,
+    SecretError,
+    SendGridError,
+    SourceError,
+    TransientError,
+)
+from .secrets import SecretProvider, redact
+from .sendgrid import InvalidContacts, SendGridClient, base_url_for
+from .state import StateStore, new_run_id
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+REJECTION_SAMPLE = 100
+OPEN_STATUSES = ("running", "interrupted", "submitted")
+FINAL_JOB = ("completed", "errored", "failed")
+_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    destination: str
+    source: str | None = None  # key in the source store: model.json, a folder holding one, or a plain file
+    source_etag: str | None = None
+    trigger: str = "cli"
+    deadline: float | None = None  # a time.monotonic() value; the run checkpoints and stops as 'interrupted' there
+    dry_run: bool = False
+    wait: bool = False
+    resume: str | None = None  # a run id to resume from its checkpoint
+
+
+@dataclass
+class Services:
+    """The I/O parts a door hands the engine."""
+
+    config: Config
+    secrets: SecretProvider
+    state: StateStore
+    sources: ObjectStore
+    environ: Mapping[str, str] = field(default_factory=dict)
+    client_factory: Callable[[Destination], SendGridClient] | None = None
+    progress: Callable[[dict[str, Any]], None] | None = None
+    poll_interval: float = 2.0
+    wait_timeout: float = 900.0
+
+    def client(self, dest: Destination) -> SendGridClient:
+        if self.client_factory is not None:
+            return self.client_factory(dest)
+        return SendGridClient(base_url_for(dest.region, self.environ), self.secrets, dest.api_key_secret)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _reason_key(reason: str) -> str:
+    """Rejection reasons carry values; counts group them by kind."""
+    if reason.startswith("missing email"):
+        return "missing_email"
+    if reason.startswith("email longer"):
+        return "email_too_long"
+    if reason.startswith("invalid email"):
+        return "invalid_email"
+    if reason.startswith("refused by SendGrid"):
+        return "refused_by_sendgrid"
+    return "unreadable_row"
+
+
+def _neutralise(cell: str) -> str:
+    """Cells a spreadsheet would run as a formula get a leading apostrophe."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
+class _Rejections:
+    """Counts, a sample for the report, and a complete CSV of every rejected row (spooled, then stored)."""
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+        self.sample: list[dict[str, Any]] = []
+        self._file = tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8", newline="")  # noqa: SIM115
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(["file", "line", "reason"])
+
+    def add(self, file: str, line: int | None, reason: str) -> None:
+        reason = redact(reason)
+        self.by_reason[_reason_key(reason)] += 1
+        if len(self.sample) < REJECTION_SAMPLE:
+            self.sample.append({"file": file, "line": line, "reason": reason})
+        self._csv.writerow([_neutralise(file), line or "", _neutralise(reason)])
+
+    def chunks(self) -> Iterator[bytes]:
+        self._file.seek(0)
+        while block := self._file.read(1 << 20):
+            yield block.encode("utf-8")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Run:
+    def __init__(self, req: RunRequest, svc: Services, dest: Destination, record: dict[str, Any]) -> None:
+        self.req, self.svc, self.dest, self.record = req, svc, dest, record
+        self.counts = record["counts"]
+        self.rejections = _Rejections()
+        self.notes: Counter[str] = Counter()
+        self.mapper: contacts.ContactMapper | None = None
+        self.partitions: list[sources.Partition] = []
+        self.lease: Any = None
+        self._last_progress = time.monotonic()
+        self._last_renew = time.monotonic()
+        self._started = time.monotonic()
+
+    # --- reading ------------------------------------------------------------------------------------------------------
+
+    def contact_stream(self, encode: bool = True) -> Iterator[tuple[str, bytes]]:
+        """De-duplicated contacts in source order, as (email, encoded JSON); counts and rejections on the way."""
+        assert self.mapper is not None
+        mapper, counts, reject = self.mapper, self.counts, self.rejections.add
+        deduper = contacts.Deduper()
+        email_col = mapper.columns[0]
+        warnings: list[str] = self.record["warnings"]
+        for part in self.partitions:
+            try:
+                rows = sources.read_rows(self.svc.sources, part, mapper.columns, required=(email_col,),
+                                         warnings=warnings)
+                while chunk := list(itertools.islice(rows, _CHUNK)):
+                    counts["read"] += len(chunk)
+                    kept: list[tuple[str, dict[str, Any]]] = []
+                    for line, values, reason in chunk:
+                        if values is None:
+                            reject(part.key, line, reason or "unreadable row")
+                            continue
+                        mapped = mapper.map(values)
+                        if type(mapped) is str:
+                            reject(part.key, line, mapped)
+                            continue
+                        email, contact, note = mapped  # type: ignore[misc]
+                        if note:
+                            self.notes[note.split(":")[0]] += 1
+                            if len(self.record["field_notes"]) < REJECTION_SAMPLE:
+                                self.record["field_notes"].append({"file": part.key, "line": line, "note": note})
+                        kept.append((email, contact))
+                    if kept:
+                        fresh = deduper.first_seen(contacts.fingerprints([k[0] for k in kept]))
+                        dup = 0
+                        for (email, contact), new in zip(kept, fresh, strict=True):
+                            if new:
+                                yield email, contacts.encode(contact) if encode else b""
+                            else:
+                                dup += 1
+                        counts["duplicates"] += dup
+                    self.tick()
+            except SourceError as exc:
+                msg = redact(str(exc))
+                log.warning("%s", msg)
+                self.record["file_errors"].append(msg)
+        counts["valid"] = len(deduper)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.lease is not None and now - self._last_renew > 15:
+            self._last_renew = now
+            with contextlib.suppress(Exception):
+                self.lease.renew()
+        if self.svc.progress and now - self._last_progress >= 2.0:
+            self._last_progress = now
+            elapsed = now - self._started
+            self.svc.progress({"read": self.counts["read"], "sent": self.counts["sent"],
+                               "rate": self.counts["read"] / elapsed if elapsed else 0.0})
+
+    # --- sending ------------------------------------------------------------------------------------------------------
+
+    def send_all(self, client: SendGridClient) -> None:
+        ck = self.record["checkpoint"]
+        skip = ck["contacts_done"]
+        overhead = batching.body_overhead([self.dest.list_id])
+        items = ((i, email, enc) for i, (email, enc) in enumerate(self.contact_stream()) if i >= skip)
+        batches = batching.pack(items, lambda t: len(t[2]), overhead=overhead)
+        q: queue.Queue[list[tuple[int, str, bytes]] | None] = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+        stop = threading.Event()
+
+        def sender() -> None:
+            try:
+                while (batch := q.get()) is not None:
+                    if stop.is_set():
+                        continue
+                    self.send_batch(client, batch)
+            except BaseException as exc:
+                failure.append(exc)
+                stop.set()
+                while q.get() is not None:  # drain so the producer never blocks
+                    pass
+
+        thread = threading.Thread(target=sender, name="sendgrid-sender", daemon=True)
+        thread.start()
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    break
+                q.put(batch)
+        finally:
+            q.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
+        if stop.is_set():
+            raise DeadlineReached("stopped")
+
+    def send_batch(self, client: SendGridClient, batch: list[tuple[int, str, bytes]]) -> None:
+        if self.req.deadline is not None and time.monotonic() >= self.req.deadline:
+            raise DeadlineReached("the run's deadline was reached before the next request")
+        ck = self.record["checkpoint"]
+        live = batch
+        while live:
+            body = batching.upsert_body([self.dest.list_id], [enc for _, _, enc in live])
+            try:
+                job_id = client.upsert(body)
+            except InvalidContacts as bad:
+                refused = {pos for pos, item in enumerate(live) if item[1] in bad.emails or pos in bad.indexes}
+                if not refused:
+                    raise
+                for pos in sorted(refused):
+                    email = live[pos][1][:80]
+                    self.rejections.add("SendGrid", None, f"refused by SendGrid: email '{email}' is not valid")
+                ck["refused_by_sendgrid"] += len(refused)
+                live = [item for pos, item in enumerate(live) if pos not in refused]
+                continue
+            if self.record["timings"].get("first_request_s") is None:
+                self.record["timings"]["first_request_s"] = round(time.monotonic() - self._started, 3)
+            self.record["jobs"].append({"id": job_id, "contacts": len(live), "status": "pending"})
+            req = self.record["requests"]
+            req["count"] += 1
+            req["bytes"] += len(body)
+            req["max_bytes"] = max(req["max_bytes"], len(body))
+            req["max_contacts"] = max(req["max_contacts"], len(live))
+            break
+        ck["contacts_done"] = batch[-1][0] + 1
+        self.counts["sent"] = ck["contacts_done"] - ck["refused_by_sendgrid"]
+        self.svc.state.save_run(self.record)
+
+
+def _new_record(req: RunRequest, dest: Destination, run_id: str) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "destination": dest.name,
+        "display_name": dest.display_name,
+        "list_id": dest.list_id,
+        "mode": dest.mode,
+        "trigger": req.trigger,
+        "dry_run": req.dry_run,
+        "source": req.source,
+        "source_etag": req.source_etag,
+        "sources": [],
+        "started_at": _now(),
+        "finished_at": None,
+        "status": "running",
+        "error": None,
+        "warnings": [],
+        "file_errors": [],
+        "counts": {"read": 0, "valid": 0, "rejected": {}, "rejected_total": 0, "duplicates": 0, "trimmed": {},
+                   "field_notes": {}, "sent": 0},
+        "requests": {"count": 0, "bytes": 0, "max_bytes": 0, "max_contacts": 0, "retries": 0, "rate_limited": 0},
+        "jobs": [],
+        "rejections": [],
+        "field_notes": [],
+        "rejections_file": None,
+        "checkpoint": {"contacts_done": 0, "refused_by_sendgrid": 0, "resumed": 0},
+        "timings": {"seconds": None, "first_request_s": None},
+    }
+
+
+def _refuse(svc: Services, record: dict[str, Any], message: str) -> dict[str, Any]:
+    record.update(status="refused", error=message, finished_at=_now())
+    svc.state.save_run(record)
+    return record
+
+
+def destination(config: Config, name: str) -> Destination:
+    """The named destination, or a ConfigError that says why it cannot run."""
+    if name in config.errors:
+        raise config.errors[name]
+    if name not in config.destinations:
+        known = ", ".join(sorted(config.destinations)) or "none"
+        raise ConfigError(f"no destination named '{name}'; destinations are: {known}", file=config.origin)
+    return config.destinations[name]
+
+
+def run(req: RunRequest, svc: Services) -> dict[str, Any]:
+    """Run one export (or resume one) and return its report. Raises ConfigError for an unknown or invalid destination
+    and LeaseUnavailable when another run holds the destination; everything else ends up in the report."""
+    dest = destination(svc.config, req.destination)
+    if req.resume:
+        record = svc.state.load_run(req.resume)
+        if record is None or record["destination"] != dest.name:
+            raise ConfigError(f"no run '{req.resume}' for destination '{dest.name}'")
+        req = RunRequest(dest.name, record["source"], record.get("source_etag"), record["trigger"], req.deadline,
+                         False, req.wait, req.resume)
+        record["checkpoint"]["resumed"] += 1
+        fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
+        record.update(status="running", error=None, finished_at=None, warnings=[], file_errors=[], rejections=[],
+                      field_notes=[], counts=fresh["counts"])
+    else:
+        record = _new_record(req, dest, new_run_id())
+    disabled = svc.state.disabled(dest.name)
+    if not dest.enabled or disabled:
+        why = "disabled in the destinations file" if not dest.enabled else f"disabled by {disabled.get('by', 'admin')}"
+        return _refuse(svc, record, f"destination '{dest.name}' is {why}; enable it to run again")
+    if not dest.consent:
+        return _refuse(svc, record, f"destination '{dest.name}' has no data-privacy consent: an admin must set "
+                                    '"consent": true (agreeing to the data privacy and compliance terms) to run it')
+    if not req.source:
+        return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
+    with svc.state.lease(dest.name) as lease:
+        state = _Run(req, svc, dest, record)
+        state.lease = lease
+        try:
+            _execute(state)
+        except DeadlineReached as exc:
+            record.update(status="interrupted", error=f"stopped at the deadline ({exc}); the next run resumes it")
+        except (AuthError, SecretError, TransientError, SendGridError) as exc:
+            resumable = isinstance(exc, TransientError | SendGridError) and not isinstance(exc, AuthError)
+            record.update(status="interrupted" if isinstance(exc, TransientError) else "failed",
+                          error=redact(str(exc)), resumable=resumable)
+        except RunRefused as exc:
+            record.update(status="refused", error=redact(str(exc)))
+        except ConnectorError as exc:
+            record.update(status="failed", error=redact(str(exc)))
+        finally:
+            _finish_counts(state)
+            record["timings"]["seconds"] = round(time.monotonic() - state._started, 3)
+            if record["status"] != "running" or req.dry_run:
+                record["finished_at"] = _now()
+            if record["status"] != "refused":
+                key = f"runs/{dest.name}/{record['run_id']}.rejections.csv"
+                svc.state.store.write_stream(key, state.rejections.chunks())
+                record["rejections_file"] = key
+            state.rejections.close()
+            svc.state.save_run(record)
+    return record
+
+
+def _finish_counts(state: _Run) -> None:
+    rec, counts = state.record, state.record["counts"]
+    counts["rejected"] = dict(state.rejections.by_reason)
+    counts["rejected_total"] = sum(state.rejections.by_reason.values())
+    counts["field_notes"] = dict(state.notes)
+    if state.mapper is not None:
+        counts["trimmed"] = dict(state.mapper.trimmed)
+    rec["rejections"] = state.rejections.sample
+
+
+def _execute(state: _Run) -> None:
+    req, svc, dest, record = state.req, state.svc, state.dest, state.record
+    state.partitions = sources.discover(svc.sources, req.source, dest.segments)
+    record["sources"] = [{"segment": p.segment, "key": p.key} for p in state.partitions]
+    found = {p.segment for p in state.partitions}
+    missing = [s for s in dest.segments if s not in found]
+    if missing:
+        record["warnings"].append(f"segments not in this export: {', '.join(missing)}")
+    if not state.partitions:
+        raise SourceError(f"none of the destination's segments ({', '.join(dest.segments)}) is in this export",
+                          file=req.source)
+    client: SendGridClient | None = None
+    custom: list[contacts.CustomField] = []
+    try:
+        client = svc.client(dest)
+        client.deadline = req.deadline
+        if not req.dry_run and client.get_list(dest.list_id) is None:
+            raise RunRefused(f"list {dest.list_id} does not exist in this SendGrid account: create it or fix list_id")
+        custom = _resolve_custom_fields(dest, client)
+    except (SecretError, ConfigError) as exc:
+        if not req.dry_run:
+            raise
+        record["warnings"].append(f"dry run without SendGrid: {exc}; custom fields are checked as text")
+        custom = [contacts.CustomField(n, n, "Text", c) for n, c in dest.custom_fields.items()]
+    state.mapper = contacts.ContactMapper(dest.mapping, custom)
+    svc.state.save_run(record)
+    try:
+        if dest.max_profiles is not None or req.dry_run:
+            for _ in state.contact_stream(encode=False):
+                pass
+            if dest.max_profiles is not None and record["counts"]["valid"] > dest.max_profiles:
+                raise RunRefused(
+                    f"the export has {record['counts']['valid']:,} distinct valid profiles, over max_profiles "
+                    f"({dest.max_profiles:,}) of destination '{dest.name}': nothing was sent. Raise max_profiles "
+                    "(or set it to null for no limit) to export it")
+            if req.dry_run:
+                record["status"] = "dry_run"
+                return
+            _reset_counts(state)
+        assert client is not None
+        state.send_all(client)
+        record["status"] = "submitted"
+        poll_jobs(record, client, svc, wait=req.wait)
+    finally:
+        if client is not None:
+            for k in ("retries", "rate_limited"):
+                record["requests"][k] += client.stats[k]
+            client.close()
+
+
+def _reset_counts(state: _Run) -> None:
+    """The counting pass's tallies are replaced by the sending pass's."""
+    counts = state.record["counts"]
+    counts.update(read=0, valid=0, duplicates=0)
+    state.rejections.close()
+    state.rejections = _Rejections()
+    state.notes.clear()
+    state.record["field_notes"] = []
+    state.record["warnings"] = [w for w in state.record["warnings"] if w.startswith("segments not")]
+    state.record["file_errors"] = []
+    if state.mapper is not None:
+        state.mapper.trimmed.clear()
+
+
+def _resolve_custom_fields(dest: Destination, client: SendGridClient) -> list[contacts.CustomField]:
+    if not dest.custom_fields:
+        return []
+    defs = client.field_definitions()
+    by_name = {f["name"].lower(): f for f in defs.get("custom_fields", [])}
+    unknown = [n for n in dest.custom_fields if n.lower() not in by_name]
+    if unknown:
+        have = ", ".join(f"{f['name']} ({f['field_type']})" for f in defs.get("custom_fields", [])) or "none"
+        raise RunRefused(
+            f"destination '{dest.name}': custom field(s) {', '.join(unknown)} do not exist in the SendGrid account "
+            f"(custom fields it has: {have}). Create them in SendGrid (Marketing > Custom Fields) or fix custom_fields")
+    return [contacts.CustomField(n, by_name[n.lower()]["id"], by_name[n.lower()]["field_type"], col)
+            for n, col in dest.custom_fields.items()]
+
+
+def poll_jobs(record: dict[str, Any], client: SendGridClient, svc: Services, *, wait: bool) -> None:
+    """Update the run's jobs from SendGrid; with wait, until every job is final. Sets the run's final status."""
+    end = time.monotonic() + svc.wait_timeout
+    interval = min(svc.poll_interval, 0.25)
+    while True:
+        for job in record["jobs"]:
+            if job["status"] in FINAL_JOB:
+                continue
+            status = client.import_status(job["id"])
+            job["status"] = status.get("status", "pending")
+            job["results"] = {k: v for k, v in (status.get("results") or {}).items() if k != "errors_url"}
+            if job["status"] == "errored" and status.get("results", {}).get("errors_url"):
+                job["errors"] = [redact(x) for x in client.errors_head(status["results"]["errors_url"])]
+        pending = [j for j in record["jobs"] if j["status"] not in FINAL_JOB]
+        if not pending or not wait or time.monotonic() >= end:
+            break
+        time.sleep(interval)
+        interval = min(interval * 1.5, svc.poll_interval)
+    if pending:
+        record["status"] = "submitted"
+        return
+    statuses = {j["status"] for j in record["jobs"]}
+    if statuses and statuses <= {"failed"}:
+        record.update(status="failed", error="every SendGrid job failed; see jobs[].errors")
+    elif statuses - {"completed"} or record["file_errors"]:
+        record["status"] = "completed_with_errors"
+    else:
+        record["status"] = "completed"
+    record["finished_at"] = _now()
