@@ -1,0 +1,325 @@
+"""Rows to SendGrid contacts: mapping, normalisation, validation, trimming, de-duplication.
+
+This is the hot path (millions of rows per run): everything that does not depend on the row is decided in
+ContactMapper.__init__, which generates a straight-line map() for its mapping (about 2 us a row for the
+seven-field Customer Insights mapping plus one Number field). Row values must be str or None.
+
+Choices where SendGrid's contract is silent (see tests/contracts/tsg_mc_contacts_v3.json):
+- Every value is stripped; an empty value leaves the field out, so SendGrid keeps what it has.
+- Text is cut, never rejected, at limits.FIELD_MAX_LENGTHS (characters, as JSON Schema's maxLength counts), then
+  right-stripped. postal_code has no stated limit: we cut at POSTAL_CODE_MAX_LENGTH, and custom Text values at
+  CUSTOM_TEXT_MAX_LENGTH, so that every contact stays far below the 6 MB request limit (see batching.pack).
+- Emails: ASCII only, lower-cased, a pragmatic syntax check (see EMAIL_RE). A bad primary email rejects the row;
+  a bad alternate email is left out with a note.
+- Numbers: plain decimals with optional exponent; "1,234.5" (comma thousands groups of exactly three digits) is
+  accepted, "1,5" is not (it could be a decimal comma). NaN and infinities are refused. Integral values become
+  JSON integers when exactly representable (|x| <= 2**53), otherwise floats.
+- Dates: "YYYY-MM-DD", "YYYY-MM-DD[T ]HH:MM[:SS[.f...]][Z|±hh[:]mm]" or "M/D/YYYY"; the calendar date as written
+  is kept (no time-zone conversion) and sent as "MM/DD/YYYY".
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import orjson
+
+from . import limits
+
+POSTAL_CODE_MAX_LENGTH = 100  # our choice: the contract states no limit
+CUSTOM_TEXT_MAX_LENGTH = 1_000  # our choice: the contract states no limit for custom Text values
+SHOWN_VALUE_MAX = 80  # characters of a bad value quoted in a reason or note
+
+# RFC 5322 atext plus '.', i.e. printable ASCII without space and the specials "(),:;<>@[\]. No leading, trailing
+# or doubled dot. Domain: LDH labels of 1-63, at least two labels, TLD of letters (2+) or an IDN "xn--" label.
+# Applied after lower-casing, so domains only need [a-z].
+EMAIL_RE = re.compile(
+    r"(?!\.)(?!.*\.\.)[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}(?<!\.)"
+    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?:[a-z]{2,63}|xn--[a-z0-9-]{0,58}[a-z0-9])",
+    re.ASCII,
+)
+_ALT_SPLIT_RE = re.compile(r"[,;]")
+_GROUPED_NUMBER_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", re.ASCII)
+_ISO_DATE_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})(?:[T ]([01]\d|2[0-3]):[0-5]\d(?::(?:[0-5]\d|60)(?:\.\d+)?)?"
+    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?",
+    re.ASCII,
+)
+_US_DATE_RE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})", re.ASCII)
+_MAX_EXACT_INT = 2**53
+
+
+@dataclass(frozen=True)
+class CustomField:
+    name: str  # SendGrid custom field name (for counts and messages)
+    id: str  # SendGrid custom field id, the key in contact["custom_fields"]
+    field_type: Literal["Text", "Number", "Date"]
+    column: str  # source column
+
+
+def _shown(value: str) -> str:
+    return repr(value[:SHOWN_VALUE_MAX])
+
+
+def valid_email(email: str) -> bool:
+    """True for a lower-cased, stripped address that passes the pragmatic check."""
+    return len(email) <= limits.MAX_EMAIL_LENGTH and email.isascii() and EMAIL_RE.fullmatch(email) is not None
+
+
+def parse_number(text: str) -> int | float | None:
+    """A stripped text as a JSON-ready number, or None when it is not a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        if _GROUPED_NUMBER_RE.fullmatch(text) is None:
+            return None
+        value = float(text.replace(",", ""))
+    else:
+        if "_" in text or not text.isascii():  # float() also takes "1_000" and non-ASCII digits
+            return None
+    if not math.isfinite(value):  # "nan", "inf", "1e999"
+        return None
+    if value.is_integer() and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT:
+        return int(value)
+    return value
+
+
+def parse_date(text: str) -> str | None:
+    """A stripped text as SendGrid's "MM/DD/YYYY", or None when it is not a real calendar date."""
+    m = _ISO_DATE_RE.fullmatch(text)
+    if m is not None:
+        year, month, day = int(m[1]), int(m[2]), int(m[3])
+    else:
+        m = _US_DATE_RE.fullmatch(text)
+        if m is None:
+            return None
+        month, day, year = int(m[1]), int(m[2]), int(m[3])
+    try:
+        datetime.date(year, month, day)
+    except ValueError:
+        return None
+    return f"{month:02d}/{day:02d}/{year:04d}"
+
+
+class ContactMapper:
+    """Turns one row (values in ``columns`` order) into a SendGrid contact, or a rejection reason.
+
+    map() is specialised per mapping: __init__ generates a straight-line function with one block per field (no
+    per-row loops over the plan, no lookups of the plan). Only ints of our own making are written into the generated
+    source; every name, id and column travels as a bound constant, never as code.
+    """
+
+    def __init__(self, mapping: Mapping[str, str], custom: Sequence[CustomField] = ()) -> None:
+        if "email" not in mapping:
+            raise ValueError("mapping needs an 'email' column")
+        unknown = set(mapping) - limits.WRITABLE_RESERVED_FIELDS
+        if unknown:
+            raise ValueError(f"not writable SendGrid fields: {', '.join(sorted(unknown))}")
+        for f in custom:
+            if f.field_type not in limits.CUSTOM_FIELD_TYPES:
+                raise ValueError(f"custom field {f.name!r}: unknown type {f.field_type!r}")
+        columns: list[str] = [mapping["email"]]
+        index: dict[str, int] = {mapping["email"]: 0}
+
+        def col(name: str) -> int:
+            if name not in index:
+                index[name] = len(columns)
+                columns.append(name)
+            return index[name]
+
+        text = [(field, col(column), limits.FIELD_MAX_LENGTHS.get(field, POSTAL_CODE_MAX_LENGTH))
+                for field, column in mapping.items() if field not in ("email", "alternate_emails")]
+        alternates = col(mapping["alternate_emails"]) if "alternate_emails" in mapping else None
+        custom_plan = [(f, col(f.column)) for f in custom]
+        self.columns: tuple[str, ...] = tuple(columns)
+        self._trimmed: collections.Counter[str] = collections.Counter()
+        self.map = self._generate(text, alternates, custom_plan)  # shadows the documented method below
+
+    @property
+    def trimmed(self) -> collections.Counter[str]:
+        """Field name -> how many values were cut to SendGrid's length. Reset it with .clear() (map() holds it)."""
+        return self._trimmed
+
+    def map(self, values: Sequence[str | None]) -> tuple[str, dict, str | None] | str:
+        """(email, contact, note) or the rejection reason. note mentions values left out; None when nothing was.
+
+        Replaced in every instance by the function __init__ generates; this body never runs.
+        """
+        raise NotImplementedError
+
+    def _generate(self, text: list[tuple[str, int, int]], alternates: int | None,
+                  custom: list[tuple[CustomField, int]]) -> Callable[[Sequence[str | None]], object]:
+        env: dict[str, object] = {
+            "fullmatch": EMAIL_RE.fullmatch, "shown": _shown, "trimmed": self._trimmed, "add_note": _add_note,
+            "parse_number": parse_number, "parse_date": parse_date, "alternate_emails": self._alternate_emails,
+        }
+        src = [
+            "def map(values):",
+            "    email = values[0]",
+            "    if email:",
+            "        email = email.strip()",
+            "    if not email:",
+            "        return 'missing email'",
+            f"    if len(email) > {int(limits.MAX_EMAIL_LENGTH)}:",
+            f"        return 'email longer than {int(limits.MAX_EMAIL_LENGTH)} characters'",
+            "    lowered = email.lower()",
+            "    if not email.isascii() or fullmatch(lowered) is None:",
+            "        return 'invalid email ' + shown(email)",
+            "    contact = {'email': lowered}",
+            "    note = None",
+        ]
+
+        def when_value(i: int, *body: str) -> list[str]:  # runs body (indented 12) with v = values[i] stripped, if any
+            return [f"    v = values[{int(i)}]", "    if v:", "        v = v.strip()", "        if v:", *body]
+
+        for k, (field, i, limit) in enumerate(text):
+            env[f"F{k}"] = field
+            src += when_value(i,
+                f"            if len(v) > {int(limit)}:",
+                f"                v = v[:{int(limit)}].rstrip()",
+                f"                trimmed[F{k}] += 1",
+                f"            contact[F{k}] = v",
+            )
+        if alternates is not None:
+            src += when_value(alternates,
+                "            good, alt_note = alternate_emails(v, lowered)",
+                "            if good:",
+                "                contact['alternate_emails'] = good",
+                "            if alt_note:",
+                "                note = add_note(note, alt_note)",
+            )
+        if custom:
+            src.append("    fields = {}")
+        for k, (f, i) in enumerate(custom):
+            env[f"ID{k}"], env[f"N{k}"] = f.id, f.name
+            if f.field_type == "Text":
+                src += when_value(i,
+                    f"            if len(v) > {int(CUSTOM_TEXT_MAX_LENGTH)}:",
+                    f"                v = v[:{int(CUSTOM_TEXT_MAX_LENGTH)}].rstrip()",
+                    f"                trimmed[N{k}] += 1",
+                    f"            fields[ID{k}] = v",
+                )
+                continue
+            number = f.field_type == "Number"
+            env[f"PRE{k}"] = f"{f.column}: "
+            env[f"POST{k}"] = f" is not {'a number' if number else 'a date (YYYY-MM-DD or MM/DD/YYYY)'}; field left out"
+            src += when_value(i,
+                f"            x = {'parse_number' if number else 'parse_date'}(v)",
+                "            if x is None:",
+                f"                note = add_note(note, PRE{k} + shown(v) + POST{k})",
+                "            else:",
+                f"                fields[ID{k}] = x",
+            )
+        if custom:
+            src += ["    if fields:", "        contact['custom_fields'] = fields"]
+        src.append("    return lowered, contact, note")
+        exec(compile("\n".join(src), "<ContactMapper.map>", "exec"), env)
+        return env["map"]  # type: ignore[return-value]
+
+    def _alternate_emails(self, text: str, primary: str) -> tuple[list[str], str | None]:
+        """Valid, lower-cased, distinct alternates (not the primary), at most MAX_ALTERNATE_EMAILS; and a note."""
+        good: list[str] = []
+        bad: list[str] = []
+        for part in _ALT_SPLIT_RE.split(text):
+            part = part.strip()
+            if not part:
+                continue
+            lowered = part.lower()
+            if not valid_email(lowered):
+                bad.append(part)
+            elif lowered != primary and lowered not in good:
+                good.append(lowered)
+        if len(good) > limits.MAX_ALTERNATE_EMAILS:
+            del good[limits.MAX_ALTERNATE_EMAILS:]
+            self._trimmed["alternate_emails"] += 1
+        note = f"alternate_emails: {', '.join(_shown(b) for b in bad)} not valid; left out" if bad else None
+        return good, note
+
+
+def _add_note(note: str | None, more: str) -> str:
+    return more if note is None else f"{note}; {more}"
+
+
+def encode(contact: dict) -> bytes:
+    """Compact JSON, as it goes into the request body."""
+    return orjson.dumps(contact)
+
+
+def fingerprint(email: str) -> int:
+    """Stable 64-bit fingerprint of an (already normalised) email: blake2b-64, little-endian. Same in every process."""
+    return int.from_bytes(hashlib.blake2b(email.encode(), digest_size=8).digest(), "little")
+
+
+def fingerprints(emails: Sequence[str]) -> np.ndarray:
+    """fingerprint() of each email, as a uint64 array."""
+    blake2b = hashlib.blake2b
+    raw = b"".join([blake2b(e.encode(), digest_size=8).digest() for e in emails])
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)  # a writable copy in native order
+
+
+class Deduper:
+    """Remembers 64-bit fingerprints in sorted uint64 runs (8 bytes each, plus a transient copy while merging).
+
+    Runs are merged like a binary counter (a run is merged into the one before it while that one is at most twice
+    its size), so there are O(log n) runs and each fingerprint is copied O(log n) times in total.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored fingerprints."""
+        return sum(run.nbytes for run in self._runs)
+
+    def __contains__(self, fp: int) -> bool:
+        needle = np.uint64(fp)
+        for run in self._runs:
+            i = int(np.searchsorted(run, needle))
+            if i < run.size and run[i] == needle:
+                return True
+        return False
+
+    def first_seen(self, fps: np.ndarray) -> np.ndarray:
+        """Bool mask, True where the fingerprint is new: not seen in earlier calls nor earlier in fps. Records them."""
+        fps = np.asarray(fps)
+        if fps.dtype != np.uint64:
+            fps = fps.astype(np.uint64)
+        mask = np.zeros(fps.shape[0], dtype=bool)
+        if fps.size == 0:
+            return mask
+        uniq, first = np.unique(fps, return_index=True)  # sorted; first occurrence of each
+        for run in self._runs:
+            if uniq.size == 0:
+                break
+            pos = np.searchsorted(run, uniq)
+            np.minimum(pos, run.size - 1, out=pos)
+            keep = run[pos] != uniq
+            uniq, first = uniq[keep], first[keep]
+        mask[first] = True
+        if uniq.size:
+            self._add(uniq)
+        return mask
+
+    def _add(self, run: np.ndarray) -> None:
+        runs = self._runs
+        runs.append(run)
+        self._count += run.size
+        while len(runs) > 1 and runs[-2].size <= 2 * runs[-1].size:
+            small = runs.pop()
+            big = runs.pop()
+            if big.size < small.size:
+                big, small = small, big
+            runs.append(np.insert(big, np.searchsorted(big, small), small))  # linear merge of sorted arrays

@@ -1,0 +1,468 @@
+"""Rows to contacts: mapping, normalisation, validation, trimming, fingerprints and de-duplication."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+
+import numpy as np
+import orjson
+import pytest
+
+from shared import limits
+from shared.contacts import (
+    CUSTOM_TEXT_MAX_LENGTH,
+    POSTAL_CODE_MAX_LENGTH,
+    ContactMapper,
+    CustomField,
+    Deduper,
+    encode,
+    fingerprint,
+    fingerprints,
+    parse_date,
+    parse_number,
+    valid_email,
+)
+
+MAPPING = {"email": "EmailAddress", "first_name": "FirstName", "last_name": "LastName", "country": "Country",
+           "state_province_region": "State", "city": "City", "postal_code": "PostalCode"}
+
+
+def row(mapper: ContactMapper, **values: str | None) -> list[str | None]:
+    """Values in the mapper's column order; columns not given are None."""
+    return [values.get(c) for c in mapper.columns]
+
+
+def contact_of(mapper: ContactMapper, **values: str | None) -> dict:
+    result = mapper.map(row(mapper, **values))
+    assert not isinstance(result, str), result
+    return result[1]
+
+
+# --- columns ------------------------------------------------------------------------------------------------------
+
+
+def test_columns_email_first_then_distinct_in_order() -> None:
+    m = ContactMapper({"first_name": "Name", "email": "Mail", "last_name": "Name", "city": "Town"},
+                      [CustomField("ltv", "e1_N", "Number", "LTV"), CustomField("town2", "e2_T", "Text", "Town")])
+    assert m.columns == ("Mail", "Name", "Town", "LTV")
+    c = contact_of(m, Mail="a@example.com", Name="Kim", Town="Oslo", LTV="5")
+    assert c == {"email": "a@example.com", "first_name": "Kim", "last_name": "Kim", "city": "Oslo",
+                 "custom_fields": {"e1_N": 5, "e2_T": "Oslo"}}
+
+
+def test_mapper_refuses_bad_plans() -> None:
+    with pytest.raises(ValueError, match="email"):
+        ContactMapper({"first_name": "F"})
+    with pytest.raises(ValueError, match="phone_number"):
+        ContactMapper({"email": "E", "phone_number": "P"})
+    with pytest.raises(ValueError, match="Boolean"):
+        ContactMapper({"email": "E"}, [CustomField("x", "e1", "Boolean", "X")])  # type: ignore[arg-type]
+
+
+# --- normalisation and trimming -----------------------------------------------------------------------------------
+
+
+def test_unicode_names_and_strip() -> None:
+    m = ContactMapper(MAPPING)
+    result = m.map(["  Zoe.Nunez+VIP@Example.COM \t", " Zoë ", "Ñúñez-Łukasiewicz 🎉", "Côte d\u2019Ivoire", "東京都",
+                    " São Paulo ", "75001"])
+    assert result == ("zoe.nunez+vip@example.com",
+                      {"email": "zoe.nunez+vip@example.com", "first_name": "Zoë", "last_name": "Ñúñez-Łukasiewicz 🎉",
+                       "country": "Côte d\u2019Ivoire", "state_province_region": "東京都", "city": "São Paulo",
+                       "postal_code": "75001"},
+                      None)
+    assert not m.trimmed
+
+
+def test_empty_and_missing_values_are_left_out() -> None:
+    m = ContactMapper(MAPPING)
+    assert m.map(["a@example.com", "", "   ", None, "\t\n", "\u00a0", "x"]) == (
+        "a@example.com", {"email": "a@example.com", "postal_code": "x"}, None)
+
+
+def test_text_fields_are_cut_to_sendgrid_lengths_and_counted() -> None:
+    m = ContactMapper(MAPPING)
+    long = {"FirstName": "A" * 51, "LastName": "é" * 50, "Country": "C" * 80, "State": "S" * 50, "City": "y" * 61,
+            "PostalCode": "9" * (POSTAL_CODE_MAX_LENGTH + 1)}
+    c = contact_of(m, EmailAddress="a@example.com", **long)
+    assert c["first_name"] == "A" * 50
+    assert c["last_name"] == "é" * 50  # characters, not bytes: 50 two-byte characters fit
+    assert c["country"] == "C" * 50
+    assert c["state_province_region"] == "S" * 50
+    assert c["city"] == "y" * 60
+    assert c["postal_code"] == "9" * POSTAL_CODE_MAX_LENGTH
+    assert dict(m.trimmed) == {"first_name": 1, "country": 1, "city": 1, "postal_code": 1}
+    contact_of(m, EmailAddress="b@example.com", FirstName="B" * 200)
+    assert m.trimmed["first_name"] == 2
+
+
+def test_cut_text_does_not_end_in_whitespace() -> None:
+    m = ContactMapper({"email": "E", "first_name": "F"})
+    assert contact_of(m, E="a@example.com", F="x" * 48 + "   tail")["first_name"] == "x" * 48
+
+
+def test_every_limited_reserved_field_is_cut() -> None:
+    fields = [f for f in limits.FIELD_MAX_LENGTHS if f != "email"]
+    m = ContactMapper({"email": "E", **{f: f.upper() for f in fields}})
+    c = contact_of(m, E="a@example.com", **{f.upper(): "z" * 300 for f in fields})
+    for f in fields:
+        assert len(c[f]) == limits.FIELD_MAX_LENGTHS[f], f
+    assert dict(m.trimmed) == dict.fromkeys(fields, 1)
+
+
+# --- email validation ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "\t"])
+def test_missing_email(value: str | None) -> None:
+    m = ContactMapper(MAPPING)
+    assert m.map([value, "Kim", None, None, None, None, None]) == "missing email"
+
+
+def test_email_longer_than_254() -> None:
+    m = ContactMapper({"email": "E"})
+    local = "a" * 64
+    domain = ".".join(["b" * 63] * 3) + ".com"  # 64 + 1 + 195 = 260
+    assert m.map([f"{local}@{domain}"]) == "email longer than 254 characters"
+    ok = f"{local}@{'.'.join(['b' * 63] * 2)}.{'c' * 57}.com"
+    assert len(ok) == 254
+    assert m.map([ok]) == (ok, {"email": ok}, None)
+
+
+VALID = [
+    "user@example.com",
+    "o'brien@example.ie",
+    "first.last+tag@sub.example.co.uk",
+    "x_y-z@a-b.example.org",
+    "!#$%&*+/=?^_`{|}~-@example.com",
+    "a@b.co",
+    "user@xn--bcher-kva.example",
+    "user@example.xn--p1ai",
+    "1234@123.example.museum",
+    "a" * 64 + "@example.com",
+]
+INVALID = [
+    "plainaddress",
+    "a@b",
+    "a@b.c",
+    "a@@example.com",
+    "a@b@example.com",
+    "@example.com",
+    "a@",
+    "a..b@example.com",
+    ".a@example.com",
+    "a.@example.com",
+    'a"b@example.com',
+    "a,b@example.com",
+    "a b@example.com",
+    "(a)@example.com",
+    "a<b>@example.com",
+    "a[b]@example.com",
+    "a;b@example.com",
+    "a:b@example.com",
+    "a\\b@example.com",
+    "a@-example.com",
+    "a@example-.com",
+    "a@example..com",
+    "a@.example.com",
+    "a@example.com.",
+    "a@example.c0m",
+    "a@example.123",
+    "a@exa_mple.com",
+    "a@[127.0.0.1]",
+    "a" * 65 + "@example.com",
+    "a@" + "b" * 64 + ".com",
+    "zoë@example.com",
+    "user@bücher.example",
+    "user@example.xn--",
+    "a\x00@example.com",
+]
+
+
+@pytest.mark.parametrize("email", VALID)
+def test_valid_emails(email: str) -> None:
+    m = ContactMapper({"email": "E"})
+    result = m.map([email.upper() if email.isascii() else email])
+    assert result == (email.lower(), {"email": email.lower()}, None)
+    assert valid_email(email.lower())
+
+
+@pytest.mark.parametrize("email", INVALID)
+def test_invalid_emails_are_rejected_with_the_value(email: str) -> None:
+    m = ContactMapper({"email": "E"})
+    assert m.map([f" {email} "]) == f"invalid email {email[:80]!r}"
+    assert not valid_email(email.lower())
+
+
+def test_invalid_email_reason_cuts_the_value_to_80_characters() -> None:
+    m = ContactMapper({"email": "E"})
+    value = "no-at-sign-" + "x" * 200
+    reason = m.map([value])
+    assert reason == f"invalid email {value[:80]!r}"
+    assert len(reason) == len("invalid email ''") + 80
+
+
+# --- alternate emails ---------------------------------------------------------------------------------------------
+
+
+def alt_mapper() -> ContactMapper:
+    return ContactMapper({"email": "E", "alternate_emails": "Alt"})
+
+
+def test_alternate_emails_split_lowercased_and_validated() -> None:
+    m = alt_mapper()
+    _, c, note = m.map(["a@example.com", " B@Example.com ; c@example.org,d@example.net;;, "])  # type: ignore[misc]
+    assert c["alternate_emails"] == ["b@example.com", "c@example.org", "d@example.net"]
+    assert note is None
+
+
+def test_alternate_emails_invalid_ones_are_noted_and_left_out() -> None:
+    m = alt_mapper()
+    _, c, note = m.map(["a@example.com", "b@example.com, not-an-email; zoë@example.com"])  # type: ignore[misc]
+    assert c["alternate_emails"] == ["b@example.com"]
+    assert note == "alternate_emails: 'not-an-email', 'zoë@example.com' not valid; left out"
+    _, c, note = m.map(["a@example.com", "junk"])  # type: ignore[misc]
+    assert "alternate_emails" not in c and note == "alternate_emails: 'junk' not valid; left out"
+
+
+def test_alternate_emails_drop_duplicates_and_the_primary() -> None:
+    m = alt_mapper()
+    _, c, _ = m.map(["A@example.com", "a@example.com, b@example.com, B@EXAMPLE.com"])  # type: ignore[misc]
+    assert c["alternate_emails"] == ["b@example.com"]
+    _, c, _ = m.map(["a@example.com", "A@example.com"])  # type: ignore[misc]
+    assert "alternate_emails" not in c
+    assert not m.trimmed
+
+
+def test_alternate_emails_capped_at_five_and_counted() -> None:
+    m = alt_mapper()
+    many = ",".join(f"alt{i}@example.com" for i in range(8))
+    _, c, note = m.map(["a@example.com", many])  # type: ignore[misc]
+    assert c["alternate_emails"] == [f"alt{i}@example.com" for i in range(limits.MAX_ALTERNATE_EMAILS)]
+    assert note is None
+    assert m.trimmed["alternate_emails"] == 1
+    _, c, _ = m.map(["a@example.com", ",".join(f"alt{i}@example.com" for i in range(5))])  # type: ignore[misc]
+    assert len(c["alternate_emails"]) == 5 and m.trimmed["alternate_emails"] == 1
+
+
+# --- custom fields ------------------------------------------------------------------------------------------------
+
+CUSTOM = [CustomField("lifetime_value", "e1_N", "Number", "LifetimeValue"),
+          CustomField("signup", "e2_D", "Date", "SignupDate"),
+          CustomField("tier", "e3_T", "Text", "Tier")]
+
+
+def custom_mapper() -> ContactMapper:
+    return ContactMapper({"email": "Email"}, CUSTOM)
+
+
+def test_custom_fields_keyed_by_id() -> None:
+    m = custom_mapper()
+    assert m.map(["a@example.com", " 1,234.50 ", "2024-02-29", "  Gold "]) == (
+        "a@example.com",
+        {"email": "a@example.com", "custom_fields": {"e1_N": 1234.5, "e2_D": "02/29/2024", "e3_T": "Gold"}},
+        None)
+
+
+def test_custom_fields_left_out_when_all_empty() -> None:
+    m = custom_mapper()
+    assert m.map(["a@example.com", "", None, "  "]) == ("a@example.com", {"email": "a@example.com"}, None)
+
+
+def test_custom_text_cut_and_counted_under_the_field_name() -> None:
+    m = custom_mapper()
+    c = contact_of(m, Email="a@example.com", Tier="ü" * (CUSTOM_TEXT_MAX_LENGTH + 5))
+    assert c["custom_fields"]["e3_T"] == "ü" * CUSTOM_TEXT_MAX_LENGTH
+    assert dict(m.trimmed) == {"tier": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("42", 42), ("-7", -7), ("+3", 3), ("0", 0), ("3.0", 3), ("2.50", 2.5), (".5", 0.5), ("5.", 5),
+        ("1e3", 1000), ("1.5E-3", 0.0015), ("1,234", 1234), ("-1,234,567.25", -1234567.25),
+        ("9007199254740992", 2**53), ("1e20", 1e20), ("12345678901234567890", 12345678901234567890.0),
+    ],
+)
+def test_numbers(text: str, expected: float) -> None:
+    value = parse_number(text)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["abc", "nan", "NaN", "inf", "-Infinity", "1e999", "1_000", "1,5", "1,23", "12,3456", "1.2.3", "0x10",
+     "١٢٣", "1 000", "€5", "5%", "--1", ",123"],
+)
+def test_not_numbers(text: str) -> None:
+    assert parse_number(text) is None
+
+
+def test_number_results_encode_as_json_numbers() -> None:
+    m = custom_mapper()
+    c = contact_of(m, Email="a@example.com", LifetimeValue="1e20")
+    assert encode(c) == b'{"email":"a@example.com","custom_fields":{"e1_N":1e+20}}'
+    c = contact_of(m, Email="a@example.com", LifetimeValue="100.0")
+    assert encode(c) == b'{"email":"a@example.com","custom_fields":{"e1_N":100}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-01-05", "01/05/2024"),
+        ("2024-02-29", "02/29/2024"),
+        ("2020-08-24T14:33:00", "08/24/2020"),
+        ("2020-08-24T14:33:00Z", "08/24/2020"),
+        ("2020-08-24T23:59:59.1234567Z", "08/24/2020"),
+        ("2020-08-24T23:30:00-05:00", "08/24/2020"),  # the date as written; no time-zone conversion
+        ("2020-08-24T00:30:00+0530", "08/24/2020"),
+        ("2020-08-24 14:33", "08/24/2020"),
+        ("12/31/1999", "12/31/1999"),
+        ("1/2/2003", "01/02/2003"),
+        ("02/29/2000", "02/29/2000"),
+    ],
+)
+def test_dates(text: str, expected: str) -> None:
+    assert parse_date(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2023-02-29", "2024-13-01", "2024-00-10", "2024-01-32", "24-01-05", "2024/01/05", "31/12/1999", "13/01/2000",
+     "2020-08-24T25:00:00", "2020-08-24T14:61", "2020-08-24T14:33:00+2", "2020-08-24X", "yesterday", "0000-01-01",
+     "2024-1-5", "\uff11\uff12/\uff13\uff11/\uff11\uff19\uff19\uff19"],
+)
+def test_not_dates(text: str) -> None:
+    assert parse_date(text) is None
+
+
+def test_bad_custom_values_are_noted_and_left_out_others_kept() -> None:
+    m = custom_mapper()
+    result = m.map(["a@example.com", "abc", "2023-02-30", "Gold"])
+    assert result == (
+        "a@example.com",
+        {"email": "a@example.com", "custom_fields": {"e3_T": "Gold"}},
+        "LifetimeValue: 'abc' is not a number; field left out; "
+        "SignupDate: '2023-02-30' is not a date (YYYY-MM-DD or MM/DD/YYYY); field left out",
+    )
+    _, c, note = m.map(["b@example.com", "x" * 500, None, None])  # type: ignore[misc]
+    assert "custom_fields" not in c
+    assert note == f"LifetimeValue: {'x' * 80!r} is not a number; field left out"
+
+
+def test_names_ids_and_columns_are_data_not_code() -> None:
+    """The specialised map() must treat odd names as plain strings (they come from config files and SendGrid)."""
+    odd = "Col'\"\n{x}%s\\"
+    m = ContactMapper({"email": "E-mail'\"", "city": odd},
+                      [CustomField("n'\"", "id'\"\n)", "Number", odd + "N"), CustomField("t", "{t}", "Text", odd)])
+    assert m.columns == ("E-mail'\"", odd, odd + "N")
+    _, c, note = m.map(["a@example.com", "Oslo", "oops"])  # type: ignore[misc]
+    assert c == {"email": "a@example.com", "city": "Oslo", "custom_fields": {"{t}": "Oslo"}}
+    assert note == f"{odd}N: 'oops' is not a number; field left out"
+    assert contact_of(m, **{"E-mail'\"": "a@example.com", odd + "N": "2"})["custom_fields"] == {"id'\"\n)": 2}
+
+
+def test_mappers_keep_separate_counts_and_clear_resets() -> None:
+    a, b = ContactMapper({"email": "E", "city": "C"}), ContactMapper({"email": "E", "city": "C"})
+    a.map(["a@example.com", "c" * 100])
+    assert a.trimmed["city"] == 1 and b.trimmed["city"] == 0
+    a.trimmed.clear()
+    a.map(["a@example.com", "c" * 100])
+    assert a.trimmed["city"] == 1
+    with pytest.raises(AttributeError):
+        a.trimmed = collections.Counter()  # type: ignore[misc]
+
+
+# --- encoding and fingerprints ------------------------------------------------------------------------------------
+
+
+def test_encode_is_compact_utf8_json() -> None:
+    c = {"email": "a@example.com", "first_name": "Zoë \"Z\"", "custom_fields": {"e1_N": 1.5}}
+    data = encode(c)
+    assert data == '{"email":"a@example.com","first_name":"Zoë \\"Z\\"","custom_fields":{"e1_N":1.5}}'.encode()
+    assert orjson.loads(data) == c
+
+
+def test_fingerprint_is_stable_blake2b_64_little_endian() -> None:
+    assert fingerprint("user@example.com") == 0x4834C323025973E0  # pinned: stored state depends on it
+    digest = hashlib.blake2b("zoë@example.com".encode(), digest_size=8).digest()
+    assert fingerprint("zoë@example.com") == int.from_bytes(digest, "little")
+    assert fingerprint("a@example.com") != fingerprint("A@example.com")  # callers pass normalised emails
+
+
+def test_fingerprints_match_fingerprint() -> None:
+    emails = [f"user{i}@example.com" for i in range(1000)] + ["zoë@example.com", ""]
+    fps = fingerprints(emails)
+    assert fps.dtype == np.uint64 and fps.shape == (len(emails),)
+    assert [int(x) for x in fps] == [fingerprint(e) for e in emails]
+    fps[0] = 0  # a writable array the caller owns
+    assert fingerprints([]).shape == (0,) and fingerprints([]).dtype == np.uint64
+
+
+# --- de-duplication -----------------------------------------------------------------------------------------------
+
+
+def reference_first_seen(seen: set[int], fps: list[int]) -> list[bool]:
+    out = []
+    for fp in fps:
+        out.append(fp not in seen)
+        seen.add(fp)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deduper_matches_a_set_on_random_data(seed: int) -> None:
+    rng = random.Random(seed)
+    universe = [rng.getrandbits(64) for _ in range(rng.choice([50, 3_000, 40_000]))]
+    universe += [0, 2**64 - 1]  # the extremes of uint64
+    dedup, seen = Deduper(), set()
+    for _ in range(60):
+        size = rng.choice([0, 1, 2, 7, 100, 1_000, 5_000])
+        batch = [rng.choice(universe) for _ in range(size)]
+        if batch and rng.random() < 0.3:
+            batch += batch[: rng.randint(1, len(batch))]  # duplicates within the call
+        mask = dedup.first_seen(np.array(batch, dtype=np.uint64))
+        assert mask.dtype == bool and mask.shape == (len(batch),)
+        assert mask.tolist() == reference_first_seen(seen, batch)
+        assert len(dedup) == len(seen)
+    assert dedup.nbytes == 8 * len(seen)
+    for fp in rng.sample(universe, 20):
+        assert (fp in dedup) == (fp in seen)
+
+
+def test_deduper_first_occurrence_wins_within_a_call() -> None:
+    d = Deduper()
+    assert d.first_seen(np.array([5, 3, 5, 5, 3, 9], dtype=np.uint64)).tolist() == [True, True, False, False,
+                                                                                      False, True]
+    assert d.first_seen(np.array([9, 1, 1], dtype=np.uint64)).tolist() == [False, True, False]
+    assert len(d) == 4
+
+
+def test_deduper_accepts_signed_and_list_input() -> None:
+    d = Deduper()
+    assert d.first_seen(np.array([-1, 7], dtype=np.int64)).tolist() == [True, True]
+    assert d.first_seen(np.array([2**64 - 1], dtype=np.uint64)).tolist() == [False]  # same bits as -1
+    assert d.first_seen([7, 8]).tolist() == [False, True]  # type: ignore[arg-type]
+    assert d.first_seen(np.array([], dtype=np.uint64)).tolist() == []
+
+
+def test_deduper_million_entries_memory_and_correctness() -> None:
+    rng = np.random.default_rng(7)
+    n = 1_000_000
+    values = rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False)
+    d = Deduper()
+    new = 0
+    for start in range(0, n, 10_000):
+        new += int(d.first_seen(values[start:start + 10_000]).sum())
+    distinct = np.unique(values).size
+    assert new == len(d) == distinct
+    assert 8 * len(d) <= d.nbytes <= 16 * len(d)
+    assert len(d._runs) <= 2 * int(np.log2(n / 10_000) + 2)  # O(log n) sorted runs
+    again = d.first_seen(values[::97])  # everything seen before
+    assert not again.any()
+    fresh = rng.integers(0, 2**64, size=1_000, dtype=np.uint64)
+    expected = ~np.isin(fresh, values)
+    assert (d.first_seen(fresh) == expected).all()
