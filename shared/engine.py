@@ -13,6 +13,7 @@ import csv
 import itertools
 import logging
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -46,6 +47,7 @@ REJECTION_SAMPLE = 100
 OPEN_STATUSES = ("running", "interrupted", "submitted")
 FINAL_JOB = ("completed", "errored", "failed")
 _CHUNK = 4096
+_NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class _Run:
                             continue
                         email, contact, note = mapped  # type: ignore[misc]
                         if note:
-                            self.notes[note.split(":")[0]] += 1
+                            self.notes.update(_NOTE_FIELD.findall(note))
                             if len(self.record["field_notes"]) < REJECTION_SAMPLE:
                                 self.record["field_notes"].append({"file": part.key, "line": line, "note": note})
                         kept.append((email, contact))

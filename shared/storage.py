@@ -109,7 +109,7 @@ class LocalFolderStore:
 
     def open_read(self, key: str) -> BinaryIO:
         try:
-            return open(self._path(key), "rb")  # noqa: SIM115 - the caller closes it
+            return open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{key} not found in {self.label}") from None
 
@@ -227,7 +227,7 @@ class LocalFolderStore:
         return None
 
 
-def wait_for_lease(store: ObjectStore, key: str, seconds: int, timeout: float, poll: float = 0.5):  # noqa: ANN201
+def wait_for_lease(store: ObjectStore, key: str, seconds: int, timeout: float, poll: float = 0.5):
     """Acquire a lease, waiting up to timeout seconds for the holder to finish. Returns the context manager entered."""
     end = time.monotonic() + timeout
     while True:

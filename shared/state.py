@@ -1,0 +1,223 @@
+"""The product's durable state on any ObjectStore (a local folder on the CLI, a Blob container in Azure).
+
+Layout (keys):
+    runs/<destination>/<run_id>.json     run record (report + checkpoint), rewritten as the run progresses
+    run-index/<run_id>                   the destination of a run, so a run id alone finds its record
+    open/<destination>/<run_id>          present while a run is running / interrupted / submitted
+    ledger/<destination>/<digest>.json   one per processed export version (source key + ETag)
+    latest/<destination>.json            the latest complete export seen {source, etag, seen_at}
+    disabled/<destination>.json          present while an admin has disabled the destination {at, by, reason}
+    snapshots/<destination>/<list>.gz    sorted emails last synced to that list
+    leases/<destination>                 one run per destination at a time
+
+Destination names and run ids are checked against strict patterns on every call: they come from HTTP routes and
+become parts of keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from .errors import StateError
+from .storage import Lease, ObjectStore, PreconditionFailed
+
+DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+LIST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # SendGrid list ids are UUIDs
+OPEN_STATUSES = frozenset({"running", "interrupted", "submitted"})  # jobs not final yet; everything else is final
+
+
+class InvalidIdentifier(StateError, ValueError):
+    """A destination name, run id or list id that does not match its pattern (never reaches a storage key)."""
+
+
+def new_run_id(now: float | None = None) -> str:
+    """'YYYYMMDDTHHMMSSZ-<8 hex>': sorts by start time. The first 3 hex digits are the milliseconds, so runs started
+    in the same second still sort in order; the other 5 are random."""
+    t = time.time() if now is None else now
+    millis = int(t * 1000) % 1000
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t)) + f"-{millis:03x}{secrets.token_hex(3)[:5]}"
+
+
+def _check(value: object, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidIdentifier(f"invalid {what} {value!r}: must match {pattern.pattern}")
+    return value
+
+
+def check_destination(name: object) -> str:
+    return _check(name, DESTINATION_PATTERN, "destination name")
+
+
+def check_run_id(run_id: object) -> str:
+    return _check(run_id, RUN_ID_PATTERN, "run id")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def export_digest(source_key: str, etag: str) -> str:
+    """The ledger name of one export version. ETags are compared without quotes (Event Grid and the SDK differ)."""
+    if not source_key or not etag:
+        raise ValueError("an export version needs a source key and an ETag")
+    version = source_key + "\n" + etag.strip('"')
+    return hashlib.sha256(version.encode()).hexdigest()[:32]
+
+
+class StateStore:
+    """Runs, ledger, latest exports, disabled markers, snapshots' keys and leases, on one ObjectStore."""
+
+    def __init__(self, store: ObjectStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"StateStore({self.store.label})"
+
+    # -- JSON helpers ------------------------------------------------------------------------------------------------
+    def _read_json(self, key: str) -> dict[str, Any] | None:
+        data = self.store.read_bytes(key)
+        if data is None:
+            return None
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise StateError(f"{key} in {self.store.label} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise StateError(f"{key} in {self.store.label} is not a JSON object")
+        return value
+
+    @staticmethod
+    def _dumps(value: dict[str, Any]) -> bytes:
+        try:
+            return orjson.dumps(value, option=orjson.OPT_INDENT_2)
+        except orjson.JSONEncodeError as e:
+            raise StateError(f"state record cannot be stored as JSON: {e}") from None
+
+    # -- runs --------------------------------------------------------------------------------------------------------
+    def save_run(self, record: dict[str, Any]) -> None:
+        """Write the run record, its index entry and its open marker (present for running, interrupted and
+        submitted runs; deleted once the run is final). The record goes first so a marker never points nowhere."""
+        run_id = check_run_id(record.get("run_id"))
+        destination = check_destination(record.get("destination"))
+        status = record.get("status")
+        if not isinstance(status, str) or not status:
+            raise StateError(f"run {run_id}: record has no status")
+        self.store.write_bytes(f"runs/{destination}/{run_id}.json", self._dumps(record))
+        self.store.write_bytes(f"run-index/{run_id}", destination.encode())
+        marker = f"open/{destination}/{run_id}"
+        if status in OPEN_STATUSES:
+            self.store.write_bytes(marker, status.encode())
+        else:
+            self.store.delete(marker)
+
+    def load_run(self, run_id: str) -> dict[str, Any] | None:
+        check_run_id(run_id)
+        raw = self.store.read_bytes(f"run-index/{run_id}")
+        if raw is None:
+            return None
+        destination = check_destination(raw.decode("utf-8", "replace").strip())
+        return self._read_json(f"runs/{destination}/{run_id}.json")
+
+    def list_runs(self, destination: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest `limit` runs of a destination, newest first."""
+        check_destination(destination)
+        if limit <= 0:
+            return []
+        prefix = f"runs/{destination}/"
+        keys = [i.key for i in self.store.list(prefix)
+                if i.key.endswith(".json") and RUN_ID_PATTERN.match(i.key[len(prefix) : -len(".json")])]
+        runs = []
+        for key in reversed(keys[-limit:]):
+            record = self._read_json(key)
+            if record is not None:
+                runs.append(record)
+        return runs
+
+    def open_runs(self) -> list[dict[str, Any]]:
+        """Records of runs not final yet (to resume or to poll), oldest first. Stale markers (record final) are
+        skipped, not deleted: reading never changes state."""
+        found: list[tuple[str, str]] = []
+        for info in self.store.list("open/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and DESTINATION_PATTERN.match(parts[1]) and RUN_ID_PATTERN.match(parts[2]):
+                found.append((parts[2], parts[1]))
+        runs = []
+        for run_id, destination in sorted(found):
+            record = self._read_json(f"runs/{destination}/{run_id}.json")
+            if record is not None and record.get("status") in OPEN_STATUSES:
+                runs.append(record)
+        return runs
+
+    # -- processed-export ledger -------------------------------------------------------------------------------------
+    def _ledger_key(self, destination: str, source_key: str, etag: str) -> str:
+        return f"ledger/{check_destination(destination)}/{export_digest(source_key, etag)}.json"
+
+    def claim_export(self, destination: str, source_key: str, etag: str, run_id: str) -> dict[str, Any] | None:
+        """Claim one export version for a run. None when this call claimed it; otherwise the existing entry (whose
+        run_id already has it), so a repeated trigger for the same version does nothing."""
+        key = self._ledger_key(destination, source_key, etag)
+        entry = {"destination": destination, "source": source_key, "etag": etag.strip('"'),
+                 "run_id": check_run_id(run_id), "claimed_at": _iso(self._clock())}
+        for _ in range(5):  # the entry can vanish between our failed create and the read (release_export)
+            try:
+                self.store.write_bytes(key, self._dumps(entry), if_none_match=True)
+                return None
+            except PreconditionFailed:
+                existing = self._read_json(key)
+                if existing is not None:
+                    return existing
+        raise StateError(f"claiming {source_key} for {destination}: the ledger entry keeps changing")
+
+    def release_export(self, destination: str, source_key: str, etag: str, *, run_id: str | None = None) -> None:
+        """Forget a claim (the run was refused before sending anything), so a fixed configuration can retry. With
+        run_id, only that run's claim is released."""
+        key = self._ledger_key(destination, source_key, etag)
+        if run_id is not None:
+            existing = self._read_json(key)
+            if existing is None or existing.get("run_id") != check_run_id(run_id):
+                return
+        self.store.delete(key)
+
+    def export_claim(self, destination: str, source_key: str, etag: str) -> dict[str, Any] | None:
+        """The ledger entry of one export version, or None when no run has claimed it."""
+        return self._read_json(self._ledger_key(destination, source_key, etag))
+
+    # -- latest export -----------------------------------------------------------------------------------------------
+    def set_latest_export(self, destination: str, source_key: str, etag: str) -> None:
+        check_destination(destination)
+        if not source_key or not etag:
+            raise ValueError("the latest export needs a source key and an ETag")
+        value = {"source": source_key, "etag": etag.strip('"'), "seen_at": _iso(self._clock())}
+        self.store.write_bytes(f"latest/{destination}.json", self._dumps(value))
+
+    def latest_export(self, destination: str) -> dict[str, Any] | None:
+        return self._read_json(f"latest/{check_destination(destination)}.json")
+
+    # -- disabled destinations ---------------------------------------------------------------------------------------
+    def disable(self, destination: str, by: str, reason: str) -> None:
+        value = {"at": _iso(self._clock()), "by": by, "reason": reason}
+        self.store.write_bytes(f"disabled/{check_destination(destination)}.json", self._dumps(value))
+
+    def enable(self, destination: str) -> None:
+        self.store.delete(f"disabled/{check_destination(destination)}.json")
+
+    def disabled(self, destination: str) -> dict[str, Any] | None:
+        return self._read_json(f"disabled/{check_destination(destination)}.json")
+
+    # -- leases and snapshots ----------------------------------------------------------------------------------------
+    def lease(self, destination: str, seconds: int = 60) -> contextlib.AbstractContextManager[Lease]:
+        """One run per destination at a time; LeaseUnavailable at once when another run holds it."""
+        return self.store.lease(f"leases/{check_destination(destination)}", seconds)
+
+    def snapshot_key(self, destination: str, list_id: str) -> str:
+        return f"snapshots/{check_destination(destination)}/{_check(list_id, LIST_ID_PATTERN, 'list id')}.gz"

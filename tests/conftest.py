@@ -1,0 +1,131 @@
+"""Shared fixtures: the Azurite storage emulator (one per test session) and a fresh Blob container per test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import BlobServiceClient, ContainerClient
+
+from shared.sandbox import Sandbox, serve
+
+REPO = Path(__file__).resolve().parent.parent
+
+AZURITE_BIN = REPO / "node_modules" / ".bin" / "azurite"
+# The emulator's well-known development account key (public, documented by Microsoft; not a secret).
+DEV_ACCOUNT = "devstoreaccount1"
+DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Azurite:
+    connection_string: str
+    blob_url: str  # http://127.0.0.1:<port>/devstoreaccount1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _blob_url_of(connection_string: str) -> str:
+    parts = dict(p.split("=", 1) for p in connection_string.split(";") if "=" in p)
+    if parts.get("UseDevelopmentStorage", "").lower() == "true":
+        return f"http://127.0.0.1:10000/{DEV_ACCOUNT}"
+    if "BlobEndpoint" in parts:
+        return parts["BlobEndpoint"].rstrip("/")
+    return f"{parts.get('DefaultEndpointsProtocol', 'https')}://{parts['AccountName']}.blob.core.windows.net"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """A running Azurite: the one CI started (AZURITE_CONNECTION_STRING), or our own on free loopback ports."""
+    given = os.environ.get("AZURITE_CONNECTION_STRING")
+    if given:
+        yield Azurite(given, _blob_url_of(given))
+        return
+    if not AZURITE_BIN.exists():
+        pytest.fail(f"{AZURITE_BIN} is missing: run `npm ci` in {REPO} to install the Azurite storage emulator")
+    blob_port, queue_port, table_port = _free_port(), _free_port(), _free_port()
+    workdir = tmp_path_factory.mktemp("azurite")
+    log_path = workdir / "azurite.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(AZURITE_BIN), "--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--silent",
+             "--blobHost", "127.0.0.1", "--blobPort", str(blob_port), "--queuePort", str(queue_port),
+             "--tablePort", str(table_port)],
+            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _answers(blob_port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                output = log_path.read_text(errors="replace")[-2000:]
+                pytest.fail(f"Azurite did not start on port {blob_port} (exit code {proc.poll()}):\n{output}")
+            time.sleep(0.1)
+        blob_url = f"http://127.0.0.1:{blob_port}/{DEV_ACCOUNT}"
+        connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};BlobEndpoint={blob_url};"
+            f"QueueEndpoint=http://127.0.0.1:{queue_port}/{DEV_ACCOUNT};"
+        )
+        yield Azurite(connection_string, blob_url)
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def blob_container(azurite: Azurite) -> Iterator[ContainerClient]:
+    """A fresh, uniquely named container, deleted after the test."""
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    container = service.create_container(f"t{uuid.uuid4().hex}")
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(Exception):
+            container.delete_container()
+        service.close()
+
+
+@dataclass
+class RunningSandbox:
+    box: Sandbox
+    url: str
+    key: str
+
+
+@pytest.fixture
+def sandbox() -> Iterator[RunningSandbox]:
+    """A fresh SendGrid sandbox on a free loopback port, with a recognisable fake API key."""
+    key = "SG.test-" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(32)
+    box = Sandbox(api_keys=[key], job_delay=0.05)
+    with serve(box) as server:
+        yield RunningSandbox(box, server.url, key)
