@@ -1,0 +1,675 @@
+"""Find the files of an export and stream their rows, never holding a file in memory.
+
+Two layouts: a Customer Insights CDM folder (model.json names the tables, their columns and their partition files)
+and a plain file (.csv, .jsonl or .ndjson, optionally .gz) that is one segment. Storage is reached only through the
+ObjectStore protocol. Row-level problems are values `(line, None, reason)`; whole-file problems raise SourceError.
+
+Reading pipeline: store stream -> gzip (when the magic bytes say so) -> _LineGuard -> BufferedReader -> TextIOWrapper
+(CSV) or binary lines (JSONL). The guard hands on whole lines only, replaces a line longer than the cap by a marker
+line (so a file without line breaks cannot fill memory) and notes NUL bytes. Undecodable bytes are decoded with
+surrogateescape through a handler that notes them. Either note "taints" the stream: from then on every row's wanted
+values are checked; clean streams never pay for that (the fast path is csv.reader + itemgetter + a length check).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import gzip
+import io
+import itertools
+import posixpath
+import zlib
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, BinaryIO, Literal
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from .errors import SourceError, StateError
+from .storage import NotFound, ObjectStore, check_key
+
+__all__ = [
+    "MAX_CSV_LINE_BYTES",
+    "MAX_FIELD_CHARS",
+    "MAX_JSONL_LINE_BYTES",
+    "MAX_MODEL_JSON_BYTES",
+    "Partition",
+    "discover",
+    "read_rows",
+]
+
+# Caps on what one export file may contain (our choices; the exporters document none).
+MAX_MODEL_JSON_BYTES = 64 * 1024 * 1024
+MAX_FIELD_CHARS = 1024 * 1024  # one CSV field (csv.field_size_limit counts characters)
+MAX_CSV_LINE_BYTES = 4 * 1024 * 1024  # one physical CSV line; bounds the cost of a line with millions of fields
+MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024
+
+ACCEPTED_FILES = ".csv, .jsonl or .ndjson, each optionally followed by .gz, or a model.json (or its folder)"
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+_READ_CHUNK = 1024 * 1024
+_TEXT_CHUNK = 256 * 1024
+# Replaces an over-long line; NUL bytes and letters only, so no delimiter or quote can split it.
+_MARKER = b"\x00\x00LINETOOLONG\x00\x00"
+_MARKER_STR = _MARKER.decode("ascii")
+
+
+@dataclass(frozen=True)
+class Partition:
+    segment: str  # CDM entity name; for a plain file: the file name without its extensions
+    key: str  # key in the ObjectStore
+    fmt: Literal["csv", "jsonl"]
+    compressed: bool  # gzip
+    columns: tuple[str, ...] | None  # from model.json attributes; None = from the header row / object keys
+    header: bool  # CSV has a header row (CDM: fileFormatSettings.columnHeaders; plain CSV: always True)
+    delimiter: str = ","
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Taint: a process-wide counter bumped whenever any stream meets a NUL byte, an over-long line or undecodable bytes.
+# A reader compares it with the value it saw at its start; a bump by another stream only costs it speed, never
+# correctness. The codec error handler is global, so this is the cheapest way for it to reach the reader.
+
+_TAINT = [0]
+_surrogateescape = codecs.lookup_error("surrogateescape")
+
+
+def _flag_undecodable(exc: UnicodeError) -> tuple[str, int]:
+    _TAINT[0] += 1
+    return _surrogateescape(exc)
+
+
+_DECODE_ERRORS = "sgconnector-sources-flagged-surrogateescape"
+codecs.register_error(_DECODE_ERRORS, _flag_undecodable)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# discover
+
+
+def discover(store: ObjectStore, key: str, segments: Sequence[str] | None = None) -> list[Partition]:
+    """The partitions behind `key`: a model.json, a folder holding one, or a plain file (one segment; `segments`
+    does not filter a plain file). CDM entities come in the order of `segments` (None = model.json order); an entity
+    named in `segments` but absent is left out for the caller to report."""
+    k = key.strip("/")
+    if k.rsplit("/", 1)[-1].lower() == "model.json":
+        return _discover_cdm(store, k, segments)
+    if k and _info(store, k) is not None:
+        return [_plain_partition(store, k)]
+    model_key = f"{k}/model.json" if k else "model.json"
+    if _info(store, model_key) is not None:
+        return _discover_cdm(store, model_key, segments)
+    folder = k and next(iter(store.list(k + "/")), None) is not None
+    what = "is a folder without a model.json" if folder else f"was not found in {store.label}"
+    raise SourceError(f"{what}; point the source at a {ACCEPTED_FILES}", file=key or "/")
+
+
+def _info(store: ObjectStore, key: str) -> Any:
+    try:
+        return store.info(check_key(key))
+    except StateError as e:
+        raise SourceError(str(e), file=key) from None
+
+
+def _plain_partition(store: ObjectStore, key: str) -> Partition:
+    name = key.rsplit("/", 1)[-1]
+    stem, compressed = (name[:-3], True) if name.lower().endswith(".gz") else (name, False)
+    lower = stem.lower()
+    for ext, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl")):  # noqa: B007 - used after
+        if lower.endswith(ext) and len(stem) > len(ext):
+            break
+    else:
+        raise SourceError(f"unknown file type; accepted: {ACCEPTED_FILES}", file=key)
+    if not compressed:
+        compressed = _sniff_gzip(store, key)
+    return Partition(stem[: -len(ext)], key, fmt, compressed, None, fmt == "csv")  # type: ignore[arg-type]
+
+
+def _sniff_gzip(store: ObjectStore, key: str) -> bool:
+    try:
+        with contextlib.closing(store.open_read(key)) as fh:
+            return _read_exactly(fh, 2) == _GZIP_MAGIC
+    except NotFound:
+        raise SourceError(f"was not found in {store.label}", file=key) from None
+
+
+def _read_exactly(fh: BinaryIO, n: int) -> bytes:
+    """Up to n bytes; fewer only at the end of the stream (a network stream may return short reads). Reads in
+    chunks: file objects allocate the whole requested size up front."""
+    parts, got = [], 0
+    while got < n:
+        b = fh.read(min(n - got, _READ_CHUNK))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _discover_cdm(store: ObjectStore, model_key: str, segments: Sequence[str] | None) -> list[Partition]:
+    model = _load_model(store, model_key)
+    entities = model.get("entities")
+    if not isinstance(entities, list):
+        raise SourceError("has no 'entities' list; it is not a CDM model.json from an export", file=model_key)
+    by_name: dict[str, dict[str, Any]] = {}
+    for i, ent in enumerate(entities):
+        if not isinstance(ent, dict) or not isinstance(ent.get("name"), str) or not ent["name"]:
+            raise SourceError(f"entity #{i + 1} is not an object with a 'name'; re-run the export", file=model_key)
+        by_name.setdefault(ent["name"], ent)
+    if segments is None:
+        chosen = list(by_name.values())
+    else:
+        folded = {n.casefold(): e for n, e in reversed(by_name.items())}
+        picked = (by_name.get(s) or folded.get(s.casefold()) for s in dict.fromkeys(segments))
+        chosen = list({id(e): e for e in picked if e is not None}.values())
+    folder = posixpath.dirname(model_key)
+    return [p for ent in chosen for p in _entity_partitions(store, model_key, folder, ent)]
+
+
+def _load_model(store: ObjectStore, key: str) -> dict[str, Any]:
+    info = _info(store, key)
+    if info is None:
+        raise SourceError(f"was not found in {store.label}; the export run may not have finished", file=key)
+    too_big = SourceError(f"is larger than {MAX_MODEL_JSON_BYTES} bytes, the limit for a model.json; "
+                          "export fewer tables per folder", file=key)
+    if info.size > MAX_MODEL_JSON_BYTES:
+        raise too_big
+    try:
+        with contextlib.closing(store.open_read(key)) as fh:
+            data = _read_exactly(fh, MAX_MODEL_JSON_BYTES + 1)
+    except NotFound:
+        raise SourceError(f"was not found in {store.label}", file=key) from None
+    if len(data) > MAX_MODEL_JSON_BYTES:
+        raise too_big
+    try:
+        model = orjson.loads(data.removeprefix(_BOM))
+    except orjson.JSONDecodeError as e:
+        raise SourceError(f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); it may have been "
+                          "read while the export was writing it: wait for the run to finish or re-run the export",
+                          file=key) from None
+    if not isinstance(model, dict):
+        raise SourceError(f"is a JSON {_json_type(model)}, not an object; point the source at the export's "
+                          "model.json", file=key)
+    return model
+
+
+def _entity_partitions(store: ObjectStore, model_key: str, folder: str, ent: dict[str, Any]) -> list[Partition]:
+    name = ent["name"]
+    attrs = ent.get("attributes")
+    if not isinstance(attrs, list) or not attrs:
+        raise SourceError(f"entity '{name}' has no attributes (column names); re-run the export", file=model_key)
+    columns = []
+    for i, a in enumerate(attrs):
+        if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not a["name"]:
+            raise SourceError(f"entity '{name}': attribute #{i + 1} has no name; re-run the export", file=model_key)
+        columns.append(a["name"])
+    parts = ent.get("partitions")
+    if not isinstance(parts, list):
+        raise SourceError(f"entity '{name}' has no 'partitions' list; the export run may be incomplete: "
+                          "wait for it to finish or re-run it", file=model_key)
+    out = []
+    for i, p in enumerate(parts):
+        pname = p.get("name") if isinstance(p, dict) and isinstance(p.get("name"), str) else f"#{i + 1}"
+        where = f"entity '{name}', partition '{pname}'"
+        loc = p.get("location") if isinstance(p, dict) else None
+        if not isinstance(loc, str) or not loc.strip():
+            raise SourceError(f"{where} has no location; re-run the export", file=model_key)
+        key = _partition_key(store, model_key, folder, where, loc.strip())
+        settings = p.get("fileFormatSettings") or {}
+        if not isinstance(settings, dict):
+            settings = {}
+        delimiter = settings.get("delimiter", ",")
+        if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\"\r\n":
+            raise SourceError(f"{where}: unsupported delimiter {delimiter!r}; use a single character", file=model_key)
+        out.append(Partition(segment=name, key=key, fmt="csv", compressed=key.lower().endswith(".gz"),
+                             columns=tuple(columns), header=settings.get("columnHeaders") is True,
+                             delimiter=delimiter))
+    return out
+
+
+def _partition_key(store: ObjectStore, model_key: str, folder: str, where: str, loc: str) -> str:
+    if "://" in loc:
+        key = store.key_for_url(loc)
+        if key is None:
+            u = urlsplit(loc)  # the query string may hold a SAS token: never show it
+            container = next((s for s in u.path.split("/") if s), "")
+            raise SourceError(f"{where} points outside {store.label} (to {u.hostname or '?'}/{container}), or to a "
+                              "file that is not there, and was refused; export to the storage account and container "
+                              "this connector reads", file=model_key)
+        return key
+    rel = unquote(loc)
+    while rel.startswith("./"):
+        rel = rel[2:]
+    if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+        raise SourceError(f"{where} has location {loc!r}, which leaves the export folder and was refused; "
+                          "locations must be absolute blob URLs or paths below the model.json folder", file=model_key)
+    key = f"{folder}/{rel}" if folder else rel
+    try:
+        return check_key(key)
+    except StateError:
+        raise SourceError(f"{where} has an unusable location {loc!r}; re-run the export", file=model_key) from None
+
+
+def _json_type(v: object) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(v), "null")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# read_rows
+
+Row = tuple[int, "list[str | None] | None", "str | None"]
+
+
+def read_rows(store: ObjectStore, part: Partition, wanted: Sequence[str], required: Collection[str] = (),
+              warnings: list[str] | None = None, *, max_field: int = MAX_FIELD_CHARS,
+              max_line: int | None = None) -> Iterator[tuple[int, list[str | None] | None, str | None]]:
+    """Stream `(line, values, None)` for good rows (values in `wanted` order) and `(line, None, reason)` for rejected
+    ones. `line` is the 1-based physical line where the row starts, counting a header line. Whole-file problems
+    (missing file, required column absent, unreadable header, truncated or corrupt gzip) raise SourceError when met,
+    after the good rows before them were yielded. A wanted column that is absent gives None and one warning line."""
+    warns = warnings if warnings is not None else []
+    if part.fmt == "csv":
+        return _read_csv(store, part, tuple(wanted), frozenset(required), warns, max_field,
+                         max_line or MAX_CSV_LINE_BYTES)
+    if part.fmt == "jsonl":
+        return _read_jsonl(store, part, tuple(wanted), frozenset(required), warns, max_line or MAX_JSONL_LINE_BYTES)
+    raise SourceError(f"unsupported format {part.fmt!r}; accepted: {ACCEPTED_FILES}", file=part.key)
+
+
+class _Chain(io.RawIOBase):
+    """Bytes already read (the magic-byte sniff) followed by the rest of a stream."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            k = len(self._head) if n is None or n < 0 else n
+            out, self._head = self._head[:k], self._head[k:]
+            return out
+        return self._rest.read(n)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _LineGuard(io.RawIOBase):
+    """Hands on whole lines only. A line longer than `max_line` bytes is dropped (never held whole: the bytes are
+    discarded as they arrive) and replaced by _MARKER, keeping its line break so line numbers stay right."""
+
+    def __init__(self, src: Any, max_line: int, newlines: bytes) -> None:
+        self._read = getattr(src, "read1", src.read)  # read1: a truncated gzip loses no data read before the damage
+        self._max, self._cr = max_line, b"\r" in newlines
+        self._chunk = min(_READ_CHUNK, max_line)
+        self._tail: list[bytes] = []  # bytes after the last line break, not handed on yet
+        self._tail_len = 0
+        self._skipping = False
+        self._out = memoryview(b"")
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not len(self._out):
+            if self._eof:
+                return 0
+            self._fill()
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _first_nl(self, data: bytes) -> int:
+        i = data.find(b"\n")
+        if self._cr:
+            j = data.find(b"\r", 0, i if i >= 0 else len(data))
+            if j >= 0:
+                return j
+        return i
+
+    def _last_nl(self, data: bytes) -> int:
+        i = data.rfind(b"\n")
+        return max(i, data.rfind(b"\r", i + 1)) if self._cr else i
+
+    def _fill(self) -> None:
+        data = self._read(self._chunk)
+        if not data:
+            self._eof = True
+            last = _MARKER if self._skipping else b"".join(self._tail)
+            self._tail, self._tail_len, self._skipping = [], 0, False
+            self._out = memoryview(last)
+            return
+        if b"\x00" in data:
+            _TAINT[0] += 1
+        prefix = b""
+        if self._skipping:
+            i = self._first_nl(data)
+            if i < 0:
+                return  # still inside the over-long line: drop these bytes
+            self._skipping, prefix, data = False, _MARKER, data[i:]
+        j = self._last_nl(data)
+        if j < 0:
+            self._tail.append(data)
+            self._tail_len += len(data)
+            if self._tail_len > self._max:
+                self._too_long()
+            self._out = memoryview(prefix)
+            return
+        if self._tail:
+            i = self._first_nl(data)
+            if self._tail_len + i > self._max:  # the line the tail began ends here, too long: drop it
+                prefix += _MARKER
+                data, j = data[i:], j - i
+                _TAINT[0] += 1
+            else:
+                prefix += b"".join(self._tail)
+            self._tail, self._tail_len = [], 0
+        rest = data[j + 1:]
+        if rest:
+            self._tail, self._tail_len = [rest], len(rest)
+        self._out = memoryview(prefix + data[: j + 1] if prefix else data[: j + 1])
+
+    def _too_long(self) -> None:
+        self._tail, self._tail_len, self._skipping = [], 0, True
+        _TAINT[0] += 1
+
+
+@contextlib.contextmanager
+def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: bytes,
+                warns: list[str]) -> Iterator[io.BufferedReader]:
+    try:
+        raw = store.open_read(part.key)
+    except NotFound:
+        raise SourceError(f"was not found in {store.label}; it may have been deleted or the export run is still "
+                          "being written", file=part.key) from None
+    try:
+        head = _read_exactly(raw, 2)
+        src: Any = _Chain(head, raw)
+        if head == _GZIP_MAGIC:
+            src = gzip.GzipFile(fileobj=src, mode="rb")
+        elif part.compressed and head:
+            warns.append(f"{part.key}: named as gzip but is not gzip data; read as plain text")
+        yield io.BufferedReader(_LineGuard(src, max_line, newlines), _READ_CHUNK)
+    finally:
+        raw.close()
+
+
+# Damaged compressed data. Other I/O errors (network, disk) propagate unchanged: they are not the file's fault, and
+# their messages may carry URLs with SAS tokens.
+_DAMAGED = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _io_error(part: Partition, line: int, e: BaseException) -> SourceError:
+    return SourceError(f"the file is truncated or corrupt ({type(e).__name__}: {e}); the rows before this line were "
+                       "read. Re-create or re-upload the file", file=part.key, line=line)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
+
+
+def _long_line_reason(line: int, max_line: int) -> str:
+    return (f"line {line} is longer than {_fmt_bytes(max_line)} and was skipped; it probably lacks line breaks or "
+            "holds a huge value: fix the export")
+
+
+def _value_problem(values: Sequence[str | None], names: Sequence[str], line: int, max_line: int) -> str | None:
+    """Why wanted values are unusable (NUL, undecodable bytes, over-long line marker), or None. Slow path only."""
+    for name, v in zip(names, values, strict=False):
+        if v is None or (v.isascii() and "\x00" not in v):
+            continue
+        if _MARKER_STR in v:
+            return _long_line_reason(line, max_line)
+        if "\x00" in v:
+            return f"column '{name}' contains a NUL byte; the file may be binary or damaged: fix the export"
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(v[e.start]) - 0xDC00
+            return (f"column '{name}' contains bytes that are not valid UTF-8 (0x{byte:02X} at character "
+                    f"{e.start + 1}); save the export as UTF-8")
+    return None
+
+
+def _resolve(columns: Sequence[str], wanted: Sequence[str]) -> list[int | None]:
+    """Index of each wanted column: exact name, else a unique match ignoring case and surrounding spaces."""
+    exact: dict[str, int] = {}
+    loose: dict[str, int | None] = {}
+    for i, c in enumerate(columns):
+        exact.setdefault(c, i)
+        f = c.strip().casefold()
+        loose[f] = None if f in loose and loose[f] != i else i
+    return [exact[w] if w in exact else loose.get(w.strip().casefold()) for w in wanted]
+
+
+def _show_columns(columns: Sequence[str], limit: int = 40) -> str:
+    shown = ", ".join(repr(c if len(c) <= 60 else c[:57] + "...") for c in columns[:limit])
+    return shown + (f" ... ({len(columns) - limit} more)" if len(columns) > limit else "") if columns else "(none)"
+
+
+def _delimiter_hint(columns: Sequence[str], delimiter: str) -> str:
+    if len(columns) == 1:
+        for d, label in ((";", "';'"), ("\t", "tab"), ("|", "'|'"), (",", "','")):
+            if d != delimiter and d in columns[0]:
+                return f"; the header looks {label}-delimited, but the file is read with {delimiter!r}"
+    return ""
+
+
+def _picker(n: int, idx: Sequence[int | None]) -> Callable[[list[str]], list[str | None]]:
+    """A fast C-level getter for the wanted columns of a row of n fields (absent columns read a None appended)."""
+    if not idx:
+        return lambda row: []
+    full = [n if i is None else i for i in idx]
+    if full == list(range(full[0], full[0] + len(full))):
+        get: Callable[[list[Any]], Any] = itemgetter(slice(full[0], full[0] + len(full)))  # returns a list
+    else:
+        tup = itemgetter(*full)
+        get = lambda row: list(tup(row))  # noqa: E731
+    if None in idx:
+        inner = get
+
+        def get(row: list[Any]) -> Any:
+            row.append(None)
+            return inner(row)
+
+    return get
+
+
+def _csv_error_reason(e: csv.Error, start: int, end: int, max_field: int) -> str:
+    msg = str(e)
+    span = f"lines {start}-{end}" if end > start else f"line {start}"
+    if "field larger than field limit" in msg:
+        return (f"a field is longer than {max_field} characters (the limit) on {span}; if a quote opened there is "
+                "never closed, fix the quoting, otherwise shorten the value")
+    if "unexpected end of data" in msg:
+        return (f"a quoted field that starts on line {start} is never closed, so the rest of the file ({span}) "
+                "was read as one field; fix the quoting in the export")
+    if "expected after" in msg:
+        return (f"malformed quoting on {span}: text follows a closing quote; quote whole fields and double any "
+                "quote inside them")
+    return f"malformed CSV on {span} ({msg}); fix the export"
+
+
+def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], required: frozenset[str],
+              warns: list[str], max_field: int, max_line: int) -> Iterator[Row]:
+    csv.field_size_limit(max_field)
+    taint = _TAINT
+    mark = taint[0]
+    with _open_lines(store, part, max_line, b"\r\n", warns) as buf:
+        text = io.TextIOWrapper(buf, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")
+        text._CHUNK_SIZE = _TEXT_CHUNK  # type: ignore[attr-defined]
+        rd = csv.reader(text, delimiter=part.delimiter, quotechar='"', doublequote=True, strict=True)
+        columns = part.columns
+        try:
+            header = _csv_header(rd, part, max_line) if part.header else None
+        except _DAMAGED as e:
+            raise _io_error(part, rd.line_num + 1, e) from e
+        if columns is None:
+            if not part.header:
+                raise SourceError("has neither a header row nor column names from model.json", file=part.key)
+            if header is None:
+                raise SourceError("no header row: the file is empty; a plain CSV file needs a header row naming its "
+                                  "columns", file=part.key, line=1)
+            columns = tuple(header)
+        elif header is not None and [h.strip().casefold() for h in header] != [c.casefold() for c in columns]:
+            warns.append(f"{part.key}: the header row ({_show_columns(header, 10)}) differs from model.json's "
+                         f"attributes ({_show_columns(columns, 10)}); model.json's columns were used")
+        idx = _check_columns(part, columns, wanted, required, warns, part.delimiter)
+        n = len(columns)
+        get = _picker(n, idx)
+        prev, base = rd.line_num, 1  # a row starts on line prev + base; base moves on when a new reader starts
+        try:
+            while True:
+                try:
+                    for row in rd:
+                        if len(row) == n and taint[0] == mark:
+                            yield prev + base, get(row), None
+                        elif row:
+                            yield _csv_slow(row, n, get, wanted, taint[0] != mark, prev + base, max_line)
+                        prev = rd.line_num
+                    return
+                except csv.Error as e:
+                    start, end = prev + base, rd.line_num + base - 1
+                    if end > start and "field larger than field limit" in str(e):
+                        # Inside an over-long quoted field: resuming at the next line would read the rest of the
+                        # field as rows. Skip to where the field closes and restart the reader there.
+                        skipped, closed = _skip_quoted_field(text)
+                        end += skipped
+                        yield start, None, _overflow_reason(start, end, closed, max_field)
+                        rd = csv.reader(text, delimiter=part.delimiter, quotechar='"', doublequote=True, strict=True)
+                        prev, base = 0, end + 1
+                    else:
+                        yield start, None, _csv_error_reason(e, start, end, max_field)
+                        prev = rd.line_num
+        except _DAMAGED as e:
+            raise _io_error(part, prev + base, e) from e
+
+
+def _skip_quoted_field(lines: Iterator[str]) -> tuple[int, bool]:
+    """Consume lines while inside a quoted field; returns (lines consumed, whether the field closed)."""
+    inside, count = True, 0
+    for line in lines:
+        count += 1
+        if line.count('"') % 2:
+            inside = not inside
+        if not inside:
+            return count, True
+    return count, False
+
+
+def _overflow_reason(start: int, end: int, closed: bool, max_field: int) -> str:
+    if closed:
+        return (f"a quoted field in the row on lines {start}-{end} is longer than {max_field} characters (the "
+                "limit); the row was skipped: shorten the value or fix the quoting")
+    return (f"a quoted field that starts on line {start} is never closed (it ran past {max_field} characters), so "
+            f"the rest of the file (lines {start}-{end}) was skipped; fix the quoting in the export")
+
+
+def _csv_header(rd: Any, part: Partition, max_line: int) -> list[str] | None:
+    try:
+        header = next((r for r in rd if r), None)
+    except csv.Error as e:
+        raise SourceError(f"the header row cannot be read ({e}); fix the quoting or the delimiter in the export",
+                          file=part.key, line=rd.line_num) from None
+    if header is not None and any(_MARKER_STR in h for h in header):
+        raise SourceError(f"the header row is longer than {_fmt_bytes(max_line)}; the file probably lacks line "
+                          "breaks: fix the export", file=part.key, line=rd.line_num)
+    return header
+
+
+def _check_columns(part: Partition, columns: Sequence[str], wanted: Sequence[str], required: Collection[str],
+                   warns: list[str], delimiter: str) -> list[int | None]:
+    idx = _resolve(columns, wanted)
+    absent = [w for w, i in zip(wanted, idx, strict=True) if i is None]
+    missing = [w for w in dict.fromkeys(absent) if w in required]
+    missing += [r for r in sorted(required) if r not in wanted and _resolve(columns, [r])[0] is None]
+    if missing:
+        raise SourceError(f"required column(s) {', '.join(map(repr, missing))} not found; the file has columns: "
+                          f"{_show_columns(columns)}{_delimiter_hint(columns, delimiter)}. Fix the column mapping or "
+                          "the export", file=part.key, line=1 if part.header else None)
+    for w in dict.fromkeys(absent):
+        warns.append(f"{part.key}: column {w!r} is not in the file (it has {_show_columns(columns, 10)}); its value "
+                     "is empty in every row")
+    return idx
+
+
+def _csv_slow(row: list[str], n: int, get: Callable[[list[str]], list[str | None]], wanted: Sequence[str],
+              tainted: bool, line: int, max_line: int) -> Row:
+    if len(row) != n:
+        if tainted and _MARKER_STR in "".join(row):
+            return line, None, _long_line_reason(line, max_line)
+        return line, None, (f"expected {n} fields, found {len(row)}; check the delimiter and quoting of this row "
+                            "in the export")
+    values = get(row)
+    problem = _value_problem(values, wanted, line, max_line)
+    return (line, None, problem) if problem else (line, values, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON Lines
+
+
+def _json_text(v: Any) -> str | None:
+    if v is None or type(v) is str:
+        return v
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if type(v) is int:
+        return str(v)
+    return orjson.dumps(v).decode()
+
+
+def _read_jsonl(store: ObjectStore, part: Partition, wanted: tuple[str, ...], required: frozenset[str],
+                warns: list[str], max_line: int) -> Iterator[Row]:
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    unseen = set(wanted) - required  # optional keys no object has shown yet (warned about at the end)
+    req = [r for r in dict.fromkeys(wanted) if r in required] + sorted(required - set(wanted))
+    line = 0
+    with _open_lines(store, part, max_line, b"\n", warns) as buf:
+        lines = iter(buf)
+        try:
+            first = next(lines, None)
+            if first is not None:
+                lines = itertools.chain((first.removeprefix(_BOM),), lines)
+            for line, raw in enumerate(lines, 1):
+                try:
+                    obj = loads(raw)
+                except decode_error as e:
+                    if raw.startswith(_MARKER):
+                        yield line, None, _long_line_reason(line, max_line)
+                    elif raw.strip():
+                        yield line, None, (f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one "
+                                           "JSON object")
+                    continue
+                if type(obj) is not dict:
+                    yield line, None, f"a JSON {_json_type(obj)}, not an object; each line must hold one JSON object"
+                    continue
+                lacking = [r for r in req if r not in obj]
+                if lacking:
+                    yield line, None, (f"no {', '.join(map(repr, lacking))} key; the object has "
+                                       f"{_show_columns(list(obj), 10)}. Fix the column mapping or the export")
+                    continue
+                if unseen:
+                    unseen.difference_update([k for k in unseen if k in obj])
+                values = [_json_text(obj.get(w)) for w in wanted]
+                if b"\\u0000" in raw and any(v and "\x00" in v for v in values):
+                    yield line, None, "a value contains a NUL character (\\u0000); fix the export"
+                    continue
+                yield line, values, None
+        except _DAMAGED as e:
+            raise _io_error(part, line + 1, e) from e
+    for w in sorted(unseen, key=wanted.index):
+        warns.append(f"{part.key}: no object has the key {w!r}; its value is empty in every row")
