@@ -99,7 +99,7 @@ def test_cdm_export_reaches_the_list_mapped_with_rejections_reported(sandbox, en
     assert counts["read"] == 6 and counts["valid"] == 3 and counts["duplicates"] == 1 and counts["sent"] == 3
     assert counts["rejected"] == {"invalid_email": 1, "missing_email": 1}
     assert counts["trimmed"] == {"first_name": 1}
-    assert {r["line"] for r in report["rejections"]} == {4, 2}  # C3 starts on line 4 (after a two-line row); C5 is line 2 of part 2
+    assert {r["line"] for r in report["rejections"]} == {4, 2}  # C3: line 4 (after a 2-line row); C5: part 2 line 2
     assert all(r["file"].endswith(".csv") for r in report["rejections"])
     assert report["jobs"][0]["status"] == "completed" and report["requests"]["count"] == 1
     assert counts["field_notes"] == {"LifetimeValue": 1, "SignupDate": 1}
