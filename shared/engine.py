@@ -319,9 +319,13 @@ def destination(config: Config, name: str) -> Destination:
     return config.destinations[name]
 
 
-def run(req: RunRequest, svc: Services) -> dict[str, Any]:
+def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any]:
     """Run one export (or resume one) and return its report. Raises ConfigError for an unknown or invalid destination
-    and LeaseUnavailable when another run holds the destination; everything else ends up in the report."""
+    and LeaseUnavailable when another run holds the destination; everything else ends up in the report.
+
+    With claim, the export version (source, ETag) is claimed in the ledger under the lease: when another run has it
+    already, nothing runs and the answer says which run did. A refused run gives its claim back, so the same export
+    runs once the configuration is fixed."""
     dest = destination(svc.config, req.destination)
     if req.resume:
         record = svc.state.load_run(req.resume)
@@ -345,6 +349,10 @@ def run(req: RunRequest, svc: Services) -> dict[str, Any]:
     if not req.source:
         return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
     with svc.state.lease(dest.name) as lease:
+        if claim and not req.resume and req.source_etag:
+            holder = svc.state.claim_export(dest.name, req.source, req.source_etag, record["run_id"])
+            if holder is not None:
+                return {"destination": dest.name, "status": "skipped", "run_id": holder.get("run_id")}
         state = _Run(req, svc, dest, record)
         state.lease = lease
         try:
@@ -370,6 +378,19 @@ def run(req: RunRequest, svc: Services) -> dict[str, Any]:
                 record["rejections_file"] = key
             state.rejections.close()
             svc.state.save_run(record)
+            if claim and record["status"] == "refused" and req.source_etag:
+                svc.state.release_export(dest.name, req.source, req.source_etag, run_id=record["run_id"])
+    return record
+
+
+def finish_submitted(record: dict[str, Any], svc: Services) -> dict[str, Any]:
+    """Poll the jobs of a run whose requests were all accepted, and store the outcome."""
+    client = svc.client(destination(svc.config, record["destination"]))
+    try:
+        poll_jobs(record, client, svc, wait=False)
+    finally:
+        client.close()
+    svc.state.save_run(record)
     return record
 
 

@@ -1,0 +1,155 @@
+"""The Azure Functions door's logic. `function_app.py` only wires triggers to these handlers.
+
+State lives in a Blob container (STATE_CONTAINER) of the exports account (connection setting `ExportsStorage`);
+exports are read from EXPORTS_CONTAINER by streaming; API keys come from Key Vault when KEY_VAULT_URL is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import engine, sources
+from .blobstore import blob_service_from_settings, container_store
+from .config import Config, load_config, parse_config
+from .errors import ConfigError, ConnectorError, LeaseUnavailable
+from .secrets import SecretProvider, provider_from_env
+from .state import StateStore
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+APP_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    exports_container: str
+    state_container: str
+    destinations_config: str  # "blob:<key>" in the state container, or a file path (relative to the app root)
+    run_deadline_seconds: float
+    environ: Mapping[str, str]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        try:
+            deadline = float(environ.get("RUN_DEADLINE_SECONDS", "1500"))
+        except ValueError:
+            raise ConfigError("must be a number of seconds", field="RUN_DEADLINE_SECONDS") from None
+        return cls(
+            exports_container=environ.get("EXPORTS_CONTAINER", "exports"),
+            state_container=environ.get("STATE_CONTAINER", "sendgrid-connector-state"),
+            destinations_config=environ.get("DESTINATIONS_CONFIG", "destinations.json"),
+            run_deadline_seconds=deadline,
+            environ=environ,
+        )
+
+
+@dataclass
+class AppContext:
+    """The clients one invocation needs, built from settings (lazily, no network at import)."""
+
+    settings: Settings
+    exports: ObjectStore
+    state: StateStore
+    secrets: SecretProvider
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AppContext:
+        service = blob_service_from_settings("ExportsStorage", settings.environ)
+        return cls(settings, container_store(service, settings.exports_container),
+                   StateStore(container_store(service, settings.state_container, create=True)),
+                   provider_from_env(settings.environ))
+
+    def config(self) -> Config:
+        """Read and validate the destinations file on every run."""
+        where = self.settings.destinations_config
+        if where.startswith("blob:"):
+            data = self.state.store.read_bytes(where[5:])
+            if data is None:
+                raise ConfigError(f"{where} not found in container {self.settings.state_container}",
+                                  field="DESTINATIONS_CONFIG")
+            return parse_config(data, where)
+        path = Path(where) if Path(where).is_absolute() else APP_ROOT / where
+        return load_config(path)
+
+    def services(self, config: Config) -> engine.Services:
+        return engine.Services(config=config, secrets=self.secrets, state=self.state, sources=self.exports,
+                               environ=self.settings.environ)
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.run_deadline_seconds
+
+
+def destinations_for_blob(ctx: AppContext, config: Config, key: str) -> list[str]:
+    """Which enabled destinations a new blob runs: a model.json runs every destination whose segments it holds; a plain
+    file under <destination name>/ runs that destination; anything else runs nothing."""
+    if key.endswith("model.json"):
+        held = {p.segment for p in sources.discover(ctx.exports, key, None)}
+        return [d.name for d in config.destinations.values() if d.enabled and held & set(d.segments)]
+    head = key.split("/", 1)[0]
+    if "/" in key and head in config.destinations and not key.endswith("/"):
+        return [head] if config.destinations[head].enabled else []
+    return []
+
+
+def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, trigger: str) -> dict[str, Any]:
+    """Run one destination on one export version once: a repeated trigger for the same (key, ETag) is a no-op, a
+    destination busy with another run defers to the timer (the export is remembered as its latest)."""
+    ctx.state.set_latest_export(name, key, etag)
+    claim = ctx.state.export_claim(name, key, etag)
+    if claim is not None:
+        log.info("%s: %s (ETag %s) was already handled by run %s; nothing to do", name, key, etag, claim.get("run_id"))
+        return {"destination": name, "status": "skipped", "run_id": claim.get("run_id")}
+    svc = ctx.services(config)
+    request = engine.RunRequest(name, key, etag, trigger=trigger, deadline=ctx.deadline())
+    try:
+        report = engine.run(request, svc, claim=True)
+    except LeaseUnavailable:
+        log.info("%s is busy with another run; the timer will export %s", name, key)
+        return {"destination": name, "status": "deferred"}
+    log.info("%s: run %s %s", name, report.get("run_id"), report.get("status"))
+    return report
+
+
+def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
+    config = ctx.config()
+    info = ctx.exports.info(key)
+    if info is None:
+        log.warning("blob %s vanished before it could be read; ignored", key)
+        return []
+    names = destinations_for_blob(ctx, config, key)
+    if not names:
+        log.info("blob %s is not an export any enabled destination takes; ignored", key)
+    return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
+
+
+def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
+    """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), then run each enabled
+    destination's latest export that has not been exported yet."""
+    config = ctx.config()
+    svc = ctx.services(config)
+    done: list[dict[str, Any]] = []
+    for record in ctx.state.open_runs():
+        name = record["destination"]
+        if name not in config.destinations:
+            continue
+        try:
+            if record["status"] == "submitted":
+                done.append(engine.finish_submitted(record, svc))
+            else:
+                done.append(engine.run(engine.RunRequest(name, resume=record["run_id"], deadline=ctx.deadline()), svc))
+        except LeaseUnavailable:
+            log.info("%s: run %s is still going elsewhere", name, record["run_id"])
+        except ConnectorError as exc:
+            log.error("%s: run %s could not be finished: %s", name, record["run_id"], exc)
+    for name, dest in config.destinations.items():
+        latest = ctx.state.latest_export(name)
+        if dest.enabled and latest and ctx.state.export_claim(name, latest["source"], latest["etag"]) is None:
+            info = ctx.exports.info(latest["source"])
+            if info is not None and info.etag == latest["etag"]:
+                done.append(run_export(ctx, config, name, latest["source"], latest["etag"], "timer"))
+    return done

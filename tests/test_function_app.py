@@ -1,0 +1,134 @@
+"""The Functions app, called directly (no `func` host here) against a real Azurite and the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from shared import samplegen
+
+pytestmark = pytest.mark.azurite
+
+
+@pytest.fixture(scope="module")
+def functions():
+    import function_app
+
+    return {f.get_function_name(): f for f in function_app.app.get_functions()}  # once per session: see docs
+
+
+def test_binding_contract(functions) -> None:
+    assert set(functions) == {"on_export", "scheduled_refresh"}
+    (trigger,) = functions["on_export"].get_bindings()
+    assert trigger.type == "blobTrigger" and trigger.path == "%EXPORTS_CONTAINER%/{name}"
+    assert trigger.connection == "ExportsStorage" and trigger.source == "EventGrid"
+    (timer,) = functions["scheduled_refresh"].get_bindings()
+    assert timer.type == "timerTrigger" and timer.schedule == "%REFRESH_SCHEDULE%"
+    assert timer.use_monitor is True and timer.run_on_startup is False
+
+
+@pytest.fixture
+def deployed(azurite, sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An exports container holding a generated Customer Insights export, a state container with the destinations
+    file, and the app settings pointing at them."""
+    suffix = uuid.uuid4().hex[:10]
+    exports, state = f"exports-{suffix}", f"state-{suffix}"
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    exports_client = service.create_container(exports)
+    state_client = service.create_container(state)
+    info = samplegen.write_cdm_export(tmp_path / "x", 40_000, partitions=3, account_url=azurite.blob_url,
+                                      container=exports)
+    for path in sorted((tmp_path / "x").rglob("*")):
+        if path.is_file() and path.name != "model.json":
+            exports_client.upload_blob(path.relative_to(tmp_path / "x").as_posix(), path.read_bytes())
+    list_id = sandbox.box.create_list("VIP")
+    sandbox.box.create_field("lifetime_value", "Number")
+    sandbox.box.create_field("signup_date", "Date")
+    state_client.upload_blob("destinations.json",
+                             orjson.dumps(samplegen.demo_destinations(list_id, max_profiles=None)))
+    for k, v in {"ExportsStorage": azurite.connection_string, "EXPORTS_CONTAINER": exports, "STATE_CONTAINER": state,
+                 "DESTINATIONS_CONFIG": "blob:destinations.json", "SENDGRID_API_URL": sandbox.url,
+                 "SENDGRID_API_KEY": sandbox.key, "RUN_DEADLINE_SECONDS": "600"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("KEY_VAULT_URL", raising=False)
+
+    def land_model_json():  # Customer Insights writes model.json last: its arrival means the export is complete
+        return exports_client.upload_blob(info.model_key, (tmp_path / "x" / info.model_key).read_bytes(),
+                                          overwrite=True)
+
+    yield {"info": info, "list_id": list_id, "exports": exports_client, "state": state_client,
+           "land": land_model_json}
+    service.delete_container(exports)
+    service.delete_container(state)
+
+
+def _runs(state_client) -> list[dict]:
+    return [orjson.loads(state_client.download_blob(b.name).readall())
+            for b in state_client.list_blobs(name_starts_with="runs/") if b.name.endswith(".json")]
+
+
+def _timer():
+    import azure.functions.timer as timer
+
+    import function_app
+
+    function_app.scheduled_refresh(timer.TimerRequest(past_due=False))
+
+
+def test_export_landing_in_storage_reaches_the_list_once(deployed, sandbox) -> None:
+    import function_app
+
+    deployed["land"]()
+    blob = deployed["exports"].get_blob_client(deployed["info"].model_key)
+    function_app.on_export(blob)
+    puts = sandbox.box.stats["requests"]["PUT /v3/marketing/contacts"]
+    function_app.on_export(blob)  # the same blob version again (Event Grid is at-least-once): a no-op
+    assert sandbox.box.stats["requests"]["PUT /v3/marketing/contacts"] == puts
+    (run,) = _runs(deployed["state"])
+    assert run["status"] in ("submitted", "completed") and run["trigger"] == "blob"
+    time.sleep(0.2)
+    _timer()  # polls the submitted run's jobs and finalises it
+    (run,) = _runs(deployed["state"])
+    assert run["status"] == "completed", run
+    assert len(sandbox.box.list_emails(deployed["list_id"])) == deployed["info"].valid_distinct
+
+
+def test_a_new_version_of_the_export_is_a_new_run(deployed, sandbox) -> None:
+    import function_app
+
+    deployed["land"]()
+    function_app.on_export(deployed["exports"].get_blob_client(deployed["info"].model_key))
+    deployed["land"]()  # rewritten: new ETag
+    function_app.on_export(deployed["exports"].get_blob_client(deployed["info"].model_key))
+    assert len(_runs(deployed["state"])) == 2
+
+
+def test_run_interrupted_at_its_deadline_is_resumed_by_the_timer(deployed, sandbox, monkeypatch) -> None:
+    import function_app
+
+    monkeypatch.setenv("RUN_DEADLINE_SECONDS", "2.5")
+    sandbox.box.inject({"endpoint": "PUT /v3/marketing/contacts", "kind": "slow", "delay": 4.0, "times": 1})
+    deployed["land"]()
+    function_app.on_export(deployed["exports"].get_blob_client(deployed["info"].model_key))
+    (run,) = _runs(deployed["state"])
+    assert run["status"] == "interrupted" and 0 < run["checkpoint"]["contacts_done"] < deployed["info"].valid_distinct
+    monkeypatch.setenv("RUN_DEADLINE_SECONDS", "600")
+    _timer()  # resumes from the checkpoint
+    time.sleep(0.2)
+    _timer()  # finalises its jobs
+    (run,) = _runs(deployed["state"])
+    assert run["status"] == "completed" and run["checkpoint"]["resumed"] == 1
+    assert len(sandbox.box.list_emails(deployed["list_id"])) == deployed["info"].valid_distinct
+
+
+def test_blobs_that_are_not_exports_are_ignored(deployed, sandbox) -> None:
+    import function_app
+
+    deployed["exports"].upload_blob("random/notes.txt", b"hello")
+    function_app.on_export(deployed["exports"].get_blob_client("random/notes.txt"))
+    assert _runs(deployed["state"]) == []
