@@ -346,6 +346,9 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
     if not dest.consent:
         return _refuse(svc, record, f"destination '{dest.name}' has no data-privacy consent: an admin must set "
                                     '"consent": true (agreeing to the data privacy and compliance terms) to run it')
+    if dest.mode != "upsert":
+        return _refuse(svc, record, f"destination '{dest.name}' asks for mode '{dest.mode}', which this version "
+                                    "cannot run yet (removals from the list are not implemented): use \"upsert\"")
     if not req.source:
         return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
     with svc.state.lease(dest.name) as lease:

@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import io
 import ipaddress
+import itertools
 import math
 import os
 import re
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
@@ -382,7 +383,7 @@ class _Import:
     mappings: list[str | None]
     list_ids: list[str]
     fault: dict[str, Any] | None
-    received: bool = False
+    state: str = "waiting"  # -> "uploading" -> "received"; back to "waiting" if an upload breaks off
 
 
 @dataclass(slots=True)
@@ -400,7 +401,12 @@ Reply = tuple[int, Any]
 
 
 class Sandbox:
-    """SendGrid Marketing API state and behaviour (served over HTTP by `serve`). All methods are thread-safe."""
+    """SendGrid Marketing API state and behaviour (served over HTTP by `serve`). All methods are thread-safe.
+
+    `stats` keys: requests ("METHOD /path-template" -> count), status_counts, upsert_contacts_received (in accepted
+    PUTs), import_rows_received, bytes_received, max_body_bytes, max_contacts_per_request, responses_429,
+    faults_fired, jobs_created, jobs_finished (status -> count).
+    """
 
     max_import_rows: int = limits.MAX_CONTACTS_PER_IMPORT_FILE  # instance-overridable for tests
     max_import_bytes: int = limits.MAX_IMPORT_FILE_BYTES
@@ -594,7 +600,7 @@ class Sandbox:
         with self._lock:
             s = self._stats
             s["requests"][template] = s["requests"].get(template, 0) + 1
-            code = str(status)
+            code = str(status) if status else "no answer"
             s["status_counts"][code] = s["status_counts"].get(code, 0) + 1
             s["bytes_received"] += body_bytes
             s["max_body_bytes"] = max(s["max_body_bytes"], body_bytes)
@@ -699,29 +705,31 @@ class Sandbox:
         """Store contacts and add them to lists; counts only contacts that changed (as the API does)."""
         store, now = self._store, time.time()
         member_sets = [lst.members for lst in lists]
-        batch = list(items)
-        bulk = store.bulk_upsert(batch, now)
-        if bulk is None:
-            rows, created, existing = [], 0, []
-            for email, fields in batch:
-                idx, new, changed = store.upsert(email, fields, now)
-                rows.append(idx)
-                if new:
-                    created += 1
-                else:
-                    existing.append((idx, changed))
-        else:
-            rows, created, existing = bulk
-        updated = 0
-        for idx, changed in existing:
-            if changed:
-                updated += 1
-            elif any(idx not in members for members in member_sets):
-                updated += 1
-                store.updated[idx] = now
-        for members in member_sets:
-            members.update(rows)
-        job.created, job.updated = created, updated
+        iterator = iter(items)
+        while batch := list(itertools.islice(iterator, limits.MAX_CONTACTS_PER_REQUEST)):  # bounded memory
+            bulk = store.bulk_upsert(batch, now)
+            if bulk is None:
+                rows, created, existing = [], 0, []
+                for email, fields in batch:
+                    idx, new, changed = store.upsert(email, fields, now)
+                    rows.append(idx)
+                    if new:
+                        created += 1
+                    else:
+                        existing.append((idx, changed))
+            else:
+                rows, created, existing = bulk
+            updated = 0
+            for idx, changed in existing:
+                if changed:
+                    updated += 1
+                elif any(idx not in members for members in member_sets):
+                    updated += 1
+                    store.updated[idx] = now
+            for members in member_sets:
+                members.update(rows)
+            job.created += created
+            job.updated += updated
 
     def op_job_status(self, req: _Request) -> Reply:
         with self._lock:
@@ -766,7 +774,8 @@ class Sandbox:
                                         {"header": "X-Sandbox-Upload-Token", "value": token}]}
 
     def upload_headers_ok(self, job_id: str, headers: Any) -> int:
-        """200 when the upload may proceed, 404 unknown job, 403 missing/wrong signed header, 409 already sent."""
+        """200 when the upload may proceed, 404 unknown job, 403 missing/wrong signed header, 409 already sent
+        (or being sent). An upload that broke off may be sent again."""
         with self._lock:
             imp = self._imports.get(job_id)
             if imp is None:
@@ -774,15 +783,20 @@ class Sandbox:
             if not secrets.compare_digest(headers.get("X-Sandbox-Upload-Token", ""), imp.token) or \
                     (headers.get("Content-Type") or "").split(";")[0].strip().lower() != "text/csv":
                 return 403
-            if imp.received:
+            if imp.state != "waiting":
                 return 409
-            imp.received = True
+            imp.state = "uploading"
             return 200
+
+    def abort_upload(self, job_id: str) -> None:
+        with self._lock:
+            self._imports[job_id].state = "waiting"
 
     def finish_upload(self, job_id: str, parsed: _ParsedImport) -> None:
         """Register a parsed upload: the import job becomes due `job_delay` seconds from now."""
         with self._lock:
             imp = self._imports[job_id]
+            imp.state = "received"
             job = self._jobs[job_id]
             self._stats["import_rows_received"] += parsed.rows
             job.requested = parsed.rows
@@ -979,7 +993,7 @@ def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str
     """
     errors: list[dict[str, str]] = []
     items: list[tuple[str | None, dict]] = []
-    append, seen = items.append, {}
+    append, lows, where = items.append, [], []
     bad_custom = False
     limit_of, email_match = _STRING_LIMITS.get, _EMAIL_RE.fullmatch
     kind_of = {fid: ftype[0] for fid, (_, ftype) in field_types.items()}.get
@@ -1028,14 +1042,26 @@ def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str
         if email_match(email) is None or ".." in email or is_invalid(low):
             errors.append({"field": f"contacts[{i}].email", "message": f"email '{email}' is not valid"})
             continue
-        first = seen.setdefault(low, i)
-        if first != i:
-            errors.append({"field": f"contacts[{i}].email",
-                           "message": f"email '{low}' appears more than once (first at contacts[{first}])"})
+        lows.append(low)
+        where.append(i)
         append((low, c))
+    if len(set(lows)) != len(lows):
+        errors += _duplicate_errors(lows, where)
     if bad_custom:
         errors.append({"field": "custom_fields", "message": "invalid custom field ids supplied"})
     return errors, items
+
+
+def _duplicate_errors(lows: list[str], where: list[int]) -> list[dict[str, str]]:
+    """One error per repeat of an address (case-insensitive), naming where it first appeared."""
+    first: dict[str, int] = {}
+    errors = []
+    for low, i in zip(lows, where, strict=True):
+        j = first.setdefault(low, i)
+        if j != i:
+            errors.append({"field": f"contacts[{i}].email",
+                           "message": f"email '{low}' appears more than once (first at contacts[{j}])"})
+    return errors
 
 
 def _string_error(i: int, key: str, value: object) -> dict[str, str]:
@@ -1139,22 +1165,31 @@ def _check_row(row: list[str], columns: list[tuple[int, str, str]], fields: dict
             continue
         if kind == "email":
             has_id = True
+            value = value.strip()
             if len(value) > limits.MAX_EMAIL_LENGTH or not _is_email(value) or is_invalid(value.lower()):
                 return f"email '{value}' is not valid"
         elif kind == "reserved":
             if (lim := _MAXLEN.get(key)) is not None and len(value) > lim:
                 return f"{key} must be at most {lim} characters"
+            if key == "alternate_emails" and (problem := _check_alternates(_split_alternates(value))):
+                return problem
             has_id = has_id or key in _SECONDARY_IDS
         else:
             ftype = fields[key][1]
             if ftype == "Number":
                 try:
-                    float(value)
+                    finite = math.isfinite(float(value))
                 except ValueError:
+                    finite = False
+                if not finite:
                     return f"custom field {key} is a Number field: '{value}' is not a number"
             elif ftype == "Date" and not _is_date(value):
                 return f"custom field {key} is a Date field: '{value}' is not MM/DD/YYYY"
     return None if has_id else "a contact needs at least one identifier"
+
+
+def _split_alternates(value: str) -> list[str]:
+    return [e.strip() for e in value.split(",") if e.strip()]
 
 
 def _row_contact(row: tuple[Any, ...], columns: list[tuple[int, str, str]],
@@ -1166,7 +1201,7 @@ def _row_contact(row: tuple[Any, ...], columns: list[tuple[int, str, str]],
             continue
         if kind == "reserved":
             if key == "alternate_emails":
-                contact[key] = [e.strip().lower() for e in value.split(",") if e.strip()]
+                contact[key] = _split_alternates(value)
             else:
                 contact[key] = value
         elif fields.get(key, ("", "Text"))[1] == "Number":
@@ -1468,7 +1503,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.sandbox._record(f"{self.command} (uri too large)", 414, self._body_bytes)
             return
         if path.startswith("/_sandbox/"):
-            self._control(path, parse_qs(split.query))
+            self._control(path)
             return
         template, op, params, cap = route(self.command, path)
         key = template and f"{self.command} {template}"
@@ -1541,7 +1576,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- /_sandbox/: uploads and error files (capability URLs), control and inspection (loopback only)
 
-    def _control(self, path: str, query: dict[str, list[str]]) -> None:
+    def _control(self, path: str) -> None:
         sandbox, parts, method = self.sandbox, path.strip("/").split("/"), self.command
         if method == "PUT" and len(parts) == 3 and parts[1] == "uploads":
             status = self._upload(parts[2])
@@ -1580,7 +1615,7 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and len(parts) == 4 and parts[1] == "lists" and parts[3] == "emails":
                 return 200, {"list_id": parts[2], "emails": sandbox.list_emails(parts[2])}, _JSON
             if method == "GET" and len(parts) == 3 and parts[1] == "contacts":
-                contact = sandbox.contact(parts[2])
+                contact = sandbox.contact(unquote(parts[2]))
                 return (200, contact, _JSON) if contact else (404, _err("contact not found"), _JSON)
         except KeyError:
             return 404, _err("list not found"), _JSON
@@ -1607,15 +1642,22 @@ class _Handler(BaseHTTPRequestHandler):
             return verdict
         with sandbox._lock:
             mappings, fields = sandbox._imports[job_id].mappings, sandbox._fields
+        too_large = False
         try:
+            if not wire.chunked and int(self.headers.get("Content-Length") or 0) > sandbox.max_import_bytes:
+                raise BodyTooLarge
             parsed = self._parse_upload(wire, mappings, fields)
             wire.drain(sandbox.max_import_bytes)
         except BodyTooLarge:
             parsed = _ParsedImport([], failure=f"the file is larger than {sandbox.max_import_bytes} bytes")
-            self.close_connection = True
-        self._body_bytes = wire.count
+            self.close_connection = too_large = True
+        except BaseException:
+            sandbox.abort_upload(job_id)
+            raise
+        finally:
+            self._body_bytes = wire.count
         sandbox.finish_upload(job_id, parsed)
-        if self.close_connection:
+        if too_large:  # like S3: refused, and the connection is closed rather than read to the end
             self._answer(400, b"EntityTooLarge", content_type="text/plain")
             return 400
         self._answer(200, None, [("ETag", f'"{job_id}"')])
@@ -1667,11 +1709,16 @@ class SandboxServer:
         host, port = server.server_address[:2]
         self.url = f"http://{host}:{port}"
         self.sandbox = server.sandbox
+        self._stopped = False
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"sandbox:{port}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop serving and close every open connection (idle keep-alive ones too). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._server.shutdown()
         self._server.close_connections()
         self._server.server_close()

@@ -142,6 +142,9 @@ def test_no_consent_and_over_max_profiles_refuse_without_sending(sandbox, env, t
     too_many = write_config(tmp_path / "b.json", list_id, max_profiles=2, custom_fields={})
     res = cli(env, "export", "--config", str(too_many), *base)
     assert res.returncode == 1 and "3 distinct valid profiles" in res.stdout and "max_profiles" in res.stdout
+    mirror = write_config(tmp_path / "c.json", list_id, mode="mirror", custom_fields={})
+    res = cli(env, "export", "--config", str(mirror), *base)
+    assert res.returncode == 1 and "mirror" in res.stdout
     assert sandbox.box.list_emails(list_id) == []
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,31 @@ def test_keep_alive_serves_several_requests_on_one_connection(srv: SandboxServer
         conn.close()
 
 
+def test_stop_closes_idle_keep_alive_connections(box: Sandbox) -> None:
+    server = serve(box)
+    api = Api(server.url)
+    assert api("GET", "/v3/marketing/contacts/count").status_code == 200  # leaves a pooled connection open
+    server.stop()
+    server.stop()  # idempotent
+    with pytest.raises(requests.ConnectionError):
+        api("GET", "/v3/marketing/contacts/count")
+
+
+def test_concurrent_clients_are_served_consistently(api: Api, box: Sandbox, srv: SandboxServer) -> None:
+    list_id = box.create_list("L")
+
+    def client(n: int) -> list[str]:
+        own = Api(srv.url)
+        return [own.upsert(contacts_of(50, start=n * 1000 + k * 50), [list_id]).json()["job_id"] for k in range(4)]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        job_ids = [job_id for ids in pool.map(client, range(6)) for job_id in ids]
+    assert len(set(job_ids)) == 24
+    assert all(api.wait_job(job_id)["status"] == "completed" for job_id in job_ids)
+    assert len(box.list_emails(list_id)) == 6 * 4 * 50 == box.contact_count()
+    assert box.stats["requests"]["PUT /v3/marketing/contacts"] == 24
+
+
 def test_rate_limit_per_key_per_endpoint_with_headers(srv: SandboxServer) -> None:
     box = srv.sandbox
     box.rate_limit, box.rate_window = 2, 3600.0
@@ -359,11 +385,18 @@ def test_body_over_6_000_000_bytes_is_413_and_exactly_6_000_000_is_accepted(api:
 
 
 def test_contact_count_limits_0_and_30_001_refused_30_000_accepted(api: Api, box: Sandbox) -> None:
+    spec = _spec("contacts")[0]["paths"]["/v3/marketing/contacts"]["put"]["requestBody"]
+    contacts_schema = spec["content"]["application/json"]["schema"]["properties"]["contacts"]
+    assert (contacts_schema["minItems"], contacts_schema["maxItems"]) == (1, limits.MAX_CONTACTS_PER_REQUEST)
+    headers = {"Content-Type": "application/json"}  # big bodies go raw: jsonschema would take seconds on them
     for n in (0, limits.MAX_CONTACTS_PER_REQUEST + 1):
-        resp = api("PUT", "/v3/marketing/contacts", {"contacts": contacts_of(n)}, valid_request=False)
+        resp = api("PUT", "/v3/marketing/contacts", data=orjson.dumps({"contacts": contacts_of(n)}), headers=headers)
         assert resp.status_code == 400
         assert resp.json()["errors"][0]["field"] == "contacts"
-    job = upsert_done(api, contacts_of(limits.MAX_CONTACTS_PER_REQUEST))
+    full = orjson.dumps({"contacts": contacts_of(limits.MAX_CONTACTS_PER_REQUEST)})
+    resp = api("PUT", "/v3/marketing/contacts", data=full, headers=headers)
+    assert resp.status_code == 202
+    job = api.wait_job(resp.json()["job_id"])
     assert job["results"]["created_count"] == limits.MAX_CONTACTS_PER_REQUEST
     assert box.stats["max_contacts_per_request"] == limits.MAX_CONTACTS_PER_REQUEST
 
@@ -600,6 +633,20 @@ def test_bulk_import_over_the_row_limit_fails_with_nothing_applied(api: Api, box
     assert _upload(start, gzip.compress(body.encode())).status_code == 200  # gzip recognised undeclared
     job = api.wait_job(start["job_id"])
     assert job["status"] == "failed" and box.contact_count() == 0
+
+
+def test_bulk_import_file_over_the_byte_limit_is_refused_and_the_job_fails(api: Api, box: Sandbox) -> None:
+    box.max_import_bytes = 100
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    body = ("email\n" + "".join(f"u{i}@example.com\n" for i in range(20))).encode()
+    try:
+        resp = _upload(start, body)
+        assert resp.status_code == 400
+    except requests.ConnectionError:
+        pass  # the sandbox closes the connection, as S3 does; the client may see that first
+    job = api.wait_job(start["job_id"])
+    assert job["status"] == "failed" and box.contact_count() == 0
+    assert "larger than 100 bytes" in requests.get(job["results"]["errors_url"], timeout=10).text
 
 
 def test_bulk_import_request_validation(api: Api, box: Sandbox) -> None:
