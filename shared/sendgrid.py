@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _INVALID_EMAIL = re.compile(r"email '([^']*)' is not valid", re.IGNORECASE)
 _CONTACT_INDEX = re.compile(r"contacts\[(\d+)\]")
+_MIN_RATE_LIMIT_WAIT = 0.05  # a 429 is never retried without a pause, even after "Retry-After: 0"
 
 
 def _is_loopback(host: str) -> bool:
@@ -59,6 +60,12 @@ def base_url_for(region: str, environ: Mapping[str, str]) -> str:
         return limits.EU_BASE_URL if region == "eu" else limits.GLOBAL_BASE_URL
     parsed = urlparse(override)
     host = (parsed.hostname or "").lower()
+    if "@" in parsed.netloc or parsed.query or parsed.fragment:
+        raise ConfigError(
+            "SENDGRID_API_URL must be scheme://host[:port] with no credentials, query or fragment (not shown, it may "
+            "hold a key)",
+            field="SENDGRID_API_URL",
+        )
     if parsed.scheme == "https" and host in limits.OFFICIAL_HOSTS:
         return f"https://{host}"
     if parsed.scheme in ("http", "https") and _is_loopback(host):
@@ -91,11 +98,11 @@ class RetryPolicy:
         for name in ("Retry-After",):
             value = headers.get(name)
             if value and value.strip().isdigit():
-                return min(float(value), self.max_single_wait)
+                return min(max(float(value), _MIN_RATE_LIMIT_WAIT), self.max_single_wait)
         reset = headers.get("X-RateLimit-Reset")
         if reset:
             try:
-                return min(max(float(reset) - now, 0.0) + 0.05, self.max_single_wait)
+                return min(max(float(reset) - now, 0.0) + _MIN_RATE_LIMIT_WAIT, self.max_single_wait)
             except ValueError:
                 pass
         return 1.0
@@ -250,7 +257,7 @@ class SendGridClient:
         return orjson.loads(self.request("GET", "/v3/marketing/field_definitions").content)
 
     def get_list(self, list_id: str) -> dict[str, Any] | None:
-        resp = self.request("GET", f"/v3/marketing/lists/{quote(list_id)}", endpoint="GET /v3/marketing/lists/{id}",
+        resp = self.request("GET", f"/v3/marketing/lists/{_segment(list_id)}", endpoint="GET /v3/marketing/lists/{id}",
                             allow=(404,))
         return None if resp.status_code == 404 else orjson.loads(resp.content)
 
@@ -260,7 +267,7 @@ class SendGridClient:
         return str(orjson.loads(resp.content)["job_id"])
 
     def import_status(self, job_id: str) -> dict[str, Any]:
-        resp = self.request("GET", f"/v3/marketing/contacts/imports/{quote(job_id)}",
+        resp = self.request("GET", f"/v3/marketing/contacts/imports/{_segment(job_id)}",
                             endpoint="GET /v3/marketing/contacts/imports/{id}")
         return orjson.loads(resp.content)
 
@@ -321,7 +328,7 @@ class SendGridClient:
 
     def remove_from_list(self, list_id: str, contact_ids: Sequence[str]) -> list[str]:
         """DELETE /v3/marketing/lists/{id}/contacts in chunks of 100 ids (URLs well under 8 KB); returns job ids."""
-        path = f"/v3/marketing/lists/{quote(list_id)}/contacts"
+        path = f"/v3/marketing/lists/{_segment(list_id)}/contacts"
         return [
             self._delete_ids(path, "contact_ids", chunk, "DELETE /v3/marketing/lists/{id}/contacts")
             for chunk in _id_chunks(contact_ids, len(self.base_url + path))
@@ -377,6 +384,11 @@ def _invalid_addresses(resp: requests.Response) -> tuple[set[str], set[int]]:
     return emails, indexes
 
 
+def _segment(value: str) -> str:
+    """Percent-encode a value for one path segment or query item ("/" too: an id never changes the path)."""
+    return quote(value, safe="")
+
+
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -387,7 +399,7 @@ def _id_chunks(ids: Sequence[str], base_len: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     length = base_len + 20
     for contact_id in ids:
-        add = len(quote(contact_id)) + 3  # an encoded comma
+        add = len(_segment(contact_id)) + 3  # an encoded comma
         if chunk and (len(chunk) >= limits.MAX_IDS_PER_DELETE or length + add > limits.MAX_URL_BYTES):
             yield chunk
             chunk, length = [], base_len + 20

@@ -1,0 +1,698 @@
+"""The SendGrid HTTP client against the real local sandbox over loopback HTTP.
+
+Waits never pass for real (except in the pacing test): the client's `sleep` is a recorder that advances a virtual
+monotonic clock, so a 30 s rate-limit reset costs nothing and the recorded waits are what the client asked for. The
+wall clock stays real, so X-RateLimit-Reset headers from the sandbox are read against the same clock that wrote them.
+Every test is also checked for key leaks: the keys it used must not appear in log records, in raised exceptions
+(with their tracebacks) or in repr(client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import random
+import secrets
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import pytest
+import requests
+
+from shared import USER_AGENT, limits
+from shared import sendgrid as sendgrid_module
+from shared.errors import (
+    AuthError,
+    ConfigError,
+    DeadlineReached,
+    PayloadRejected,
+    RateLimited,
+    TransientError,
+)
+from shared.sandbox import Sandbox, serve
+from shared.secrets import EnvSecrets, Secret
+from shared.sendgrid import InvalidContacts, RetryPolicy, SendGridClient, base_url_for
+
+SECRET_NAME = "sendgrid-api-key"
+ENV_VAR = "SENDGRID_API_KEY"
+FIELDS = "GET /v3/marketing/field_definitions"
+UPSERT = "PUT /v3/marketing/contacts"
+SEARCH = "POST /v3/marketing/contacts/search/emails"
+LIST_REMOVE = "DELETE /v3/marketing/lists/{id}/contacts"
+CONTACTS_DELETE = "DELETE /v3/marketing/contacts"
+
+
+def new_key() -> str:
+    return "SG." + secrets.token_urlsafe(16) + "." + secrets.token_urlsafe(32)
+
+
+# ------------------------------------------------------------------------------------------------------ harness
+
+
+class Clock:
+    """The client's clock. Virtual (default): a wait is recorded and moves monotonic time on, without sleeping.
+    Real: the wait is recorded and slept (capped), for tests that need the sandbox's own clock to move."""
+
+    def __init__(self, events: list[tuple[Any, ...]], real: bool = False, real_cap: float = 2.5) -> None:
+        self.events, self.real, self.real_cap = events, real, real_cap
+        self.offset = 0.0
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.events.append(("wait", seconds))
+        if self.real:
+            time.sleep(min(seconds, self.real_cap))
+        else:
+            self.offset += seconds
+
+
+@dataclass(frozen=True)
+class Sent:
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None
+
+
+class RecordingSession(requests.Session):
+    """A real requests.Session that also remembers what went on the wire (prepared requests) and what came back."""
+
+    def __init__(self, events: list[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.events = events
+        self.sent: list[Sent] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        body = request.body if isinstance(request.body, bytes | type(None)) else b"<stream>"
+        self.sent.append(Sent(str(request.method), str(request.url), dict(request.headers), body))
+        self.events.append(("send", request.method, request.url))
+        resp = super().send(request, **kwargs)
+        self.events.append(("answer", resp.status_code, dict(resp.headers)))
+        return resp
+
+    def to(self, fragment: str) -> list[Sent]:
+        return [s for s in self.sent if fragment in s.url]
+
+
+class CachingEnvSecrets(EnvSecrets):
+    """Like the Key Vault provider: `get` serves the cached value; `refresh` re-reads it (and is counted)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        super().__init__(environ)
+        self._cache: dict[str, Secret] = {}
+        self.refreshes = 0
+
+    def get(self, name: str) -> Secret:
+        if name not in self._cache:
+            self._cache[name] = super().get(name)
+        return self._cache[name]
+
+    def refresh(self, name: str) -> Secret:
+        self.refreshes += 1
+        self._cache[name] = super().refresh(name)
+        return self._cache[name]
+
+
+class MaxRandom(random.Random):
+    """Jitter that always takes the top of the range: shows the backoff caps themselves."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@dataclass
+class LeakWatch:
+    """Keys a test used, and every text that must not contain them."""
+
+    keys: set[str] = field(default_factory=set)
+    texts: list[str] = field(default_factory=list)
+    clients: list[SendGridClient] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def raises(self, exc_type: type[BaseException]) -> Iterator[pytest.ExceptionInfo[Any]]:
+        with pytest.raises(exc_type) as info:
+            yield info
+        self.texts.append("".join(traceback.format_exception(info.value)))
+        self.texts.append(repr(info.value))
+
+
+def fast_policy(**overrides: Any) -> RetryPolicy:
+    values: dict[str, Any] = {"max_attempts": 4, "backoff_base": 0.5, "backoff_max": 4.0, "max_rate_limit_wait": 120.0,
+                              "max_single_wait": 120.0, "connect_timeout": 2.0, "read_timeout": 5.0}
+    return RetryPolicy(**{**values, **overrides})
+
+
+@dataclass
+class Api:
+    box: Sandbox
+    url: str
+    key: str
+    env: dict[str, str]
+    clock: Clock
+    session: RecordingSession
+    events: list[tuple[Any, ...]]
+    watch: LeakWatch
+
+    def client(self, *, secrets_provider: Any = None, rng: random.Random | None = None,
+               **policy: Any) -> SendGridClient:
+        client = SendGridClient(self.url, secrets_provider or EnvSecrets(self.env), SECRET_NAME,
+                                policy=fast_policy(**policy), session=self.session,
+                                sleep=self.clock.sleep, rng=rng or random.Random(1))
+        self.watch.clients.append(client)
+        return client
+
+    def requests_to(self, endpoint: str) -> int:
+        return self.box.stats["requests"].get(endpoint, 0)
+
+    def statuses(self) -> dict[str, int]:
+        return self.box.stats["status_counts"]
+
+
+@pytest.fixture
+def watch(caplog: pytest.LogCaptureFixture) -> Iterator[LeakWatch]:
+    caplog.set_level(logging.DEBUG)
+    w = LeakWatch()
+    yield w
+    corpus = [caplog.text, *w.texts, *(repr(c) for c in w.clients), *(str(c) for c in w.clients),
+              *(r.getMessage() for r in caplog.records)]
+    leaked = [i for i, text in enumerate(corpus) if any(k in text for k in w.keys)]
+    assert not leaked, "an API key appeared in a log record, an exception or a repr"
+
+
+@pytest.fixture
+def api(sandbox: Any, watch: LeakWatch, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    events: list[tuple[Any, ...]] = []
+    clock = Clock(events)
+    monkeypatch.setattr(sendgrid_module, "time", SimpleNamespace(time=time.time, monotonic=clock.monotonic,
+                                                                 sleep=clock.sleep))
+    session = RecordingSession(events)
+    watch.keys.add(sandbox.key)
+    yield Api(sandbox.box, sandbox.url, sandbox.key, {ENV_VAR: sandbox.key}, clock, session, events, watch)
+    session.close()
+
+
+def add_contacts(api: Api, count: int, list_id: str | None = None) -> list[str]:
+    """Upsert `count` contacts through the client and let the sandbox apply them; returns their emails."""
+    emails = [f"person{i:04d}@example.com" for i in range(count)]
+    body = {"contacts": [{"email": e} for e in emails], **({"list_ids": [list_id]} if list_id else {})}
+    api.client().upsert(orjson.dumps(body))
+    api.box.complete_jobs()
+    return emails
+
+
+def ids_in(url: str, param: str) -> list[str]:
+    return [i for v in parse_qs(urlsplit(url).query).get(param, []) for i in v.split(",") if i]
+
+
+# --------------------------------------------------------------------------------------------------- base URL
+
+
+def test_region_picks_the_official_host_without_an_override() -> None:
+    assert base_url_for("global", {}) == limits.GLOBAL_BASE_URL
+    assert base_url_for("eu", {}) == limits.EU_BASE_URL
+    assert base_url_for("eu", {"SENDGRID_API_URL": "   "}) == limits.EU_BASE_URL
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+    ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+    ("http://localhost", "http://localhost"),
+    ("http://[::1]:9000", "http://[::1]:9000"),
+    ("https://api.sendgrid.com", "https://api.sendgrid.com"),
+    ("https://API.SendGrid.com/", "https://api.sendgrid.com"),
+    ("https://api.eu.sendgrid.com", "https://api.eu.sendgrid.com"),
+])
+def test_override_accepted_for_loopback_and_official_https(override: str, expected: str) -> None:
+    assert base_url_for("global", {"SENDGRID_API_URL": override}) == expected
+
+
+KEY_IN_URL = "SG.fixed-key-in-url-test.Zm9yLXBhcmFtZXRyaXplLWlkcy10aGF0LWFyZS1zdGFibGU"  # stable test ids
+
+
+@pytest.mark.parametrize("override", [
+    "http://api.sendgrid.com",  # official host, but the key would cross the network in clear
+    "http://10.0.0.5",
+    "https://evil.example.com",
+    "https://api.sendgrid.com.evil.example.com",
+    "http://localhost.evil.example.com",
+    "http://127.0.0.1@evil.example.com",  # userinfo trick: the host is evil.example.com
+    "ftp://127.0.0.1",
+    "api.sendgrid.com",
+    f"https://evil.example.com/?key={KEY_IN_URL}",
+    f"http://10.0.0.5/{KEY_IN_URL}",
+    f"http://{KEY_IN_URL}@10.0.0.5/",
+    f"http://user:{KEY_IN_URL}@127.0.0.1:8080",  # a loopback URL carrying credentials would show them in repr
+    f"https://api.sendgrid.com/#{KEY_IN_URL}",
+])
+def test_override_refused_elsewhere_and_never_echoes_a_key(override: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        base_url_for("global", {"SENDGRID_API_URL": override})
+    assert info.value.field == "SENDGRID_API_URL"
+    assert KEY_IN_URL not in str(info.value)
+    assert KEY_IN_URL.lower() not in str(info.value).lower()
+
+
+# ------------------------------------------------------------------------------------------------- happy paths
+
+
+def test_upsert_returns_a_job_and_import_status_reports_it(api: Api) -> None:
+    list_id = api.box.create_list("newsletter")
+    body = orjson.dumps({"list_ids": [list_id], "contacts": [{"email": "a@example.com"},
+                                                             {"email": "B@Example.com", "first_name": "Bea"}]})
+    client = api.client()
+
+    job_id = client.upsert(body)
+
+    assert uuid.UUID(job_id) and api.box.job(job_id) is not None
+    status = client.import_status(job_id)
+    assert status["id"] == job_id
+    assert status["status"] in ("pending", "completed")
+    assert status["job_type"] == "upsert_contacts"
+    assert status["results"]["requested_count"] == 2
+    api.box.complete_jobs()
+    done = client.import_status(job_id)
+    assert done["status"] == "completed" and done["results"]["created_count"] == 2
+    assert api.box.list_emails(list_id) == ["a@example.com", "b@example.com"]
+    put = api.session.to("/v3/marketing/contacts")[0]
+    assert put.method == "PUT" and put.body == body
+    assert put.headers["Content-Type"] == "application/json" and put.headers["Accept"] == "application/json"
+    assert put.headers["User-Agent"] == USER_AGENT
+    sent_key = put.headers["Authorization"] == f"Bearer {api.key}"
+    assert sent_key  # (not compared in an assert message, which would print the key)
+    assert client.stats["bytes_sent"] == len(body) and client.stats["retries"] == 0
+
+
+def test_get_list_returns_the_list_or_none_when_missing(api: Api) -> None:
+    list_id = api.box.create_list("vip")
+    client = api.client()
+    assert client.get_list(list_id)["name"] == "vip"
+    assert client.get_list(str(uuid.uuid4())) is None
+    assert client.get_list("x/contacts/count") is None  # an id never changes the path it goes to
+    assert api.session.sent[-1].url.endswith("/v3/marketing/lists/x%2Fcontacts%2Fcount")
+
+
+def test_field_definitions_lists_reserved_and_custom_fields(api: Api) -> None:
+    field_id = api.box.create_field("loyalty_tier", "Text")
+    defs = api.client().field_definitions()
+    assert {"id": field_id, "name": "loyalty_tier", "field_type": "Text"} in defs["custom_fields"]
+    assert "email" in {f["name"] for f in defs["reserved_fields"]}
+
+
+def test_unknown_job_and_unknown_list_are_payload_rejections(api: Api) -> None:
+    client = api.client()
+    with api.watch.raises(PayloadRejected) as info:
+        client.import_status(str(uuid.uuid4()))
+    assert info.value.status == 404
+    with api.watch.raises(PayloadRejected) as info:
+        client.upsert(orjson.dumps({"list_ids": ["no-such-list"], "contacts": [{"email": "a@example.com"}]}))
+    assert info.value.status == 404 and not isinstance(info.value, InvalidContacts)
+    assert api.clock.waits == []  # a 4xx is not retried
+
+
+# ------------------------------------------------------------------------------------------------- rate limits
+
+
+def test_429_waits_until_the_reset_header_then_succeeds(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "reset_after": 30})
+    client = api.client()
+
+    defs = client.field_definitions()
+
+    assert "reserved_fields" in defs
+    assert len(api.clock.waits) == 1  # and the pacer does not wait a second time for the same reset
+    # reset = ceil(now + 30) in Unix seconds, so the wait is 30 to 31 s (plus a small margin), never capped here
+    assert 29.5 < api.clock.waits[0] < 31.5
+    assert api.statuses() == {"429": 1, "200": 1}
+    assert client.stats["rate_limited"] == 1 and client.stats["retries"] == 0
+
+
+@pytest.mark.parametrize(("fault", "policy", "expected"), [
+    ({"retry_after": 7, "reset_after": 30}, {}, 7.0),  # Retry-After wins over the reset header
+    ({"reset_after": 500}, {"max_single_wait": 60.0}, 60.0),  # a far-away reset is capped
+    ({"retry_after": 0}, {}, 0.05),  # "retry now" still pauses a little
+])
+def test_429_wait_honours_retry_after_and_caps(api: Api, fault: dict[str, Any], policy: dict[str, Any],
+                                              expected: float) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "429", **fault})
+    api.client(**policy).field_definitions()
+    assert api.clock.waits == [pytest.approx(expected)]
+
+
+def test_429_storm_longer_than_the_patience_raises_rate_limited(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 6, "times": 50})
+    client = api.client(max_rate_limit_wait=20.0, max_attempts=2)
+
+    with api.watch.raises(RateLimited) as info:
+        client.field_definitions()
+
+    assert info.value.status == 429
+    assert api.clock.waits == [6.0, 6.0, 6.0]  # a fourth wait would pass 20 s
+    # 429s do not spend the attempt budget (2): four requests were made
+    assert api.requests_to(FIELDS) == 4
+
+
+def test_429_storm_with_retry_after_zero_ends_instead_of_spinning(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 0, "times": 1000})
+    client = api.client(max_rate_limit_wait=0.5)
+    with api.watch.raises(RateLimited):
+        client.field_definitions()
+    assert api.clock.waits and all(w > 0 for w in api.clock.waits)
+    assert api.requests_to(FIELDS) <= 11
+
+
+def test_rate_limit_wait_that_would_pass_the_deadline_stops_the_run(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "reset_after": 30})
+    client = api.client()
+    client.deadline = api.clock.monotonic() + 10
+    with api.watch.raises(DeadlineReached):
+        client.field_definitions()
+    assert api.clock.waits == []
+
+
+def test_pacing_waits_for_the_reset_after_remaining_zero(watch: LeakWatch) -> None:
+    """A real rate limit (2 calls a window): after an answer saying 0 remain, the next call waits before it sends,
+    and so never earns a 429. Waits here are slept for real (about a second), as the sandbox's clock must move."""
+    key = new_key()
+    watch.keys.add(key)
+    box = Sandbox(api_keys=[key], rate_limit=2, rate_window=0.25)
+    events: list[tuple[Any, ...]] = []
+    clock = Clock(events, real=True)
+    with serve(box) as server, RecordingSession(events) as session:
+        client = SendGridClient(server.url, EnvSecrets({ENV_VAR: key}), SECRET_NAME, policy=fast_policy(),
+                                session=session, sleep=clock.sleep)
+        watch.clients.append(client)
+        for _ in range(5):
+            client.field_definitions()
+            if clock.waits:
+                break
+        else:
+            client.field_definitions()
+        client.close()
+        stats = box.stats
+
+    assert stats["responses_429"] == 0
+    first_wait = next(i for i, e in enumerate(events) if e[0] == "wait")
+    before, after = events[first_wait - 1], events[first_wait + 1]
+    assert before[0] == "answer" and before[2]["X-RateLimit-Remaining"] == "0"
+    assert after[0] == "send"  # the wait came first, then the call
+    assert 0 < events[first_wait][1] <= 2.1
+
+
+# ---------------------------------------------------------------------------------------- 5xx, resets, timeouts
+
+
+@pytest.mark.parametrize("kind", ["500", "503"])
+def test_5xx_burst_shorter_than_the_budget_succeeds_with_growing_backoff(api: Api, kind: str) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": kind, "times": 4})
+    client = api.client(max_attempts=5, backoff_base=0.5, backoff_max=1.5, rng=MaxRandom())
+
+    assert "reserved_fields" in client.field_definitions()
+
+    assert api.clock.waits == [0.5, 1.0, 1.5, 1.5]  # caps: base * 2^(n-1), up to backoff_max
+    assert client.stats["retries"] == 4
+    assert api.statuses() == {kind: 4, "200": 1}
+
+
+def test_backoff_is_jittered_within_its_caps(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "503", "times": 6})
+    api.client(max_attempts=7, backoff_base=0.5, backoff_max=4.0, rng=random.Random(7)).field_definitions()
+    caps = [min(4.0, 0.5 * 2**i) for i in range(6)]
+    assert len(api.clock.waits) == 6
+    assert all(0 <= w <= cap for w, cap in zip(api.clock.waits, caps, strict=True))
+    assert len(set(api.clock.waits)) == 6 and api.clock.waits != caps
+
+
+@pytest.mark.parametrize("kind", ["500", "503"])
+def test_5xx_burst_longer_than_the_budget_raises_transient(api: Api, kind: str) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": kind, "times": 20})
+    with api.watch.raises(TransientError) as info:
+        api.client(max_attempts=3).field_definitions()
+    assert info.value.status == int(kind)
+    assert api.requests_to(FIELDS) == 3
+    assert len(api.clock.waits) == 2
+
+
+def test_dropped_connections_are_retried(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "reset", "times": 2})
+    client = api.client(max_attempts=3)
+    assert "reserved_fields" in client.field_definitions()
+    assert client.stats["retries"] == 2 and len(api.clock.waits) == 2
+    assert api.requests_to(FIELDS) == 3
+
+
+def test_connections_dropped_every_time_raise_transient(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "reset", "times": 10})
+    with api.watch.raises(TransientError) as info:
+        api.client(max_attempts=3).field_definitions()
+    assert "connection failed 3 times" in str(info.value)
+    assert api.requests_to(FIELDS) == 3
+
+
+def test_an_upsert_dropped_after_processing_is_resent(api: Api) -> None:
+    """SendGrid may have accepted a request whose answer was lost: the client resends it (upserts are idempotent)."""
+    api.box.inject({"endpoint": UPSERT, "kind": "reset", "processed": True})
+    job_id = api.client().upsert(orjson.dumps({"contacts": [{"email": "a@example.com"}]}))
+    api.box.complete_jobs()
+    assert api.box.stats["jobs_created"] == 2 and api.box.job(job_id)["status"] == "completed"
+    assert api.box.contact_count() == 1
+
+
+def test_slow_answer_beyond_the_read_timeout_is_retried(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "slow", "delay": 1.0})
+    client = api.client(read_timeout=0.25, max_attempts=2)
+    assert "reserved_fields" in client.field_definitions()
+    assert client.stats["retries"] == 1 and len(api.clock.waits) == 1
+
+
+def test_slow_answers_every_time_raise_transient(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "slow", "delay": 1.0, "times": 2})
+    with api.watch.raises(TransientError) as info:
+        api.client(read_timeout=0.25, max_attempts=2).field_definitions()
+    assert "timed out 2 times" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------- auth
+
+
+def test_401_after_rotation_rereads_the_key_once_and_goes_on(api: Api) -> None:
+    env = dict(api.env)
+    provider = CachingEnvSecrets(env)
+    client = api.client(secrets_provider=provider)
+    client.field_definitions()
+    rotated = new_key()
+    api.watch.keys.add(rotated)
+    api.box.rotate_keys([rotated])
+    env[ENV_VAR] = rotated
+
+    client.field_definitions()  # the cached key earns a 401; the re-read key works
+    client.field_definitions()  # and is used from then on
+
+    assert provider.refreshes == 1
+    assert api.statuses() == {"200": 3, "401": 1}
+    used_rotated = [s.headers.get("Authorization") == f"Bearer {rotated}" for s in api.session.sent]
+    assert used_rotated == [False, False, True, True]
+    assert api.clock.waits == []
+
+
+def test_a_changed_environment_key_is_used_without_a_401(api: Api) -> None:
+    env = dict(api.env)
+    client = api.client(secrets_provider=EnvSecrets(env))
+    rotated = new_key()
+    api.watch.keys.add(rotated)
+    api.box.rotate_keys([rotated])
+    env[ENV_VAR] = rotated
+    client.field_definitions()
+    assert api.statuses() == {"200": 1}
+
+
+def test_a_single_injected_401_is_survived_by_a_refresh(api: Api) -> None:
+    provider = CachingEnvSecrets(api.env)
+    api.box.inject({"endpoint": FIELDS, "kind": "401"})
+    api.client(secrets_provider=provider).field_definitions()
+    assert provider.refreshes == 1 and api.statuses() == {"401": 1, "200": 1}
+
+
+def test_401_twice_raises_auth_error(api: Api) -> None:
+    provider = CachingEnvSecrets(api.env)
+    revoked = new_key()
+    api.watch.keys.add(revoked)
+    api.box.rotate_keys([revoked])  # the key we hold is revoked, and the secret still holds it
+
+    with api.watch.raises(AuthError) as info:
+        api.client(secrets_provider=provider).field_definitions()
+
+    assert info.value.status == 401
+    assert "update the secret" in str(info.value)
+    assert provider.refreshes == 1
+    assert api.statuses() == {"401": 2} and api.clock.waits == []
+
+
+def test_403_raises_auth_error_at_once(api: Api) -> None:
+    provider = CachingEnvSecrets(api.env)
+    api.box.inject({"endpoint": FIELDS, "kind": "403", "times": 5})
+    with api.watch.raises(AuthError) as info:
+        api.client(secrets_provider=provider).field_definitions()
+    assert info.value.status == 403 and "scopes" in str(info.value)
+    assert api.requests_to(FIELDS) == 1
+    assert provider.refreshes == 0 and api.clock.waits == []
+
+
+def test_repr_names_the_secret_not_the_key(api: Api) -> None:
+    client = api.client()
+    client.field_definitions()
+    assert SECRET_NAME in repr(client) and api.key not in repr(client) and api.key not in str(client)
+
+
+# ------------------------------------------------------------------------------------------ invalid addresses
+
+
+def test_invalid_addresses_are_named_with_their_indexes(api: Api) -> None:
+    body = {"contacts": [{"email": "ok0@example.com"}, {"email": "x@host.invalid"}, {"email": "ok2@example.com"},
+                         {"email": "Y@Other.Invalid"}]}
+    with api.watch.raises(InvalidContacts) as info:
+        api.client().upsert(orjson.dumps(body))
+    assert info.value.emails == {"x@host.invalid", "y@other.invalid"}
+    assert info.value.indexes == {1, 3}
+    assert info.value.status == 400 and isinstance(info.value, PayloadRejected)
+    assert api.box.stats["jobs_created"] == 0 and api.clock.waits == []
+
+
+def test_other_errors_beside_invalid_addresses_are_a_plain_rejection(api: Api) -> None:
+    body = {"contacts": [{"email": "x@host.invalid"}, {"email": "a@example.com", "nickname": "Al"}]}
+    with api.watch.raises(PayloadRejected) as info:
+        api.client().upsert(orjson.dumps(body))
+    assert not isinstance(info.value, InvalidContacts)
+    assert info.value.status == 400 and "unknown contact field" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------ search and id chunking
+
+
+def test_search_emails_goes_100_at_a_time_and_maps_lowercase_emails_to_ids(api: Api) -> None:
+    known = add_contacts(api, 230)
+    unknown = [f"nobody{i}@example.com" for i in range(40)]
+    wanted = [e.upper() if i % 7 == 0 else e for i, e in enumerate(known)] + unknown
+
+    found = api.client().search_emails(wanted)
+
+    assert set(found) == set(known)
+    assert all(found[e] == api.box.contact(e)["id"] for e in known[:5] + known[-5:])
+    searches = api.session.to("/search/emails")
+    assert len(searches) == 3 == api.requests_to(SEARCH)
+    sizes = [len(orjson.loads(s.body)["emails"]) for s in searches]
+    assert sizes == [100, 100, 70]
+
+
+def test_search_emails_for_unknown_addresses_returns_nothing(api: Api) -> None:
+    add_contacts(api, 3)
+    assert api.client().search_emails(["nobody@example.com", "no.one@example.org"]) == {}
+    assert api.statuses().get("404") == 1
+
+
+def test_remove_from_list_sends_at_most_100_ids_per_short_url(api: Api) -> None:
+    list_id = api.box.create_list("to-empty")
+    emails = add_contacts(api, 250, list_id)
+    client = api.client()
+    ids = list(client.search_emails(emails).values())
+    assert len(ids) == 250
+
+    jobs = client.remove_from_list(list_id, ids)
+
+    assert len(jobs) == 3 and all(jobs)
+    calls = api.session.to(f"/lists/{list_id}/contacts")
+    assert len(calls) == 3 == api.requests_to(LIST_REMOVE)
+    assert all(len(c.url) < limits.MAX_URL_BYTES for c in calls)
+    chunks = [ids_in(c.url, "contact_ids") for c in calls]
+    assert all(len(chunk) <= limits.MAX_IDS_PER_DELETE for chunk in chunks)
+    assert [i for chunk in chunks for i in chunk] == ids
+    api.box.complete_jobs()
+    assert api.box.list_emails(list_id) == [] and api.box.contact_count() == 250
+
+
+@pytest.mark.parametrize("make_id", [
+    lambda i: str(uuid.uuid4()),
+    lambda i: f"{i:05d}/" * 12,  # not a real id shape: encoded, each "/" costs three bytes
+    lambda i: f"{i:05d}-" + "x" * 180,
+], ids=["uuid", "slashes", "long"])
+def test_delete_contacts_keeps_every_url_short(api: Api, make_id: Callable[[int], str]) -> None:
+    ids = [make_id(i) for i in range(1000)]
+    jobs = api.client().delete_contacts(ids)
+    calls = api.session.to("/v3/marketing/contacts?")
+    assert len(jobs) == len(calls) == api.requests_to(CONTACTS_DELETE)
+    assert all(len(c.url) < limits.MAX_URL_BYTES and c.method == "DELETE" for c in calls)
+    chunks = [ids_in(c.url, "ids") for c in calls]
+    assert all(len(chunk) <= limits.MAX_IDS_PER_DELETE for chunk in chunks)
+    assert [i for chunk in chunks for i in chunk] == ids
+    assert "414" not in api.statuses()
+
+
+def test_delete_contacts_deletes_them(api: Api) -> None:
+    emails = add_contacts(api, 120)
+    client = api.client()
+    ids = list(client.search_emails(emails[:110]).values())
+    assert len(client.delete_contacts(ids)) == 2
+    api.box.complete_jobs()
+    assert api.box.contact_count() == 10
+
+
+# ------------------------------------------------------------------------------------ errors file and upload
+
+
+def test_errors_head_reads_the_errors_file_without_the_api_key(api: Api) -> None:
+    api.box.inject({"endpoint": "job", "kind": "errored", "error_count": 2})
+    client = api.client()
+    job_id = client.upsert(orjson.dumps({"contacts": [{"email": f"p{i}@example.com"} for i in range(3)]}))
+    api.box.complete_jobs()
+    status = client.import_status(job_id)
+    assert status["status"] == "errored"
+    errors_url = status["results"]["errors_url"]
+    assert errors_url.startswith(api.url)
+
+    lines = client.errors_head(errors_url)
+    assert lines == ["index,email,error", "0,p0@example.com,sandbox fault: contact errored",
+                     "1,p1@example.com,sandbox fault: contact errored"]
+    assert client.errors_head(errors_url, lines=2) == lines[:2]
+
+    fetches = [s for s in api.session.sent if s.url == errors_url]
+    assert len(fetches) == 2
+    assert all("Authorization" not in s.headers for s in fetches)
+    api_calls = [s for s in api.session.sent if "/v3/" in s.url]
+    assert all("Authorization" in s.headers for s in api_calls)
+
+
+def test_errors_head_reports_a_missing_or_unreachable_file(api: Api) -> None:
+    client = api.client()
+    assert client.errors_head(f"{api.url}/_sandbox/errors/{uuid.uuid4()}.csv") == ["errors file answered 404"]
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    assert client.errors_head(f"http://127.0.0.1:{closed_port}/x.csv") == ["errors file unreadable: ConnectionError"]
+
+
+def test_csv_import_upload_goes_to_the_upload_uri_without_the_api_key(api: Api) -> None:
+    list_id = api.box.create_list("imported")
+    client = api.client()
+    started = client.start_import([list_id], ["_rf2_T", "_rf0_T"])
+    data = gzip.compress(b"email,first_name\nann@example.com,Ann\nbob@example.com,Bob\n")
+
+    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+
+    api.box.complete_jobs()
+    assert client.import_status(started["job_id"])["status"] == "completed"
+    assert api.box.list_emails(list_id) == ["ann@example.com", "bob@example.com"]
+    upload = api.session.to("/_sandbox/uploads/")[0]
+    assert "Authorization" not in upload.headers and upload.headers["Content-Length"] == str(len(data))
