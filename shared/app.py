@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,18 @@ class AppContext:
         return time.monotonic() + self.settings.run_deadline_seconds
 
 
+QUEUED_GRACE_SECONDS = 600  # a queued on-demand run not started by then lost its message: the timer runs it
+
+
+def _age_seconds(iso: str | None) -> float:
+    if not iso:
+        return float("inf")
+    try:
+        return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")
+
+
 def destinations_for_blob(ctx: AppContext, config: Config, key: str) -> list[str]:
     """Which enabled destinations a new blob runs: a model.json runs every destination whose segments it holds; a plain
     file under <destination name>/ runs that destination; anything else runs nothing."""
@@ -138,7 +151,13 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
         if name not in config.destinations:
             continue
         try:
-            if record["status"] == "submitted":
+            if record["status"] == "queued":
+                if _age_seconds(record.get("queued_at")) < QUEUED_GRACE_SECONDS:
+                    continue  # the queue worker will take it
+                request = engine.RunRequest(name, record.get("source"), record.get("source_etag"), trigger="timer",
+                                            deadline=ctx.deadline(), run_id=record["run_id"])
+                done.append(engine.run(request, svc))
+            elif record["status"] == "submitted":
                 done.append(engine.finish_submitted(record, svc))
             else:
                 done.append(engine.run(engine.RunRequest(name, resume=record["run_id"], deadline=ctx.deadline()), svc))

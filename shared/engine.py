@@ -44,7 +44,6 @@ from .storage import ObjectStore
 log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
-OPEN_STATUSES = ("running", "interrupted", "submitted")
 FINAL_JOB = ("completed", "errored", "failed")
 _CHUNK = 4096
 _NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
@@ -60,6 +59,7 @@ class RunRequest:
     dry_run: bool = False
     wait: bool = False
     resume: str | None = None  # a run id to resume from its checkpoint
+    run_id: str | None = None  # the id for a new run (an HTTP door hands it out before the run starts)
 
 
 @dataclass
@@ -338,7 +338,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         record.update(status="running", error=None, finished_at=None, warnings=[], file_errors=[], rejections=[],
                       field_notes=[], counts=fresh["counts"])
     else:
-        record = _new_record(req, dest, new_run_id())
+        record = _new_record(req, dest, req.run_id or new_run_id())
     disabled = svc.state.disabled(dest.name)
     if not dest.enabled or disabled:
         why = "disabled in the destinations file" if not dest.enabled else f"disabled by {disabled.get('by', 'admin')}"
@@ -413,7 +413,7 @@ def _execute(state: _Run) -> None:
     record["sources"] = [{"segment": p.segment, "key": p.key} for p in state.partitions]
     found = {p.segment for p in state.partitions}
     missing = [s for s in dest.segments if s not in found]
-    if missing:
+    if missing and req.source.endswith("model.json"):  # a plain file is one segment whatever its name
         record["warnings"].append(f"segments not in this export: {', '.join(missing)}")
     if not state.partitions:
         raise SourceError(f"none of the destination's segments ({', '.join(dest.segments)}) is in this export",

@@ -32,7 +32,7 @@ from .storage import Lease, ObjectStore, PreconditionFailed
 DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 LIST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # SendGrid list ids are UUIDs
-OPEN_STATUSES = frozenset({"running", "interrupted", "submitted"})  # jobs not final yet; everything else is final
+OPEN_STATUSES = frozenset({"queued", "running", "interrupted", "submitted"})  # not final yet; the timer looks at these
 
 
 class InvalidIdentifier(StateError, ValueError):

@@ -126,7 +126,7 @@ def test_segments_filter_and_order(root: Path, store: LocalFolderStore) -> None:
 
     assert [p.key.split("/", 2)[2] for p in discover(store, EXPORT)] == ["A/A_1.csv", "B/B_1.csv", "C/C_1.csv",
                                                                           "C/C_2.csv"]
-    picked = discover(store, EXPORT, ["C", "Missing", "a", "C"])
+    picked = discover(store, EXPORT, ["C", "Missing", "a", "A", "C"])
     assert [(p.segment, p.key.rsplit("/", 1)[1]) for p in picked] == [("C", "C_1.csv"), ("C", "C_2.csv"),
                                                                        ("A", "A_1.csv")]
     assert discover(store, EXPORT, ["Missing"]) == []
@@ -298,6 +298,8 @@ def test_required_column_absent_lists_the_file_columns(root: Path, store: LocalF
     msg = str(e.value)
     assert msg.startswith("bad/noemail.csv, line 1: required column(s) 'email' not found")
     assert "'id', 'first', 'last'" in msg and "Fix the column mapping or the export" in msg
+    with pytest.raises(SourceError, match=r"required column\(s\) 'email' not found"):
+        rows(store, part, ["first"], ("email",))  # required but not among the wanted columns
 
 
 def test_wrong_delimiter(root: Path, store: LocalFolderStore) -> None:
@@ -515,4 +517,6 @@ def test_line_guard_replaces_exactly_the_over_long_lines(seed: int) -> None:
             piece.append(byte)
     expected += sources._MARKER if len(piece) > cap else piece
     guard = sources._LineGuard(io.BytesIO(data), cap, breaks)
-    assert io.BufferedReader(guard, 7).read() == bytes(expected)
+    assert io.BufferedReader(guard, 7).read() == bytes(expected)  # type: ignore[arg-type]
+    guard = sources._LineGuard(io.BytesIO(data), cap, breaks)
+    assert b"".join(iter(lambda: guard.read1(rnd.randint(1, 9)), b"")) == bytes(expected)
