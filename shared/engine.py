@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import batching, contacts, sources
+from . import batching, bulk, contacts, sources
 from .config import Config, Destination
 from .errors import (
     AuthError,
@@ -138,6 +138,7 @@ class _Run:
         self.notes: Counter[str] = Counter()
         self.mapper: contacts.ContactMapper | None = None
         self.partitions: list[sources.Partition] = []
+        self.importer: bulk.Importer | None = None
         self.lease: Any = None
         self._last_progress = time.monotonic()
         self._last_renew = time.monotonic()
@@ -145,8 +146,8 @@ class _Run:
 
     # --- reading ------------------------------------------------------------------------------------------------------
 
-    def contact_stream(self, encode: bool = True) -> Iterator[tuple[str, bytes]]:
-        """De-duplicated contacts in source order, as (email, encoded JSON); counts and rejections on the way."""
+    def contact_stream(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """De-duplicated contacts in source order, as (email, contact); counts and rejections on the way."""
         assert self.mapper is not None
         mapper, counts, reject = self.mapper, self.counts, self.rejections.add
         deduper = contacts.Deduper()
@@ -178,7 +179,7 @@ class _Run:
                         dup = 0
                         for (email, contact), new in zip(kept, fresh, strict=True):
                             if new:
-                                yield email, contacts.encode(contact) if encode else b""
+                                yield email, contact
                             else:
                                 dup += 1
                         counts["duplicates"] += dup
@@ -203,22 +204,43 @@ class _Run:
 
     # --- sending ------------------------------------------------------------------------------------------------------
 
-    def send_all(self, client: SendGridClient) -> None:
-        ck = self.record["checkpoint"]
-        skip = ck["contacts_done"]
+    def work(self) -> Iterator[tuple[str, Any]]:
+        """What the sender sends, in order: ("json", [(index, email, encoded)]) request batches for the first
+        bulk_threshold contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest."""
+        skip = self.record["checkpoint"]["contacts_done"]
+        limit = self.dest.bulk_threshold
+        stream = ((i, email, c) for i, (email, c) in enumerate(self.contact_stream()) if i >= skip)
+        rest: list[tuple[int, str, dict[str, Any]]] = []
+
+        def json_items() -> Iterator[tuple[int, str, bytes]]:
+            for i, email, contact in stream:
+                if limit is not None and i >= limit:
+                    rest.append((i, email, contact))
+                    return
+                yield i, email, contacts.encode(contact)
+
         overhead = batching.body_overhead([self.dest.list_id])
-        items = ((i, email, enc) for i, (email, enc) in enumerate(self.contact_stream()) if i >= skip)
-        batches = batching.pack(items, lambda t: len(t[2]), overhead=overhead)
-        q: queue.Queue[list[tuple[int, str, bytes]] | None] = queue.Queue(maxsize=2)
+        for batch in batching.pack(json_items(), lambda t: len(t[2]), overhead=overhead):
+            yield "json", batch
+        if rest:
+            assert self.importer is not None
+            yield from (("csv", f) for f in self.importer.files(itertools.chain(rest, stream), self.tick))
+
+    def send_all(self, client: SendGridClient) -> None:
+        q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         stop = threading.Event()
 
         def sender() -> None:
             try:
-                while (batch := q.get()) is not None:
+                while (item := q.get()) is not None:
                     if stop.is_set():
                         continue
-                    self.send_batch(client, batch)
+                    kind, payload = item
+                    if kind == "json":
+                        self.send_batch(client, payload)
+                    else:
+                        self.send_import(client, payload)
             except BaseException as exc:
                 failure.append(exc)
                 stop.set()
@@ -228,21 +250,49 @@ class _Run:
         thread = threading.Thread(target=sender, name="sendgrid-sender", daemon=True)
         thread.start()
         try:
-            for batch in batches:
+            for item in self.work():
                 if stop.is_set():
                     break
-                q.put(batch)
+                q.put(item)
         finally:
             q.put(None)
             thread.join()
+            if self.importer is not None:
+                self.importer.cleanup()
         if failure:
             raise failure[0]
-        if stop.is_set():
-            raise DeadlineReached("stopped")
 
-    def send_batch(self, client: SendGridClient, batch: list[tuple[int, str, bytes]]) -> None:
+    def _deadline_check(self) -> None:
         if self.req.deadline is not None and time.monotonic() >= self.req.deadline:
             raise DeadlineReached("the run's deadline was reached before the next request")
+
+    def _accepted(self, job: dict[str, Any], last_index: int, body_bytes: int, count: int) -> None:
+        """Record an accepted request or import and move the checkpoint past it."""
+        if self.record["timings"].get("first_request_s") is None:
+            self.record["timings"]["first_request_s"] = round(time.monotonic() - self._started, 3)
+        self.record["jobs"].append(job)
+        req = self.record["requests"]
+        req["count"] += 1
+        req["bytes"] += body_bytes
+        req["max_bytes"] = max(req["max_bytes"], body_bytes)
+        req["max_contacts"] = max(req["max_contacts"], count)
+        ck = self.record["checkpoint"]
+        ck["contacts_done"] = last_index + 1
+        self.counts["sent"] = ck["contacts_done"] - ck["refused_by_sendgrid"]
+        self.svc.state.save_run(self.record)
+
+    def send_import(self, client: SendGridClient, f: bulk.ImportFile) -> None:
+        self._deadline_check()
+        started = client.start_import([self.dest.list_id], f.field_mappings)
+        with open(f.path, "rb") as fh:
+            client.upload(started["upload_uri"], started.get("upload_headers", []), fh, f.size)
+        f.discard()
+        self.record["requests"]["imports"] = self.record["requests"].get("imports", 0) + 1
+        self._accepted({"id": str(started["job_id"]), "kind": "import", "contacts": f.count, "status": "pending"},
+                       f.last_index, f.size, f.count)
+
+    def send_batch(self, client: SendGridClient, batch: list[tuple[int, str, bytes]]) -> None:
+        self._deadline_check()
         ck = self.record["checkpoint"]
         live = batch
         while live:
@@ -259,17 +309,10 @@ class _Run:
                 ck["refused_by_sendgrid"] += len(refused)
                 live = [item for pos, item in enumerate(live) if pos not in refused]
                 continue
-            if self.record["timings"].get("first_request_s") is None:
-                self.record["timings"]["first_request_s"] = round(time.monotonic() - self._started, 3)
-            self.record["jobs"].append({"id": job_id, "contacts": len(live), "status": "pending"})
-            req = self.record["requests"]
-            req["count"] += 1
-            req["bytes"] += len(body)
-            req["max_bytes"] = max(req["max_bytes"], len(body))
-            req["max_contacts"] = max(req["max_contacts"], len(live))
-            break
-        ck["contacts_done"] = batch[-1][0] + 1
-        self.counts["sent"] = ck["contacts_done"] - ck["refused_by_sendgrid"]
+            self._accepted({"id": job_id, "contacts": len(live), "status": "pending"}, batch[-1][0], len(body),
+                           len(live))
+            return
+        ck["contacts_done"] = batch[-1][0] + 1  # every contact of the batch was refused
         self.svc.state.save_run(self.record)
 
 
@@ -293,7 +336,8 @@ def _new_record(req: RunRequest, dest: Destination, run_id: str) -> dict[str, An
         "file_errors": [],
         "counts": {"read": 0, "valid": 0, "rejected": {}, "rejected_total": 0, "duplicates": 0, "trimmed": {},
                    "field_notes": {}, "sent": 0},
-        "requests": {"count": 0, "bytes": 0, "max_bytes": 0, "max_contacts": 0, "retries": 0, "rate_limited": 0},
+        "requests": {"count": 0, "bytes": 0, "max_bytes": 0, "max_contacts": 0, "imports": 0, "retries": 0,
+                     "rate_limited": 0},
         "jobs": [],
         "rejections": [],
         "field_notes": [],
@@ -425,7 +469,10 @@ def _execute(state: _Run) -> None:
         client.deadline = req.deadline
         if not req.dry_run and client.get_list(dest.list_id) is None:
             raise RunRefused(f"list {dest.list_id} does not exist in this SendGrid account: create it or fix list_id")
-        custom = _resolve_custom_fields(dest, client)
+        defs = client.field_definitions() if dest.custom_fields or dest.bulk_threshold is not None else {}
+        custom = _resolve_custom_fields(dest, defs)
+        if dest.bulk_threshold is not None:
+            state.importer = bulk.Importer(dest.mapping, custom, defs.get("reserved_fields", []))
     except (SecretError, ConfigError) as exc:
         if not req.dry_run:
             raise
@@ -435,7 +482,7 @@ def _execute(state: _Run) -> None:
     svc.state.save_run(record)
     try:
         if dest.max_profiles is not None or req.dry_run:
-            for _ in state.contact_stream(encode=False):
+            for _ in state.contact_stream():
                 pass
             if dest.max_profiles is not None and record["counts"]["valid"] > dest.max_profiles:
                 raise RunRefused(
@@ -471,10 +518,9 @@ def _reset_counts(state: _Run) -> None:
         state.mapper.trimmed.clear()
 
 
-def _resolve_custom_fields(dest: Destination, client: SendGridClient) -> list[contacts.CustomField]:
+def _resolve_custom_fields(dest: Destination, defs: Mapping[str, Any]) -> list[contacts.CustomField]:
     if not dest.custom_fields:
         return []
-    defs = client.field_definitions()
     by_name = {f["name"].lower(): f for f in defs.get("custom_fields", [])}
     unknown = [n for n in dest.custom_fields if n.lower() not in by_name]
     if unknown:

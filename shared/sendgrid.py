@@ -205,7 +205,7 @@ class SendGridClient:
                     method, url, data=body, params=params, headers=headers,
                     timeout=(self.policy.connect_timeout, self.policy.read_timeout),
                 )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 kind = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
                 if attempt >= self.policy.max_attempts:
                     raise TransientError(f"{endpoint}: {kind} {attempt} times; giving up for now") from None
