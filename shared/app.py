@@ -17,8 +17,8 @@ from typing import Any
 from . import engine, sources
 from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
-from .errors import ConfigError, ConnectorError, LeaseUnavailable
-from .secrets import SecretProvider, provider_from_env
+from .errors import ConfigError, ConnectorError, LeaseUnavailable, SourceError
+from .secrets import SecretProvider, provider_from_env, redact
 from .state import StateStore
 from .storage import ObjectStore
 
@@ -134,7 +134,12 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     if info is None:
         log.warning("blob %s vanished before it could be read; ignored", key)
         return []
-    names = destinations_for_blob(ctx, config, key)
+    try:
+        names = destinations_for_blob(ctx, config, key)
+    except SourceError as exc:  # a broken export fails the same way every time: report it once, do not retry
+        where = ctx.state.record_blob_error(key, info.etag, redact(str(exc)))
+        log.error("blob %s cannot be exported: %s (report: %s in the state container)", key, exc, where)
+        return []
     if not names:
         log.info("blob %s is not an export any enabled destination takes; ignored", key)
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]

@@ -200,6 +200,13 @@ class StateStore:
         value = {"source": source_key, "etag": etag.strip('"'), "seen_at": _iso(self._clock())}
         self.store.write_bytes(f"latest/{destination}.json", self._dumps(value))
 
+    def record_blob_error(self, source_key: str, etag: str, message: str) -> str:
+        """Keep the report of a blob that can never be processed (the trigger does not retry it); returns its key."""
+        key = f"blob-errors/{export_digest(source_key, etag)}.json"
+        value = {"source": source_key, "etag": etag.strip('"'), "error": message, "at": _iso(self._clock())}
+        self.store.write_bytes(key, self._dumps(value))
+        return key
+
     def latest_export(self, destination: str) -> dict[str, Any] | None:
         return self._read_json(f"latest/{check_destination(destination)}.json")
 

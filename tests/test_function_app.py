@@ -132,3 +132,14 @@ def test_blobs_that_are_not_exports_are_ignored(deployed, sandbox) -> None:
     deployed["exports"].upload_blob("random/notes.txt", b"hello")
     function_app.on_export(deployed["exports"].get_blob_client("random/notes.txt"))
     assert _runs(deployed["state"]) == []
+
+
+def test_a_broken_export_is_reported_once_and_not_retried(deployed, sandbox) -> None:
+    import function_app
+
+    deployed["exports"].upload_blob("CustomerInsights_y/BlobExport/model.json", b'{"entities": [')
+    function_app.on_export(deployed["exports"].get_blob_client("CustomerInsights_y/BlobExport/model.json"))  # no raise
+    (error,) = [b.name for b in deployed["state"].list_blobs(name_starts_with="blob-errors/")]
+    report = orjson.loads(deployed["state"].download_blob(error).readall())
+    assert report["source"] == "CustomerInsights_y/BlobExport/model.json" and "model.json" in report["error"]
+    assert _runs(deployed["state"]) == []
