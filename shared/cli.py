@@ -103,6 +103,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK if report["status"] in SUCCESS else EXIT_FAILED
 
 
+def _admin_services(args: argparse.Namespace) -> engine.Services:
+    return engine.Services(config=load_config(args.config), secrets=provider_from_env(),
+                           state=StateStore(LocalFolderStore(args.state_dir)), sources=LocalFolderStore(args.state_dir),
+                           environ=os.environ)
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from . import purge
+
+    if args.purge == "contacts" and not args.yes and sys.stdin.isatty():
+        answer = input(f"Delete every contact destination '{args.destination}' put into SendGrid from the account "
+                       "entirely? Type 'delete' to confirm: ")
+        args.yes = answer.strip() == "delete"
+    record = purge.remove_destination(_admin_services(args), args.destination, args.purge, confirmed=args.yes)
+    print(f"destination '{args.destination}' is disabled; no trigger runs it again")
+    if args.purge:
+        c = record.get("counts") or {}
+        print(f"purge={args.purge} run {record['run_id']}: {record['status']}"
+              + (f" ({record['error']})" if record.get("error") else "")
+              + f"; {c.get('removed', c.get('deleted', 0)):,} contacts taken out, {c.get('not_found', 0):,} not found")
+    return EXIT_OK if record.get("status", "completed") == "completed" or not args.purge else EXIT_FAILED
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from . import purge
+
+    report = purge.erase(_admin_services(args), args.email)
+    print(f"erasure of person {report['person']}: {report['status']}; destinations affected: "
+          f"{', '.join(report['destinations']) or 'none'}; contacts deleted: {report['accounts_deleted']}")
+    for error in report["errors"]:
+        print(f"  error: {error}")
+    return EXIT_OK if report["status"] == "completed" else EXIT_FAILED
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     for name, dest in config.destinations.items():
@@ -177,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a destinations file")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("remove", help="disable a destination; optionally take its contacts back out of SendGrid")
+    p.add_argument("--config", required=True)
+    p.add_argument("--destination", required=True)
+    p.add_argument("--purge", choices=("list", "contacts"),
+                   help="list: remove its contacts from its list; contacts: delete them from the account")
+    p.add_argument("--yes", action="store_true", help="confirm --purge contacts without a prompt")
+    p.add_argument("--state-dir", default=".state")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("erase", help="forget one person in every destination and SendGrid account")
+    p.add_argument("--config", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--state-dir", default=".state")
+    p.set_defaults(func=cmd_erase)
 
     sub.add_parser("sandbox", help="run the local SendGrid sandbox (see its --help)", add_help=False)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import batching, bulk, contacts, sources
+from . import batching, bulk, contacts, mirror, snapshots, sources
 from .config import Config, Destination
 from .errors import (
     AuthError,
@@ -82,7 +82,7 @@ class Services:
         return SendGridClient(base_url_for(dest.region, self.environ), self.secrets, dest.api_key_secret)
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -139,6 +139,7 @@ class _Run:
         self.mapper: contacts.ContactMapper | None = None
         self.partitions: list[sources.Partition] = []
         self.importer: bulk.Importer | None = None
+        self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
         self.lease: Any = None
         self._last_progress = time.monotonic()
         self._last_renew = time.monotonic()
@@ -209,7 +210,7 @@ class _Run:
         bulk_threshold contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest."""
         skip = self.record["checkpoint"]["contacts_done"]
         limit = self.dest.bulk_threshold
-        stream = ((i, email, c) for i, (email, c) in enumerate(self.contact_stream()) if i >= skip)
+        stream = ((i, email, c) for i, (email, c) in enumerate(self._remembered(self.contact_stream())) if i >= skip)
         rest: list[tuple[int, str, dict[str, Any]]] = []
 
         def json_items() -> Iterator[tuple[int, str, bytes]]:
@@ -225,6 +226,16 @@ class _Run:
         if rest:
             assert self.importer is not None
             yield from (("csv", f) for f in self.importer.files(itertools.chain(rest, stream), self.tick))
+
+    def _remembered(self, stream: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every contact of the run (the replayed part of a resume too) goes into the snapshot sorter."""
+        if self.sorter is None:
+            yield from stream
+            return
+        add = self.sorter.add
+        for item in stream:
+            add(item[0])
+            yield item
 
     def send_all(self, client: SendGridClient) -> None:
         q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=2)
@@ -328,7 +339,7 @@ def _new_record(req: RunRequest, dest: Destination, run_id: str) -> dict[str, An
         "source": req.source,
         "source_etag": req.source_etag,
         "sources": [],
-        "started_at": _now(),
+        "started_at": now_iso(),
         "finished_at": None,
         "status": "running",
         "error": None,
@@ -348,7 +359,7 @@ def _new_record(req: RunRequest, dest: Destination, run_id: str) -> dict[str, An
 
 
 def _refuse(svc: Services, record: dict[str, Any], message: str) -> dict[str, Any]:
-    record.update(status="refused", error=message, finished_at=_now())
+    record.update(status="refused", error=message, finished_at=now_iso())
     svc.state.save_run(record)
     return record
 
@@ -390,9 +401,6 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
     if not dest.consent:
         return _refuse(svc, record, f"destination '{dest.name}' has no data-privacy consent: an admin must set "
                                     '"consent": true (agreeing to the data privacy and compliance terms) to run it')
-    if dest.mode != "upsert":
-        return _refuse(svc, record, f"destination '{dest.name}' asks for mode '{dest.mode}', which this version "
-                                    "cannot run yet (removals from the list are not implemented): use \"upsert\"")
     if not req.source:
         return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
     with svc.state.lease(dest.name) as lease:
@@ -418,7 +426,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             _finish_counts(state)
             record["timings"]["seconds"] = round(time.monotonic() - state._started, 3)
             if record["status"] != "running" or req.dry_run:
-                record["finished_at"] = _now()
+                record["finished_at"] = now_iso()
             if record["status"] != "refused":
                 key = f"runs/{dest.name}/{record['run_id']}.rejections.csv"
                 svc.state.store.write_stream(key, state.rejections.chunks())
@@ -494,14 +502,63 @@ def _execute(state: _Run) -> None:
                 return
             _reset_counts(state)
         assert client is not None
+        state.sorter = snapshots.EmailSorter()
         state.send_all(client)
         record["status"] = "submitted"
         poll_jobs(record, client, svc, wait=req.wait)
+        if record["status"] != "failed":  # the snapshot advances only once SendGrid accepted the run's contacts
+            _sync_snapshot(state, client)
     finally:
+        if state.sorter is not None:
+            state.sorter.close()
         if client is not None:
             for k in ("retries", "rate_limited"):
                 record["requests"][k] += client.stats[k]
             client.close()
+
+
+def _sync_snapshot(state: _Run, client: SendGridClient) -> None:
+    """Record what the list now holds from this product, and in mirror mode remove who left the segment.
+
+    The new snapshot is staged first; the previous one stays the reference until removals are done, so a resumed
+    run diffs against the same previous snapshot. Upsert mode never removes: its snapshot is the union of the
+    previous one and this run (everything the product ever put in the list, for a purge)."""
+    svc, dest, record = state.svc, state.dest, state.record
+    store, ck = svc.state.store, record["checkpoint"]
+    key = svc.state.snapshot_key(dest.name, dest.list_id)
+    staging = "staging/" + key
+    assert state.sorter is not None
+    current = state.sorter.sorted_unique()
+    if dest.mode == "upsert":
+        snapshots.write_snapshot(store, key, snapshots.union_sorted(snapshots.read_snapshot(store, key), current))
+        return
+    current_count = snapshots.write_snapshot(store, staging, current)
+    previous_count = snapshots.snapshot_size(store, key)
+    leaving = snapshots.count_sorted(
+        snapshots.diff_sorted(snapshots.read_snapshot(store, key), snapshots.read_snapshot(store, staging)))
+    plan = mirror.plan_removal(previous_count, current_count, leaving, dest.max_removal_fraction)
+    report = record["mirror"] = {"previous": previous_count, "current": current_count, "to_remove": leaving,
+                                 "guard_rail": "allowed" if plan.allowed else "refused", "reason": plan.reason,
+                                 "removed": 0, "not_found": 0}
+    if not plan.allowed:
+        store.delete(staging)
+        record.update(status="failed", error=plan.reason)
+        return
+
+    def checkpoint(done: int, counts: dict[str, Any]) -> None:
+        ck["removals_done"] = done
+        ck["removal_counts"] = dict(counts)
+        svc.state.save_run(record)
+
+    result = mirror.remove_emails(
+        client, dest.list_id,
+        snapshots.diff_sorted(snapshots.read_snapshot(store, key), snapshots.read_snapshot(store, staging)),
+        start=ck.get("removals_done", 0), on_progress=checkpoint, counts=ck.get("removal_counts"))
+    report.update(removed=result["removed"], not_found=result["not_found"], jobs=result["jobs"][-10:])
+    snapshots.write_snapshot(store, key, snapshots.read_snapshot(store, staging))
+    store.delete(staging)
+    ck.pop("removals_done", None)
+    ck.pop("removal_counts", None)
 
 
 def _reset_counts(state: _Run) -> None:
@@ -560,4 +617,4 @@ def poll_jobs(record: dict[str, Any], client: SendGridClient, svc: Services, *, 
         record["status"] = "completed_with_errors"
     else:
         record["status"] = "completed"
-    record["finished_at"] = _now()
+    record["finished_at"] = now_iso()

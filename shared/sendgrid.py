@@ -322,7 +322,8 @@ class SendGridClient:
                 continue
             for email, item in orjson.loads(resp.content).get("result", {}).items():
                 contact = item.get("contact") if isinstance(item, dict) else None
-                if contact and contact.get("id"):
+                # the search also matches alternate emails: only a contact whose primary email it is counts
+                if contact and contact.get("id") and str(contact.get("email", "")).lower() == email.lower():
                     found[email.lower()] = contact["id"]
         return found
 

@@ -217,10 +217,10 @@ def test_missing_model_json_and_folders(root: Path, store: LocalFolderStore) -> 
 
 @pytest.mark.parametrize(("name", "data", "segment", "fmt", "compressed"), [
     ("contacts.csv", b"email\n", "contacts", "csv", False),
-    ("my.contacts.CSV.gz", gzip.compress(b"email\n"), "my.contacts", "csv", True),
-    ("contacts.csv", gzip.compress(b"email\n"), "contacts", "csv", True),  # gzip by its magic bytes
+    ("my.contacts.CSV.gz", gzip.compress(b"email\n", mtime=0), "my.contacts", "csv", True),
+    ("contacts.csv", gzip.compress(b"email\n", mtime=0), "contacts", "csv", True),  # gzip by its magic bytes
     ("c.jsonl", b"{}\n", "c", "jsonl", False),
-    ("c.ndjson.gz", gzip.compress(b"{}\n"), "c", "jsonl", True),
+    ("c.ndjson.gz", gzip.compress(b"{}\n", mtime=0), "c", "jsonl", True),
 ])
 def test_plain_files(root: Path, store: LocalFolderStore, name: str, data: bytes, segment: str, fmt: str,
                      compressed: bool) -> None:
