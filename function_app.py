@@ -1,4 +1,5 @@
-"""Azure Functions (Python v2) wiring: each trigger hands off to shared.app in a few lines. No business rules here."""
+"""Azure Functions (Python v2) wiring: each trigger hands off to shared.app (blob, timer) or shared.http_api (HTTP,
+queue) in a few lines. No business rules here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
 from shared import app as connector
+from shared import http_api
 from shared.secrets import RedactingFilter
 
 for _handler in logging.getLogger().handlers:
@@ -32,3 +34,47 @@ def on_export(client: blob.BlobClient) -> None:
 def scheduled_refresh(timer: func.TimerRequest) -> None:
     """Finish open runs, then export each destination's latest export not yet exported."""
     connector.on_timer(_context())
+
+
+# --- HTTP API (shared.http_api): route values are checked before _context() builds any storage client ---------------
+def _http(req: func.HttpRequest, route: str) -> http_api.Response:
+    return http_api.handle(req.method, route, req.route_params, req.params, req.get_body(), _context)
+
+
+def _answer(answer: http_api.Response) -> func.HttpResponse:
+    return func.HttpResponse(answer.json(), status_code=answer.status, headers=answer.all_headers(),
+                             mimetype=http_api.MIMETYPE, charset="utf-8")
+
+
+@app.route(route="destinations", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def list_destinations(req: func.HttpRequest) -> func.HttpResponse:
+    """Each destination's public settings, consent, disabled state and last run; invalid ones with their error."""
+    return _answer(_http(req, "destinations"))
+
+
+@app.route(route="destinations/{name}", methods=["DELETE"], auth_level=func.AuthLevel.FUNCTION)
+def disable_destination(req: func.HttpRequest) -> func.HttpResponse:
+    """Disable a destination: no trigger runs it until the marker is removed."""
+    return _answer(_http(req, "destinations/{name}"))
+
+
+@app.route(route="destinations/{name}/runs", methods=["GET", "POST"], auth_level=func.AuthLevel.FUNCTION)
+@app.queue_output(arg_name="runs", queue_name="%RUNS_QUEUE%", connection="ExportsStorage")
+def destination_runs(req: func.HttpRequest, runs: func.Out[str]) -> func.HttpResponse:
+    """GET: run history, newest first. POST: queue a run (202 with its id); run_queued_export runs it."""
+    answer = _http(req, "destinations/{name}/runs")
+    if answer.message is not None:
+        runs.set(answer.message_json())
+    return _answer(answer)
+
+
+@app.route(route="runs/{run_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def get_run(req: func.HttpRequest) -> func.HttpResponse:
+    """One run record (report and checkpoint)."""
+    return _answer(_http(req, "runs/{run_id}"))
+
+
+@app.queue_trigger(arg_name="message", queue_name="%RUNS_QUEUE%", connection="ExportsStorage")
+def run_queued_export(message: func.QueueMessage) -> None:
+    """Run a run queued by POST .../runs under the id the caller was given."""
+    http_api.work(_context(), message.get_body(), message.dequeue_count)

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import engine, sources
+from . import engine, http_api, purge, sources
 from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, ConnectorError, LeaseUnavailable, SourceError
@@ -153,15 +153,14 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     done: list[dict[str, Any]] = []
     for record in ctx.state.open_runs():
         name = record["destination"]
-        if name not in config.destinations:
+        if name not in config.destinations and record["status"] != "queued":
             continue
         try:
             if record["status"] == "queued":
-                if _age_seconds(record.get("queued_at")) < QUEUED_GRACE_SECONDS:
-                    continue  # the queue worker will take it
-                request = engine.RunRequest(name, record.get("source"), record.get("source_etag"), trigger="timer",
-                                            deadline=ctx.deadline(), run_id=record["run_id"])
-                done.append(engine.run(request, svc))
+                if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
+                    done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
+            elif record.get("kind") == "purge":
+                done.append(purge.remove_destination(svc, name, record["purge"], confirmed=True, by="timer"))
             elif record["status"] == "submitted":
                 done.append(engine.finish_submitted(record, svc))
             else:

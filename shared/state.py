@@ -48,7 +48,7 @@ def new_run_id(now: float | None = None) -> str:
 
 
 def _check(value: object, pattern: re.Pattern[str], what: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidIdentifier(f"invalid {what} {value!r}: must match {pattern.pattern}")
     return value
 
@@ -135,7 +135,7 @@ class StateStore:
             return []
         prefix = f"runs/{destination}/"
         keys = [i.key for i in self.store.list(prefix)
-                if i.key.endswith(".json") and RUN_ID_PATTERN.match(i.key[len(prefix) : -len(".json")])]
+                if i.key.endswith(".json") and RUN_ID_PATTERN.fullmatch(i.key[len(prefix) : -len(".json")])]
         runs = []
         for key in reversed(keys[-limit:]):
             record = self._read_json(key)
@@ -149,7 +149,7 @@ class StateStore:
         found: list[tuple[str, str]] = []
         for info in self.store.list("open/"):
             parts = info.key.split("/")
-            if len(parts) == 3 and DESTINATION_PATTERN.match(parts[1]) and RUN_ID_PATTERN.match(parts[2]):
+            if len(parts) == 3 and DESTINATION_PATTERN.fullmatch(parts[1]) and RUN_ID_PATTERN.fullmatch(parts[2]):
                 found.append((parts[2], parts[1]))
         runs = []
         for run_id, destination in sorted(found):

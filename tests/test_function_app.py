@@ -6,6 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
+import azure.functions as func
 import orjson
 import pytest
 from azure.storage.blob import BlobServiceClient
@@ -22,14 +23,35 @@ def functions():
     return {f.get_function_name(): f for f in function_app.app.get_functions()}  # once per session: see docs
 
 
+HTTP_FUNCTIONS = {  # function -> (route, methods); every one at function-level auth
+    "list_destinations": ("destinations", {"GET"}),
+    "disable_destination": ("destinations/{name}", {"DELETE"}),
+    "destination_runs": ("destinations/{name}/runs", {"GET", "POST"}),
+    "get_run": ("runs/{run_id}", {"GET"}),
+}
+
+
 def test_binding_contract(functions) -> None:
-    assert set(functions) == {"on_export", "scheduled_refresh"}
+    assert set(functions) == {"on_export", "scheduled_refresh", "run_queued_export", *HTTP_FUNCTIONS}
     (trigger,) = functions["on_export"].get_bindings()
     assert trigger.type == "blobTrigger" and trigger.path == "%EXPORTS_CONTAINER%/{name}"
     assert trigger.connection == "ExportsStorage" and trigger.source == "EventGrid"
     (timer,) = functions["scheduled_refresh"].get_bindings()
     assert timer.type == "timerTrigger" and timer.schedule == "%REFRESH_SCHEDULE%"
     assert timer.use_monitor is True and timer.run_on_startup is False
+    for name, (route, methods) in HTTP_FUNCTIONS.items():
+        bindings = {b.type: b for b in functions[name].get_bindings()}
+        http = bindings.pop("httpTrigger")
+        assert http.route == route and {getattr(m, "value", m) for m in http.methods} == methods, name
+        assert http.auth_level == func.AuthLevel.FUNCTION and http.name == "req", name
+        assert bindings.pop("http").name == "$return", name
+        if name == "destination_runs":  # POST puts the run on the queue the worker reads
+            out = bindings.pop("queue")
+            assert out.name == "runs" and out.queue_name == "%RUNS_QUEUE%" and out.connection == "ExportsStorage"
+        assert bindings == {}, name
+    (worker,) = functions["run_queued_export"].get_bindings()
+    assert worker.type == "queueTrigger" and worker.name == "message"
+    assert worker.queue_name == "%RUNS_QUEUE%" and worker.connection == "ExportsStorage"
 
 
 @pytest.fixture
@@ -111,8 +133,8 @@ def test_a_new_version_of_the_export_is_a_new_run(deployed, sandbox) -> None:
 def test_run_interrupted_at_its_deadline_is_resumed_by_the_timer(deployed, sandbox, monkeypatch) -> None:
     import function_app
 
-    monkeypatch.setenv("RUN_DEADLINE_SECONDS", "2.5")
-    sandbox.box.inject({"endpoint": "PUT /v3/marketing/contacts", "kind": "slow", "delay": 4.0, "times": 1})
+    monkeypatch.setenv("RUN_DEADLINE_SECONDS", "5")
+    sandbox.box.inject({"endpoint": "PUT /v3/marketing/contacts", "kind": "slow", "delay": 7.0, "times": 1})
     deployed["land"]()
     function_app.on_export(deployed["exports"].get_blob_client(deployed["info"].model_key))
     (run,) = _runs(deployed["state"])

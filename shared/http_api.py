@@ -1,0 +1,419 @@
+"""The HTTP door and its queue worker. `function_app.py` turns a func.HttpRequest into `handle(...)` and the
+`Response` back; nothing here imports azure.functions.
+
+Route values (destination names, run ids) are checked against the state store's patterns before anything touches
+storage: the app context (blob clients, containers) is built only after the checks pass. Every answer is JSON, and
+its text goes through `redact` on the way out, so not even a bug can put an API key in it.
+
+On-demand runs are two steps: POST stores a run record with status "queued" and hands the worker a queue message;
+the worker runs the engine under that run id. A queued run whose message is lost is started by the timer
+(app.QUEUED_GRACE_SECONDS).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import orjson
+
+from . import engine
+from .config import Config, Destination
+from .errors import ConfigError, ConnectorError, LeaseUnavailable, StateError
+from .secrets import redact
+from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id
+from .storage import check_key
+
+if TYPE_CHECKING:  # app may import this module (the timer runs queued runs whose message was lost)
+    from .app import AppContext
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024  # every JSON body this API takes is a few hundred bytes
+HISTORY_DEFAULT, HISTORY_MAX = 20, 200
+MAX_SOURCE_CHARS = 1024  # Blob Storage's limit for a blob name
+MAX_REASON_CHARS = 500
+MAX_ATTEMPTS = 5  # host.json extensions.queues.maxDequeueCount (the host's default is 5)
+QUEUED = "queued"
+START_FIELDS = ("source", "dry_run")
+MIMETYPE = "application/json"  # utf-8
+HEADERS = {"Cache-Control": "no-store"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+ContextSource: TypeAlias = "AppContext | Callable[[], AppContext]"
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    message: dict[str, Any] | None = None  # for the runs queue (an accepted POST .../runs only)
+
+    def json(self) -> bytes:
+        """The body as JSON text, with anything secret-shaped or registered as a secret scrubbed."""
+        return redact(orjson.dumps(self.body).decode()).encode()
+
+    def all_headers(self) -> dict[str, str]:
+        return {**HEADERS, **self.headers}
+
+    def message_json(self) -> str | None:
+        return None if self.message is None else orjson.dumps(self.message).decode()
+
+
+class HttpError(Exception):
+    """An answer other than success, with a message safe to show."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, dict(headers or {})
+
+
+@dataclass
+class Call:
+    """One checked request: route values have matched their patterns; the context is built on first use."""
+
+    method: str
+    route_params: Mapping[str, str]
+    params: Mapping[str, str]
+    body: bytes
+    context: ContextSource
+    _ctx: AppContext | None = None
+
+    @property
+    def ctx(self) -> AppContext:
+        if self._ctx is None:
+            self._ctx = self.context() if callable(self.context) else self.context
+        return self._ctx
+
+    @property
+    def name(self) -> str:
+        return self.route_params["name"]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status, {"error": redact(message)}, dict(headers or {}))
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+_ROUTE_VALUES = {
+    "name": (DESTINATION_PATTERN, "destination name", "lower-case letters, digits and '-', 1-63 characters, "
+                                                      "starting with a letter or digit"),
+    "run_id": (RUN_ID_PATTERN, "run id", "like 20250101T120000Z-0a1b2c3d"),
+}
+
+
+def check_route_values(template: str, route_params: Mapping[str, str]) -> dict[str, str]:
+    """The template's route values, each matching its pattern in full (`match` would let "name\\n" through: `$`
+    matches before a final newline). The value itself is never echoed."""
+    checked: dict[str, str] = {}
+    for key in re.findall(r"{(\w+)}", template):
+        pattern, what, rule = _ROUTE_VALUES[key]
+        value = route_params.get(key)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise HttpError(400, f"invalid {what}: use {rule}")
+        checked[key] = value
+    return checked
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """A JSON object body; an empty body is {}."""
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    return value
+
+
+def _limit(params: Mapping[str, str]) -> int:
+    raw = params.get("limit")
+    if raw is None:
+        return HISTORY_DEFAULT
+    if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX:
+        raise HttpError(400, f"limit must be a whole number from 1 to {HISTORY_MAX}")
+    return int(raw)
+
+
+def _reason(params: Mapping[str, str], default: str) -> str:
+    raw = params.get("reason")
+    if raw is None or not raw.strip():
+        return default
+    if len(raw) > MAX_REASON_CHARS or _CONTROL.search(raw):
+        raise HttpError(400, f"reason must be one line of at most {MAX_REASON_CHARS} characters")
+    return raw.strip()
+
+
+def _configured(config: Config, name: str) -> Destination:
+    """The named valid destination: 404 when the file does not name it, 409 when its entry is invalid."""
+    if name in config.errors:
+        raise HttpError(409, f"destination '{name}' is invalid: {config.errors[name]}")
+    if name not in config.destinations:
+        raise HttpError(404, f"no destination named '{name}'")
+    return config.destinations[name]
+
+
+def why_not_runnable(dest: Destination, disabled: Mapping[str, Any] | None) -> str | None:
+    """Why a run of this destination would be refused at once (disabled, no consent), or None. The engine checks the
+    same and more (mode, list, custom fields); this lets the API answer 409 instead of queueing a refusal."""
+    if not dest.enabled:
+        return f"destination '{dest.name}' is disabled in the destinations file"
+    if disabled:
+        why = f": {disabled['reason']}" if disabled.get("reason") else ""
+        by = disabled.get("by", "an admin")
+        return f"destination '{dest.name}' was disabled by {by} at {disabled.get('at')}{why}"
+    if not dest.consent:
+        return (f"destination '{dest.name}' has no data-privacy consent: an admin must set \"consent\": true in the "
+                "destinations file")
+    return None
+
+
+def resolve_source(ctx: AppContext, source: str) -> tuple[str, str]:
+    """(key, ETag) of an export in the exports container: a model.json, a folder holding one, or a plain file."""
+    key = source.strip("/")
+    try:
+        check_key(key)
+    except StateError:
+        raise HttpError(400, "source must be a key in the exports container, like 'folder/model.json'") from None
+    candidates = [key] if key.rsplit("/", 1)[-1].lower() == "model.json" else [key, f"{key}/model.json"]
+    for candidate in candidates:
+        info = ctx.exports.info(candidate)
+        if info is not None:
+            return candidate, info.etag
+    raise HttpError(404, f"no export '{key}' in {ctx.exports.label}")
+
+
+def _summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("run_id", "status", "trigger", "dry_run", "source", "queued_at", "started_at", "finished_at", "error",
+            "counts")
+    return {k: record.get(k) for k in keys} | {"url": f"/api/runs/{record.get('run_id')}"}
+
+
+def _last_run(ctx: AppContext, name: str) -> dict[str, Any] | None:
+    runs = ctx.state.list_runs(name, limit=1)
+    return {k: runs[0].get(k) for k in ("run_id", "status", "finished_at")} if runs else None
+
+
+# ------------------------------------------------------------------------------------------------------ handlers
+def list_destinations(call: Call) -> Response:
+    ctx = call.ctx
+    config = ctx.config()
+    items: list[dict[str, Any]] = []
+    for name, dest in sorted(config.destinations.items()):
+        disabled = ctx.state.disabled(name)
+        items.append(dest.public() | {"valid": True, "disabled": disabled, "blocked": why_not_runnable(dest, disabled),
+                                      "last_run": _last_run(ctx, name)})
+    for name, exc in sorted(config.errors.items()):
+        entry: dict[str, Any] = {"name": name, "valid": False, "error": str(exc)}
+        if DESTINATION_PATTERN.fullmatch(name):  # "#3" (an entry without a usable name) has no state
+            entry |= {"disabled": ctx.state.disabled(name), "last_run": _last_run(ctx, name)}
+        items.append(entry)
+    return Response(200, {"destinations": items})
+
+
+def start_run(call: Call) -> Response:
+    fields = parse_object(call.body)
+    unknown = sorted(set(fields) - set(START_FIELDS))
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)}; the body may hold {', '.join(START_FIELDS)}")
+    source, dry_run = fields.get("source"), fields.get("dry_run", False)
+    if source is not None and (not isinstance(source, str) or not source.strip() or len(source) > MAX_SOURCE_CHARS):
+        raise HttpError(400, f"source must be a non-empty string of at most {MAX_SOURCE_CHARS} characters")
+    if not isinstance(dry_run, bool):
+        raise HttpError(400, "dry_run must be true or false")
+    ctx, name = call.ctx, call.name
+    dest = _configured(ctx.config(), name)
+    blocked = why_not_runnable(dest, ctx.state.disabled(name))
+    if blocked:
+        raise HttpError(409, blocked)
+    if source is None:
+        latest = ctx.state.latest_export(name)
+        if latest is None:
+            raise HttpError(409, f"no export has arrived for destination '{name}' yet: name one in the body, "
+                                 '{"source": "<key in the exports container>"}')
+        source = latest["source"]
+        try:
+            key, etag = resolve_source(ctx, source)
+        except HttpError as exc:
+            if exc.status != 404:
+                raise
+            raise HttpError(409, f"the latest export of '{name}', {source}, is no longer in {ctx.exports.label}: "
+                                 "name another in the body") from None
+    else:
+        key, etag = resolve_source(ctx, source)
+    run_id = new_run_id()
+    ctx.state.save_run(queued_record(dest, run_id, key, etag, dry_run))
+    url = f"/api/runs/{run_id}"
+    message = {"run_id": run_id, "destination": name, "source": key, "etag": etag}
+    log.info("%s: run %s queued for %s%s", name, run_id, key, " (dry run)" if dry_run else "")
+    return Response(202, {"run_id": run_id, "status": QUEUED, "status_url": url, "destination": name, "source": key,
+                          "dry_run": dry_run}, {"Location": url}, message)
+
+
+def queued_record(dest: Destination, run_id: str, source: str, etag: str | None, dry_run: bool) -> dict[str, Any]:
+    return {"run_id": run_id, "destination": dest.name, "display_name": dest.display_name, "list_id": dest.list_id,
+            "mode": dest.mode, "trigger": "http", "dry_run": dry_run, "source": source, "source_etag": etag,
+            "queued_at": _now(), "started_at": None, "finished_at": None, "status": QUEUED, "error": None}
+
+
+def run_history(call: Call) -> Response:
+    limit = _limit(call.params)
+    ctx, name = call.ctx, call.name
+    runs = ctx.state.list_runs(name, limit=limit)
+    if not runs:
+        config = ctx.config()
+        if name not in config.destinations and name not in config.errors:
+            raise HttpError(404, f"no destination named '{name}'")
+    return Response(200, {"destination": name, "runs": [_summary(r) for r in runs]})
+
+
+def get_run(call: Call) -> Response:
+    record = call.ctx.state.load_run(call.route_params["run_id"])
+    if record is None:
+        raise HttpError(404, "no run with that id")
+    return Response(200, record)
+
+
+def disable_destination(call: Call) -> Response:
+    if "purge" in call.params:
+        raise HttpError(400, "purge is not available yet")
+    reason = _reason(call.params, "disabled through the HTTP API")
+    ctx, name = call.ctx, call.name
+    config = ctx.config()
+    if name not in config.destinations and name not in config.errors:
+        raise HttpError(404, f"no destination named '{name}'")
+    ctx.state.disable(name, by="http", reason=reason)
+    log.warning("%s disabled through the HTTP API: %s", name, reason)
+    marker = ctx.state.disabled(name) or {}
+    return Response(200, {"destination": name, "disabled": True, "at": marker.get("at"), "by": marker.get("by"),
+                          "reason": marker.get("reason")})
+
+
+Handler = Callable[[Call], Response]
+ROUTES: dict[str, dict[str, Handler]] = {
+    "destinations": {"GET": list_destinations},
+    "destinations/{name}": {"DELETE": disable_destination},
+    "destinations/{name}/runs": {"GET": run_history, "POST": start_run},
+    "runs/{run_id}": {"GET": get_run},
+}
+
+
+def handle(method: str, route: str, route_params: Mapping[str, str], params: Mapping[str, str], body: bytes,
+           ctx: ContextSource) -> Response:
+    """Answer one request to `route` (a template from ROUTES). `ctx` may be a factory: it is called only once the
+    method, body size and route values have passed their checks."""
+    methods = ROUTES.get(route)
+    if methods is None:
+        return error(404, "no such route")
+    method = method.upper()
+    if method not in methods:
+        allowed = ", ".join(sorted(methods))
+        return error(405, f"{method} is not allowed here; use {allowed}", {"Allow": allowed})
+    if len(body) > MAX_BODY_BYTES:
+        return error(413, f"the body is {len(body):,} bytes; at most {MAX_BODY_BYTES:,} are accepted")
+    try:
+        values = check_route_values(route, route_params)
+        return methods[method](Call(method, values, params, body, ctx))
+    except HttpError as exc:
+        return error(exc.status, exc.message, exc.headers)
+    except ConfigError as exc:
+        log.error("%s %s: %s", method, route, exc)
+        return error(500, f"configuration problem: {exc}")
+    except LeaseUnavailable as exc:
+        return error(409, str(exc))
+    except StateError as exc:
+        log.error("%s %s: %s", method, route, exc)
+        return error(503, f"the state store cannot be reached: {exc}")
+    except ConnectorError as exc:
+        log.error("%s %s: %s", method, route, exc)
+        return error(500, str(exc))
+    except Exception:
+        log.exception("%s %s failed", method, route)
+        return error(500, "internal error; the function's log has the details")
+
+
+# ------------------------------------------------------------------------------------------------------ worker
+def parse_message(body: bytes | str) -> dict[str, Any] | None:
+    """The run message, or None (logged) when it is not one of ours: it would fail the same way on every retry."""
+    try:
+        msg = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        log.error("runs queue: a message that is not JSON was dropped")
+        return None
+    if not isinstance(msg, dict) or not all(
+            isinstance(msg.get(k), str) and p.fullmatch(msg[k])
+            for k, p in (("run_id", RUN_ID_PATTERN), ("destination", DESTINATION_PATTERN))):
+        log.error("runs queue: a message without a valid run_id and destination was dropped")
+        return None
+    return msg
+
+
+def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -> dict[str, Any] | None:
+    """Run the queued run a message names. The stored record is the authority (source, ETag, dry run); a message
+    whose run has started or finished already (a redelivery) does nothing: the timer resumes open runs."""
+    msg = parse_message(body)
+    if msg is None:
+        return None
+    run_id, name = msg["run_id"], msg["destination"]
+    record = ctx.state.load_run(run_id)
+    if record is None or record.get("destination") != name:
+        log.error("runs queue: no run %s for destination %s; message dropped", run_id, name)
+        return None
+    if record.get("status") != QUEUED:
+        log.info("%s: run %s is %s already; nothing to do", name, run_id, record.get("status"))
+        return record
+    return run_queued(ctx, record, attempt=dequeue_count or 1)
+
+
+def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_ATTEMPTS) -> dict[str, Any]:
+    """Run a queued record under its own run id. An explicit request runs even an export version that was exported
+    already; a version nobody has exported is claimed first, so the timer does not export it once more.
+
+    Busy destination: LeaseUnavailable is raised for the host to redeliver the message (after host.json's
+    queues.visibilityTimeout) until the last attempt; then the run stays queued and the timer starts it."""
+    name, run_id = record["destination"], record["run_id"]
+    source, etag, dry_run = record.get("source"), record.get("source_etag"), bool(record.get("dry_run"))
+    try:
+        config = ctx.config()
+        engine.destination(config, name)
+    except ConfigError as exc:
+        return _refuse(ctx, record, f"the run cannot start: {exc}")
+    claimed = bool(source and etag and not dry_run) and ctx.state.claim_export(name, source, etag, run_id) is None
+    request = engine.RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run,
+                                run_id=run_id)
+    try:
+        report = engine.run(request, ctx.services(config))
+    except LeaseUnavailable:
+        if claimed:
+            ctx.state.release_export(name, source, etag, run_id=run_id)
+        if attempt < MAX_ATTEMPTS:
+            log.info("%s: busy with another run; run %s waits for the next delivery (attempt %d of %d)", name, run_id,
+                     attempt, MAX_ATTEMPTS)
+            raise
+        record["note"] = (f"destination '{name}' was busy with another run on {attempt} attempts; the timer starts "
+                          "this run once it is free")
+        ctx.state.save_run(record)
+        log.warning("%s: run %s left queued for the timer: %s", name, run_id, record["note"])
+        return record
+    if claimed and report.get("status") == "refused":
+        ctx.state.release_export(name, source, etag, run_id=run_id)
+    log.info("%s: run %s %s", name, run_id, report.get("status"))
+    return report
+
+
+def _refuse(ctx: AppContext, record: dict[str, Any], message: str) -> dict[str, Any]:
+    record.update(status="refused", error=redact(message), finished_at=_now())
+    ctx.state.save_run(record)
+    log.error("%s: run %s refused: %s", record["destination"], record["run_id"], record["error"])
+    return record
