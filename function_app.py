@@ -41,6 +41,12 @@ def _http(req: func.HttpRequest, route: str) -> http_api.Response:
     return http_api.handle(req.method, route, req.route_params, req.params, req.get_body(), _context)
 
 
+def _queued(answer: http_api.Response, queue: func.Out[str]) -> http_api.Response:
+    if answer.message is not None:
+        queue.set(answer.message_json())
+    return answer
+
+
 def _answer(answer: http_api.Response) -> func.HttpResponse:
     return func.HttpResponse(answer.json(), status_code=answer.status, headers=answer.all_headers(),
                              mimetype=http_api.MIMETYPE, charset="utf-8")
@@ -53,19 +59,23 @@ def list_destinations(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @app.route(route="destinations/{name}", methods=["DELETE"], auth_level=func.AuthLevel.FUNCTION)
-def disable_destination(req: func.HttpRequest) -> func.HttpResponse:
-    """Disable a destination: no trigger runs it until the marker is removed."""
-    return _answer(_http(req, "destinations/{name}"))
+@app.queue_output(arg_name="runs", queue_name="%RUNS_QUEUE%", connection="ExportsStorage")
+def disable_destination(req: func.HttpRequest, runs: func.Out[str]) -> func.HttpResponse:
+    """Disable a destination: no trigger runs it again. ?purge=list|contacts queues taking its contacts back out."""
+    return _answer(_queued(_http(req, "destinations/{name}"), runs))
+
+
+@app.route(route="erasure", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def erase_person(req: func.HttpRequest) -> func.HttpResponse:
+    """Forget one person in every destination and SendGrid account; answers with a salted hash, never the address."""
+    return _answer(_http(req, "erasure"))
 
 
 @app.route(route="destinations/{name}/runs", methods=["GET", "POST"], auth_level=func.AuthLevel.FUNCTION)
 @app.queue_output(arg_name="runs", queue_name="%RUNS_QUEUE%", connection="ExportsStorage")
 def destination_runs(req: func.HttpRequest, runs: func.Out[str]) -> func.HttpResponse:
     """GET: run history, newest first. POST: queue a run (202 with its id); run_queued_export runs it."""
-    answer = _http(req, "destinations/{name}/runs")
-    if answer.message is not None:
-        runs.set(answer.message_json())
-    return _answer(answer)
+    return _answer(_queued(_http(req, "destinations/{name}/runs"), runs))
 
 
 @app.route(route="runs/{run_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
-from . import engine
+from . import engine, purge
 from .config import Config, Destination
 from .errors import ConfigError, ConnectorError, LeaseUnavailable, StateError
 from .secrets import redact
@@ -286,9 +286,16 @@ def get_run(call: Call) -> Response:
 
 
 def disable_destination(call: Call) -> Response:
-    if "purge" in call.params:
-        raise HttpError(400, "purge is not available yet")
-    reason = _reason(call.params, "disabled through the HTTP API")
+    """Disable a destination. With ?purge=list|contacts, also take its contacts back out of SendGrid: the purge is
+    queued (202 with a run id, like a run); purge=contacts deletes contacts and needs &confirm=true."""
+    what = call.params.get("purge")
+    if what is not None and what not in ("list", "contacts"):
+        raise HttpError(400, "purge must be 'list' (remove its contacts from its list) or 'contacts' (delete them "
+                             "from the SendGrid account, with confirm=true)")
+    if what == "contacts" and call.params.get("confirm") != "true":
+        raise HttpError(400, "purge=contacts deletes the contacts from the SendGrid account entirely; add "
+                             "confirm=true to confirm")
+    reason = _reason(call.params, "disabled through the HTTP API" + (f" with purge={what}" if what else ""))
     ctx, name = call.ctx, call.name
     config = ctx.config()
     if name not in config.destinations and name not in config.errors:
@@ -296,8 +303,27 @@ def disable_destination(call: Call) -> Response:
     ctx.state.disable(name, by="http", reason=reason)
     log.warning("%s disabled through the HTTP API: %s", name, reason)
     marker = ctx.state.disabled(name) or {}
-    return Response(200, {"destination": name, "disabled": True, "at": marker.get("at"), "by": marker.get("by"),
-                          "reason": marker.get("reason")})
+    body = {"destination": name, "disabled": True, "at": marker.get("at"), "by": marker.get("by"),
+            "reason": marker.get("reason")}
+    if what is None:
+        return Response(200, body)
+    if name not in config.destinations:
+        raise HttpError(409, f"destination '{name}' is invalid in the destinations file; fix it to purge it")
+    record = purge.queued_purge(ctx.state, config.destinations[name], what, by="http")
+    url = f"/api/runs/{record['run_id']}"
+    body.update(purge=what, run_id=record["run_id"], status=record["status"], status_url=url)
+    return Response(202, body, {"Location": url}, {"run_id": record["run_id"], "destination": name, "kind": "purge"})
+
+
+def erase_person(call: Call) -> Response:
+    """Forget one person everywhere; the answer names them by a salted hash only."""
+    data = parse_object(call.body)
+    email = data.get("email")
+    if set(data) != {"email"} or not isinstance(email, str) or not 3 <= len(email) <= 254 or "@" not in email:
+        raise HttpError(400, 'the body must be {"email": "<one address>"}')
+    ctx = call.ctx
+    report = purge.erase(ctx.services(ctx.config()), email, by="http")
+    return Response(200 if report["status"] == "completed" else 207, report)
 
 
 Handler = Callable[[Call], Response]
@@ -306,6 +332,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "destinations/{name}": {"DELETE": disable_destination},
     "destinations/{name}/runs": {"GET": run_history, "POST": start_run},
     "runs/{run_id}": {"GET": get_run},
+    "erasure": {"POST": erase_person},
 }
 
 
@@ -370,6 +397,10 @@ def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -
     if record is None or record.get("destination") != name:
         log.error("runs queue: no run %s for destination %s; message dropped", run_id, name)
         return None
+    if record.get("kind") == "purge":
+        if record.get("status") not in (QUEUED, "interrupted"):
+            return record
+        return purge.remove_destination(ctx.services(ctx.config()), name, record["purge"], confirmed=True, by="http")
     if record.get("status") != QUEUED:
         log.info("%s: run %s is %s already; nothing to do", name, run_id, record.get("status"))
         return record

@@ -16,10 +16,11 @@ from typing import Any, Literal
 import orjson
 
 from . import mirror, snapshots
+from .config import Destination
 from .engine import Services, destination, now_iso
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable
 from .secrets import redact
-from .state import new_run_id
+from .state import StateStore, new_run_id
 from .storage import PreconditionFailed, wait_for_lease
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,15 @@ def _others(svc: Services, name: str, list_id: str, what: PurgeWhat) -> Iterator
         if other.name == name or (what == "list" and other.list_id != list_id):
             continue
         yield svc.state.snapshot_key(other.name, other.list_id)
+
+
+def queued_purge(state: StateStore, dest: Destination, what: PurgeWhat, *, by: str) -> dict[str, Any]:
+    """The record of a purge not started yet (the HTTP door queues it; the CLI starts it at once)."""
+    record = {"run_id": new_run_id(), "destination": dest.name, "kind": "purge", "purge": what, "trigger": by,
+              "list_id": dest.list_id, "queued_at": now_iso(), "started_at": None, "finished_at": None,
+              "status": "queued", "error": None, "counts": {}, "checkpoint": {"done": 0}}
+    state.save_run(record)
+    return record
 
 
 def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None, *, confirmed: bool = False,
@@ -53,10 +63,8 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
         return {"destination": name, "disabled": True, "purge": None}
     record = next((r for r in svc.state.open_runs() if r["destination"] == name and r.get("kind") == "purge"), None)
     if record is None:
-        record = {"run_id": new_run_id(), "destination": name, "kind": "purge", "purge": purge, "trigger": by,
-                  "list_id": dest.list_id, "started_at": now_iso(), "finished_at": None, "status": "running",
-                  "error": None, "counts": {}, "checkpoint": {"done": 0}}
-    record.update(status="running", error=None)
+        record = queued_purge(svc.state, dest, purge, by=by)
+    record.update(status="running", error=None, started_at=record.get("started_at") or now_iso())
     svc.state.save_run(record)
     key = svc.state.snapshot_key(name, dest.list_id)
     store = svc.state.store

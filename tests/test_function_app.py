@@ -28,6 +28,7 @@ HTTP_FUNCTIONS = {  # function -> (route, methods); every one at function-level 
     "disable_destination": ("destinations/{name}", {"DELETE"}),
     "destination_runs": ("destinations/{name}/runs", {"GET", "POST"}),
     "get_run": ("runs/{run_id}", {"GET"}),
+    "erase_person": ("erasure", {"POST"}),
 }
 
 
@@ -45,7 +46,7 @@ def test_binding_contract(functions) -> None:
         assert http.route == route and {getattr(m, "value", m) for m in http.methods} == methods, name
         assert http.auth_level == func.AuthLevel.FUNCTION and http.name == "req", name
         assert bindings.pop("http").name == "$return", name
-        if name == "destination_runs":  # POST puts the run on the queue the worker reads
+        if name in ("destination_runs", "disable_destination"):  # runs and purges go on the queue the worker reads
             out = bindings.pop("queue")
             assert out.name == "runs" and out.queue_name == "%RUNS_QUEUE%" and out.connection == "ExportsStorage"
         assert bindings == {}, name

@@ -36,6 +36,9 @@ class Out:
         return self.values[-1]
 
 
+QUEUEING = ("destination_runs", "disable_destination")  # functions with the runs queue as an output
+
+
 class Api:
     """Calls function_app's HTTP functions as the host would, and keeps every answer's text."""
 
@@ -53,7 +56,7 @@ class Api:
         req = func.HttpRequest(method, "http://localhost/api/...", body=body, route_params=route_params,
                                params=params or {})
         fn = getattr(self.app, function)
-        resp = fn(req, self.queue) if function == "destination_runs" else fn(req)
+        resp = fn(req, self.queue) if function in QUEUEING else fn(req)
         self.answers.append(resp.get_body())
         assert resp.mimetype == "application/json" and resp.headers["Cache-Control"] == "no-store"
         return resp.status_code, orjson.loads(resp.get_body()), dict(resp.headers)
@@ -136,10 +139,19 @@ def test_wrong_json_is_400(offline: Api, body: bytes) -> None:
     assert offline.queue.values == []
 
 
-@pytest.mark.parametrize("params", [{"purge": "true"}, {"purge": ""}, {"purge": "false"}])
-def test_purge_is_not_available_yet(offline: Api, params: dict[str, str]) -> None:
+@pytest.mark.parametrize("params", [{"purge": "true"}, {"purge": ""}, {"purge": "all"}, {"purge": "contacts"},
+                                    {"purge": "contacts", "confirm": "yes"}])
+def test_bad_purge_requests_are_400_before_storage(offline: Api, params: dict[str, str]) -> None:
     status, answer, _ = offline.call("DELETE", "disable_destination", name=NAME, params=params)
-    assert status == 400 and answer == {"error": "purge is not available yet"}
+    assert status == 400 and "purge" in answer["error"]
+    assert offline.queue.values == []
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"email": 5}', b'{"email": "nobody"}',
+                                  b'{"email": "a@b.com", "more": 1}'])
+def test_bad_erasure_bodies_are_400(offline: Api, body: bytes) -> None:
+    status, answer, _ = offline.call("POST", "erase_person", body=body)
+    assert status == 400 and answer["error"]
 
 
 @pytest.mark.parametrize("limit", ["0", "201", "-1", "abc", "1.5", ""])
@@ -391,3 +403,31 @@ def test_busy_destination_is_retried_then_left_to_the_timer(deployed, sandbox, a
     assert api.run(run_id)["status"] == "queued" and _puts(sandbox) == 0
     api.work(dequeue_count=1)  # had another delivery come: free now, it runs
     assert api.run(run_id)["status"] in ("submitted", "completed")
+
+
+def test_delete_with_purge_queues_a_purge_the_worker_runs(deployed, sandbox, api: Api) -> None:
+    api.start(source=deployed["info"].model_key)
+    api.work()
+    time.sleep(0.2)
+    _timer()
+    assert len(sandbox.box.list_emails(deployed["list_id"])) == deployed["info"].valid_distinct
+    status, body, headers = api.call("DELETE", "disable_destination", name=NAME, params={"purge": "list"})
+    assert status == 202 and body["disabled"] is True and body["purge"] == "list"
+    assert headers["Location"] == body["status_url"]
+    assert api.run(body["run_id"])["status"] == "queued"
+    api.work()  # the purge message
+    purge = api.run(body["run_id"])
+    assert purge["status"] == "completed" and purge["counts"]["removed"] == deployed["info"].valid_distinct, purge
+    assert sandbox.box.list_emails(deployed["list_id"]) == []
+
+
+def test_erasure_over_http_names_the_person_by_hash_only(deployed, sandbox, api: Api) -> None:
+    api.start(source=deployed["info"].model_key)
+    api.work()
+    time.sleep(0.2)
+    _timer()
+    person = sandbox.box.list_emails(deployed["list_id"])[0]
+    status, body, _ = api.call("POST", "erase_person", body=orjson.dumps({"email": person.upper()}))
+    assert status == 200 and body["destinations"] == [NAME] and body["accounts_deleted"] == 1, body
+    assert person not in api.answers[-1].decode().lower() and len(body["person"]) == 32
+    assert sandbox.box.contact(person) is None
