@@ -221,7 +221,8 @@ class _Run:
                 yield i, email, contacts.encode(contact)
 
         overhead = batching.body_overhead([self.dest.list_id])
-        for batch in batching.pack(json_items(), lambda t: len(t[2]), overhead=overhead):
+        for batch in batching.pack(json_items(), lambda t: len(t[2]), overhead=overhead,
+                                   collect=batching.ContactBatch):
             yield "json", batch
         if rest:
             assert self.importer is not None
@@ -302,28 +303,28 @@ class _Run:
         self._accepted({"id": str(started["job_id"]), "kind": "import", "contacts": f.count, "status": "pending"},
                        f.last_index, f.size, f.count)
 
-    def send_batch(self, client: SendGridClient, batch: list[tuple[int, str, bytes]]) -> None:
+    def send_batch(self, client: SendGridClient, batch: batching.ContactBatch) -> None:
         self._deadline_check()
         ck = self.record["checkpoint"]
         live = batch
-        while live:
-            body = batching.upsert_body([self.dest.list_id], [enc for _, _, enc in live])
+        while len(live):
+            body = live.body([self.dest.list_id])
             try:
                 job_id = client.upsert(body)
             except InvalidContacts as bad:
-                refused = {pos for pos, item in enumerate(live) if item[1] in bad.emails or pos in bad.indexes}
+                refused = {pos for pos, email in enumerate(live.emails) if email in bad.emails or pos in bad.indexes}
                 if not refused:
                     raise
                 for pos in sorted(refused):
-                    email = live[pos][1][:80]
+                    email = live.emails[pos][:80]
                     self.rejections.add("SendGrid", None, f"refused by SendGrid: email '{email}' is not valid")
                 ck["refused_by_sendgrid"] += len(refused)
-                live = [item for pos, item in enumerate(live) if pos not in refused]
+                live = live.without(refused)
                 continue
-            self._accepted({"id": job_id, "contacts": len(live), "status": "pending"}, batch[-1][0], len(body),
+            self._accepted({"id": job_id, "contacts": len(live), "status": "pending"}, batch.last_index, len(body),
                            len(live))
             return
-        ck["contacts_done"] = batch[-1][0] + 1  # every contact of the batch was refused
+        ck["contacts_done"] = batch.last_index + 1  # every contact of the batch was refused
         self.svc.state.save_run(self.record)
 
 

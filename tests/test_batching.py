@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from shared import limits
-from shared.batching import body_overhead, body_size, pack, upsert_body
+from shared.batching import ContactBatch, body_overhead, body_size, pack, upsert_body
 from shared.contacts import CUSTOM_TEXT_MAX_LENGTH, ContactMapper, CustomField, encode
 
 LIST_IDS = ["0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10"]
@@ -190,3 +190,24 @@ def test_largest_possible_mapped_contact_fits_one_request() -> None:
     size = len(encode(result[1]))
     assert 3_000_000 < size < 3_200_000
     assert size + body_overhead(LIST_IDS) < limits.REQUEST_BYTES_TARGET
+
+
+def test_contact_batch_builds_the_same_body_and_drops_refused_contacts() -> None:
+    rng = random.Random(3)
+    items = [(i, f"u{i}@x.com", orjson.dumps({"email": f"u{i}@x.com", "first_name": "n" * rng.randint(0, 40)}))
+             for i in range(5000)]
+    overhead = body_overhead(["l1"])
+    batches = list(pack(items, lambda t: len(t[2]), overhead=overhead, max_bytes=60_000, collect=ContactBatch))
+    assert [list(b.indexes) for b in batches] == [[t[0] for t in g] for g in
+                                                   pack(items, lambda t: len(t[2]), overhead=overhead,
+                                                        max_bytes=60_000)]
+    for batch in batches:
+        group = [items[i] for i in batch.indexes]
+        assert batch.body(["l1"]) == upsert_body(["l1"], [t[2] for t in group])
+        assert len(batch.body(["l1"])) <= 60_000 and batch.emails == [t[1] for t in group]
+    first = batches[0]
+    kept = first.without({0, 3})
+    assert kept.emails == [e for p, e in enumerate(first.emails) if p not in (0, 3)]
+    assert orjson.loads(kept.body(["l1"]))["contacts"] == [
+        orjson.loads(items[i][2]) for p, i in enumerate(first.indexes) if p not in (0, 3)]
+    assert kept.last_index == first.last_index
