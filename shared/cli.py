@@ -89,8 +89,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     svc = engine.Services(config=config, secrets=provider_from_env(), state=state, sources=store,
                           environ=os.environ, progress=None if args.quiet else _progress)
     deadline = time.monotonic() + args.deadline_seconds if args.deadline_seconds else None
-    req = engine.RunRequest(args.destination, key, trigger="cli", dry_run=args.dry_run, wait=args.wait,
-                            resume=args.resume, deadline=deadline)
+    info = store.info(key)  # the export's version: an unfinished run of the same version is resumed, not redone
+    req = engine.RunRequest(args.destination, key, info.etag if info else None, trigger="cli", dry_run=args.dry_run,
+                            wait=args.wait, resume=args.resume, deadline=deadline)
     try:
         report = engine.run(req, svc)
     except LeaseUnavailable:

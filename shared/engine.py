@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import itertools
 import logging
 import queue
@@ -365,6 +366,14 @@ def _refuse(svc: Services, record: dict[str, Any], message: str) -> dict[str, An
     return record
 
 
+def _unfinished_run(svc: Services, name: str, source: str, etag: str) -> str | None:
+    for record in svc.state.open_runs():
+        if (record["destination"] == name and record.get("kind") is None and record["status"] in
+                ("running", "interrupted") and record.get("source") == source and record.get("source_etag") == etag):
+            return str(record["run_id"])
+    return None
+
+
 def destination(config: Config, name: str) -> Destination:
     """The named destination, or a ConfigError that says why it cannot run."""
     if name in config.errors:
@@ -383,6 +392,11 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
     already, nothing runs and the answer says which run did. A refused run gives its claim back, so the same export
     runs once the configuration is fixed."""
     dest = destination(svc.config, req.destination)
+    if not req.resume and not req.dry_run and req.source and req.source_etag:
+        unfinished = _unfinished_run(svc, dest.name, req.source, req.source_etag)
+        if unfinished:  # a crashed or interrupted run of this very export: go on from its checkpoint
+            log.info("%s: resuming run %s of %s from its checkpoint", dest.name, unfinished, req.source)
+            req = dataclasses.replace(req, resume=unfinished)
     if req.resume:
         record = svc.state.load_run(req.resume)
         if record is None or record["destination"] != dest.name:
