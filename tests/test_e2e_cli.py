@@ -202,3 +202,17 @@ def test_deadline_interrupts_and_resume_completes_the_list(sandbox, env, tmp_pat
     assert second["run_id"] == first["run_id"] and second["status"] == "completed"
     assert len(sandbox.box.list_emails(list_id)) == info.valid_distinct
     assert second["counts"]["sent"] == info.valid_distinct
+
+
+def test_rejection_file_neutralises_spreadsheet_formulas(sandbox, env, tmp_path: Path) -> None:
+    src = tmp_path / "=HYPERLINK(1).csv"
+    src.write_text("email\n=1+2\nok@example.com\n", encoding="utf-8")
+    list_id = sandbox.box.create_list("VIP")
+    config = write_config(tmp_path / "d.json", list_id, custom_fields={}, segments=["x"], mapping={"email": "email"})
+    res = cli(env, "export", "--config", str(config), "--destination", "vip-newsletter", "--source", str(src),
+              "--state-dir", str(tmp_path / "s"), "--report", str(tmp_path / "r.json"), "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = orjson.loads((tmp_path / "r.json").read_bytes())
+    rows = (tmp_path / "s" / report["rejections_file"]).read_text().splitlines()
+    assert rows[0] == "file,line,reason" and len(rows) == 2
+    assert rows[1].startswith("'=HYPERLINK(1).csv,2,")  # a spreadsheet shows the text, it does not run it
