@@ -166,3 +166,34 @@ def test_a_broken_export_is_reported_once_and_not_retried(deployed, sandbox) -> 
     report = orjson.loads(deployed["state"].download_blob(error).readall())
     assert report["source"] == "CustomerInsights_y/BlobExport/model.json" and "model.json" in report["error"]
     assert _runs(deployed["state"]) == []
+
+
+def test_two_triggers_for_one_destination_at_once_never_interleave(deployed, sandbox) -> None:
+    import threading
+
+    import function_app
+
+    deployed["land"]()
+    blob = deployed["exports"].get_blob_client(deployed["info"].model_key)
+    sandbox.box.inject({"endpoint": "PUT /v3/marketing/contacts", "kind": "slow", "delay": 1.0, "times": 1})
+    errors: list[BaseException] = []
+
+    def fire() -> None:
+        try:
+            function_app.on_export(blob)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fire) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    (run,) = _runs(deployed["state"])  # one version, one run: the others were a no-op or deferred
+    assert run["requests"]["count"] == 2 and sandbox.box.stats["requests"]["PUT /v3/marketing/contacts"] == 2
+    time.sleep(0.2)
+    _timer()
+    (run,) = _runs(deployed["state"])
+    assert run["status"] == "completed"
+    assert len(sandbox.box.list_emails(deployed["list_id"])) == deployed["info"].valid_distinct
