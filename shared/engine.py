@@ -31,6 +31,7 @@ from .errors import (
     ConfigError,
     ConnectorError,
     DeadlineReached,
+    RateLimited,
     RunRefused,
     SecretError,
     SendGridError,
@@ -85,6 +86,23 @@ class Services:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of up to size rows. When the source fails mid-chunk, the rows read before the failure come first."""
+    chunk: list[Any] = []
+    try:
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except SourceError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
 
 
 def _reason_key(reason: str) -> str:
@@ -159,7 +177,7 @@ class _Run:
             try:
                 rows = sources.read_rows(self.svc.sources, part, mapper.columns, required=(email_col,),
                                          warnings=warnings)
-                while chunk := list(itertools.islice(rows, _CHUNK)):
+                for chunk in _chunks(rows, _CHUNK):
                     counts["read"] += len(chunk)
                     kept: list[tuple[str, dict[str, Any]]] = []
                     for line, values, reason in chunk:
@@ -405,6 +423,9 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                          False, req.wait, req.resume)
         record["checkpoint"]["resumed"] += 1
         fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
+        ck = record["checkpoint"]
+        fresh["counts"]["sent"] = ck["contacts_done"] - ck["refused_by_sendgrid"]
+        record.pop("resumable", None)
         record.update(status="running", error=None, finished_at=None, warnings=[], file_errors=[], rejections=[],
                       field_notes=[], counts=fresh["counts"])
     else:
@@ -430,9 +451,11 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         except DeadlineReached as exc:
             record.update(status="interrupted", error=f"stopped at the deadline ({exc}); the next run resumes it")
         except (AuthError, SecretError, TransientError, SendGridError) as exc:
-            resumable = isinstance(exc, TransientError | SendGridError) and not isinstance(exc, AuthError)
-            record.update(status="interrupted" if isinstance(exc, TransientError) else "failed",
-                          error=redact(str(exc)), resumable=resumable)
+            # SendGrid unreachable or throttling past our patience: the timer (or the same command) goes on later.
+            # A refused key or a block needs a person first; the run stays resumable from its checkpoint.
+            waiting = isinstance(exc, TransientError | RateLimited)
+            record.update(status="interrupted" if waiting else "failed", error=redact(str(exc)),
+                          resumable=isinstance(exc, SendGridError))
         except RunRefused as exc:
             record.update(status="refused", error=redact(str(exc)))
         except ConnectorError as exc:
@@ -615,7 +638,7 @@ def poll_jobs(record: dict[str, Any], client: SendGridClient, svc: Services, *, 
             status = client.import_status(job["id"])
             job["status"] = status.get("status", "pending")
             job["results"] = {k: v for k, v in (status.get("results") or {}).items() if k != "errors_url"}
-            if job["status"] == "errored" and status.get("results", {}).get("errors_url"):
+            if job["status"] in ("errored", "failed") and status.get("results", {}).get("errors_url"):
                 job["errors"] = [redact(x) for x in client.errors_head(status["results"]["errors_url"])]
         pending = [j for j in record["jobs"] if j["status"] not in FINAL_JOB]
         if not pending or not wait or time.monotonic() >= end:

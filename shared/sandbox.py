@@ -38,6 +38,7 @@ import traceback
 import uuid
 import zlib
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -412,12 +413,14 @@ class Sandbox:
     max_import_bytes: int = limits.MAX_IMPORT_FILE_BYTES
 
     def __init__(self, api_keys: Iterable[str], job_delay: float = 0.3, rate_limit: int | None = None,
-                 rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$") -> None:
+                 rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$",
+                 count_sends: bool = False) -> None:
         if rate_limit is not None and rate_limit < 1:
             raise ValueError("rate_limit must be at least 1 (or None for no limit)")
         if rate_window <= 0:
             raise ValueError("rate_window must be positive")
         self.job_delay = job_delay
+        self.count_sends = count_sends  # keep per-email send counts (see send_counts); off: it costs memory
         self.rate_limit = rate_limit
         self.rate_window = rate_window
         self._epoch = time.time()  # rate windows start here
@@ -441,6 +444,7 @@ class Sandbox:
             self._imports: dict[str, _Import] = {}
             self._faults: list[dict[str, Any]] = []
             self._job_faults: list[dict[str, Any]] = []
+            self._send_counts: Counter[str] = Counter()
             self._buckets: dict[tuple[str, str], tuple[int, int]] = {}
             self._stats: dict[str, Any] = {
                 "requests": {}, "status_counts": {}, "upsert_contacts_received": 0, "import_rows_received": 0,
@@ -518,6 +522,12 @@ class Sandbox:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return orjson.loads(orjson.dumps(self._stats))
+
+    def send_counts(self) -> Counter[str]:
+        """Email -> how many accepted upserts and import uploads carried it (only with count_sends=True): shows
+        whether a contact was sent more than once across retries, crashes and resumes."""
+        with self._lock:
+            return Counter(self._send_counts)
 
     def inject(self, fault: dict[str, Any]) -> None:
         """Arm a fault for the next `times` matching requests (or upsert/import jobs for endpoint "job")."""
@@ -687,6 +697,8 @@ class Sandbox:
             fault = self._take_job_fault()
             job = self._new_job("upsert_contacts", self._upsert_applier(items, lists, fault), len(items))
             self._stats["upsert_contacts_received"] += len(items)
+            if self.count_sends:
+                self._send_counts.update(e for e, _ in items if e is not None)
             self._stats["max_contacts_per_request"] = max(self._stats["max_contacts_per_request"], len(items))
         return 202, {"job_id": job.id}
 
@@ -799,6 +811,8 @@ class Sandbox:
             imp.state = "received"
             job = self._jobs[job_id]
             self._stats["import_rows_received"] += parsed.rows
+            if self.count_sends:
+                self._send_counts.update(row[1] for row in parsed.valid if row[1] is not None)
             job.requested = parsed.rows
             job.apply = self._import_applier(imp, parsed)
             job.due = time.time() + self.job_delay
@@ -1412,6 +1426,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "SendGridSandbox/1.0"
     timeout = IDLE_TIMEOUT_S
     server: _Server
+    _pending_stat: str | None = None  # the stats key of the request being answered, until it is counted
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet; and never the Authorization header
         return
@@ -1468,6 +1483,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, status: int, payload: Any, headers: Iterable[tuple[str, str]] = (),
                 content_type: str = _JSON) -> None:
         body = payload if isinstance(payload, bytes) else (b"" if payload is None else orjson.dumps(payload))
+        self._record_pending(status)
         self.send_response(status)
         if body:
             self.send_header("Content-Type", content_type)
@@ -1491,16 +1507,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- dispatch
 
+    def _record_pending(self, status: int) -> None:
+        """Count the request in the stats once, before its answer is written: a client that reads the stats right
+        after its call returns must see that call counted."""
+        template, self._pending_stat = self._pending_stat, None
+        if template is not None:
+            self.sandbox._record(template, status, self._body_bytes)
+
     def _dispatch(self) -> None:
         self._body_bytes = 0
+        self._pending_stat = None
         split = urlsplit(self.path)
         path = split.path
         if len(self.path.encode("latin-1", "replace")) > MAX_REQUEST_TARGET_BYTES:
             self._read_body(MAX_SMALL_BODY_BYTES)
             self.close_connection = True
             _, headers = self.sandbox._rate(None, "", count=False)
+            self._pending_stat = f"{self.command} (uri too large)"
             self._answer(414, _err("request-uri too large"), headers)
-            self.sandbox._record(f"{self.command} (uri too large)", 414, self._body_bytes)
             return
         if path.startswith("/_sandbox/"):
             self._control(path)
@@ -1508,8 +1532,9 @@ class _Handler(BaseHTTPRequestHandler):
         template, op, params, cap = route(self.command, path)
         key = template and f"{self.command} {template}"
         body, too_large = self._read_body(cap if op else MAX_SMALL_BODY_BYTES)
+        self._pending_stat = key if op else f"{self.command} (unknown)"
         status = self._api(key, op, params, parse_qs(split.query), body, too_large)
-        self.sandbox._record(key if op else f"{self.command} (unknown)", status, self._body_bytes)
+        self._record_pending(status)  # no answer was written (a dropped connection)
 
     def _api(self, key: str | None, op: str | None, params: dict[str, str], query: dict[str, list[str]],
              body: bytes, too_large: bool) -> int:
@@ -1577,16 +1602,15 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- /_sandbox/: uploads and error files (capability URLs), control and inspection (loopback only)
 
     def _control(self, path: str) -> None:
-        sandbox, parts, method = self.sandbox, path.strip("/").split("/"), self.command
+        parts, method = path.strip("/").split("/"), self.command
         if method == "PUT" and len(parts) == 3 and parts[1] == "uploads":
-            status = self._upload(parts[2])
-            sandbox._record("PUT /_sandbox/uploads/{job_id}", status, self._body_bytes)
+            self._pending_stat = "PUT /_sandbox/uploads/{job_id}"
+            self._record_pending(self._upload(parts[2]))
             return
         body, _ = self._read_body(MAX_SMALL_BODY_BYTES)
-        template = f"{method} /_sandbox/{parts[1] if len(parts) > 1 else ''}"
+        self._pending_stat = f"{method} /_sandbox/{parts[1] if len(parts) > 1 else ''}"
         status, payload, ctype = self._control_reply(parts, method, body)
         self._answer(status, payload, content_type=ctype)
-        sandbox._record(template, status, self._body_bytes)
 
     def _control_reply(self, parts: list[str], method: str, body: bytes) -> tuple[int, Any, str]:
         sandbox = self.sandbox

@@ -20,6 +20,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from shared.sandbox import Sandbox, serve
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.fault_report"]  # the fault suite's tally and its summary table
 
 AZURITE_BIN = REPO / "node_modules" / ".bin" / "azurite"
 # The emulator's well-known development account key (public, documented by Microsoft; not a secret).

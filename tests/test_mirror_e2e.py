@@ -111,6 +111,7 @@ def test_purge_of_one_destination_leaves_another_destinations_contacts_alone(wor
     assert res.returncode == 2 and "confirm" in res.stderr  # deleting needs an explicit yes
     res = world.cli("remove", "--destination", "alpha", "--purge", "contacts", "--yes")
     assert res.returncode == 0, res.stdout + res.stderr
+    world.box.complete_jobs()  # deletions are asynchronous jobs
     assert world.box.contact("ann@example.com") is None  # only alpha held ann: deleted
     for shared_person in people("bob", "cat", "dan"):
         assert world.box.contact(shared_person) is not None
@@ -139,6 +140,7 @@ def test_erasure_removes_one_person_everywhere_and_logs_no_address(world: World)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "bob@example.com" not in (res.stdout + res.stderr).lower()
     assert "alpha" in res.stdout and "beta" in res.stdout
+    world.box.complete_jobs()
     assert world.box.contact("bob@example.com") is None
     assert world.box.contact("ann@example.com") is not None and world.box.contact("cat@example.com") is not None
     for path in (world.tmp / "state").rglob("*"):

@@ -1,0 +1,787 @@
+"""The fault suite: reliability and security under faults, bad input and hostile timing, with nothing lost.
+
+Every run here goes to the sandbox over real HTTP on loopback: the CLI in subprocesses where the door matters, the
+engine in-process where a test needs a short retry policy (the CLI has no flag for it). Each test compares the list
+with a reference computed apart from the engine (the export read with shared.sources + shared.contacts), counts
+per-email sends in the sandbox, and records its figures for the summary table (tests/fault_report.py). The whole
+module uses a recognisable API key; no output of any run may contain it.
+
+Expected behaviour per fault (on PUT /v3/marketing/contacts unless said otherwise). "list = sent": after the run the
+list holds exactly `counts.sent` contacts; "resume": `--resume RUN_ID` then completes it, resending nothing accepted.
+
+| fault | the run | then |
+|---|---|---|
+| 429 storm with `X-RateLimit-Reset` / `Retry-After` | waits for each reset; `completed`, each contact sent once | - |
+| 429s outlasting `max_rate_limit_wait` | `interrupted` (the timer or the same command goes on later), list = sent | resume |
+| bursts of 500 / 503 within the retry budget | backoff with jitter, retried; `completed` | - |
+| 500 / 503 outlasting the budget (8 attempts) | `interrupted`, error names endpoint and status; list = sent | resume |
+| connection reset before processing | retried; `completed`, each contact sent once | - |
+| connection reset after processing | retried; only the request in flight is applied twice; `completed` | - |
+| connections reset outlasting the budget | `interrupted`; list = sent | resume |
+| answer slower than the read timeout | retried; the late request may be applied too (in flight: twice at most) | - |
+| 503 / reset / slow on the job-status endpoint | polls retried; `completed` | - |
+| job ends `errored` (errors file) | `completed_with_errors`; `jobs[].errors` names the refused contacts | new run |
+| job ends `failed` | `failed` when every job failed ("every SendGrid job failed") | new run |
+| 401 once (key rotated since read) | key read again once, call retried; `completed` | - |
+| key rotated mid-run (SendGrid and key source) | new key used (re-read each call, or after one 401 if cached) | - |
+| 401 after the re-read (revoked key) | `failed`: typed error "update the secret", no blind retries | fix key, resume |
+| 403 "temporary block" | `failed`: typed error naming scopes / the block, no retries | resume later |
+| SIGKILL at random points (4-5 times) | record and checkpoint saved after each accepted request | resume each time |
+| two runs of one export at once | the second refused at once: "being exported by another run", exit 1 | - |
+| bad files (see `_write_bad_inputs`) | exit 0/1, a clear message naming file and line, never a traceback | - |
+
+After every scenario the list holds exactly the export's valid contacts (a reference read with shared.sources and
+shared.contacts, not the engine), and per-email send counts show nothing was sent twice beyond a request in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from shared import contacts, engine, limits, samplegen, sources
+from shared.config import parse_config
+from shared.errors import SourceError
+from shared.sandbox import Sandbox, serve
+from shared.secrets import EnvSecrets, Secret
+from shared.sendgrid import RetryPolicy, SendGridClient
+from shared.state import StateStore
+from shared.storage import LocalFolderStore
+
+REPO = Path(__file__).resolve().parent.parent
+PUT = "PUT /v3/marketing/contacts"
+JOB_STATUS = "GET /v3/marketing/contacts/imports/{id}"
+KEY = "SG.FAULTSUITE-" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(32)
+KEY2 = "SG.FAULTSUITE-" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(32)  # the rotated key
+WIDE_NOTES = ("note1", "note2", "note3", "note4", "note5")  # 1,000-character Text fields: ~1,150 contacts a request
+FAST = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max=0.05, max_rate_limit_wait=30.0, connect_timeout=5.0,
+                   read_timeout=30.0)
+
+
+# ------------------------------------------------------------------------------------------------ leak guard
+
+
+class Leaks:
+    """Everything a test saw come out of a run; checked for the API keys when the test ends."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str]] = []
+
+    def add(self, where: str, text: str | bytes) -> None:
+        self.texts.append((where, text.decode("utf-8", "replace") if isinstance(text, bytes) else text))
+
+
+def _needles() -> list[tuple[str, str]]:
+    """(label, text) for each key and each of its random parts: a partial leak counts too."""
+    out = []
+    for n, key in enumerate((KEY, KEY2), start=1):
+        out.append((f"key {n}", key))
+        out += [(f"key {n} part {i}", part.removeprefix("FAULTSUITE-")) for i, part in enumerate(key.split(".")[1:])]
+    return out
+
+
+def _find_leaks(texts: Sequence[tuple[str, str]], folders: Sequence[Path]) -> list[str]:
+    needles = _needles()
+    found = [f"{where}: {label}" for where, text in texts for label, needle in needles if needle in text]
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                found += [f"{path}: {label}" for label, needle in needles if needle.encode() in data]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def leaks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Leaks]:
+    """Collects outputs; at the end no output, log record or file the test wrote (reports, rejection CSVs, state
+    folders) may hold either API key or a part of it."""
+    caplog.set_level(logging.DEBUG)
+    guard = Leaks()
+    yield guard
+    guard.add("log records", caplog.text)
+    found = _find_leaks(guard.texts, [tmp_path])
+    assert not found, f"the API key leaked into: {found}"
+
+
+# ------------------------------------------------------------------------------------------------ sandbox and data
+
+
+@dataclass
+class Box:
+    box: Sandbox
+    url: str
+    list_id: str
+
+    def settled_list(self) -> set[str]:
+        """The list once every accepted job has been applied."""
+        self.box.complete_jobs()
+        return set(self.box.list_emails(self.list_id))
+
+    def statuses(self) -> dict[str, int]:
+        return self.box.stats["status_counts"]
+
+
+@pytest.fixture
+def sg() -> Iterator[Box]:
+    """A sandbox that counts every send per email, with the fields the exports here use."""
+    box = Sandbox(api_keys=[KEY], job_delay=0.02, count_sends=True)
+    list_id = box.create_list("VIP")
+    box.create_field("lifetime_value", "Number")
+    box.create_field("signup_date", "Date")
+    for name in WIDE_NOTES:
+        box.create_field(name, "Text")
+    with serve(box) as server:
+        yield Box(box, server.url, list_id)
+
+
+def reference_emails(root: Path, key: str, email_column: str, segments: Sequence[str] | None = None) -> set[str]:
+    """The distinct valid emails of an export, read apart from the engine (sources + contacts only)."""
+    store = LocalFolderStore(root)
+    mapper = contacts.ContactMapper({"email": email_column})
+    found: set[str] = set()
+    try:
+        parts = sources.discover(store, key, segments)
+    except SourceError:
+        return found
+    for part in parts:
+        with contextlib.suppress(SourceError):  # the rows before a whole-file problem count
+            for _line, values, _reason in sources.read_rows(store, part, mapper.columns, required=mapper.columns[:1]):
+                if values is not None and not isinstance(mapped := mapper.map(values), str):
+                    found.add(mapped[0])
+    return found
+
+
+@dataclass(frozen=True)
+class Export:
+    root: Path  # plays the storage container
+    key: str  # the source inside it
+    destination: dict[str, Any]  # the destination's settings, but for list_id
+    expected: frozenset[str]
+
+    def config(self, list_id: str) -> dict[str, Any]:
+        return {"destinations": [{**self.destination, "list_id": list_id}]}
+
+
+def _samplegen_destination() -> dict[str, Any]:
+    dest = samplegen.demo_destinations("x", max_profiles=None)["destinations"][0]
+    dest.pop("list_id")
+    return {**dest, "bulk_threshold": None}
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory: pytest.TempPathFactory) -> Export:
+    """A Customer Insights export (samplegen): 3,000 rows, bad rows and duplicates, one request."""
+    root = tmp_path_factory.mktemp("small-export")
+    info = samplegen.write_cdm_export(root, 3_000, seed=11, partitions=2)
+    expected = reference_emails(root, info.model_key, "EmailAddress", [info.segment])
+    assert len(expected) == info.valid_distinct
+    return Export(root, info.model_key, _samplegen_destination(), frozenset(expected))
+
+
+@pytest.fixture(scope="module")
+def wide_export(tmp_path_factory: pytest.TempPathFactory) -> Export:
+    """A plain CSV of 3,000 wide rows (five 1,000-character notes): three requests from a small file, so a fault
+    can strike after some contacts were accepted. Bad emails and case-variant duplicates included."""
+    root = tmp_path_factory.mktemp("wide-export")
+    rng = random.Random(5)
+    lines = ["email,first,last," + ",".join(WIDE_NOTES)]
+    emails: list[str] = []
+    for i in range(3_000):
+        if i % 37 == 5:
+            email = f"broken-{i}.example.com"
+        elif i % 53 == 7 and emails:
+            email = rng.choice(emails).upper()
+        else:
+            email = f"wide.{i}@example.com"
+            emails.append(email)
+        notes = [(f"{n}-{i}-" + "lorem ipsum dolor " * 60)[:1000] for n in WIDE_NOTES]
+        lines.append(f"{email},First{i},Last{i}," + ",".join(notes))
+    (root / "people.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    expected = reference_emails(root, "people.csv", "email")
+    assert len(expected) == len(emails)
+    dest = {"name": "wide", "consent": True, "api_key_secret": "sendgrid-api-key", "segments": ["people"],
+            "mapping": {"email": "email", "first_name": "first", "last_name": "last"},
+            "custom_fields": {n: n for n in WIDE_NOTES}, "max_profiles": None, "bulk_threshold": None}
+    return Export(root, "people.csv", dest, frozenset(expected))
+
+
+def wait_until_counted(box: Sandbox, endpoint: str, requests: int, timeout: float = 30) -> None:
+    """Wait until the sandbox has handled `requests` calls to endpoint: a request the client gave up on (timed out)
+    is still being served, and applied, after the run has moved on."""
+    give_up = time.monotonic() + timeout
+    while box.stats["requests"].get(endpoint, 0) < requests:
+        assert time.monotonic() < give_up, f"the sandbox never handled {requests} x {endpoint}"
+        time.sleep(0.02)
+
+
+def excess_sends(box: Sandbox) -> tuple[int, int]:
+    """(sends beyond the first of each email, the most times one email was sent)."""
+    counts = box.send_counts()
+    return sum(c - 1 for c in counts.values()), max(counts.values(), default=0)
+
+
+# ------------------------------------------------------------------------------------------------ the two doors
+
+
+def cli_env(url: str, key: str = KEY) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDGRID", "KEY_VAULT"))}
+    env.update(SENDGRID_API_KEY=key, SENDGRID_API_URL=url, PYTHONUNBUFFERED="1")
+    return env
+
+
+def cli_args(config: Path, destination: str, source: Path, state: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "shared", "export", "--config", str(config), "--destination", destination,
+            "--source", str(source), "--state-dir", str(state), "--quiet", *extra]
+
+
+def run_cli(leaks: Leaks, env: dict[str, str], args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    leaks.add("cli stdout", res.stdout)
+    leaks.add("cli stderr", res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    return res
+
+
+class CachedSecrets:
+    """A provider that caches like Key Vault does (the key is read again only after a 401): a rotation in the key
+    source reaches it through the client's refresh, not through get."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self._source = EnvSecrets(environ)
+        self._cache: dict[str, Secret] = {}
+
+    def get(self, name: str) -> Secret:
+        if name not in self._cache:
+            self._cache[name] = self._source.get(name)
+        return self._cache[name]
+
+    def refresh(self, name: str) -> Secret:
+        self._cache[name] = self._source.refresh(name)
+        return self._cache[name]
+
+
+@dataclass
+class Engine:
+    """In-process runs of one export to the sandbox, with a short retry policy."""
+
+    sg: Box
+    export: Export
+    state_dir: Path
+    leaks: Leaks
+    policy: RetryPolicy = FAST
+    environ: dict[str, str] = field(default_factory=lambda: {"SENDGRID_API_KEY": KEY})
+    cached_key: bool = False
+
+    def __post_init__(self) -> None:
+        self.secrets = CachedSecrets(self.environ) if self.cached_key else EnvSecrets(self.environ)
+        self.config = parse_config(orjson.dumps(self.export.config(self.sg.list_id)), "destinations.json")
+        self.name = self.export.destination["name"]
+
+    def client(self, dest: Any) -> SendGridClient:
+        return SendGridClient(self.sg.url, self.secrets, dest.api_key_secret, policy=self.policy)
+
+    def run(self, resume: str | None = None) -> dict[str, Any]:
+        state = StateStore(LocalFolderStore(self.state_dir))
+        svc = engine.Services(config=self.config, secrets=self.secrets, state=state,
+                              sources=LocalFolderStore(self.export.root), client_factory=self.client,
+                              poll_interval=0.05, wait_timeout=60.0)
+        record = engine.run(engine.RunRequest(self.name, self.export.key, wait=True, resume=resume), svc)
+        self.leaks.add("run record", orjson.dumps(record))
+        return record
+
+
+@contextlib.contextmanager
+def after_accepted_put(box: Sandbox, n: int, action: Callable[[], None]) -> Iterator[None]:
+    """Do `action` inside the sandbox right after the n-th accepted upsert, before its answer leaves: the next
+    request meets whatever the action arms (a fault, a key rotation)."""
+    original = box.op_upsert
+    accepted = [0]
+
+    def hooked(req: Any) -> tuple[int, Any]:
+        status, payload = original(req)
+        if status == 202:
+            accepted[0] += 1
+            if accepted[0] == n:
+                action()
+        return status, payload
+
+    box.op_upsert = hooked  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del box.op_upsert
+
+
+def read_runs(state: Path, destination: str) -> list[dict[str, Any]]:
+    return [orjson.loads(p.read_bytes()) for p in sorted((state / "runs" / destination).glob("*.json"))]
+
+
+# ------------------------------------------------------------------------------------------------ faults via the CLI
+
+
+CLI_FAULTS = {
+    "429 storm with reset headers": [{"endpoint": PUT, "kind": "429", "reset_after": 0, "times": 2},
+                                     {"endpoint": PUT, "kind": "429", "retry_after": 0, "times": 2}],
+    "500 and 503": [{"endpoint": PUT, "kind": "500"}, {"endpoint": PUT, "kind": "503"}],
+    "connection reset, before and after processing": [{"endpoint": PUT, "kind": "reset"},
+                                                      {"endpoint": PUT, "kind": "reset", "processed": True}],
+    "503 and reset on the job status": [{"endpoint": JOB_STATUS, "kind": "503"},
+                                        {"endpoint": JOB_STATUS, "kind": "reset"}],
+    "401 once (key read again)": [{"endpoint": PUT, "kind": "401"}],
+}
+
+
+@pytest.mark.parametrize("faults", list(CLI_FAULTS.values()), ids=list(CLI_FAULTS))
+def test_cli_rides_out_transient_faults(faults: list[dict[str, Any]], sg: Box, small_export: Export, tmp_path: Path,
+                                        leaks: Leaks, fault_tally: Any) -> None:
+    config = tmp_path / "destinations.json"
+    config.write_bytes(orjson.dumps(small_export.config(sg.list_id)))
+    for fault in faults:
+        sg.box.inject(fault)
+    res = run_cli(leaks, cli_env(sg.url), cli_args(config, "vip-newsletter", small_export.root / small_export.key,
+                                                   tmp_path / "state", "--wait", "--report", str(tmp_path / "r.json")))
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = orjson.loads((tmp_path / "r.json").read_bytes())
+    stats = sg.box.stats
+    assert stats["faults_fired"] == sum(f.get("times", 1) for f in faults)
+    assert report["status"] == "completed" and report["error"] is None
+    in_list = sg.settled_list()
+    assert in_list == small_export.expected and report["counts"]["sent"] == len(in_list)
+    rate_limited = sum(f.get("times", 1) for f in faults if f["kind"] == "429")
+    assert report["requests"]["rate_limited"] == rate_limited
+    # a request the sandbox applied but whose answer was lost is the only one sent twice
+    replays = sum(1 for f in faults if f.get("processed") and f["endpoint"] == PUT)
+    excess, most = excess_sends(sg.box)
+    assert excess == replays * len(in_list) and most == 1 + replays
+    if any(f["kind"] == "401" for f in faults):
+        assert sg.statuses()["401"] == 1 and stats["requests"][PUT] == 2  # one re-read of the key, one retry
+    fault_tally.record(faults=stats["faults_fired"], runs=1, expected=len(small_export.expected), in_list=len(in_list),
+                       lost=len(small_export.expected - in_list), dup_beyond=excess - replays * len(in_list))
+
+
+def test_errored_job_is_reported_with_its_errors_and_a_new_run_fills_the_list(sg: Box, small_export: Export,
+                                                                               tmp_path: Path, leaks: Leaks,
+                                                                               fault_tally: Any) -> None:
+    config = tmp_path / "destinations.json"
+    config.write_bytes(orjson.dumps(small_export.config(sg.list_id)))
+    args = cli_args(config, "vip-newsletter", small_export.root / small_export.key, tmp_path / "state", "--wait")
+    sg.box.inject({"endpoint": "job", "kind": "errored", "error_count": 3})
+    res = run_cli(leaks, cli_env(sg.url), [*args, "--report", str(tmp_path / "r1.json")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = orjson.loads((tmp_path / "r1.json").read_bytes())
+    assert report["status"] == "completed_with_errors"
+    [job] = report["jobs"]
+    assert job["status"] == "errored" and job["results"]["errored_count"] == 3
+    named = {line.split(",")[1] for line in job["errors"][1:]}  # index,email,error
+    assert len(named) == 3 and all("errored" in line for line in job["errors"][1:])
+    in_list = sg.settled_list()
+    assert in_list == small_export.expected - named  # every contact is in the list or named in the report
+    excess, _ = excess_sends(sg.box)
+    assert excess == 0
+
+    res = run_cli(leaks, cli_env(sg.url), [*args, "--report", str(tmp_path / "r2.json")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert orjson.loads((tmp_path / "r2.json").read_bytes())["status"] == "completed"
+    in_list = sg.settled_list()
+    assert in_list == small_export.expected
+    fault_tally.record(faults=1, runs=2, expected=len(small_export.expected), in_list=len(in_list),
+                       lost=len(small_export.expected - in_list), dup_beyond=excess)
+
+
+def test_failed_job_fails_the_run_and_a_new_run_fills_the_list(sg: Box, small_export: Export, tmp_path: Path,
+                                                               leaks: Leaks, fault_tally: Any) -> None:
+    config = tmp_path / "destinations.json"
+    config.write_bytes(orjson.dumps(small_export.config(sg.list_id)))
+    args = cli_args(config, "vip-newsletter", small_export.root / small_export.key, tmp_path / "state", "--wait")
+    sg.box.inject({"endpoint": "job", "kind": "failed"})
+    res = run_cli(leaks, cli_env(sg.url), [*args, "--report", str(tmp_path / "r1.json")])
+    assert res.returncode == 1
+    report = orjson.loads((tmp_path / "r1.json").read_bytes())
+    assert report["status"] == "failed" and "every SendGrid job failed" in report["error"]
+    assert "failed" in res.stdout and [j["status"] for j in report["jobs"]] == ["failed"]
+    assert sg.settled_list() == set()  # the report says the one job failed: nothing is claimed to be in the list
+    excess, _ = excess_sends(sg.box)
+
+    res = run_cli(leaks, cli_env(sg.url), [*args, "--report", str(tmp_path / "r2.json")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    in_list = sg.settled_list()
+    assert in_list == small_export.expected
+    fault_tally.record(faults=1, runs=2, expected=len(small_export.expected), in_list=len(in_list),
+                       lost=len(small_export.expected - in_list), dup_beyond=excess)
+
+
+def test_failed_job_report_holds_its_errors_file(sg: Box, small_export: Export, tmp_path: Path, leaks: Leaks) -> None:
+    sg.box.inject({"endpoint": "job", "kind": "failed"})
+    record = Engine(sg, small_export, tmp_path / "state", leaks).run()
+    assert record["status"] == "failed"
+    assert record["jobs"][0].get("errors"), "a failed job's errors file is not in the report"
+
+
+# ------------------------------------------------------------------------------------------------ faults mid-run
+
+
+def _arm(box: Sandbox, *faults: dict[str, Any]) -> Callable[[], None]:
+    return lambda: [box.inject(f) for f in faults]
+
+
+MID_RUN = {
+    # id: (faults armed after the first accepted request, or "revoke" the key; policy; status; error words)
+    "500/503 outlasting the retry budget": (
+        [{"endpoint": PUT, "kind": "503", "times": 2}, {"endpoint": PUT, "kind": "500", "times": 2}], FAST,
+        "interrupted", ["PUT /v3/marketing/contacts", "500", "giving up for now"]),
+    "connections reset outlasting the budget": (
+        [{"endpoint": PUT, "kind": "reset", "times": 4}], FAST, "interrupted", ["connection failed 4 times"]),
+    "429 outlasting the patience": (
+        [{"endpoint": PUT, "kind": "429", "reset_after": 5}],
+        RetryPolicy(max_attempts=4, backoff_base=0.01, max_rate_limit_wait=1.0), "interrupted", ["still rate limited"]),
+    "403 temporary block": (
+        [{"endpoint": PUT, "kind": "403"}], FAST, "failed", ["403", "temporary block", "Marketing"]),
+    "401 revoked key": (
+        "revoke", FAST, "failed", ["401", "update the secret"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MID_RUN.values()), ids=list(MID_RUN))
+def test_fault_mid_run_stops_resumably_and_resume_completes(case: tuple[Any, ...], sg: Box, wide_export: Export,
+                                                            tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    faults, policy, status, words = case
+    runner = Engine(sg, wide_export, tmp_path / "state", leaks, policy=policy)
+    action = (lambda: sg.box.rotate_keys([KEY2])) if faults == "revoke" else _arm(sg.box, *faults)
+    with after_accepted_put(sg.box, 1, action):
+        first = runner.run()
+    assert first["status"] == status, first["error"]
+    assert all(w in first["error"] for w in words), first["error"]
+    accepted = first["requests"]["count"]
+    assert accepted == 1 and 0 < first["counts"]["sent"] == first["checkpoint"]["contacts_done"]
+    in_list = sg.settled_list()
+    assert len(in_list) == first["counts"]["sent"]  # the report says exactly what was sent
+    if status == "failed" and faults != "revoke":
+        assert sg.statuses().get(faults[0]["kind"]) == 1  # no blind retries of a 403 / of a long 429
+
+    if faults == "revoke":  # the admin stores the new key
+        runner.environ["SENDGRID_API_KEY"] = KEY2
+    second = runner.run(resume=first["run_id"])
+    assert second["run_id"] == first["run_id"] and second["status"] == "completed", second["error"]
+    assert second["checkpoint"]["resumed"] == 1
+    in_list = sg.settled_list()
+    assert in_list == wide_export.expected and second["counts"]["sent"] == len(in_list)
+    excess, most = excess_sends(sg.box)
+    assert excess == 0 and most == 1  # nothing accepted was sent again; nothing refused was counted as sent
+    fault_tally.record(faults=sg.box.stats["faults_fired"] + (faults == "revoke"), runs=2,
+                       expected=len(wide_export.expected), in_list=len(in_list),
+                       lost=len(wide_export.expected - in_list), dup_beyond=excess)
+
+
+def test_temporary_block_is_marked_resumable(sg: Box, small_export: Export, tmp_path: Path, leaks: Leaks) -> None:
+    sg.box.inject({"endpoint": PUT, "kind": "403"})
+    record = Engine(sg, small_export, tmp_path / "state", leaks).run()
+    assert record["status"] == "failed" and "temporary block" in record["error"]
+    assert record.get("resumable") is True
+
+
+@pytest.mark.parametrize("cached_key", [False, True], ids=["key re-read each call", "key cached until a 401"])
+def test_key_rotated_mid_run_is_picked_up(cached_key: bool, sg: Box, wide_export: Export, tmp_path: Path,
+                                          leaks: Leaks, fault_tally: Any) -> None:
+    runner = Engine(sg, wide_export, tmp_path / "state", leaks, cached_key=cached_key)
+
+    def rotate() -> None:
+        sg.box.rotate_keys([KEY2])
+        runner.environ["SENDGRID_API_KEY"] = KEY2
+
+    with after_accepted_put(sg.box, 1, rotate):
+        record = runner.run()
+    assert record["status"] == "completed", record["error"]
+    assert sg.statuses().get("401", 0) == (1 if cached_key else 0)
+    in_list = sg.settled_list()
+    assert in_list == wide_export.expected and record["counts"]["sent"] == len(in_list)
+    excess, _ = excess_sends(sg.box)
+    assert excess == 0
+    fault_tally.record(faults=1, runs=1, expected=len(wide_export.expected), in_list=len(in_list),
+                       lost=len(wide_export.expected - in_list), dup_beyond=excess)
+
+
+def test_bursts_and_answers_slower_than_the_read_timeout_are_retried(sg: Box, small_export: Export, tmp_path: Path,
+                                                                      leaks: Leaks, fault_tally: Any) -> None:
+    policy = RetryPolicy(max_attempts=10, backoff_base=0.01, backoff_max=0.05, read_timeout=1.0)
+    for fault in ({"endpoint": PUT, "kind": "500", "times": 3}, {"endpoint": PUT, "kind": "503", "times": 3},
+                  {"endpoint": PUT, "kind": "slow", "delay": 2.5},
+                  {"endpoint": JOB_STATUS, "kind": "slow", "delay": 2.5}):
+        sg.box.inject(fault)
+    record = Engine(sg, small_export, tmp_path / "state", leaks, policy=policy).run()
+    assert record["status"] == "completed", record["error"]
+    assert record["requests"]["retries"] == 8  # 3 x 500, 3 x 503, 2 timeouts
+    wait_until_counted(sg.box, PUT, 8)  # 6 errors, the slow one (still sleeping), its retry
+    in_list = sg.settled_list()
+    assert in_list == small_export.expected and record["counts"]["sent"] == len(in_list)
+    # the slow request was applied after the client gave up on it: that request in flight, and only it, went twice
+    excess, most = excess_sends(sg.box)
+    assert excess == len(in_list) and most == 2
+    fault_tally.record(faults=sg.box.stats["faults_fired"], runs=1, expected=len(small_export.expected),
+                       in_list=len(in_list), lost=len(small_export.expected - in_list),
+                       dup_beyond=excess - len(in_list))
+
+
+# ------------------------------------------------------------------------------------------------ crash and resume
+
+
+def _checkpoint(state: Path, destination: str) -> tuple[str | None, int]:
+    """(run id, contacts_done) of the one run in the state folder, or (None, -1) before its record exists."""
+    runs = read_runs(state, destination)
+    if not runs:
+        return None, -1
+    return runs[0]["run_id"], runs[0]["checkpoint"]["contacts_done"]
+
+
+def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 90) -> bool:
+    """Poll until predicate holds (True) or the process ended (False)."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise AssertionError("the run made no progress")
+
+
+def test_sigkill_at_random_points_then_resume_loses_nothing(sg: Box, tmp_path: Path, leaks: Leaks,
+                                                            fault_tally: Any) -> None:
+    """The CLI is killed (SIGKILL) at seeded random points and resumed with --resume each time: first while it
+    starts (maybe before its run record exists: then a fresh run starts), then while it reads the export or sends
+    its first request, then each time after the checkpoint passed the previous kill's (so no request is in flight at
+    two kills, and no contact may go out more than twice) but before the last request is accepted (a crash while
+    the jobs are polled: see test_resume_after_everything_was_accepted_reports_what_was_sent)."""
+    rng = random.Random(20261128)
+    info = samplegen.write_cdm_export(tmp_path / "export", 100_000, seed=3, partitions=4)  # 4 requests
+    expected = reference_emails(tmp_path / "export", info.model_key, "EmailAddress", [info.segment])
+    assert len(expected) == info.valid_distinct
+    config = tmp_path / "destinations.json"
+    dest = {**_samplegen_destination(), "list_id": sg.list_id}
+    config.write_bytes(orjson.dumps({"destinations": [dest]}))
+    state = tmp_path / "state"
+    base = cli_args(config, "vip-newsletter", tmp_path / "export" / info.model_key, state, "--wait")
+
+    per_request = limits.MAX_CONTACTS_PER_REQUEST
+    kills, runs, last_kill_done, run_id = 0, 0, -1, None
+    outputs: list[str] = []
+    def setups() -> int:  # the call a run makes right before it saves its record and starts reading
+        return sg.box.stats["requests"].get("GET /v3/marketing/field_definitions", 0)
+
+    while True:
+        args = [*base, "--resume", run_id] if run_id else base
+        seen = setups()
+        proc = subprocess.Popen(args, cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        runs += 1
+        if kills < 5:
+            if kills == 0:  # starting up
+                time.sleep(rng.uniform(0.1, 0.4))
+            elif kills == 1:  # reading the export, or the first request in flight
+                if _wait_for(lambda n=seen: setups() > n, proc):
+                    time.sleep(rng.uniform(0.0, 0.3))
+            elif _wait_for(lambda floor=last_kill_done: _checkpoint(state, "vip-newsletter")[1] > floor, proc):
+                time.sleep(rng.uniform(0.0, 0.35))  # the next request in flight, or the batch after being read
+            if proc.poll() is None and _checkpoint(state, "vip-newsletter")[1] < len(expected):
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+        out, err = proc.communicate(timeout=120)
+        outputs += [out, err]
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, out + err
+        run_id, last_kill_done = _checkpoint(state, "vip-newsletter")
+        if run_id is not None:  # the list holds what the report says was sent, plus at most the request in flight
+            assert 0 <= len(sg.settled_list()) - last_kill_done <= per_request
+    for text in outputs:
+        leaks.add("cli output", text)
+        assert "Traceback" not in text
+
+    [final] = read_runs(state, "vip-newsletter")
+    assert kills >= 4
+    assert final["status"] == "completed" and final["counts"]["sent"] == len(expected), final["error"]
+    in_list = sg.settled_list()
+    assert in_list == expected and len(in_list) == info.valid_distinct
+    assert set(sg.box.send_counts()) == expected
+    excess, most = excess_sends(sg.box)
+    allowance = kills * sg.box.stats["max_contacts_per_request"]  # one request in flight per kill
+    assert most <= 2, "a contact was sent more than twice"
+    assert excess <= allowance
+    beyond = sum(c - 2 for c in sg.box.send_counts().values() if c > 2) + max(0, excess - allowance)
+    fault_tally.record(faults=kills, runs=runs, expected=len(expected), in_list=len(in_list),
+                       lost=len(expected - in_list), dup_beyond=beyond)
+
+
+def test_resume_after_everything_was_accepted_reports_what_was_sent(sg: Box, small_export: Export, tmp_path: Path,
+                                                                    leaks: Leaks) -> None:
+    runner = Engine(sg, small_export, tmp_path / "state", leaks)
+    sg.box.inject({"endpoint": JOB_STATUS, "kind": "503", "times": FAST.max_attempts})  # polls give up
+    first = runner.run()
+    assert first["status"] == "interrupted" and first["counts"]["sent"] == len(small_export.expected)
+    second = runner.run(resume=first["run_id"])
+    assert second["status"] == "completed" and second["requests"]["count"] == 1
+    assert second["counts"]["sent"] == len(small_export.expected) == len(sg.settled_list())
+
+
+# ------------------------------------------------------------------------------------------------ two runs at once
+
+
+def test_a_second_run_of_the_same_export_is_refused_while_the_first_runs(sg: Box, small_export: Export,
+                                                                         tmp_path: Path, leaks: Leaks,
+                                                                         fault_tally: Any) -> None:
+    config = tmp_path / "destinations.json"
+    config.write_bytes(orjson.dumps(small_export.config(sg.list_id)))
+    state = tmp_path / "state"
+    args = cli_args(config, "vip-newsletter", small_export.root / small_export.key, state, "--wait")
+    entered, release = threading.Event(), threading.Event()
+    original = sg.box.op_upsert
+
+    def held(req: Any) -> tuple[int, Any]:  # the first run's request stays in flight until the second has ended
+        entered.set()
+        release.wait(60)
+        return original(req)
+
+    sg.box.op_upsert = held  # type: ignore[method-assign]
+    try:
+        first = subprocess.Popen(args, cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert entered.wait(60), "the first run never sent its request"
+        second = run_cli(leaks, cli_env(sg.url), args)
+        release.set()
+        out, err = first.communicate(timeout=60)
+    finally:
+        release.set()
+        del sg.box.op_upsert
+    leaks.add("first stdout", out)
+    leaks.add("first stderr", err)
+    assert second.returncode == 1 and "being exported by another run" in second.stderr
+    assert first.returncode == 0, out + err
+    [record] = read_runs(state, "vip-newsletter")  # the refused run left no record and sent nothing
+    assert record["status"] == "completed" and record["requests"]["count"] == sg.box.stats["requests"][PUT] == 1
+    in_list = sg.settled_list()
+    assert in_list == small_export.expected
+    excess, _ = excess_sends(sg.box)
+    assert excess == 0
+    fault_tally.record(faults=1, runs=2, expected=len(small_export.expected), in_list=len(in_list),
+                       lost=len(small_export.expected - in_list), dup_beyond=excess)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _write_bad_inputs(root: Path) -> dict[str, tuple[str, tuple[int, ...], list[str]]]:
+    """name -> (source path relative to root, accepted exit codes, words the output must hold)."""
+    root.mkdir(parents=True)
+    (root / "empty.csv").write_bytes(b"")
+    (root / "header_only.csv").write_bytes(b"email,first\r\n")
+    (root / "no_email.csv").write_bytes(b"name,first\r\nx,y\r\n")
+    (root / "bad_utf8.csv").write_bytes(b"email,first\r\nutf@example.com,\xff\xfeA\r\nutf2@example.com,B\r\n")
+    (root / "nul.csv").write_bytes(b"email,first\r\nn\x00ul@example.com,A\r\nnul2@example.com,B\r\n")
+    body = ("email,first\r\n" + "".join(f"gz{i}@example.com,N{i}\r\n" for i in range(9_000))).encode()
+    packed = gzip.compress(body)
+    (root / "truncated.csv.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    (root / "cdm").mkdir()
+    (root / "cdm" / "model.json").write_bytes(b'{"name": "BlobExport", "entities": [{"name": "people", ')
+    (root / "all_invalid.csv").write_bytes(b"email,first\r\nnot-an-email,A\r\n,B\r\nx@y,C\r\n")
+    (root / "garbage.jsonl").write_bytes(b'[1,2]\n{"email": 5}\nnot json\n{"email":"j@example.com","first":"J"}\n')
+    return {
+        "empty file": ("empty.csv", (0, 1), ["empty.csv", "empty"]),
+        "header only": ("header_only.csv", (0,), ["valid distinct 0"]),
+        "no email column": ("no_email.csv", (0, 1), ["no_email.csv", "'email' not found"]),
+        "invalid UTF-8": ("bad_utf8.csv", (0,), ["bad_utf8.csv line 2", "UTF-8"]),
+        "NUL byte": ("nul.csv", (0,), ["nul.csv line 2", "NUL"]),
+        "truncated gzip": ("truncated.csv.gz", (0, 1), ["truncated.csv.gz", "truncated"]),
+        "malformed model.json": ("cdm/model.json", (1,), ["model.json", "not valid JSON"]),
+        "every row invalid": ("all_invalid.csv", (0,), ["rejected 3", "invalid email"]),
+        "JSON Lines garbage": ("garbage.jsonl", (0,), ["garbage.jsonl line 1", "JSON object"]),
+    }
+
+
+def test_bad_inputs_end_cleanly_with_a_clear_message(sg: Box, tmp_path: Path, leaks: Leaks,
+                                                     fault_tally: Any) -> None:
+    inputs = _write_bad_inputs(tmp_path / "bad")
+    config = tmp_path / "destinations.json"
+    config.write_bytes(orjson.dumps({"destinations": [{
+        "name": "bad-inputs", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": sg.list_id,
+        "segments": ["people"], "mapping": {"email": "email", "first_name": "first"}, "max_profiles": None,
+        "bulk_threshold": None}]}))
+    procs = {
+        name: subprocess.Popen(cli_args(config, "bad-inputs", tmp_path / "bad" / rel, tmp_path / f"s{i}", "--wait"),
+                               cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, (name, (rel, _, _)) in enumerate(inputs.items())
+    }
+    problems = []
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        leaks.add(f"{name} stdout", out)
+        leaks.add(f"{name} stderr", err)
+        _, codes, words = inputs[name]
+        if "Traceback" in out + err or proc.returncode not in codes or not all(w in out + err for w in words):
+            problems.append(f"{name}: exit {proc.returncode}\n{out}{err}")
+    assert not problems, "\n".join(problems)
+    # the valid rows of the bad files still reach the list (the truncated file's are checked apart: see below)
+    expected = {"utf2@example.com", "nul2@example.com", "j@example.com"}
+    in_list = sg.settled_list()
+    assert in_list - {e for e in in_list if e.startswith("gz")} == expected
+    fault_tally.record(bad_inputs=len(inputs), runs=len(inputs), expected=len(expected),
+                       in_list=len(in_list & expected), lost=len(expected - in_list))
+
+
+def test_rows_before_a_truncation_reach_the_list(sg: Box, tmp_path: Path, leaks: Leaks) -> None:
+    _write_bad_inputs(tmp_path / "bad")
+    export = Export(tmp_path / "bad", "truncated.csv.gz",
+                    {"name": "bad-inputs", "consent": True, "api_key_secret": "sendgrid-api-key",
+                     "segments": ["people"], "mapping": {"email": "email"}, "max_profiles": None,
+                     "bulk_threshold": None},
+                    frozenset(reference_emails(tmp_path / "bad", "truncated.csv.gz", "email")))
+    assert len(export.expected) > 1000  # the readable part of the file
+    record = Engine(sg, export, tmp_path / "state", leaks).run()
+    assert record["status"] == "completed_with_errors" and "truncated" in record["file_errors"][0]
+    assert sg.settled_list() == export.expected
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+
+
+def test_the_leak_guard_finds_a_key_or_a_part_of_it(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "report.json").write_text('{"error": "token ' + KEY.split(".")[2] + '"}')
+    assert _find_leaks([("stdout", "all clear")], [tmp_path]) == [f"{tmp_path / 'state' / 'report.json'}: key 1 part 1"]
+    assert _find_leaks([("stderr", f"Bearer {KEY2}")], []) == ["stderr: key 2", "stderr: key 2 part 0",
+                                                               "stderr: key 2 part 1"]
+    assert not _find_leaks([("x", "SG.other.key FAULTSUITE-")], [])
+    (tmp_path / "state" / "report.json").unlink()  # this test's own file must not trip the autouse guard
+
+
+def test_the_key_stays_out_of_errors_reprs_and_logs(sg: Box, small_export: Export, tmp_path: Path,
+                                                    leaks: Leaks) -> None:
+    """The autouse guard scans every output; this adds the objects and errors a caller could print."""
+    environ = {"SENDGRID_API_KEY": KEY}
+    provider = EnvSecrets(environ)
+    client = SendGridClient(sg.url, provider, "sendgrid-api-key", policy=FAST)
+    sg.box.rotate_keys([KEY2])  # the key the client holds is now refused: 401, re-read, 401
+    with pytest.raises(Exception) as caught:
+        client.get_list(sg.list_id)
+    client.close()
+    leaks.add("AuthError", f"{caught.value!s} {caught.value!r} {caught.value.args!r}")
+    leaks.add("reprs", f"{client!r} {provider!r} {provider.get('sendgrid-api-key')!r} {sg.box!r} "
+                       f"{provider.get('sendgrid-api-key')} {sg.box.stats}")
+    assert "401" in str(caught.value) and "update the secret" in str(caught.value)
+    environ["SENDGRID_API_KEY"] = KEY2
+    record = Engine(sg, small_export, tmp_path / "state", leaks, environ=environ).run()
+    assert record["status"] == "completed"
