@@ -196,13 +196,11 @@ class _Run:
                         kept.append((email, contact))
                     if kept:
                         fresh = deduper.first_seen(contacts.fingerprints([k[0] for k in kept]))
-                        dup = 0
-                        for (email, contact), new in zip(kept, fresh, strict=True):
-                            if new:
-                                yield email, contact
-                            else:
-                                dup += 1
-                        counts["duplicates"] += dup
+                        new = [k for k, is_new in zip(kept, fresh.tolist(), strict=True) if is_new]
+                        counts["duplicates"] += len(kept) - len(new)
+                        if self.sorter is not None:  # every contact of the run, for the list's snapshot
+                            self.sorter.extend([email for email, _ in new])
+                        yield from new
                     self.tick()
             except SourceError as exc:
                 msg = redact(str(exc))
@@ -229,7 +227,7 @@ class _Run:
         bulk_threshold contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest."""
         skip = self.record["checkpoint"]["contacts_done"]
         limit = self.dest.bulk_threshold
-        stream = ((i, email, c) for i, (email, c) in enumerate(self._remembered(self.contact_stream())) if i >= skip)
+        stream = ((i, email, c) for i, (email, c) in enumerate(self.contact_stream()) if i >= skip)
         rest: list[tuple[int, str, dict[str, Any]]] = []
 
         def json_items() -> Iterator[tuple[int, str, bytes]]:
@@ -246,16 +244,6 @@ class _Run:
         if rest:
             assert self.importer is not None
             yield from (("csv", f) for f in self.importer.files(itertools.chain(rest, stream), self.tick))
-
-    def _remembered(self, stream: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every contact of the run (the replayed part of a resume too) goes into the snapshot sorter."""
-        if self.sorter is None:
-            yield from stream
-            return
-        add = self.sorter.add
-        for item in stream:
-            add(item[0])
-            yield item
 
     def send_all(self, client: SendGridClient) -> None:
         q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=2)

@@ -113,6 +113,16 @@ class EmailSorter:
         if len(self._buffer) >= self.chunk_size:
             self._spill()
 
+    def extend(self, emails: list[str]) -> None:
+        """add() for many emails at once, without the per-email check: for addresses already validated (the
+        contact mapper's emails are lower-cased and contain no line breaks)."""
+        if self._finished or self._closed:
+            raise ValueError("EmailSorter: extend() after sorted_unique() or close()")
+        self._buffer.extend(emails)
+        self.added += len(emails)
+        if len(self._buffer) >= self.chunk_size:
+            self._spill()
+
     def _new_path(self) -> str:
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="emailsort-", dir=self._tmp_parent)
