@@ -12,7 +12,7 @@ list holds exactly `counts.sent` contacts; "resume": `--resume RUN_ID` then comp
 | fault | the run | then |
 |---|---|---|
 | 429 storm with `X-RateLimit-Reset` / `Retry-After` | waits for each reset; `completed`, each contact sent once | - |
-| 429s outlasting `max_rate_limit_wait` | `interrupted` (the timer or the same command goes on later), list = sent | resume |
+| 429s outlasting `max_rate_limit_wait` | `interrupted` (the timer or a rerun goes on later); list = sent | resume |
 | bursts of 500 / 503 within the retry budget | backoff with jitter, retried; `completed` | - |
 | 500 / 503 outlasting the budget (8 attempts) | `interrupted`, error names endpoint and status; list = sent | resume |
 | connection reset before processing | retried; `completed`, each contact sent once | - |

@@ -197,3 +197,30 @@ def test_two_triggers_for_one_destination_at_once_never_interleave(deployed, san
     (run,) = _runs(deployed["state"])
     assert run["status"] == "completed"
     assert len(sandbox.box.list_emails(deployed["list_id"])) == deployed["info"].valid_distinct
+
+
+def test_mirror_destination_through_the_blob_trigger_follows_the_segment(deployed, sandbox) -> None:
+    import function_app
+
+    config = orjson.loads(deployed["state"].download_blob("destinations.json").readall())
+    config["destinations"][0]["mode"] = "mirror"
+    deployed["state"].upload_blob("destinations.json", orjson.dumps(config), overwrite=True)
+    deployed["land"]()
+    model = deployed["exports"].get_blob_client(deployed["info"].model_key)
+    function_app.on_export(model)
+    time.sleep(0.2)
+    _timer()
+    everyone = set(sandbox.box.list_emails(deployed["list_id"]))
+    assert len(everyone) == deployed["info"].valid_distinct
+    # the next export drops the last partition's people: they leave the list (and stay in SendGrid)
+    meta = orjson.loads(model.download_blob().readall())
+    dropped = meta["entities"][0]["partitions"].pop()
+    model.upload_blob(orjson.dumps(meta), overwrite=True)
+    function_app.on_export(model)
+    time.sleep(0.2)
+    _timer()
+    remaining = set(sandbox.box.list_emails(deployed["list_id"]))
+    runs = sorted(_runs(deployed["state"]), key=lambda r: r["run_id"])
+    assert runs[-1]["mirror"]["guard_rail"] == "allowed" and runs[-1]["mirror"]["removed"] == len(everyone - remaining)
+    assert remaining < everyone and len(everyone - remaining) > 1000, dropped["name"]
+    assert all(sandbox.box.contact(e) is not None for e in list(everyone - remaining)[:50])
