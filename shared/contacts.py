@@ -267,11 +267,16 @@ def fingerprints(emails: Sequence[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8").astype(np.uint64)  # a writable copy in native order
 
 
+RUN_CAP = 1 << 20  # fingerprints per sorted run at most: a merge never copies more than 8 MB
+
+
 class Deduper:
     """Remembers 64-bit fingerprints in sorted uint64 runs (8 bytes each, plus a transient copy while merging).
 
     Runs are merged like a binary counter (a run is merged into the one before it while that one is at most twice
-    its size), so there are O(log n) runs and each fingerprint is copied O(log n) times in total.
+    its size) up to RUN_CAP fingerprints, so memory grows by 8 bytes a profile with a bounded transient (merging
+    ever larger runs would briefly need 16 to 24 bytes a profile); beyond RUN_CAP a lookup searches one more run
+    per million profiles, which stays cheap next to the rest of a row's work.
     """
 
     def __init__(self) -> None:
@@ -319,7 +324,7 @@ class Deduper:
         runs = self._runs
         runs.append(run)
         self._count += run.size
-        while len(runs) > 1 and runs[-2].size <= 2 * runs[-1].size:
+        while len(runs) > 1 and runs[-2].size <= 2 * runs[-1].size and runs[-2].size + runs[-1].size <= RUN_CAP:
             small = runs.pop()
             big = runs.pop()
             if big.size < small.size:

@@ -12,10 +12,11 @@ EU_BASE_URL = "https://api.eu.sendgrid.com"  # EU regional subusers (documented 
 OFFICIAL_HOSTS = frozenset({"api.sendgrid.com", "api.eu.sendgrid.com"})
 
 # PUT /v3/marketing/contacts [C]: "30,000 contacts or 6 MB, whichever is lower". 6 MB is read as 6,000,000 bytes of
-# encoded body; we keep a 1% margin for proxies that count headers or use a slightly different megabyte.
+# encoded body; we keep a 2,000-byte margin (a few lines of headers, should a proxy count them). A percentage margin
+# would cost requests: 1% made a 5-million-profile export take 190 requests where 188 are the minimum.
 MAX_CONTACTS_PER_REQUEST = 30_000
 MAX_REQUEST_BYTES = 6_000_000
-REQUEST_BYTES_TARGET = 5_940_000
+REQUEST_BYTES_TARGET = 5_998_000
 
 # PUT /v3/marketing/contacts/imports [C]: up to 1,000,000 contacts (or 5 GB) per file; gzip allowed.
 MAX_CONTACTS_PER_IMPORT_FILE = 1_000_000
