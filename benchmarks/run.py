@@ -484,7 +484,8 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("  engine CPU (user + sys), s", lambda r: _fmt(r["engine"]["cpu_s"], ".2f")),
     ("contacts/s end to end", lambda r: _fmt(r["derived"]["contacts_per_s"])),
     ("first request left after, s", lambda r: _fmt(r["engine"]["first_request_s"], ".2f")),
-    ("  after the last request (jobs, snapshot), s", lambda r: _fmt(r["engine"].get("tail_s"), ".2f")),
+    ("  after the last request (jobs, snapshot), s", lambda r: _fmt(r["engine"].get("tail_s"), ".2f")
+     + (" (after the last JSON request: includes the imports)" if r["engine"]["imports"] else "")),
     ("  export read at first request", lambda r: "-" if r["engine"]["read_fraction_at_first_request"] is None
      else f"{100 * r['engine']['read_fraction_at_first_request']:.1f}%"),
     ("requests (actual / minimum)", lambda r: f"{r['engine']['requests']} / {_fmt(r['engine']['minimum_requests'])}"),
@@ -492,7 +493,8 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
      lambda r: _fmt(r["engine"].get("minimum_requests_at_target"))),
     ("bulk imports (files / contacts)", lambda r: f"{r['engine']['imports']} / {r['engine']['import_contacts']:,}"),
     ("requests per 100,000 contacts", lambda r: _fmt(r["derived"]["requests_per_100k"], ".2f")),
-    ("avg request fill, bytes", lambda r: f"{_fmt(r['derived']['avg_request_bytes'])} "
+    ("avg request fill, bytes", lambda r: "n/a (the report mixes in import file sizes)"
+     if r["derived"]["avg_request_bytes"] is None else f"{_fmt(r['derived']['avg_request_bytes'])} "
      f"({_fmt(r['derived']['avg_fill_bytes_pct'], '.1f')}% of 6,000,000)"),
     ("avg request fill, contacts", lambda r: f"{_fmt(r['derived']['avg_request_contacts'])} "
      f"({_fmt(r['derived']['avg_fill_contacts_pct'], '.1f')}% of 30,000)"),
