@@ -21,7 +21,7 @@ from .engine import Services, destination, now_iso
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable
 from .secrets import redact
 from .state import StateStore, new_run_id
-from .storage import PreconditionFailed, wait_for_lease
+from .storage import PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
     key = svc.state.snapshot_key(name, dest.list_id)
     store = svc.state.store
     try:
-        lease = wait_for_lease(svc.state.store, f"leases/{name}", 60, LEASE_WAIT_SECONDS)
+        lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
     except LeaseUnavailable:
         record.update(status="interrupted", error="the destination is busy with a run; run the removal again")
         svc.state.save_run(record)
@@ -127,7 +127,7 @@ def erase(svc: Services, email: str, *, by: str = "cli") -> dict[str, Any]:
     for name, dest in sorted(svc.config.destinations.items()):
         key = svc.state.snapshot_key(name, dest.list_id)
         try:
-            lease = wait_for_lease(svc.state.store, f"leases/{name}", 60, LEASE_WAIT_SECONDS)
+            lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
         except LeaseUnavailable:
             report["errors"].append(f"{name}: busy with a run; erase again to finish")
             continue
