@@ -19,12 +19,15 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import batching, bulk, contacts, mirror, snapshots, sources
+import numpy as np
+import orjson
+
+from . import batching, bulk, contacts, mirror, pipeline, snapshots, sources
 from .config import Config, Destination
 from .errors import (
     AuthError,
@@ -47,7 +50,6 @@ log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
 FINAL_JOB = ("completed", "errored", "failed")
-_CHUNK = 4096
 _NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
 
 
@@ -86,23 +88,6 @@ class Services:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    """Lists of up to size rows. When the source fails mid-chunk, the rows read before the failure come first."""
-    chunk: list[Any] = []
-    try:
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    except SourceError:
-        if chunk:
-            yield chunk
-        raise
-    if chunk:
-        yield chunk
 
 
 def _reason_key(reason: str) -> str:
@@ -149,6 +134,22 @@ class _Rejections:
         self._file.close()
 
 
+def _numbered(chunks: Iterator[tuple[pipeline.MappedChunk, list[int]]],
+             index: int) -> Iterator[tuple[pipeline.MappedChunk, list[int], int]]:
+    for chunk, keep in chunks:
+        yield chunk, keep, index
+        index += len(keep)
+
+
+def _contact_dicts(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]]
+                   ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(stream index, email, contact) for the bulk path, which writes contacts as CSV rows."""
+    loads = orjson.loads
+    for chunk, keep, index in chunks:
+        for i, pos in enumerate(keep, index):
+            yield i, chunk.emails[pos], loads(chunk.contact(pos))
+
+
 class _Run:
     def __init__(self, req: RunRequest, svc: Services, dest: Destination, record: dict[str, Any]) -> None:
         self.req, self.svc, self.dest, self.record = req, svc, dest, record
@@ -156,6 +157,9 @@ class _Run:
         self.rejections = _Rejections()
         self.notes: Counter[str] = Counter()
         self.mapper: contacts.ContactMapper | None = None
+        self.spec: pipeline.MapperSpec | None = None  # the mapper's recipe, for worker processes
+        self.workers = pipeline.worker_count(svc.environ)
+        self.trimmed: Counter[str] = Counter()
         self.partitions: list[sources.Partition] = []
         self.importer: bulk.Importer | None = None
         self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
@@ -166,41 +170,36 @@ class _Run:
 
     # --- reading ------------------------------------------------------------------------------------------------------
 
-    def contact_stream(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """De-duplicated contacts in source order, as (email, contact); counts and rejections on the way."""
-        assert self.mapper is not None
-        mapper, counts, reject = self.mapper, self.counts, self.rejections.add
+    def kept_chunks(self) -> Iterator[tuple[pipeline.MappedChunk, list[int]]]:
+        """Mapped chunks in source order, each with the positions of its contacts not seen earlier in the run (the
+        run's contacts, de-duplicated); counts, rejections and the snapshot's emails on the way."""
+        assert self.mapper is not None and self.spec is not None
+        mapper, spec, counts, reject = self.mapper, self.spec, self.counts, self.rejections.add
         deduper = contacts.Deduper()
-        email_col = mapper.columns[0]
+        required = (mapper.columns[0],)
         warnings: list[str] = self.record["warnings"]
+        field_notes: list[dict[str, Any]] = self.record["field_notes"]
         for part in self.partitions:
             try:
-                rows = sources.read_rows(self.svc.sources, part, mapper.columns, required=(email_col,),
-                                         warnings=warnings)
-                for chunk in _chunks(rows, _CHUNK):
-                    counts["read"] += len(chunk)
-                    kept: list[tuple[str, dict[str, Any]]] = []
-                    for line, values, reason in chunk:
-                        if values is None:
-                            reject(part.key, line, reason or "unreadable row")
-                            continue
-                        mapped = mapper.map(values)
-                        if type(mapped) is str:
-                            reject(part.key, line, mapped)
-                            continue
-                        email, contact, note = mapped  # type: ignore[misc]
-                        if note:
-                            self.notes.update(_NOTE_FIELD.findall(note))
-                            if len(self.record["field_notes"]) < REJECTION_SAMPLE:
-                                self.record["field_notes"].append({"file": part.key, "line": line, "note": note})
-                        kept.append((email, contact))
-                    if kept:
-                        fresh = deduper.first_seen(contacts.fingerprints([k[0] for k in kept]))
-                        new = [k for k, is_new in zip(kept, fresh.tolist(), strict=True) if is_new]
-                        counts["duplicates"] += len(kept) - len(new)
-                        if self.sorter is not None:  # every contact of the run, for the list's snapshot
-                            self.sorter.extend([email for email, _ in new])
-                        yield from new
+                for chunk in pipeline.mapped_chunks(self.svc.sources, part, mapper, spec, required, warnings,
+                                                    workers=self.workers):
+                    counts["read"] += chunk.read
+                    for line, reason in chunk.rejects:
+                        reject(part.key, line, reason)
+                    for line, note in chunk.notes:
+                        self.notes.update(_NOTE_FIELD.findall(note))
+                        if len(field_notes) < REJECTION_SAMPLE:
+                            field_notes.append({"file": part.key, "line": line, "note": note})
+                    if chunk.trimmed:
+                        self.trimmed.update(chunk.trimmed)
+                    if chunk.emails:
+                        keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
+                        counts["duplicates"] += len(chunk.emails) - len(keep)
+                        if keep:
+                            if self.sorter is not None:  # every contact of the run, for the list's snapshot
+                                emails = chunk.emails
+                                self.sorter.extend(emails if len(keep) == len(emails) else [emails[k] for k in keep])
+                            yield chunk, keep
                     self.tick()
             except SourceError as exc:
                 msg = redact(str(exc))
@@ -223,27 +222,32 @@ class _Run:
     # --- sending ------------------------------------------------------------------------------------------------------
 
     def work(self) -> Iterator[tuple[str, Any]]:
-        """What the sender sends, in order: ("json", [(index, email, encoded)]) request batches for the first
-        bulk_threshold contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest."""
+        """What the sender sends, in order: ("json", ContactBatch) request batches for the first bulk_threshold
+        contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest. Contacts before
+        the checkpoint are replayed (counted, de-duplicated) but not sent."""
         skip = self.record["checkpoint"]["contacts_done"]
         limit = self.dest.bulk_threshold
-        stream = ((i, email, c) for i, (email, c) in enumerate(self.contact_stream()) if i >= skip)
-        rest: list[tuple[int, str, dict[str, Any]]] = []
-
-        def json_items() -> Iterator[tuple[int, str, bytes]]:
-            for i, email, contact in stream:
-                if limit is not None and i >= limit:
-                    rest.append((i, email, contact))
-                    return
-                yield i, email, contacts.encode(contact)
-
-        overhead = batching.body_overhead([self.dest.list_id])
-        for batch in batching.pack(json_items(), lambda t: len(t[2]), overhead=overhead,
-                                   collect=batching.ContactBatch):
+        packer = batching.Packer(batching.body_overhead([self.dest.list_id]))
+        chunks = self.kept_chunks()
+        index = 0  # stream index of the chunk's first kept contact
+        for chunk, keep in chunks:
+            start, index = index, index + len(keep)
+            if index <= skip:
+                continue
+            if start < skip:
+                keep, start = keep[skip - start :], skip
+            cut = len(keep) if limit is None else min(len(keep), max(0, limit - start))
+            for batch in packer.add(chunk.data, chunk.ends, chunk.emails, keep[:cut], start):
+                yield "json", batch
+            if cut < len(keep):
+                if (batch := packer.flush()) is not None:
+                    yield "json", batch
+                assert self.importer is not None
+                rest = itertools.chain([(chunk, keep[cut:], start + cut)], _numbered(chunks, index))
+                yield from (("csv", f) for f in self.importer.files(_contact_dicts(rest), self.tick))
+                return
+        if (batch := packer.flush()) is not None:
             yield "json", batch
-        if rest:
-            assert self.importer is not None
-            yield from (("csv", f) for f in self.importer.files(itertools.chain(rest, stream), self.tick))
 
     def send_all(self, client: SendGridClient) -> None:
         q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=2)
@@ -480,8 +484,7 @@ def _finish_counts(state: _Run) -> None:
     counts["rejected"] = dict(state.rejections.by_reason)
     counts["rejected_total"] = sum(state.rejections.by_reason.values())
     counts["field_notes"] = dict(state.notes)
-    if state.mapper is not None:
-        counts["trimmed"] = dict(state.mapper.trimmed)
+    counts["trimmed"] = dict(state.trimmed)
     rec["rejections"] = state.rejections.sample
 
 
@@ -513,10 +516,11 @@ def _execute(state: _Run) -> None:
         record["warnings"].append(f"dry run without SendGrid: {exc}; custom fields are checked as text")
         custom = [contacts.CustomField(n, n, "Text", c) for n, c in dest.custom_fields.items()]
     state.mapper = contacts.ContactMapper(dest.mapping, custom)
+    state.spec = pipeline.MapperSpec.of(dest.mapping, custom)
     svc.state.save_run(record)
     try:
         if dest.max_profiles is not None or req.dry_run:
-            for _ in state.contact_stream():
+            for _ in state.kept_chunks():
                 pass
             if dest.max_profiles is not None and record["counts"]["valid"] > dest.max_profiles:
                 raise RunRefused(
@@ -597,8 +601,7 @@ def _reset_counts(state: _Run) -> None:
     state.record["field_notes"] = []
     state.record["warnings"] = [w for w in state.record["warnings"] if w.startswith("segments not")]
     state.record["file_errors"] = []
-    if state.mapper is not None:
-        state.mapper.trimmed.clear()
+    state.trimmed.clear()
 
 
 def _resolve_custom_fields(dest: Destination, defs: Mapping[str, Any]) -> list[contacts.CustomField]:

@@ -38,8 +38,13 @@ __all__ = [
     "MAX_FIELD_CHARS",
     "MAX_JSONL_LINE_BYTES",
     "MAX_MODEL_JSON_BYTES",
+    "CsvChunk",
+    "CsvLayout",
     "Partition",
+    "ReadOn",
+    "csv_chunks",
     "discover",
+    "parse_csv_chunk",
     "read_rows",
 ]
 
@@ -537,22 +542,11 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
         text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
         text._CHUNK_SIZE = _READ_CHUNK  # type: ignore[attr-defined]  # one read1() per guard chunk, no copies
         rd = csv.reader(text, delimiter=part.delimiter, quotechar='"', doublequote=True, strict=True)
-        columns = part.columns
         try:
             header = _csv_header(rd, part, max_line) if part.header else None
         except _DAMAGED as e:
             raise _io_error(part, rd.line_num + 1, e) from e
-        if columns is None:
-            if not part.header:
-                raise SourceError("has neither a header row nor column names from model.json", file=part.key)
-            if header is None:
-                raise SourceError("no header row: the file is empty; a plain CSV file needs a header row naming its "
-                                  "columns", file=part.key, line=1)
-            columns = tuple(header)
-        elif header is not None and [h.strip().casefold() for h in header] != [c.casefold() for c in columns]:
-            warns.append(f"{part.key}: the header row ({_show_columns(header, 10)}) differs from model.json's "
-                         f"attributes ({_show_columns(columns, 10)}); model.json's columns were used")
-        idx = _check_columns(part, columns, wanted, required, warns, part.delimiter)
+        columns, idx = _csv_columns(part, header, wanted, required, warns)
         n = len(columns)
         get = _picker(n, idx)
         gives_list = type(get) is itemgetter and type(get([None] * (n + 1))) is list
@@ -591,6 +585,23 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
                         prev = rd.line_num
         except _DAMAGED as e:
             raise _io_error(part, prev + base, e) from e
+
+
+def _csv_columns(part: Partition, header: list[str] | None, wanted: Sequence[str], required: Collection[str],
+                 warns: list[str]) -> tuple[tuple[str, ...], list[int | None]]:
+    """The partition's columns (model.json's, else the header's) and the index of each wanted column."""
+    columns = part.columns
+    if columns is None:
+        if not part.header:
+            raise SourceError("has neither a header row nor column names from model.json", file=part.key)
+        if header is None:
+            raise SourceError("no header row: the file is empty; a plain CSV file needs a header row naming its "
+                              "columns", file=part.key, line=1)
+        columns = tuple(header)
+    elif header is not None and [h.strip().casefold() for h in header] != [c.casefold() for c in columns]:
+        warns.append(f"{part.key}: the header row ({_show_columns(header, 10)}) differs from model.json's "
+                     f"attributes ({_show_columns(columns, 10)}); model.json's columns were used")
+    return columns, _check_columns(part, columns, wanted, required, warns, part.delimiter)
 
 
 def _skip_quoted_field(lines: Iterator[str]) -> tuple[int, bool]:
@@ -651,6 +662,175 @@ def _csv_slow(row: list[str], n: int, get: Callable[[list[str]], Sequence[str | 
     values = [*get(row)]
     problem = _value_problem(values, wanted, line, max_line)
     return (line, None, problem) if problem else (line, values, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSV in chunks, for parsing in other processes
+#
+# The reading process cuts a CSV partition into chunks of whole records at line breaks where the count of quote
+# characters since the chunk's start is even, and other processes parse them (parse_csv_chunk). A chunk is only
+# trusted when its own parse ends cleanly: a parse that starts at a record boundary and ends without error ends at a
+# record boundary too, so chunk by chunk the rows are exactly those of one parse of the whole file. Anything unusual
+# (a stray quote that defeats the parity rule, bytes that are not UTF-8, NUL bytes, an over-long line, a csv error,
+# a damaged gzip) makes the caller read the rest of the partition with read_rows, from the first line not yet
+# taken, so every reason, line number and SourceError stays what read_rows gives.
+
+CHUNK_BYTES = 1024 * 1024  # a chunk is cut at the last usable line break after this many bytes
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """What parse_csv_chunk needs to know about a partition (small and picklable)."""
+
+    key: str
+    delimiter: str
+    columns: int
+    index: tuple[int | None, ...]  # of each wanted column in a row
+    wanted: tuple[str, ...]
+    max_field: int
+    max_line: int
+
+
+@dataclass(frozen=True)
+class CsvChunk:
+    layout: CsvLayout
+    data: bytes  # whole records, UTF-8 without BOM
+    first_line: int  # the 1-based physical line the chunk starts on
+
+
+@dataclass(frozen=True)
+class ReadOn:
+    """The rest of the partition, from this line on, must be read with read_rows."""
+
+    line: int
+
+
+def _line_breaks(data: bytes) -> int:
+    """Physical lines ended in data, counted like csv.reader does (\r\n, \r and \n each end one)."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
+def _record_cut(buf: bytes, tries: int = 256) -> int:
+    """Length of the longest prefix of buf that ends with a line break outside quotes (by quote parity), or 0."""
+    after = 0  # quotes after position p
+    end = len(buf)
+    total = buf.count(b'"')
+    for _ in range(tries):
+        p = buf.rfind(b"\n", 0, end)
+        if p < 0:
+            return 0
+        after += buf.count(b'"', p + 1, end)
+        if (total - after) % 2 == 0:
+            return p + 1
+        end = p
+    return 0
+
+
+def _first_record_end(buf: bytes, tries: int = 256) -> int:
+    """Length of the shortest prefix of buf that ends with a line break outside quotes (by quote parity), or 0."""
+    p = -1
+    for _ in range(tries):
+        p = buf.find(b"\n", p + 1)
+        if p < 0:
+            return 0
+        if buf.count(b'"', 0, p) % 2 == 0:
+            return p + 1
+    return 0
+
+
+def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], required: Collection[str] = (),
+               warnings: list[str] | None = None, *, chunk_bytes: int = CHUNK_BYTES, max_field: int = MAX_FIELD_CHARS,
+               max_line: int | None = None) -> Iterator[CsvChunk | ReadOn]:
+    """A CSV partition as CsvChunks of whole records, in order; a ReadOn ends the stream early when the rest must
+    be read with read_rows (see above). Header and column problems raise SourceError as read_rows does."""
+    warns = warnings if warnings is not None else []
+    max_line = max_line or MAX_CSV_LINE_BYTES
+    csv.field_size_limit(max_field)
+    with _open_lines(store, part, max_line, b"\r\n", warns) as guard:
+        read = guard._read  # the decompressed stream: this reader needs none of the guard's line handling
+        line, buf, layout, eof = 1, b"", None, False
+        while not eof:
+            try:
+                block = read(chunk_bytes)
+            except _DAMAGED:
+                yield ReadOn(line)
+                return
+            eof = not block
+            buf = buf + block if buf else block
+            if layout is None:
+                if len(buf) < len(_BOM) and not eof:
+                    continue
+                buf = buf.removeprefix(_BOM)
+                if not part.header:
+                    layout = _layout(part, None, wanted, required, warns, max_field, max_line)
+                else:
+                    if buf[:1] in (b"\r", b"\n"):  # blank lines before the header: rare, leave them to read_rows
+                        yield ReadOn(1)
+                        return
+                    cut = _first_record_end(buf[: max_line + 1]) or (len(buf) if eof else 0)
+                    if not cut and not eof:
+                        if len(buf) > max_line:
+                            yield ReadOn(1)
+                            return
+                        continue
+                    try:
+                        text = buf[:cut].decode("utf-8")
+                    except UnicodeDecodeError:
+                        yield ReadOn(1)
+                        return
+                    rd = csv.reader(io.StringIO(text, newline=""), delimiter=part.delimiter, strict=True)
+                    header = _csv_header(rd, part, max_line)
+                    layout = _layout(part, header, wanted, required, warns, max_field, max_line)
+                    line += _line_breaks(buf[:cut])
+                    buf = buf[cut:]
+            if eof:
+                if len(buf) > max_line:  # it may hold a line read_rows would refuse as too long
+                    yield ReadOn(line)
+                elif buf:
+                    yield CsvChunk(layout, buf if buf.endswith((b"\n", b"\r")) else buf + b"\n", line)
+                return
+            if len(buf) < chunk_bytes:
+                continue
+            cut = _record_cut(buf)
+            if cut and cut <= max_line:  # no line in the chunk can be longer than the chunk
+                data = buf[:cut]
+                yield CsvChunk(layout, data, line)
+                line += _line_breaks(data)
+                buf = buf[cut:]
+            elif len(buf) > max_line:
+                yield ReadOn(line)
+                return
+
+
+def _layout(part: Partition, header: list[str] | None, wanted: Sequence[str], required: Collection[str],
+            warns: list[str], max_field: int, max_line: int) -> CsvLayout:
+    columns, idx = _csv_columns(part, header, wanted, required, warns)
+    return CsvLayout(part.key, part.delimiter, len(columns), tuple(idx), tuple(wanted), max_field, max_line)
+
+
+def parse_csv_chunk(chunk: CsvChunk) -> Iterator[Row]:
+    """The rows of a chunk, as read_rows gives them. Raises ValueError when the chunk cannot be trusted (see above):
+    the caller then reads on from chunk.first_line with read_rows."""
+    lay = chunk.layout
+    text = chunk.data.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    if "\x00" in text:
+        raise ValueError("NUL byte")
+    csv.field_size_limit(lay.max_field)
+    rd = csv.reader(io.StringIO(text, newline=""), delimiter=lay.delimiter, quotechar='"', doublequote=True,
+                    strict=True)
+    n, base, idx = lay.columns, chunk.first_line, list(lay.index)
+    get = _picker(n, idx)
+    gives_list = type(get) is itemgetter and type(get([None] * (n + 1))) is list
+    prev = 0
+    try:
+        for row in rd:
+            if len(row) == n:
+                yield prev + base, get(row) if gives_list else [*get(row)], None
+            elif row:
+                yield _csv_slow(row, n, get, lay.wanted, False, prev + base, lay.max_line)
+            prev = rd.line_num
+    except csv.Error as e:
+        raise ValueError(f"csv: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""Rows to encoded contacts, chunk by chunk, in this process or in worker processes, always in source order.
+
+A chunk of rows becomes a MappedChunk: the rows' rejections and notes, and for every mapped contact its email, its
+fingerprint and its JSON, joined in one buffer. The exporting process then only de-duplicates, packs and sends.
+
+Large CSV partitions are cut into chunks of whole records (sources.csv_chunks) that worker processes parse, map and
+encode; results are taken in submission order, so the contacts come out exactly as a serial read gives them and a
+run stays deterministic (its checkpoint is a count of contacts). Anything a worker cannot trust, a broken pool, or
+a partition that is small, JSON Lines or read with no workers, goes through sources.read_rows in this process.
+Workers see rows and the mapping only, never a secret or a client.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from array import array
+from collections.abc import Collection, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import contacts, sources
+from .errors import SourceError
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_CHUNK = 4096  # rows mapped at a time in this process
+PARALLEL_MIN_BYTES = 2 * 1024 * 1024  # a smaller partition is not worth shipping to workers
+MAX_WORKERS = 8
+WORKERS_SETTING = "EXPORT_WORKERS"
+
+
+@dataclass(frozen=True)
+class MapperSpec:
+    """A ContactMapper's recipe: what a worker process needs to build the same mapper."""
+
+    mapping: tuple[tuple[str, str], ...]
+    custom: tuple[contacts.CustomField, ...] = ()
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, str], custom: Sequence[contacts.CustomField] = ()) -> MapperSpec:
+        return cls(tuple(mapping.items()), tuple(custom))
+
+    def build(self) -> contacts.ContactMapper:
+        return contacts.ContactMapper(dict(self.mapping), self.custom)
+
+
+@dataclass
+class MappedChunk:
+    read: int  # rows read, rejected ones included
+    rejects: list[tuple[int | None, str]]  # (line, reason)
+    notes: list[tuple[int | None, str]]  # (line, note) of contacts sent without some value
+    trimmed: dict[str, int]  # field -> values cut to SendGrid's length
+    emails: list[str]
+    fps: np.ndarray  # contacts.fingerprints(emails)
+    data: bytes  # the contacts' JSON, back to back
+    ends: array  # end offset in data of each contact
+
+    def contact(self, pos: int) -> bytes:
+        return self.data[self.ends[pos - 1] if pos else 0 : self.ends[pos]]
+
+
+def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row]) -> MappedChunk:
+    """Map and encode rows (as read_rows gives them). Pure but for mapper.trimmed, which it hands on and clears."""
+    mapfn, dumps = mapper.map, orjson.dumps
+    rejects: list[tuple[int | None, str]] = []
+    notes: list[tuple[int | None, str]] = []
+    emails: list[str] = []
+    buf = bytearray()
+    ends = array("Q")
+    read = 0
+    for line, values, reason in rows:
+        read += 1
+        if values is None:
+            rejects.append((line, reason or "unreadable row"))
+            continue
+        mapped = mapfn(values)
+        if type(mapped) is str:
+            rejects.append((line, mapped))
+            continue
+        email, contact, note = mapped  # type: ignore[misc]
+        if note:
+            notes.append((line, note))
+        buf += dumps(contact)  # appended at once: orjson's results are over-allocated, never keep them
+        ends.append(len(buf))
+        emails.append(email)
+    trimmed = dict(mapper.trimmed)
+    mapper.trimmed.clear()
+    return MappedChunk(read, rejects, notes, trimmed, emails, contacts.fingerprints(emails), bytes(buf), ends)
+
+
+def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of up to size rows. When the source fails mid-chunk, the rows read before the failure come first."""
+    chunk: list[Any] = []
+    try:
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except SourceError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+# --- workers ----------------------------------------------------------------------------------------------------------
+
+_MAPPERS: dict[MapperSpec, contacts.ContactMapper] = {}  # in a worker: one mapper per recipe
+
+
+class _Untrusted(Exception):
+    pass
+
+
+def _parsed(chunk: sources.CsvChunk) -> Iterator[sources.Row]:
+    try:
+        yield from sources.parse_csv_chunk(chunk)
+    except ValueError as e:
+        raise _Untrusted(str(e)) from None
+
+
+def map_csv_chunk(spec: MapperSpec, chunk: sources.CsvChunk) -> MappedChunk | None:
+    """A worker's job: parse, map and encode one chunk; None when the chunk must be read with read_rows instead."""
+    mapper = _MAPPERS.get(spec)
+    if mapper is None:
+        mapper = _MAPPERS[spec] = spec.build()
+    try:
+        return map_rows(mapper, _parsed(chunk))
+    except _Untrusted:
+        mapper.trimmed.clear()
+        return None
+
+
+def _watch_parent(parent: int) -> None:
+    """Pool initializer: end this worker once its parent is gone. A worker holds both ends of its task pipe, so it
+    would otherwise wait for work forever after the exporting process was killed (and keep its pipes open)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def worker_count(environ: Mapping[str, str]) -> int:
+    """EXPORT_WORKERS, else one worker per CPU this process may use (none on a single CPU)."""
+    raw = environ.get(WORKERS_SETTING, "").strip()
+    if raw:
+        try:
+            return max(0, min(int(raw), MAX_WORKERS))
+        except ValueError:
+            log.warning("%s=%r is not a number; using the default", WORKERS_SETTING, raw[:20])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cpus, MAX_WORKERS) if cpus > 1 else 0
+
+
+_pool_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+
+
+def _get_pool(workers: int) -> ProcessPoolExecutor:
+    """The process's worker pool, started on first use and kept for later runs (spawning costs ~0.2 s a worker)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            # spawn: fork is unsafe in a threaded process, and a forkserver would outlive a killed exporter
+            ctx = multiprocessing.get_context("spawn")
+            _pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_watch_parent,
+                                        initargs=(os.getpid(),))
+            _pool_size = workers
+        return _pool
+
+
+def _drop_pool(broken: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown() -> None:
+    """Stop the worker processes (tests; an exiting interpreter does it by itself)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- one partition ----------------------------------------------------------------------------------------------------
+
+
+def mapped_chunks(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
+                  required: Collection[str], warnings: list[str], *, workers: int = 0, min_bytes: int | None = None,
+                  chunk_bytes: int | None = None) -> Iterator[MappedChunk]:
+    """The partition's rows as MappedChunks, in source order; mapper maps in this process, spec in workers (for CSV
+    partitions of at least min_bytes, default PARALLEL_MIN_BYTES, cut into chunks of about chunk_bytes). Raises
+    SourceError as read_rows does, after the chunks before the problem."""
+    wanted = mapper.columns
+    min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
+    chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    line = 1
+    if workers > 0 and part.fmt == "csv" and _big(store, part, min_bytes):
+        noted = len(warnings)
+        line = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes)
+        if line is None:
+            return
+        if line == 1:  # read_rows notes the same file-level warnings again
+            del warnings[noted:]
+    rows = sources.read_rows(store, part, wanted, required, warnings if line == 1 else [])
+    if line > 1:
+        rows = (row for row in rows if row[0] >= line)
+    for chunk in chunked(rows, ROWS_PER_CHUNK):
+        yield map_rows(mapper, chunk)
+
+
+def _big(store: ObjectStore, part: sources.Partition, min_bytes: int) -> bool:
+    info = store.info(part.key)
+    return info is not None and info.size >= min_bytes
+
+
+def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, wanted: Sequence[str],
+                required: Collection[str], warnings: list[str], workers: int,
+                chunk_bytes: int) -> Generator[MappedChunk, None, int | None]:
+    """Chunks mapped by the pool; returns None when the partition is done, else the line read_rows goes on from."""
+    pool = _get_pool(workers)
+    source = sources.csv_chunks(store, part, wanted, required, warnings, chunk_bytes=chunk_bytes)
+    pending: collections.deque[tuple[int, Future[MappedChunk | None]]] = collections.deque()
+    read_on: int | None = None
+    try:
+        while True:
+            while read_on is None and len(pending) <= 2 * workers:
+                item = next(source, None)
+                if item is None:
+                    break
+                if isinstance(item, sources.ReadOn):
+                    read_on = item.line
+                    break
+                pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item)))
+            if not pending:
+                return read_on
+            first_line, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                log.warning("%s: the worker processes stopped; reading on in this process", part.key)
+                _drop_pool(pool)
+                return first_line
+            if result is None:
+                return first_line
+            yield result
+    finally:
+        for _, future in pending:
+            future.cancel()
+        source.close()

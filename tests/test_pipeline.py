@@ -1,0 +1,210 @@
+"""pipeline: chunks mapped in worker processes give exactly what a serial read in this process gives.
+
+Every case runs the same partition twice: with no workers (sources.read_rows in this process, the reference) and
+with two real worker processes on tiny chunks (so chunk cuts fall everywhere: inside quoted line breaks, next to
+bad rows, at the last line). Rows, line numbers, reasons, notes, encoded contacts, warnings and file errors must
+be the same.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from shared import contacts, engine, pipeline, samplegen, sources
+from shared.config import parse_config
+from shared.errors import SourceError
+from shared.secrets import EnvSecrets
+from shared.sources import Partition
+from shared.state import StateStore
+from shared.storage import LocalFolderStore
+
+COLS = ("Id", "Email", "First", "Country", "Value")
+MAPPING = {"email": "Email", "first_name": "First", "country": "Country"}
+CUSTOM = (contacts.CustomField("lifetime_value", "e1_N", "Number", "Value"),)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_workers() -> Any:
+    yield
+    pipeline.shutdown()
+
+
+def outcome(store: LocalFolderStore, part: Partition, workers: int, chunk_bytes: int = 40,
+            spec: pipeline.MapperSpec | None = None) -> dict[str, Any]:
+    """Everything a run sees of a partition: per row, per contact, warnings, and the error that ended it."""
+    mapper = contacts.ContactMapper(MAPPING, CUSTOM)
+    spec = spec or pipeline.MapperSpec.of(MAPPING, CUSTOM)
+    warnings: list[str] = []
+    out: dict[str, Any] = {"read": 0, "rejects": [], "notes": [], "trimmed": {}, "contacts": [], "error": None}
+    try:
+        for chunk in pipeline.mapped_chunks(store, part, mapper, spec, ("Email",), warnings, workers=workers,
+                                            min_bytes=0, chunk_bytes=chunk_bytes):
+            out["read"] += chunk.read
+            out["rejects"] += chunk.rejects
+            out["notes"] += chunk.notes
+            for k, v in chunk.trimmed.items():
+                out["trimmed"][k] = out["trimmed"].get(k, 0) + v
+            assert chunk.fps.tolist() == [contacts.fingerprint(e) for e in chunk.emails]
+            out["contacts"] += [(e, chunk.contact(i)) for i, e in enumerate(chunk.emails)]
+    except SourceError as e:
+        out["error"] = str(e)
+    out["warnings"] = warnings
+    return out
+
+
+def put(tmp_path: Path, name: str, data: bytes) -> LocalFolderStore:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data, mtime=0) if name.endswith(".gz") else data)
+    return LocalFolderStore(tmp_path)
+
+
+def part_of(name: str, *, header: bool = False, columns: tuple[str, ...] | None = COLS) -> Partition:
+    return Partition("seg", name, "csv", name.endswith(".gz"), columns, header)
+
+
+def rows(*lines: str, end: str = "\r\n") -> bytes:
+    return "".join(line + end for line in lines).encode()
+
+
+GOOD = [f'"{i}","person.{i}@example.com","Ann {i}","NL","{i}.5"' for i in range(40)]
+
+CASES: dict[str, tuple[bytes, dict[str, Any]]] = {
+    "plain rows": (rows(*GOOD), {}),
+    "lf endings and no final break": (rows(*GOOD, end="\n")[:-1], {}),
+    "quoted line breaks and quotes": (rows(*GOOD[:5], '"9","q@example.com","Line\r\nbreak ""quoted""","NL","1"',
+                                           '"10","r@example.com","multi\nline\nname","DE","2"', *GOOD[5:]), {}),
+    "bad rows between good ones": (rows(*GOOD[:10], '"x","not an email","A","NL","1"', '"y","","B","NL","1"',
+                                        '"short","row"', "", '"z","s@example.com","C","NL","twelve"',
+                                        *GOOD[10:]), {}),
+    "duplicates and case": (rows(*GOOD[:10], '"d","PERSON.3@Example.com","Dup","NL","1"', *GOOD[10:]), {}),
+    "stray quote in an unquoted field": (rows(*GOOD[:10], '11,o"brien@example.com,O"Brien,IE,1', *GOOD[10:]), {}),
+    "text after a closing quote": (rows(*GOOD[:10], '"12","t@example.com"x,"T","NL","1"', *GOOD[10:]), {}),
+    "never closed quote": (rows(*GOOD[:10], '"13","u@example.com","open,"NL","1"', *GOOD[10:]), {}),
+    "lone cr line endings": (rows(*GOOD[:20], end="\r"), {}),
+    "nul byte": (rows(*GOOD[:10], '"14","v@example.com","Nul\x00","NL","1"', *GOOD[10:]), {}),
+    "not utf-8": (rows(*GOOD[:10]) + b'"15","w@example.com","Caf\xe9","NL","1"\r\n' + rows(*GOOD[10:]), {}),
+    "bom and header": (b"\xef\xbb\xbf" + rows('"Id","Email","First","Country","Value"', *GOOD), {"header": True}),
+    "header with other columns": (rows('"Email","First"', *[f'"h{i}@example.com","H"' for i in range(30)]),
+                                  {"header": True, "columns": None}),
+    "blank line before header": (rows("", '"Email","First"', '"a@example.com","A"'),
+                                 {"header": True, "columns": None}),
+    "header lacks the email column": (rows('"Mail","First"', '"a@example.com","A"'),
+                                      {"header": True, "columns": None}),
+    "empty file with header": (b"", {"header": True, "columns": None}),
+    "over-long line": (rows(*GOOD[:10], '"16","x@example.com","' + "L" * 300 + '","NL","1"', *GOOD[10:]),
+                       {"max_line": 200}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("gz", [False, True], ids=["csv", "gzip"])
+def test_workers_give_what_a_serial_read_gives(tmp_path: Path, case: str, gz: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    data, kw = CASES[case]
+    if "max_line" in kw:
+        monkeypatch.setattr(sources, "MAX_CSV_LINE_BYTES", kw["max_line"])
+    name = "seg.csv.gz" if gz else "seg.csv"
+    store = put(tmp_path, name, data)
+    part = part_of(name, header=kw.get("header", False), columns=kw.get("columns", COLS))
+    serial = outcome(store, part, workers=0)
+    assert outcome(store, part, workers=2) == serial
+    assert outcome(store, part, workers=2, chunk_bytes=1 << 20) == serial
+    assert serial["read"] or serial["error"] or not data
+
+
+def test_a_truncated_gzip_ends_with_the_same_rows_and_error(tmp_path: Path) -> None:
+    whole = gzip.compress(rows(*GOOD * 50), mtime=0)
+    (tmp_path / "seg.csv.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    store = LocalFolderStore(tmp_path)
+    part = part_of("seg.csv.gz")
+    serial = outcome(store, part, workers=0)
+    assert serial["error"] and "truncated or corrupt" in serial["error"] and serial["contacts"]
+    assert outcome(store, part, workers=2, chunk_bytes=300) == serial
+
+
+def test_chunks_are_whole_records_with_their_first_line(tmp_path: Path) -> None:
+    data = rows('"Id","Email","First","Country","Value"', *GOOD[:3], '"9","q@example.com","a\r\nb\r\nc","NL","1"',
+                *GOOD[3:])
+    store = put(tmp_path, "seg.csv", data)
+    chunks = list(sources.csv_chunks(store, part_of("seg.csv", header=True), COLS, chunk_bytes=50))
+    assert all(isinstance(c, sources.CsvChunk) for c in chunks) and len(chunks) > 10
+    assert b"".join(c.data for c in chunks) == data.split(b"\r\n", 1)[1]
+    line = 2
+    for c in chunks:
+        assert c.first_line == line
+        line += c.data.count(b"\r\n")
+        assert sources.parse_csv_chunk(c)  # each parses on its own, without error
+
+
+def test_a_cut_defeated_by_a_stray_quote_hands_over_to_read_rows(tmp_path: Path) -> None:
+    data = rows(*GOOD[:3], '4,o"brien@example.com,X,IE,1', *GOOD[3:30])
+    store = put(tmp_path, "seg.csv", data)
+    items = list(sources.csv_chunks(store, part_of("seg.csv"), COLS, chunk_bytes=50, max_line=400))
+    assert isinstance(items[-1], sources.ReadOn) and items[-1].line <= 4
+    taken = sum(c.data.count(b"\n") for c in items[:-1])
+    assert items[-1].line == taken + 1
+
+
+class _DyingSpec(pipeline.MapperSpec):
+    """Kills the worker process that builds it (only workers build from a spec): the pool breaks."""
+
+    def build(self) -> contacts.ContactMapper:
+        os._exit(3)
+
+
+def test_a_broken_pool_hands_over_to_this_process(tmp_path: Path) -> None:
+    store = put(tmp_path, "seg.csv", rows(*GOOD))
+    part = part_of("seg.csv")
+    serial = outcome(store, part, workers=0)
+    dying = _DyingSpec(tuple(MAPPING.items()), CUSTOM)
+    assert outcome(store, part, workers=2, spec=dying) == serial
+    assert outcome(store, part, workers=2) == serial  # a new pool afterwards
+
+
+def test_worker_count_setting() -> None:
+    assert pipeline.worker_count({"EXPORT_WORKERS": "0"}) == 0
+    assert pipeline.worker_count({"EXPORT_WORKERS": "3"}) == 3
+    assert pipeline.worker_count({"EXPORT_WORKERS": "99"}) == pipeline.MAX_WORKERS
+    default = pipeline.worker_count({})
+    assert pipeline.worker_count({"EXPORT_WORKERS": "many"}) == default
+    cpus = len(os.sched_getaffinity(0))
+    assert default == (0 if cpus == 1 else min(cpus, pipeline.MAX_WORKERS))
+
+
+def _engine_run(sandbox, root: Path, info: Any, tmp: Path, name: str, workers: int) -> tuple[dict, str, bytes]:
+    list_id = sandbox.box.create_list(name)
+    config = samplegen.demo_destinations(list_id, max_profiles=None)
+    state = LocalFolderStore(tmp / f"state-{name}")
+    svc = engine.Services(config=parse_config(orjson.dumps(config), "destinations.json"),
+                          secrets=EnvSecrets({"SENDGRID_API_KEY": sandbox.key}), state=StateStore(state),
+                          sources=LocalFolderStore(root), poll_interval=0.05,
+                          environ={"SENDGRID_API_URL": sandbox.url, "EXPORT_WORKERS": str(workers)})
+    report = engine.run(engine.RunRequest("vip-newsletter", info.model_key, wait=True), svc)
+    with state.open_read(report["rejections_file"]) as fh:
+        return report, list_id, fh.read()
+
+
+def test_an_export_through_workers_matches_one_read_in_process(sandbox, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox.box.create_field("lifetime_value", "Number")
+    sandbox.box.create_field("signup_date", "Date")
+    info = samplegen.write_cdm_export(tmp_path / "x", 6_000, partitions=3, seed=13)
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16 * 1024)
+    serial, serial_list, serial_rejections = _engine_run(sandbox, tmp_path / "x", info, tmp_path, "serial", 0)
+    pipeline.shutdown()
+    parallel, parallel_list, parallel_rejections = _engine_run(sandbox, tmp_path / "x", info, tmp_path, "par", 2)
+    assert pipeline._pool is not None  # the workers did the mapping
+    assert serial["status"] == parallel["status"] == "completed"
+    for key in ("counts", "rejections", "field_notes", "warnings", "file_errors"):
+        assert parallel[key] == serial[key], key
+    assert parallel["requests"]["count"] == serial["requests"]["count"]
+    assert parallel_rejections == serial_rejections and serial["counts"]["rejected_total"] > 0
+    emails = sandbox.box.list_emails(serial_list)
+    assert sandbox.box.list_emails(parallel_list) == emails and len(emails) == info.valid_distinct
