@@ -1,7 +1,8 @@
 """The performance benchmark: the real engine (the CLI in a child process) against the local sandbox (another child
 process, loopback), next to two baselines measured in the same run. See benchmarks/README.md for every figure.
 
-    python -m benchmarks.run [--sizes 100000,1000000,5000000 | --quick] [--seed 7] [--no-naive]
+    python -m benchmarks.run [--sizes 100000,1000000,5000000 | --quick] [--seed 7] [--no-naive] [--latency 0.1]
+                             [--workers N]
 """
 
 from __future__ import annotations
@@ -130,8 +131,30 @@ def child_env(api_key: str, url: str | None = None) -> dict[str, str]:
     return env
 
 
-def timeout_for(base: float, per_million: float, n: int, scale: float) -> float:
-    return (base + per_million * n / 1e6) * scale
+def timeout_for(base: float, per_million: float, n: int, scale: float, latency: float = 0.0,
+                requests_per_million: float = 0.0) -> float:
+    """Seconds a child may take: base + per_million per million rows, plus the sandbox's latency for every request
+    it is expected to make (at most requests_per_million per million rows, and 50 more), all times scale."""
+    return (base + per_million * n / 1e6 + latency * (50 + requests_per_million * n / 1e6)) * scale
+
+
+def tree_figures(result: children.ChildResult) -> dict[str, Any]:
+    """Time, CPU and memory of a child and its process tree (children.run_child), as stored in the results."""
+    return {
+        "wall_s": result.wall_s,
+        "cpu_s": result.cpu_s,  # the whole tree: cpu_wait4_s + cpu_orphans_s
+        "cpu_wait4_s": result.reaped_cpu_s,  # the process and every descendant reaped within the tree
+        "cpu_orphans_s": result.orphan_cpu_s,  # descendants it left behind, reaped by the benchmark
+        "peak_rss_bytes": result.peak_rss_bytes,  # the process's ru_maxrss (wait4)
+        "tree_peak_rss_bytes": result.tree_peak_rss_bytes,  # peak of the RSS sum over the process tree
+        "tree_sampled_peak_rss_bytes": result.tree_sampled_peak_rss_bytes,
+        "tree_peak_at_s": result.tree_peak_at_s,
+        "max_processes": result.max_processes,
+        "processes_seen": result.processes_seen,
+        "orphans": result.orphans,
+        "orphans_stopped": result.orphans_stopped,
+        "orphans_exit_after_s": result.orphans_exit_after_s,
+    }
 
 
 def _get_json(url: str, api_key: str | None = None, timeout: float = 30.0) -> Any:
@@ -142,10 +165,11 @@ def _get_json(url: str, api_key: str | None = None, timeout: float = 30.0) -> An
         return json.loads(resp.read())
 
 
-def round_trip_s(sandbox_url: str, api_key: str, list_id: str, samples: int = 7) -> float:
-    """Median time of a small keep-alive GET to the sandbox: its per-request floor (shows the Nagle stall)."""
+def round_trip_s(sandbox_url: str, api_key: str, list_id: str, samples: int = 7, latency: float = 0.0) -> float:
+    """Median time of a small keep-alive GET to the sandbox: its per-request floor (shows the Nagle stall and, with
+    --latency, includes it)."""
     host, port = urlsplit(sandbox_url).hostname, urlsplit(sandbox_url).port
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = http.client.HTTPConnection(host, port, timeout=10 + latency)
     times = []
     try:
         for _ in range(samples):
@@ -167,78 +191,89 @@ def sandbox_cpu_s(sandbox: children.SandboxProcess) -> float:
     return times.user + times.system
 
 
-def list_count(sandbox_url: str, api_key: str, list_id: str) -> int:
-    return int(_get_json(f"{sandbox_url}/v3/marketing/lists/{list_id}/contacts/count", api_key)["contact_count"])
+def list_count(sandbox_url: str, api_key: str, list_id: str, latency: float = 0.0) -> int:
+    url = f"{sandbox_url}/v3/marketing/lists/{list_id}/contacts/count"
+    return int(_get_json(url, api_key, timeout=30 + latency)["contact_count"])
 
 
 # -------------------------------------------------------------------------------------- first request vs reading
 
 
 class EngineWatch:
-    """Watches the export process while it runs (called every WATCH_INTERVAL_S by children.run_child):
+    """Watches the export process and its descendants (worker processes) while they run (called every
+    WATCH_INTERVAL_S by children.run_child with the process tree):
 
-    - until the sandbox has received the first PUT /v3/marketing/contacts, how far the process has read its
-      partitions (the file offset of its open partition file, psutil). The first sample after the PUT arrived is an
-      upper bound of what had been read when the request left: a fraction below 1 proves it left before the export
-      was fully read;
-    - every RSS_EVERY_S its RSS (so the report can say when the peak happens) and the sandbox's PUT count (so it can
-      say when the last request arrived: what follows is polling the jobs and writing the list's snapshot)."""
+    - until the sandbox has received the first PUT /v3/marketing/contacts, how far the tree has read the export's
+      partitions: the file offsets of the partition files its processes hold open (psutil), every partition before
+      the last open one and every one seen open earlier counted as fully read. The first sample after the PUT
+      arrived is an upper bound of what had been read when the request left: a fraction below 1 proves it left
+      before the export was fully read;
+    - every PUTS_EVERY_S the sandbox's PUT count (so the report can say when the last request arrived: what follows
+      is polling the jobs and writing the list's snapshot). The process tree's RSS is sampled by run_child."""
 
-    RSS_EVERY_S = 0.5
+    PUTS_EVERY_S = 0.5
 
-    def __init__(self, sandbox_url: str, partitions: Sequence[Path], give_up_s: float = 5.0) -> None:
+    def __init__(self, sandbox_url: str, partitions: Sequence[Path], latency: float = 0.0,
+                 give_up_s: float = 5.0) -> None:
         self.stats_url = f"{sandbox_url}/_sandbox/stats"
-        self.paths = [str(p.resolve()) for p in partitions]
+        self.stats_timeout = 5.0 + latency  # the sandbox's --latency delays its control answers too
+        self.index = {str(p.resolve()): i for i, p in enumerate(partitions)}
         self.sizes = [p.stat().st_size for p in partitions]
         self.total = sum(self.sizes)
         self.give_up_s = give_up_s
         self.fraction: float | None = None
-        self.rss: list[tuple[float, int]] = []  # (seconds since the watch started, RSS bytes)
-        self.puts = 0  # PUT /v3/marketing/contacts the sandbox had counted at the last RSS sample
-        self.last_put_at: float | None = None  # first sample (s since start) that saw the final count
+        self.opened: set[int] = set()  # partitions seen open so far
+        self.puts = 0  # PUT /v3/marketing/contacts the sandbox had counted at the last count
+        self.last_put_at: float | None = None  # first count (s since start) that saw the final count
         self._read_done = False
         self._seen_put_at: float | None = None
         self._start = time.monotonic()
-        self._next_rss = 0.0
+        self._next_puts = 0.0
 
-    def _position(self, proc: Any) -> int | None:
-        for f in proc.open_files():
-            if f.path in self.paths:
-                i = self.paths.index(f.path)
-                return sum(self.sizes[:i]) + min(f.position, self.sizes[i])
-        return None
+    def _read_bytes(self, procs: Sequence[Any]) -> int | None:
+        """Upper bound of the partition bytes read so far, or None when no process holds a partition open."""
+        import psutil
 
-    def _watch_reading(self, proc: Any) -> None:
+        open_at: dict[int, int] = {}
+        for proc in procs:
+            try:
+                files = proc.open_files()
+            except psutil.Error:
+                continue
+            for f in files:
+                i = self.index.get(f.path)
+                if i is not None:
+                    open_at[i] = max(open_at.get(i, 0), min(f.position, self.sizes[i]))
+        self.opened |= open_at.keys()
+        if not open_at:
+            return None
+        last = max(open_at)
+        return sum(open_at.get(i, size if i < last or i in self.opened else 0) for i, size in enumerate(self.sizes))
+
+    def _watch_reading(self, tree: children.ProcessTree) -> None:
         now = time.monotonic()
+        position = self._read_bytes(tree.refresh())  # a fresh scan: a worker may have started since the last sample
         if self._seen_put_at is None:
-            if _get_json(self.stats_url, timeout=5)["requests"].get(PUT_CONTACTS, 0) == 0:
+            if _get_json(self.stats_url, timeout=self.stats_timeout)["requests"].get(PUT_CONTACTS, 0) == 0:
                 return
             self._seen_put_at = now
-        position = self._position(proc)
+            position = self._read_bytes(tree.refresh())  # after the PUT was seen: an upper bound
         if position is not None:
             self.fraction = position / self.total if self.total else None
             self._read_done = True
         elif now - self._seen_put_at > self.give_up_s:  # between files, or done reading: unknown
             self._read_done = True
 
-    def __call__(self, pid: int) -> bool:
-        import psutil
-
-        proc = psutil.Process(pid)
+    def __call__(self, tree: children.ProcessTree) -> bool:
         if not self._read_done:
-            self._watch_reading(proc)
+            self._watch_reading(tree)
         now = time.monotonic() - self._start
-        if now >= self._next_rss:
-            self._next_rss = now + self.RSS_EVERY_S
-            self.rss.append((round(now, 2), proc.memory_info().rss))
-            puts = _get_json(self.stats_url, timeout=5)["requests"].get(PUT_CONTACTS, 0)
+        if now >= self._next_puts:
+            self._next_puts = now + self.PUTS_EVERY_S
+            puts = _get_json(self.stats_url, timeout=self.stats_timeout)["requests"].get(PUT_CONTACTS, 0)
             if puts != self.puts:
                 self.puts, self.last_put_at = puts, round(now, 2)
         return False
-
-    def rss_peak_at(self) -> float | None:
-        """Seconds into the run at which the sampled RSS was highest."""
-        return max(self.rss, key=lambda x: x[1])[0] if self.rss else None
 
 
 # ------------------------------------------------------------------------------------------------------ the runs
@@ -257,8 +292,8 @@ def run_floor(export: Export, scale: float) -> dict[str, Any]:
                                 env=child_env("unused"), cwd=REPO,
                                 timeout=timeout_for(30, 120, export.rows, scale))
     out = _child_json(result, "floor baseline")
-    return {"wall_s": result.wall_s, "cpu_s": result.cpu_s, "seconds": out["seconds"], "rows": out["rows"],
-            "encoded_bytes": out["encoded_bytes"], "peak_rss_bytes": result.peak_rss_bytes}
+    return {**tree_figures(result), "seconds": out["seconds"], "rows": out["rows"],
+            "encoded_bytes": out["encoded_bytes"]}
 
 
 def engine_config(list_id: str, bulk_threshold: int | None) -> dict[str, Any]:
@@ -278,10 +313,13 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
     argv = [sys.executable, "-m", "shared", "export", "--config", str(config), "--destination", DESTINATION,
             "--source", str(export.model_json), "--state-dir", str(state), "--wait", "--quiet",
             "--report", str(report_path)]
-    watch = EngineWatch(sandbox.url, export.partitions)
-    timeout = timeout_for(60, 300, export.rows, args.timeout_scale)
-    result = children.run_child(argv, env=child_env(api_key, sandbox.url), cwd=args.engine_root, monitor=watch,
-                                interval=WATCH_INTERVAL_S, timeout=timeout)
+    watch = EngineWatch(sandbox.url, export.partitions, args.latency)
+    timeout = timeout_for(60, 300, export.rows, args.timeout_scale, args.latency, 500)
+    env = child_env(api_key, sandbox.url)
+    if args.workers is not None:
+        env["EXPORT_WORKERS"] = str(args.workers)
+    result = children.run_child(argv, env=env, cwd=args.engine_root, monitor=watch, interval=WATCH_INTERVAL_S,
+                                timeout=timeout)
     shutil.rmtree(state, ignore_errors=True)  # run record and rejections CSV: not needed after the run
     if result.timed_out:
         raise RuntimeError(f"the engine timed out after {result.wall_s:.0f} s")
@@ -293,8 +331,8 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
     imports = int(req.get("imports") or 0)
     import_contacts = sum(j.get("contacts", 0) for j in report["jobs"] if j.get("kind") == "import")
     return {
-        "wall_s": result.wall_s,
-        "cpu_s": result.cpu_s,
+        **tree_figures(result),
+        "export_workers": env.get("EXPORT_WORKERS"),
         "seconds": report["timings"]["seconds"],
         "first_request_s": report["timings"]["first_request_s"],
         "read_fraction_at_first_request": watch.fraction,
@@ -317,25 +355,34 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
         # the same at the engine's own packing target (limits.REQUEST_BYTES_TARGET, a margin under 6,000,000)
         "minimum_requests_at_target": None if imports or not sent else max(
             math.ceil(req["bytes"] / limits.REQUEST_BYTES_TARGET), math.ceil(sent / limits.MAX_CONTACTS_PER_REQUEST)),
-        "rss_samples": watch.rss,
-        "last_request_by_s": watch.last_put_at,  # within RSS_EVERY_S after the last PUT arrived, from spawn
+        "rss_samples": result.tree_samples,  # (s after spawn, RSS sum over the process tree, processes)
+        "last_request_by_s": watch.last_put_at,  # within PUTS_EVERY_S (+ latency) after the last PUT arrived
         "tail_s": None if watch.last_put_at is None else result.wall_s - watch.last_put_at,
-        "rss_peak_at_s": watch.rss_peak_at(),
-        "list_count": list_count(sandbox.url, api_key, sandbox.list_id),
-        "peak_rss_bytes": result.peak_rss_bytes,
+        "rss_peak_at_s": result.tree_peak_at_s,
+        "list_count": list_count(sandbox.url, api_key, sandbox.list_id, args.latency),
         "report": str(report_path),
     }
 
 
-def run_naive(export: Export, sandbox: children.SandboxProcess, api_key: str, scale: float) -> dict[str, Any]:
+def run_naive(export: Export, sandbox: children.SandboxProcess, api_key: str, scale: float,
+              latency: float) -> dict[str, Any]:
     result = children.run_child([sys.executable, "-m", "benchmarks.baselines", "naive", str(export.model_json)],
                                 env=child_env(api_key, sandbox.url), cwd=REPO,
-                                timeout=timeout_for(60, 900, export.rows, scale))
+                                timeout=timeout_for(60, 900, export.rows, scale, latency, 1_500))
     out = _child_json(result, "naive baseline")
-    return {"wall_s": result.wall_s, "cpu_s": result.cpu_s, "seconds": out["seconds"], "sent_s": out["sent_s"],
-            "sent": out["sent"],
+    return {**tree_figures(result), "seconds": out["seconds"], "sent_s": out["sent_s"], "sent": out["sent"],
             "requests": out["requests"], "request_bytes": out["bytes"], "last_job_status": out["last_job_status"],
-            "list_count": list_count(sandbox.url, api_key, out["list_id"]), "peak_rss_bytes": result.peak_rss_bytes}
+            "list_count": list_count(sandbox.url, api_key, out["list_id"], latency)}
+
+
+def tree_summary(r: dict[str, Any]) -> str:
+    """CPU and peak RSS of a run for the progress lines; the process tree's when it had more than one process."""
+    text = f"CPU {r['cpu_s']:.2f} s, peak RSS {r['tree_peak_rss_bytes'] / MB:,.0f} MB"
+    if r["processes_seen"] > 1 or r["orphans"]:
+        text += (f" (process tree: {r['processes_seen']} processes, at most {r['max_processes']} at once, "
+                 f"{r['cpu_orphans_s']:.2f} s CPU of {r['orphans']} left behind; the process alone: "
+                 f"ru_maxrss {r['peak_rss_bytes'] / MB:,.0f} MB)")
+    return text
 
 
 def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -352,27 +399,28 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
     api_key = "SG.bench." + secrets.token_urlsafe(24)  # this run only; never printed
     sandbox = children.SandboxProcess.start(env=child_env(api_key), cwd=args.engine_root, list_id=str(uuid.uuid4()),
                                             fields=FIELDS, job_delay=JOB_DELAY_S, log_dir=work,
-                                            nodelay=args.sandbox_nodelay)
+                                            nodelay=args.sandbox_nodelay, latency=args.latency)
+    log(f"[{label(n)}] sandbox: python {' '.join(sandbox.argv[1:])}")
     floors: list[dict[str, Any]] = []
     engines: list[dict[str, Any]] = []
     try:
-        row["sandbox_rtt_ms"] = 1000 * round_trip_s(sandbox.url, api_key, sandbox.list_id)
+        row["sandbox_rtt_ms"] = 1000 * round_trip_s(sandbox.url, api_key, sandbox.list_id, latency=args.latency)
         for attempt in range(1, args.repeat + 1):  # floor and engine alternate, so both meet the same conditions
             tag = f"[{label(n)}]" + (f" #{attempt}" if args.repeat > 1 else "")
             f = run_floor(export, args.timeout_scale)
             floors.append(f)
-            log(f"{tag} floor  {f['wall_s']:7.2f} s, peak RSS {f['peak_rss_bytes'] / MB:,.0f} MB")
+            log(f"{tag} floor  {f['wall_s']:7.2f} s, {tree_summary(f)}")
             load = os.getloadavg()[0]
             before = sandbox_cpu_s(sandbox)
             e = run_engine(export, sandbox, api_key, work, args)
             e.update(load_1min_before=load, sandbox_cpu_s=sandbox_cpu_s(sandbox) - before)
             engines.append(e)
-            log(f"{tag} engine {e['wall_s']:7.2f} s, peak RSS {e['peak_rss_bytes'] / MB:,.0f} MB, "
-                f"{e['requests']} requests, status {e['status']}, list holds {e['list_count']:,}")
+            log(f"{tag} engine {e['wall_s']:7.2f} s, {tree_summary(e)}, {e['requests']} requests, "
+                f"status {e['status']}, list holds {e['list_count']:,}")
         if args.naive:
-            row["naive"] = run_naive(export, sandbox, api_key, args.timeout_scale)
+            row["naive"] = run_naive(export, sandbox, api_key, args.timeout_scale, args.latency)
             v = row["naive"]
-            log(f"[{label(n)}] naive  {v['wall_s']:7.2f} s, peak RSS {v['peak_rss_bytes'] / MB:,.0f} MB, "
+            log(f"[{label(n)}] naive  {v['wall_s']:7.2f} s, {tree_summary(v)}, "
                 f"{v['requests']} requests, list holds {v['list_count']:,}")
     finally:
         row["sandbox_peak_rss_bytes"] = sandbox.stop()
@@ -384,13 +432,16 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
     return row
 
 
-RUN_SUMMARY = ("wall_s", "cpu_s", "peak_rss_bytes", "first_request_s", "tail_s", "load_1min_before")
+RUN_SUMMARY = ("wall_s", "cpu_s", "cpu_orphans_s", "peak_rss_bytes", "tree_peak_rss_bytes", "first_request_s", "tail_s",
+               "load_1min_before")
 
 
 def best_of(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The fastest run (by wall time), its peak RSS replaced by the highest of all runs; and a summary of each."""
+    """The fastest run (by wall time), its peak RSS figures replaced by the highest of all runs; and a summary of
+    each."""
     best = dict(min(runs, key=lambda r: r["wall_s"]))
-    best["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    for key in ("peak_rss_bytes", "tree_peak_rss_bytes"):
+        best[key] = max(r[key] for r in runs)
     return best, [{k: r[k] for k in RUN_SUMMARY if k in r} for r in runs]
 
 
@@ -436,15 +487,17 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         add(f"end to end at 1M <= {TARGET_ENGINE_VS_FLOOR}x floor time", "1M not run", None)
         add(f"end to end at 1M >= {TARGET_NAIVE_VS_ENGINE:g}x faster than naive", "1M not run", None)
     if m5:
-        rss = m5["engine"]["peak_rss_bytes"]
-        add("peak RSS at 5M < 200 MB", f"{rss / MB:,.0f} MB", rss < TARGET_RSS_5M_BYTES)
+        rss = m5["engine"]["tree_peak_rss_bytes"]
+        add("peak RSS (process tree) at 5M < 200 MB", f"{rss / MB:,.0f} MB", rss < TARGET_RSS_5M_BYTES)
     else:
-        add("peak RSS at 5M < 200 MB", "5M not run", None)
+        add("peak RSS (process tree) at 5M < 200 MB", "5M not run", None)
     if m1 and m5:
-        g = growth_per_profile((1_000_000, m1["engine"]["peak_rss_bytes"]), (5_000_000, m5["engine"]["peak_rss_bytes"]))
-        add("RSS growth 1M -> 5M <= 16 bytes/profile", f"{g:.1f} B/profile", g is not None and g <= TARGET_GROWTH_BYTES)
+        g = growth_per_profile((1_000_000, m1["engine"]["tree_peak_rss_bytes"]),
+                               (5_000_000, m5["engine"]["tree_peak_rss_bytes"]))
+        add("RSS growth (process tree) 1M -> 5M <= 16 bytes/profile", f"{g:.1f} B/profile",
+            g is not None and g <= TARGET_GROWTH_BYTES)
     else:
-        add("RSS growth 1M -> 5M <= 16 bytes/profile", "needs 1M and 5M", None)
+        add("RSS growth (process tree) 1M -> 5M <= 16 bytes/profile", "needs 1M and 5M", None)
     for r in rows:
         e = r["engine"]
         name = f"requests <= minimum + 1 at {label(r['profiles'])}"
@@ -481,7 +534,8 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("profiles (rows) / distinct valid", lambda r: f"{r['export']['rows']:,} / {r['export']['valid_distinct']:,}"),
     ("engine end to end, s", lambda r: _fmt(r["engine"]["wall_s"], ".2f") + _all_runs(r, "engine_runs")),
     ("  engine run (report), s", lambda r: _fmt(r["engine"]["seconds"], ".2f")),
-    ("  engine CPU (user + sys), s", lambda r: _fmt(r["engine"]["cpu_s"], ".2f")),
+    ("  engine CPU, process tree (user + sys), s", lambda r: _fmt(r["engine"]["cpu_s"], ".2f")),
+    ("    of it descendants left behind, s", lambda r: _fmt(r["engine"].get("cpu_orphans_s"), ".2f")),
     ("contacts/s end to end", lambda r: _fmt(r["derived"]["contacts_per_s"])),
     ("first request left after, s", lambda r: _fmt(r["engine"]["first_request_s"], ".2f")),
     ("  after the last request (jobs, snapshot), s", lambda r: _fmt(r["engine"].get("tail_s"), ".2f")
@@ -498,19 +552,22 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
      f"({_fmt(r['derived']['avg_fill_bytes_pct'], '.1f')}% of 6,000,000)"),
     ("avg request fill, contacts", lambda r: f"{_fmt(r['derived']['avg_request_contacts'])} "
      f"({_fmt(r['derived']['avg_fill_contacts_pct'], '.1f')}% of 30,000)"),
-    ("engine peak RSS, MB", lambda r: _fmt(r["engine"]["peak_rss_bytes"] / MB, ",.1f")),
-    ("  sampled RSS peak at, s", lambda r: _fmt(r["engine"].get("rss_peak_at_s"), ".1f")),
+    ("engine peak RSS, process tree, MB", lambda r: _fmt(r["engine"]["tree_peak_rss_bytes"] / MB, ",.1f")),
+    ("  export process alone (ru_maxrss), MB", lambda r: _fmt(r["engine"]["peak_rss_bytes"] / MB, ",.1f")),
+    ("  sampled tree RSS peak at, s", lambda r: _fmt(r["engine"].get("tree_peak_at_s"), ".1f")),
+    ("  processes (most at once / seen)", lambda r: f"{r['engine']['max_processes']} / "
+     f"{r['engine']['processes_seen']}"),
     ("list holds all valid profiles", lambda r: "yes" if r["derived"]["list_correct"] else
      f"NO ({r['engine']['list_count']:,}, status {r['engine']['status']})"),
     ("floor (read + orjson), s", lambda r: _fmt(r["floor"]["wall_s"], ".2f") + _all_runs(r, "floor_runs")),
     ("  engine / floor", lambda r: f"{r['derived']['engine_vs_floor']:.2f}x"),
     ("  floor CPU, s; engine / floor CPU", lambda r: f"{r['floor']['cpu_s']:.2f}; "
      f"{_fmt(r['derived']['engine_vs_floor_cpu'], '.2f')}x"),
-    ("  floor peak RSS, MB", lambda r: _fmt(r["floor"]["peak_rss_bytes"] / MB, ",.1f")),
+    ("  floor peak RSS, MB", lambda r: _fmt(r["floor"]["tree_peak_rss_bytes"] / MB, ",.1f")),
     ("naive (json, 1,000/PUT), s", lambda r: _fmt(r["naive"]["wall_s"], ".2f") if "naive" in r else "not run"),
     ("  naive / engine", lambda r: f"{r['derived']['naive_vs_engine']:.1f}x" if "naive" in r else "-"),
     ("  naive requests", lambda r: _fmt(r["naive"]["requests"]) if "naive" in r else "-"),
-    ("  naive peak RSS, MB", lambda r: _fmt(r["naive"]["peak_rss_bytes"] / MB, ",.1f") if "naive" in r else "-"),
+    ("  naive peak RSS, MB", lambda r: _fmt(r["naive"]["tree_peak_rss_bytes"] / MB, ",.1f") if "naive" in r else "-"),
     ("sandbox peak RSS, MB", lambda r: _fmt(r["sandbox_peak_rss_bytes"] / MB, ",.0f")),
     ("sandbox CPU during the engine run, s", lambda r: _fmt(r.get("sandbox_cpu_during_engine_s"), ".2f")),
     ("sandbox small-request round trip, ms", lambda r: _fmt(r.get("sandbox_rtt_ms"), ".1f")),
@@ -518,16 +575,34 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 ]
 
 
-def render(rows: list[dict[str, Any]], growth: dict[str, Any], targets: list[dict[str, Any]]) -> str:
+def settings_lines(results: dict[str, Any]) -> list[str]:
+    """What the run was measured under, printed above the table."""
+    latency = results["latency_s"]
+    workers, source = results["export_workers"], results["export_workers_source"]
+    bulk = "none" if results["bulk_threshold"] is None else f"{results['bulk_threshold']:,}"
+    return [
+        f"sandbox latency: {latency:g} s before every answer (engine and naive alike)" if latency > 0
+        else "sandbox latency: none (loopback only)",
+        f"engine workers: EXPORT_WORKERS={workers} ({source})" if workers is not None
+        else "engine workers: EXPORT_WORKERS not set (the engine's default)",
+        f"bulk threshold: {bulk}; seed {results['seed']}; repeat {results['repeat']}; "
+        f"process tree sampled every {results['tree_interval_s']:g} s"
+        + ("" if results["subreaper"] else " (no subreaper: CPU of descendants left behind is missing)"),
+    ]
+
+
+def render(rows: list[dict[str, Any]], growth: dict[str, Any], targets: list[dict[str, Any]],
+           settings: Sequence[str] = ()) -> str:
     width = max(len(name) for name, _ in TABLE)
     cells = [[fn(r) for r in rows] for _, fn in TABLE]
     col = [max(len(label(r["profiles"])), *(len(c[i]) for c in cells)) for i, r in enumerate(rows)]
-    lines = [" " * width + "  " + "  ".join(label(r["profiles"]).rjust(col[i]) for i, r in enumerate(rows))]
-    lines.append("-" * len(lines[0]))
+    lines = [*settings, ""] if settings else []
+    lines.append(" " * width + "  " + "  ".join(label(r["profiles"]).rjust(col[i]) for i, r in enumerate(rows)))
+    lines.append("-" * len(lines[-1]))
     for (name, _), values in zip(TABLE, cells, strict=True):
         lines.append(name.ljust(width) + "  " + "  ".join(v.rjust(col[i]) for i, v in enumerate(values)))
     if growth.get("bytes_per_profile") is not None:
-        lines.append(f"\nengine memory growth {label(growth['from'])} -> {label(growth['to'])}: "
+        lines.append(f"\nengine memory growth (process tree) {label(growth['from'])} -> {label(growth['to'])}: "
                      f"{growth['bytes_per_profile']:.1f} bytes per additional profile")
     lines.append("\ntargets (compared, not asserted):")
     tw = max(len(t["target"]) for t in targets)
@@ -558,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "this repository")
     p.add_argument("--sandbox-nodelay", action="store_true",
                    help="run the sandbox with TCP_NODELAY (benchmarks/nodelay_sandbox.py): no ~40 ms stall per answer")
+    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
+                   help="the sandbox waits this long before answering every request (python -m shared sandbox "
+                        "--latency), for the engine and the naive baseline alike: the WAN round trip and SendGrid's "
+                        "handling per request; default 0 (loopback only; the option is not passed)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="set EXPORT_WORKERS=N for the engine (0: parse in the export process itself, N: N worker "
+                        "processes); default: not set by the benchmark (the engine's default, or the value in the "
+                        "environment)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every child's timeout")
     return p
 
@@ -573,6 +656,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
         return 2
+    if args.latency < 0 or not math.isfinite(args.latency):
+        print("--latency must be 0 or more seconds", file=sys.stderr)
+        return 2
+    if args.workers is not None and args.workers < 0:
+        print("--workers must be 0 or more", file=sys.stderr)
+        return 2
     args.bench_dir = args.bench_dir.resolve()
     args.engine_root = args.engine_root.resolve()
     if not (args.engine_root / "shared" / "engine.py").is_file():
@@ -586,6 +675,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     version_at_start = engine_version(args.engine_root)
+    if args.workers is not None:
+        workers, workers_source = str(args.workers), "--workers"
+    elif os.environ.get("EXPORT_WORKERS") is not None:
+        workers, workers_source = os.environ["EXPORT_WORKERS"], "inherited from the environment"
+    else:
+        workers, workers_source = None, None
+    settings = {"latency_s": args.latency, "export_workers": workers, "export_workers_source": workers_source,
+                "bulk_threshold": args.bulk_threshold, "seed": args.seed, "repeat": args.repeat,
+                "tree_interval_s": children.TREE_INTERVAL_S, "subreaper": children.become_subreaper()}
+    for line in settings_lines(settings):
+        log(line)
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         log(f"note: the 1-minute load average is {load:.1f} on {os.cpu_count()} CPUs: other work competes with the "
@@ -599,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted: stopping child processes")
         return 130
+    except RuntimeError as exc:  # a child failed, timed out or printed nothing usable: the message says which
+        log(f"error: {exc}")
+        return 1
     finally:
         children.stop_all()
         signal.signal(signal.SIGTERM, previous)
@@ -606,19 +709,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(rows) >= 2:
         small, big = rows[-2], rows[-1]
         growth = {"from": small["profiles"], "to": big["profiles"], "bytes_per_profile": growth_per_profile(
-            (small["profiles"], small["engine"]["peak_rss_bytes"]), (big["profiles"], big["engine"]["peak_rss_bytes"]))}
+            (small["profiles"], small["engine"]["tree_peak_rss_bytes"]),
+            (big["profiles"], big["engine"]["tree_peak_rss_bytes"]))}
     targets = evaluate_targets(rows)
     results = {"date": started.isoformat(timespec="seconds").replace("+00:00", "Z"), "machine": machine(),
                "load_1min_at_start": load, "engine_version": version_at_start,
                "engine_changed_during_run": engine_version(args.engine_root) != version_at_start,
-               "seed": args.seed, "sizes": args.sizes, "repeat": args.repeat, "job_delay_s": JOB_DELAY_S,
-               "bulk_threshold": args.bulk_threshold, "engine_root": str(args.engine_root), "naive": args.naive,
-               "sandbox_nodelay": args.sandbox_nodelay,
+               **settings, "sizes": args.sizes, "job_delay_s": JOB_DELAY_S,
+               "engine_root": str(args.engine_root), "naive": args.naive, "sandbox_nodelay": args.sandbox_nodelay,
                "total_s": time.monotonic() - t0,
                "results": rows, "memory_growth": growth, "targets": targets}
     out = args.bench_dir / f"results-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2))
-    print(render(rows, growth, targets))
+    print(render(rows, growth, targets, settings_lines(results)))
     version = results["engine_version"]
     changed = version["uncommitted_shared_files"]
     dirty = f" + uncommitted changes in {', '.join(changed)}" if changed else ""
