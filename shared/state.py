@@ -12,6 +12,12 @@ Layout (keys):
 
 Destination names and run ids are checked against strict patterns on every call: they come from HTTP routes and
 become parts of keys.
+
+Runs are saved after every accepted request (the checkpoint moves), so a save writes only what changed: the record
+always, the index entry and the open marker only when their content changes (the destination; the open status, or
+none). Write order keeps a crash safe: index and a new marker go before the record, a marker delete after it, so a
+stored record is always reachable by its run id and an open record always has its marker. A marker without an open
+record (a crash in between) is skipped by readers.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ class StateStore:
     def __init__(self, store: ObjectStore, *, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._clock = clock
+        # What this instance last wrote for each open run, so unchanged entries are not rewritten: the index entry's
+        # destination and the open marker's status. One process works on a run at a time (the destination lease);
+        # one that picks a run up reads it first (load_run, open_runs), which forgets what was cached for it.
+        self._indexed: dict[str, str] = {}
+        self._marked: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"StateStore({self.store.label})"
@@ -105,23 +116,37 @@ class StateStore:
 
     # -- runs --------------------------------------------------------------------------------------------------------
     def save_run(self, record: dict[str, Any]) -> None:
-        """Write the run record, its index entry and its open marker (present for running, interrupted and
-        submitted runs; deleted once the run is final). The record goes first so a marker never points nowhere."""
+        """Write the run record, plus its index entry and open marker (present for queued, running, interrupted and
+        submitted runs; deleted once the run is final) when they differ from what this instance last wrote. Index
+        and a new marker are written before the record, a marker delete comes after it (see the module docstring)."""
         run_id = check_run_id(record.get("run_id"))
         destination = check_destination(record.get("destination"))
         status = record.get("status")
         if not isinstance(status, str) or not status:
             raise StateError(f"run {run_id}: record has no status")
-        self.store.write_bytes(f"runs/{destination}/{run_id}.json", self._dumps(record))
-        self.store.write_bytes(f"run-index/{run_id}", destination.encode())
+        data = self._dumps(record)  # before any write: an unstorable record leaves nothing behind
         marker = f"open/{destination}/{run_id}"
-        if status in OPEN_STATUSES:
+        if self._indexed.get(run_id) != destination:
+            self.store.write_bytes(f"run-index/{run_id}", destination.encode())
+            self._indexed[run_id] = destination
+        is_open = status in OPEN_STATUSES
+        if is_open and self._marked.get(run_id) != status:
             self.store.write_bytes(marker, status.encode())
-        else:
+            self._marked[run_id] = status
+        self.store.write_bytes(f"runs/{destination}/{run_id}.json", data)
+        if not is_open:
             self.store.delete(marker)
+            self._forget(run_id)  # final: saved once or twice, so the cache holds open runs only
+
+    def _forget(self, run_id: str) -> None:
+        """Drop what this instance remembers writing for a run: its next save writes index and marker again."""
+        self._indexed.pop(run_id, None)
+        self._marked.pop(run_id, None)
 
     def load_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run's record, or None. Forgets this instance's cache for the run (another process may have saved it)."""
         check_run_id(run_id)
+        self._forget(run_id)
         raw = self.store.read_bytes(f"run-index/{run_id}")
         if raw is None:
             return None
@@ -153,6 +178,7 @@ class StateStore:
                 found.append((parts[2], parts[1]))
         runs = []
         for run_id, destination in sorted(found):
+            self._forget(run_id)  # the caller may resume or poll it: its next save rewrites index and marker
             record = self._read_json(f"runs/{destination}/{run_id}.json")
             if record is not None and record.get("status") in OPEN_STATUSES:
                 runs.append(record)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import calendar
+import subprocess
+import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,15 @@ from shared.blobstore import BlobContainerStore
 from shared.errors import LeaseUnavailable, StateError
 from shared.state import (
     DESTINATION_PATTERN,
+    OPEN_STATUSES,
     RUN_ID_PATTERN,
     InvalidIdentifier,
     StateStore,
     new_run_id,
 )
-from shared.storage import LocalFolderStore
+from shared.storage import LocalFolderStore, ObjectStore
+
+REPO = Path(__file__).resolve().parent.parent
 
 T0 = calendar.timegm((2024, 3, 1, 12, 0, 0))
 
@@ -78,6 +84,180 @@ def test_open_markers_follow_the_status(state: StateStore) -> None:
     assert state.open_runs() == []
     assert state.store.info(f"open/alpha/{a['run_id']}") is None
     assert state.load_run(a["run_id"])["status"] == "completed"  # type: ignore[index]
+
+
+class Recording:
+    """A thin ObjectStore wrapper that logs writes and deletes; with crash_at=n the n-th of them raises instead."""
+
+    def __init__(self, inner: ObjectStore, crash_at: int | None = None) -> None:
+        self.inner, self.label, self.crash_at = inner, inner.label, crash_at
+        self.ops: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _op(self, kind: str, key: str) -> None:
+        if self.crash_at is not None and len(self.ops) >= self.crash_at:
+            raise Crash(f"{kind} {key}")
+        self.ops.append((kind, key))
+
+    def write_bytes(self, key: str, data: bytes, **kwargs: Any) -> str:
+        self._op("write", key)
+        return self.inner.write_bytes(key, data, **kwargs)
+
+    def write_stream(self, key: str, chunks: Iterable[bytes]) -> str:
+        self._op("write", key)
+        return self.inner.write_stream(key, chunks)
+
+    def delete(self, key: str) -> None:
+        self._op("delete", key)
+        self.inner.delete(key)
+
+
+class Crash(Exception):
+    """The process 'dies' before this storage operation."""
+
+
+def _fresh(state: StateStore) -> StateStore:
+    """Another StateStore on the same storage, as another process would have (no shared cache, new store object)."""
+    store = state.store.inner if isinstance(state.store, Recording) else state.store
+    if isinstance(store, LocalFolderStore):
+        return StateStore(LocalFolderStore(store.root), clock=lambda: T0)
+    assert isinstance(store, BlobContainerStore)
+    return StateStore(BlobContainerStore(store.container), clock=lambda: T0)
+
+
+def _seen(state: StateStore, run: dict[str, Any]) -> tuple[str | None, str | None, bytes | None]:
+    """What a reader finds: the status by run id, the status among open runs, the open marker's content."""
+    loaded = state.load_run(run["run_id"])
+    listed = [r["status"] for r in state.open_runs() if r["run_id"] == run["run_id"]]
+    marker = state.store.read_bytes(f"open/{run['destination']}/{run['run_id']}")
+    return (loaded or {}).get("status"), listed[0] if listed else None, marker
+
+
+def test_index_and_marker_follow_status_changes_for_other_instances(state: StateStore) -> None:
+    run = _run("news", T0, status="running", checkpoint={"contacts_done": 0})
+    seq = [("running", "running"), ("running", "running"), ("submitted", "submitted"), ("submitted", "submitted"),
+           ("completed", None)]
+    for i, (status, listed) in enumerate(seq):
+        run["status"] = status
+        run["checkpoint"]["contacts_done"] = i * 1000
+        state.save_run(run)
+        other = _fresh(state)
+        assert _seen(other, run) == (status, listed, status.encode() if listed else None)
+        assert other.load_run(run["run_id"])["checkpoint"]["contacts_done"] == i * 1000  # type: ignore[index]
+
+    stopped = _run("news", T0 + 1, status="running")
+    state.save_run(stopped)
+    stopped["status"] = "interrupted"
+    state.save_run(stopped)
+    assert _seen(_fresh(state), stopped) == ("interrupted", "interrupted", b"interrupted")
+    assert [r["run_id"] for r in _fresh(state).open_runs()] == [stopped["run_id"]]
+
+
+def test_a_checkpoint_save_writes_only_the_record(tmp_path: Path) -> None:
+    store = Recording(LocalFolderStore(tmp_path))
+    state = StateStore(store)
+    run = _run("news", T0, status="running", checkpoint={"contacts_done": 0})
+    rid = run["run_id"]
+    record, index, marker = f"runs/news/{rid}.json", f"run-index/{rid}", f"open/news/{rid}"
+
+    state.save_run(run)  # first save: index and marker before the record
+    assert store.ops == [("write", index), ("write", marker), ("write", record)]
+    for done in range(1, 6):
+        store.ops.clear()
+        run["checkpoint"]["contacts_done"] = done
+        state.save_run(run)
+        assert store.ops == [("write", record)]
+
+    store.ops.clear()
+    run["status"] = "submitted"
+    state.save_run(run)
+    assert store.ops == [("write", marker), ("write", record)]
+    assert store.read_bytes(marker) == b"submitted"
+    store.ops.clear()
+    state.save_run(run)
+    assert store.ops == [("write", record)]
+
+    store.ops.clear()
+    run["status"] = "completed"
+    state.save_run(run)  # final: the marker goes after the record
+    assert store.ops == [("write", record), ("delete", marker)]
+    assert _seen(_fresh(state), run) == ("completed", None, None)
+
+
+def test_a_stale_cache_does_not_hide_a_marker(state: StateStore) -> None:
+    """Another process saved the run meanwhile; this instance reads the run before saving it again (as resuming and
+    polling do), so it writes index and marker again instead of trusting what it wrote before."""
+    run = _run("news", T0, status="running")
+    state.save_run(run)
+    elsewhere = _fresh(state)
+    taken = elsewhere.load_run(run["run_id"])
+    assert taken is not None
+    taken["status"] = "failed"  # final: the marker is deleted
+    elsewhere.save_run(taken)
+
+    again = state.load_run(run["run_id"])  # picked up here again (an explicit resume)
+    assert again is not None
+    again["status"] = "running"
+    state.save_run(again)
+    assert _seen(_fresh(state), again) == ("running", "running", b"running")
+
+    taken = elsewhere.open_runs()[0]
+    taken["status"] = "interrupted"
+    elsewhere.save_run(taken)
+    [again] = state.open_runs()  # the timer finds it here
+    again["status"] = "running"
+    state.save_run(again)
+    assert state.store.read_bytes(f"open/news/{run['run_id']}") == b"running"
+
+
+@pytest.mark.parametrize("statuses", [["running", "running", "interrupted", "running", "submitted", "completed"],
+                                      ["queued", "running", "failed"], ["running", "refused"]])
+def test_a_crash_between_writes_never_loses_a_run(tmp_path: Path, statuses: list[str]) -> None:
+    """Die before each storage operation of each save in turn: whenever a record is stored, a fresh reader finds it
+    by its run id, and finds it among the open runs while its stored status is open."""
+    crash_at = 0
+    while True:
+        root = tmp_path / f"crash-{crash_at}"
+        state = StateStore(Recording(LocalFolderStore(root), crash_at=crash_at))
+        run = _run("news", T0, status=statuses[0])
+        try:
+            for status in statuses:
+                run["status"] = status
+                state.save_run(run)
+        except Crash:
+            pass
+        else:
+            break  # no operation left to crash before
+        reader = _fresh(state)
+        stored = LocalFolderStore(root).read_bytes(f"runs/news/{run['run_id']}.json")
+        if stored is not None:
+            loaded = reader.load_run(run["run_id"])
+            assert loaded is not None, f"crash at op {crash_at}: record stored but not found by run id"
+            open_ids = [r["run_id"] for r in reader.open_runs()]
+            assert (run["run_id"] in open_ids) == (loaded["status"] in OPEN_STATUSES), f"crash at op {crash_at}"
+        crash_at += 1
+    assert crash_at > len(statuses)
+
+
+def test_another_process_sees_index_and_markers(tmp_path: Path) -> None:
+    state = StateStore(LocalFolderStore(tmp_path))
+    runs = [_run("news", T0 + i, status="running") for i in range(3)]
+    for run in runs:
+        for _ in range(3):
+            state.save_run(run)
+    runs[0]["status"] = "completed"
+    runs[1]["status"] = "interrupted"
+    for run in runs:
+        state.save_run(run)
+    script = ("import sys; from shared.state import StateStore; from shared.storage import LocalFolderStore; "
+              "s = StateStore(LocalFolderStore(sys.argv[1])); "
+              "print(*[r['run_id'] + ':' + r['status'] for r in s.open_runs()]); "
+              "print(*[s.load_run(i)['status'] for i in sys.argv[2:]])")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), *[r["run_id"] for r in runs]], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [f"{runs[1]['run_id']}:interrupted {runs[2]['run_id']}:running", "completed interrupted running"]
 
 
 def test_stale_open_marker_is_skipped(state: StateStore) -> None:
