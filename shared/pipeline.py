@@ -247,7 +247,7 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
     read_on: int | None = None
     try:
         while True:
-            while read_on is None and len(pending) <= 2 * workers:
+            while read_on is None and len(pending) <= workers:  # one chunk ahead: busy workers, bounded memory
                 item = next(source, None)
                 if item is None:
                     break
