@@ -560,9 +560,10 @@ def _sync_snapshot(state: _Run, client: SendGridClient) -> None:
     assert state.sorter is not None
     current = state.sorter.sorted_unique()
     if dest.mode == "upsert":
-        snapshots.write_snapshot(store, key, snapshots.union_sorted(snapshots.read_snapshot(store, key), current))
+        snapshots.write_snapshot(store, key, snapshots.union_sorted(snapshots.read_snapshot(store, key), current),
+                                 trusted=True)
         return
-    current_count = snapshots.write_snapshot(store, staging, current)
+    current_count = snapshots.write_snapshot(store, staging, current, trusted=True)
     previous_count = snapshots.snapshot_size(store, key)
     leaving = snapshots.count_sorted(
         snapshots.diff_sorted(snapshots.read_snapshot(store, key), snapshots.read_snapshot(store, staging)))
@@ -585,7 +586,7 @@ def _sync_snapshot(state: _Run, client: SendGridClient) -> None:
         snapshots.diff_sorted(snapshots.read_snapshot(store, key), snapshots.read_snapshot(store, staging)),
         start=ck.get("removals_done", 0), on_progress=checkpoint, counts=ck.get("removal_counts"))
     report.update(removed=result["removed"], not_found=result["not_found"], jobs=result["jobs"][-10:])
-    snapshots.write_snapshot(store, key, snapshots.read_snapshot(store, staging))
+    snapshots.write_snapshot(store, key, snapshots.read_snapshot(store, staging), trusted=True)
     store.delete(staging)
     ck.pop("removals_done", None)
     ck.pop("removal_counts", None)
