@@ -2,7 +2,7 @@
 
 This is the hot path (millions of rows per run): everything that does not depend on the row is decided in
 ContactMapper.__init__, which generates a straight-line map() for its mapping (about 2 us a row for the
-seven-field Customer Insights mapping plus one Number field). Row values must be str or None.
+seven-field Customer Insights mapping plus a Number and a Date field). Row values must be str or None.
 
 Choices where SendGrid's contract is silent (see tests/contracts/tsg_mc_contacts_v3.json):
 - Every value is stripped; an empty value leaves the field out, so SendGrid keeps what it has.
@@ -24,7 +24,6 @@ import collections
 import datetime
 import functools
 import hashlib
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,12 +38,16 @@ POSTAL_CODE_MAX_LENGTH = 100  # our choice: the contract states no limit
 CUSTOM_TEXT_MAX_LENGTH = 1_000  # our choice: the contract states no limit for custom Text values
 SHOWN_VALUE_MAX = 80  # characters of a bad value quoted in a reason or note
 
-# RFC 5322 atext plus '.', i.e. printable ASCII without space and the specials "(),:;<>@[\]. No leading, trailing
-# or doubled dot. Domain: LDH labels of 1-63, at least two labels, TLD of letters (2+) or an IDN "xn--" label.
-# Applied after lower-casing, so domains only need [a-z].
+# RFC 5322 atext plus '.', i.e. printable ASCII without space and the specials "(),:;<>@[\]. No leading or trailing
+# dot; no doubled dot either, but that is checked apart (`".." not in email`, see valid_email): a lookahead for it
+# rescans the whole address and cost more than the rest of the match. Domain: LDH labels of 1-63, at least two
+# labels, TLD of letters (2+) or an IDN "xn--" label. Applied after lower-casing, so domains only need [a-z].
+# Possessive quantifiers (no backtracking) only drop retries that cannot succeed: the local part holds no '@', a
+# label no '.', and the TLD is the one segment not followed by '.'. tests/test_contacts.py compares the results with
+# the former pattern (with its lookahead) on many addresses.
 EMAIL_RE = re.compile(
-    r"(?!\.)(?!.*\.\.)[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}(?<!\.)"
-    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?:[a-z]{2,63}|xn--[a-z0-9-]{0,58}[a-z0-9])",
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-][A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{0,63}+(?<!\.)"
+    r"@(?:[a-z0-9][a-z0-9-]{0,62}+(?<!-)\.)++(?:[a-z]{2,63}+|xn--[a-z0-9-]{0,58}[a-z0-9])",
     re.ASCII,
 )
 _ALT_SPLIT_RE = re.compile(r"[,;]")
@@ -72,7 +75,8 @@ def _shown(value: str) -> str:
 
 def valid_email(email: str) -> bool:
     """True for a lower-cased, stripped address that passes the pragmatic check."""
-    return len(email) <= limits.MAX_EMAIL_LENGTH and email.isascii() and EMAIL_RE.fullmatch(email) is not None
+    return (len(email) <= limits.MAX_EMAIL_LENGTH and email.isascii() and ".." not in email
+            and EMAIL_RE.fullmatch(email) is not None)
 
 
 def parse_number(text: str) -> int | float | None:
@@ -86,7 +90,7 @@ def parse_number(text: str) -> int | float | None:
     else:
         if "_" in text or not text.isascii():  # float() also takes "1_000" and non-ASCII digits
             return None
-    if not math.isfinite(value):  # "nan", "inf", "1e999"
+    if value - value != 0.0:  # not finite ("nan", "inf", "1e999"): inf - inf and nan - nan are nan
         return None
     if value.is_integer() and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT:
         return int(value)
@@ -111,12 +115,26 @@ def parse_date(text: str) -> str | None:
     return f"{month:02d}/{day:02d}/{year:04d}"
 
 
+_DATE_CACHE: dict[str, str | None] = {}  # parse_date's results for map(): a dict lookup is cheaper than lru_cache's
+_DATE_CACHE_MAX = 1 << 16
+_MISS = object()
+
+
+def _date_miss(text: str) -> str | None:
+    """parse_date(text), remembered in _DATE_CACHE (emptied when full: exports repeat few distinct dates)."""
+    if len(_DATE_CACHE) >= _DATE_CACHE_MAX:
+        _DATE_CACHE.clear()
+    result = _DATE_CACHE[text] = parse_date(text)
+    return result
+
+
 class ContactMapper:
     """Turns one row (values in ``columns`` order) into a SendGrid contact, or a rejection reason.
 
     map() is specialised per mapping: __init__ generates a straight-line function with one block per field (no
-    per-row loops over the plan, no lookups of the plan). Only ints of our own making are written into the generated
-    source; every name, id and column travels as a bound constant, never as code.
+    per-row loops over the plan, no lookups of the plan), in two versions with the same results (see _generate).
+    Only ints of our own making are written into the generated source; every name, id and column travels as a
+    bound constant, never as code.
     """
 
     def __init__(self, mapping: Mapping[str, str], custom: Sequence[CustomField] = ()) -> None:
@@ -159,70 +177,148 @@ class ContactMapper:
 
     def _generate(self, text: list[tuple[str, int, int]], alternates: int | None,
                   custom: list[tuple[CustomField, int]]) -> Callable[[Sequence[str | None]], object]:
+        """Compiles two versions of map() for this plan, with the same results.
+
+        The fast one unpacks the row and strips every value up front, inside a try (free when nothing is raised),
+        assuming what the readers give nearly always: one str per column. The first row that breaks this (a None,
+        e.g. an absent column or a JSON null, or a wrong length) goes to the guarded version, which tests each value
+        before stripping it; and map() then becomes the guarded version (its code is swapped, so callers that hold
+        the function switch too): no later row pays for an exception.
+        Both end alike: when every field has a value the contact is built as one dict display (presized, no store
+        per field); otherwise field by field. Numbers take an inline float() path and dates a dict cache.
+        """
         env: dict[str, object] = {
             "fullmatch": EMAIL_RE.fullmatch, "shown": _shown, "trimmed": self._trimmed, "add_note": _add_note,
-            "parse_number": parse_number, "parse_date": parse_date, "alternate_emails": self._alternate_emails,
+            "parse_number": parse_number, "alternate_emails": self._alternate_emails, "float": float,
+            "date_get": _DATE_CACHE.get, "date_miss": _date_miss, "MISS": _MISS,
         }
+        # One variable per field: t{k} text fields, alt the alternates, c{k} custom values (v{k}: their texts).
+        variables: list[tuple[str, int]] = [("email", 0)] + [(f"t{k}", i) for k, (_, i, _) in enumerate(text)]
+        if alternates is not None:
+            variables.append(("alt", alternates))
+        variables += [(f"c{k}" if f.field_type == "Text" else f"v{k}", i) for k, (f, i) in enumerate(custom)]
+
+        def ind(lines: list[str], depth: int) -> list[str]:
+            return [" " * (4 * depth) + line for line in lines]
+
+        def body(fast: bool) -> list[str]:
+            """Everything after the email's fetch and strip; a field's value is its stripped text or, only when not
+            fast, None or "" too."""
+
+            def value(var: str, i: int, lines: list[str]) -> list[str]:  # lines run when var is a str (stripped)
+                if fast:
+                    return ind(lines, 1)
+                return [f"    {var} = values[{int(i)}]", f"    if {var}:", f"        {var} = {var}.strip()",
+                        *ind(lines, 2)]
+
+            src = [
+                "    if not email:",
+                "        return 'missing email'",
+                f"    if len(email) > {int(limits.MAX_EMAIL_LENGTH)}:",
+                f"        return 'email longer than {int(limits.MAX_EMAIL_LENGTH)} characters'",
+                "    lowered = email.lower()",
+                "    if not email.isascii() or fullmatch(lowered) is None or '..' in lowered:",
+                "        return 'invalid email ' + shown(email)",
+                "    note = None",
+            ]
+            for k, (field, i, limit) in enumerate(text):  # t{k}: the value; false ("" or None) when empty
+                env[f"F{k}"] = field
+                src += value(f"t{k}", i, [
+                    f"if len(t{k}) > {int(limit)}:",
+                    f"    t{k} = t{k}[:{int(limit)}].rstrip()",
+                    f"    trimmed[F{k}] += 1",
+                ])
+            if alternates is not None:  # alt: the list of good alternates; false when none
+                src += value("alt", alternates, [
+                    "if alt:",
+                    "    alt, alt_note = alternate_emails(alt, lowered)",
+                    "    if alt_note:",
+                    "        note = add_note(note, alt_note)",
+                ])
+            for k, (f, i) in enumerate(custom):  # c{k}: the value; None when empty or left out
+                env[f"ID{k}"], env[f"N{k}"] = f.id, f.name
+                if f.field_type == "Text":
+                    src += value(f"c{k}", i, [
+                        f"if len(c{k}) > {int(CUSTOM_TEXT_MAX_LENGTH)}:",
+                        f"    c{k} = c{k}[:{int(CUSTOM_TEXT_MAX_LENGTH)}].rstrip()",
+                        f"    trimmed[N{k}] += 1",
+                    ])
+                    src += [f"    if not c{k}:", f"        c{k} = None"]
+                    continue
+                number = f.field_type == "Number"
+                env[f"PRE{k}"] = f"{f.column}: "
+                env[f"POST{k}"] = (f" is not {'a number' if number else 'a date (YYYY-MM-DD or MM/DD/YYYY)'}; "
+                                   "field left out")
+                if number:  # parse_number, inline where float() takes the text (same results, see there)
+                    parse = [
+                        "try:",
+                        f"    c{k} = float(v{k})",
+                        "except ValueError:",
+                        f"    c{k} = parse_number(v{k})",
+                        "else:",
+                        f"    if c{k} - c{k} != 0.0 or '_' in v{k} or not v{k}.isascii():",
+                        f"        c{k} = None",
+                        f"    elif c{k}.is_integer() and {-_MAX_EXACT_INT} <= c{k} <= {_MAX_EXACT_INT}:",
+                        f"        c{k} = int(c{k})",
+                    ]
+                else:  # parse_date through _DATE_CACHE
+                    parse = [f"c{k} = date_get(v{k}, MISS)", f"if c{k} is MISS:", f"    c{k} = date_miss(v{k})"]
+                src.append(f"    c{k} = None")
+                src += value(f"v{k}", i, [
+                    f"if v{k}:",
+                    *ind(parse, 1),
+                    f"    if c{k} is None:",
+                    f"        note = add_note(note, PRE{k} + shown(v{k}) + POST{k})",
+                ])
+            texts = [f"t{k}" for k in range(len(text))]
+            customs = [f"c{k}" for k in range(len(custom))]
+            whole = ["'email': lowered", *(f"F{k}: t{k}" for k in range(len(text)))]
+            if custom:
+                whole.append(f"'custom_fields': {{{', '.join(f'ID{k}: c{k}' for k in range(len(custom)))}}}")
+            every = [*texts, *(["not alt"] if alternates is not None else []), *(f"{c} is not None" for c in customs)]
+            if every:
+                src += [f"    if {' and '.join(every)}:", f"        return lowered, {{{', '.join(whole)}}}, note"]
+            src.append("    contact = {'email': lowered}")
+            for k, t in enumerate(texts):
+                src += [f"    if {t}:", f"        contact[F{k}] = {t}"]
+            if alternates is not None:
+                src += ["    if alt:", "        contact['alternate_emails'] = alt"]
+            if custom:
+                src.append("    fields = {}")
+                for k, c in enumerate(customs):
+                    src += [f"    if {c} is not None:", f"        fields[ID{k}] = {c}"]
+                src += ["    if fields:", "        contact['custom_fields'] = fields"]
+            src.append("    return lowered, contact, note")
+            return src
+
+        names: dict[int, str] = {}  # column -> the variable the fast version unpacks it into
+        copies: list[str] = []  # a column used by several fields: the later ones copy the stripped text
+        for var, i in variables:
+            if i in names:
+                copies.append(f"    {var} = {names[i]}")
+            else:
+                names[i] = var
+        unpacked = [names[i] for i in range(len(self.columns))]  # every column is some field's
         src = [
             "def map(values):",
+            "    try:",
+            f"        {', '.join(unpacked)}, = values",
+            *(f"        {var} = {var}.strip()" for var in unpacked),
+            "    except (ValueError, AttributeError):",
+            "        return fallback(values)",
+            *copies,
+            *body(fast=True),
+            "",
+            "def map_guarded(values):",
             "    email = values[0]",
             "    if email:",
             "        email = email.strip()",
-            "    if not email:",
-            "        return 'missing email'",
-            f"    if len(email) > {int(limits.MAX_EMAIL_LENGTH)}:",
-            f"        return 'email longer than {int(limits.MAX_EMAIL_LENGTH)} characters'",
-            "    lowered = email.lower()",
-            "    if not email.isascii() or fullmatch(lowered) is None:",
-            "        return 'invalid email ' + shown(email)",
-            "    contact = {'email': lowered}",
-            "    note = None",
+            *body(fast=False),
+            "",
+            "def fallback(values):",
+            "    map.__code__ = map_guarded.__code__  # for every holder of this mapper's map, at no cost per row",
+            "    return map_guarded(values)",
         ]
-
-        def when_value(i: int, *body: str) -> list[str]:  # runs body (indented 12) with v = values[i] stripped, if any
-            return [f"    v = values[{int(i)}]", "    if v:", "        v = v.strip()", "        if v:", *body]
-
-        for k, (field, i, limit) in enumerate(text):
-            env[f"F{k}"] = field
-            src += when_value(i,
-                f"            if len(v) > {int(limit)}:",
-                f"                v = v[:{int(limit)}].rstrip()",
-                f"                trimmed[F{k}] += 1",
-                f"            contact[F{k}] = v",
-            )
-        if alternates is not None:
-            src += when_value(alternates,
-                "            good, alt_note = alternate_emails(v, lowered)",
-                "            if good:",
-                "                contact['alternate_emails'] = good",
-                "            if alt_note:",
-                "                note = add_note(note, alt_note)",
-            )
-        if custom:
-            src.append("    fields = {}")
-        for k, (f, i) in enumerate(custom):
-            env[f"ID{k}"], env[f"N{k}"] = f.id, f.name
-            if f.field_type == "Text":
-                src += when_value(i,
-                    f"            if len(v) > {int(CUSTOM_TEXT_MAX_LENGTH)}:",
-                    f"                v = v[:{int(CUSTOM_TEXT_MAX_LENGTH)}].rstrip()",
-                    f"                trimmed[N{k}] += 1",
-                    f"            fields[ID{k}] = v",
-                )
-                continue
-            number = f.field_type == "Number"
-            env[f"PRE{k}"] = f"{f.column}: "
-            env[f"POST{k}"] = f" is not {'a number' if number else 'a date (YYYY-MM-DD or MM/DD/YYYY)'}; field left out"
-            src += when_value(i,
-                f"            x = {'parse_number' if number else 'parse_date'}(v)",
-                "            if x is None:",
-                f"                note = add_note(note, PRE{k} + shown(v) + POST{k})",
-                "            else:",
-                f"                fields[ID{k}] = x",
-            )
-        if custom:
-            src += ["    if fields:", "        contact['custom_fields'] = fields"]
-        src.append("    return lowered, contact, note")
         exec(compile("\n".join(src), "<ContactMapper.map>", "exec"), env)
         return env["map"]  # type: ignore[return-value]
 
@@ -255,6 +351,9 @@ def encode(contact: dict) -> bytes:
     return orjson.dumps(contact)
 
 
+_BLAKE2B_64 = hashlib.blake2b(digest_size=8)  # never updated: fingerprints() copies it
+
+
 def fingerprint(email: str) -> int:
     """Stable 64-bit fingerprint of an (already normalised) email: blake2b-64, little-endian. Same in every process."""
     return int.from_bytes(hashlib.blake2b(email.encode(), digest_size=8).digest(), "little")
@@ -262,9 +361,14 @@ def fingerprint(email: str) -> int:
 
 def fingerprints(emails: Sequence[str]) -> np.ndarray:
     """fingerprint() of each email, as a uint64 array."""
-    blake2b = hashlib.blake2b
-    raw = b"".join([blake2b(e.encode(), digest_size=8).digest() for e in emails])
-    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)  # a writable copy in native order
+    new = _BLAKE2B_64.copy  # copying a prepared state is much cheaper than blake2b(data, digest_size=8)
+    out: list[bytes] = []
+    add = out.append
+    for e in emails:
+        h = new()
+        h.update(e.encode())
+        add(h.digest())
+    return np.frombuffer(b"".join(out), dtype="<u8").astype(np.uint64)  # a writable copy in native order
 
 
 RUN_CAP = 1 << 20  # fingerprints per sorted run at most: a merge never copies more than 8 MB

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import random
+import re
 
 import numpy as np
 import orjson
 import pytest
 
-from shared import limits
+from shared import contacts, limits
 from shared.contacts import (
     CUSTOM_TEXT_MAX_LENGTH,
     POSTAL_CODE_MAX_LENGTH,
@@ -204,6 +206,70 @@ def test_invalid_email_reason_cuts_the_value_to_80_characters() -> None:
     assert len(reason) == len("invalid email ''") + 80
 
 
+# The pattern before the ".." check moved out of the regex: the reference for the accept/reject results.
+OLD_EMAIL_RE = re.compile(
+    r"(?!\.)(?!.*\.\.)[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}(?<!\.)"
+    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?:[a-z]{2,63}|xn--[a-z0-9-]{0,58}[a-z0-9])",
+    re.ASCII,
+)
+
+
+def old_valid_email(email: str) -> bool:
+    return len(email) <= 254 and email.isascii() and OLD_EMAIL_RE.fullmatch(email) is not None
+
+
+def old_map_email(value: str) -> str | tuple[str, dict, None]:
+    """What map() gave for a primary email before."""
+    email = value.strip()
+    if not email:
+        return "missing email"
+    if len(email) > 254:
+        return "email longer than 254 characters"
+    lowered = email.lower()
+    if not email.isascii() or OLD_EMAIL_RE.fullmatch(lowered) is None:
+        return f"invalid email {email[:80]!r}"
+    return lowered, {"email": lowered}, None
+
+
+GOOD_LOCAL = ["a", "Z", "0", "x.y", "-", "_", "+", "'", "!#$%&*/=?^`{|}~", "a" * 63]
+BAD_LOCAL = [".", "..", "é", "\u212a", "\u0130", " ", "\t", "\n", '"', "(", "\\", ",", ":", "[", "@", "a" * 64]
+GOOD_LABELS = ["example", "com", "co", "b" * 63, "a-b", "a--b", "0", "9x", "xn--p1ai", "EXAMPLE", "museum"]
+BAD_LABELS = ["c", "b" * 64, "-a", "a-", "xn--", "xn--a-", "c0m", "ü", "a_b", "", " ", "\u212a", "a@b", "x" * 62 + "-"]
+
+
+def tricky_address(rng: random.Random) -> str:
+    """Mostly well-formed addresses with a bad piece here and there, and some noise."""
+    if rng.random() < 0.1:
+        return "".join(rng.choice("aZ0.-_@ xnK\u212a+'") for _ in range(rng.randint(0, 24)))
+
+    def piece(good: list[str], bad: list[str]) -> str:
+        return rng.choice(bad if rng.random() < 0.08 else good)
+
+    local = "".join(piece(GOOD_LOCAL, BAD_LOCAL) for _ in range(rng.choice([0, 1, 1, 2, 3])))
+    domain = ".".join(piece(GOOD_LABELS, BAD_LABELS) for _ in range(rng.choice([1, 2, 2, 3, 4])))
+    if rng.random() < 0.05:
+        domain = rng.choice([".", "-", ""]) + domain + rng.choice([".", "..", "-", ""])
+    if rng.random() < 0.05:  # near the 254-character limit
+        domain = ".".join(["b" * 63] * 3) + "." + domain
+    address = local + ("@" if rng.random() < 0.95 else rng.choice(["@@", ""])) + domain
+    return rng.choice(["", "", " ", "\t"]) + address + rng.choice(["", "", " ", "\n"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_email_check_accepts_and_rejects_what_the_former_pattern_did(seed: int) -> None:
+    rng = random.Random(seed)
+    m = ContactMapper({"email": "E"})
+    accepted = 0
+    for _ in range(5_000):
+        address = tricky_address(rng)
+        expected = old_map_email(address)
+        assert m.map([address]) == expected, address
+        accepted += not isinstance(expected, str)
+        for form in (address, address.strip(), address.strip().lower()):
+            assert valid_email(form) == old_valid_email(form), form
+    assert 500 < accepted < 4_500  # both outcomes well covered
+
+
 # --- alternate emails ---------------------------------------------------------------------------------------------
 
 
@@ -301,6 +367,78 @@ def test_not_numbers(text: str) -> None:
     assert parse_number(text) is None
 
 
+OLD_GROUPED_NUMBER_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", re.ASCII)
+
+
+def old_parse_number(text: str) -> int | float | None:
+    """parse_number before its fast path went inline into map(): the reference."""
+    try:
+        value = float(text)
+    except ValueError:
+        if OLD_GROUPED_NUMBER_RE.fullmatch(text) is None:
+            return None
+        value = float(text.replace(",", ""))
+    else:
+        if "_" in text or not text.isascii():
+            return None
+    if not math.isfinite(value):
+        return None
+    if value.is_integer() and -(2**53) <= value <= 2**53:
+        return int(value)
+    return value
+
+
+NUMBER_TEXTS = ["0", "-0", "+0.0", "-0.0", "00012", "1.", ".5", "5.", ".", "-", "+", "e5", "1e5", "1E+5", "1e-5",
+                "1e308", "1e309", "-1e309", "1.7976931348623157e308", "2e-324", "9007199254740992", "9007199254740993",
+                "-9007199254740992", "-9007199254740993", "4503599627370495.5", "4.5e15", "1e16", "123456789012345678",
+                "nan", "-nan", "NaN", "inf", "+inf", "-Infinity", "infinity", "1_0", "_1", "1__0", "0x1f", "0b1",
+                "1,000", "1,000.", "1,000.5", "-1,000,000", "+1,234.5e3", "1,00", "1,0000", ",100", "100,", "1.000,5",
+                "\u0661\u0662\u0663", "\u0661", "1\u00a0000", "\u00b2", "\u00bd", "\u0663.\u0665",
+                "1 000", "1\t0", "12abc", "20533.64", "1755.69", "0.1", "3.14159265358979323846", "1e-400", "-1e-400"]
+
+
+def number_text(rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        return rng.choice(NUMBER_TEXTS)
+    text = "".join(rng.choice("0123456789.,-+eE_ n") for _ in range(rng.randint(1, 10)))
+    return rng.choice(["", " "]) + text + rng.choice(["", " ", "\t"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_number_parsing_matches_the_former_parse_number(seed: int) -> None:
+    rng = random.Random(seed)
+    m = ContactMapper({"email": "E"}, [CustomField("n", "e1_N", "Number", "N")])
+    texts = NUMBER_TEXTS + [number_text(rng) for _ in range(5_000)]
+    parsed = 0
+    for text in texts:
+        expected = old_parse_number(text.strip())
+        got = parse_number(text.strip())
+        assert type(got) is type(expected) and got == expected, text
+        _, c, note = m.map(["a@example.com", text])  # type: ignore[misc]
+        if expected is None:
+            assert "custom_fields" not in c, text
+            assert (note is None) == (not text.strip()), text
+        else:
+            value = c["custom_fields"]["e1_N"]
+            assert type(value) is type(expected) and value == expected and note is None, text
+            parsed += 1
+    assert parsed > 500
+
+
+def test_dates_in_map_are_parse_date_and_survive_the_cache_emptying(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(contacts, "_DATE_CACHE_MAX", 3)
+    contacts._DATE_CACHE.clear()
+    m = ContactMapper({"email": "E"}, [CustomField("d", "e2_D", "Date", "D")])
+    texts = ["2024-01-05", "2023-02-29", "1/2/2003", "2020-08-24T14:33:00Z", "yesterday", "2024-02-29", "12/31/1999"]
+    for text in texts * 3:
+        expected = parse_date(text)
+        _, c, note = m.map(["a@example.com", f" {text} "])  # type: ignore[misc]
+        assert c.get("custom_fields") == ({"e2_D": expected} if expected else None), text
+        assert (note is None) == (expected is not None), text
+        assert len(contacts._DATE_CACHE) <= 3
+    contacts._DATE_CACHE.clear()
+
+
 def test_number_results_encode_as_json_numbers() -> None:
     m = custom_mapper()
     c = contact_of(m, Email="a@example.com", LifetimeValue="1e20")
@@ -363,6 +501,59 @@ def test_names_ids_and_columns_are_data_not_code() -> None:
     assert c == {"email": "a@example.com", "city": "Oslo", "custom_fields": {"{t}": "Oslo"}}
     assert note == f"{odd}N: 'oops' is not a number; field left out"
     assert contact_of(m, **{"E-mail'\"": "a@example.com", odd + "N": "2"})["custom_fields"] == {"id'\"\n)": 2}
+
+
+FULL_MAPPING = {**MAPPING, "alternate_emails": "Alt", "external_id": "EmailAddress"}
+FULL_CUSTOM = [*CUSTOM, CustomField("again", "e4_T", "Text", "City")]
+VALUES = [None, "", "  ", " x ", "Zoë", "A" * 51, " " + "b" * 70 + " ", "c" * 1_200, "12", " 1,234.5 ", "abc", "nan",
+          "2024-02-29", "2023-02-29", " 1/2/2003", "x@example.com", "A@Example.com; b@example.com",
+          "bad, c@example.org", " user@example.com ", "not an email"]
+
+
+def test_fast_and_guarded_versions_agree() -> None:
+    """map() strips a row of str up front; a row with a None switches the mapper to the guarded version for good."""
+    rng = random.Random(11)
+    fast, guarded = ContactMapper(FULL_MAPPING, FULL_CUSTOM), ContactMapper(FULL_MAPPING, FULL_CUSTOM)
+    n = len(fast.columns)
+    assert guarded.map([None] * n) == "missing email"
+    assert guarded.map.__code__.co_name == "map_guarded" and fast.map.__code__.co_name == "map"
+    for _ in range(3_000):
+        row = [rng.choice(VALUES) for _ in range(n)]
+        if rng.random() < 0.7:
+            row[0] = rng.choice(["a@example.com", " B@example.org "])
+        as_text = ["" if v is None else v for v in row]  # None and "" both mean no value
+        expected = fast.map(as_text)
+        assert repr(guarded.map(as_text)) == repr(expected)  # same values, types and key order
+        assert repr(guarded.map(row)) == repr(expected)
+        assert repr(fast.map(tuple(as_text))) == repr(expected)
+    assert fast.map.__code__.co_name == "map"  # never switched: its rows were all str
+    assert fast.trimmed == guarded.trimmed and fast.trimmed["first_name"] > 0
+
+
+def test_rows_with_none_or_more_values_map_alike() -> None:
+    m = ContactMapper(MAPPING)
+    row = ["a@example.com", "Kim", "Lee", "NO", "Oslo", "Oslo", "0150"]
+    expected = ("a@example.com", {"email": "a@example.com", "first_name": "Kim", "last_name": "Lee", "country": "NO",
+                                  "state_province_region": "Oslo", "city": "Oslo", "postal_code": "0150"}, None)
+    assert m.map(row) == expected
+    assert m.map([*row, "ignored"]) == expected  # values beyond the columns are ignored, as before
+    assert m.map(["a@example.com", "Kim", None, "NO", "Oslo", "Oslo", "0150"])[1] == {  # type: ignore[index]
+        "email": "a@example.com", "first_name": "Kim", "country": "NO", "state_province_region": "Oslo",
+        "city": "Oslo", "postal_code": "0150"}
+    assert m.map(row) == expected
+
+
+def test_a_column_shared_by_fields_is_cut_per_field() -> None:
+    m = ContactMapper({"email": "E", "first_name": "Name", "city": "Name", "external_id": "E"},
+                      [CustomField("t", "e1_T", "Text", "Name")])
+    assert m.columns == ("E", "Name")
+    name = " " + "n" * 55 + " "
+    assert m.map([" A@Example.com ", name]) == (
+        "a@example.com",
+        {"email": "a@example.com", "first_name": "n" * 50, "city": "n" * 55, "external_id": "A@Example.com",
+         "custom_fields": {"e1_T": "n" * 55}},
+        None)
+    assert dict(m.trimmed) == {"first_name": 1}
 
 
 def test_mappers_keep_separate_counts_and_clear_resets() -> None:
