@@ -5,6 +5,15 @@ uses; in-memory, thread-safe state; stdlib HTTP/1.1 server with keep-alive. Comp
 one JSON text of the other fields, two timestamps; ids are derived from the row number) keeps 5 million contacts at
 about 2-3 GB. Jobs stay `pending` for `job_delay` seconds and are applied lazily by the next request that looks.
 
+Cheap per contact (about 3-4 us of CPU to take, check and store one; most of it parsing the JSON), so a benchmark's
+client keeps the cores: a request whose contacts are all valid is checked column by column in C-level passes and
+stored with one serialisation; anything else is checked contact by contact, which names every problem.
+
+Latency model: `Sandbox(latency=seconds)` (`--latency` on the command line, default 0) makes the server wait that
+long before answering every request (API, uploads, control; also before dropping a connection for a reset fault). It
+stands for the WAN round trip and SendGrid's front-end handling that a real deployment pays per request. Requests on
+different connections wait in parallel (one thread per connection), so concurrent clients each pay it once.
+
 Where the real API is silent the sandbox is strict, so client bugs show: unknown contact fields, non-string values,
 the same email twice in one request and unknown list ids are refused.
 
@@ -25,6 +34,7 @@ import io
 import ipaddress
 import itertools
 import math
+import operator
 import os
 import re
 import secrets
@@ -39,7 +49,7 @@ import uuid
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,7 +68,7 @@ MAX_LISTS = 1_000
 IDLE_TIMEOUT_S = 120.0
 
 _JSON = "application/json"
-_EMPTY = "{}"
+_EMPTY = b""  # the members of an empty object
 _UTF8_BOM = "\ufeff"
 
 # Reserved fields as GET /v3/marketing/field_definitions lists them [F example]: (id, name, type, read_only).
@@ -104,9 +114,13 @@ _VIEW_TEXT_FIELDS = ("first_name", "last_name", "unique_name", "address_line_1",
 
 # Basic address syntax (local part without quotes, a dotted domain, an alphabetic or punycode TLD); ".." is
 # checked apart because a lookahead for it costs more than the rest of the match.
-_EMAIL_RE = re.compile(
-    r"(?!\.)[^@\s\"(),:;<>\[\]\\]{1,64}(?<!\.)@[^\W_][\w.-]*\.(?:[^\W\d_]{2,63}|xn--[a-z0-9-]{1,59})"
-)
+_LOCAL_CHAR = r"[^@\s\"(),:;<>\[\]\\]"
+_EMAIL_DOMAIN = r"[^\W_][\w.-]*\.(?:[^\W\d_]{2,63}|xn--[a-z0-9-]{1,59})"
+_EMAIL_RE = re.compile(rf"(?!\.){_LOCAL_CHAR}{{1,64}}(?<!\.)@{_EMAIL_DOMAIN}")
+_DOMAIN_RE = re.compile(_EMAIL_DOMAIN)
+MAX_LOCAL_PART = 64
+# The ASCII characters a local part may hold (derived from the pattern, so the two cannot disagree).
+_ASCII_LOCAL_CHARS = bytes(c for c in range(128) if re.fullmatch(_LOCAL_CHAR, chr(c)))
 _DATE_RE = re.compile(r"(\d{2})/(\d{2})/(\d{4})")
 _FIELD_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -193,22 +207,61 @@ class _GcPause:
                 gc.enable()
 
 
-def invalid_email_check(pattern: str) -> Callable[[str], bool]:
-    """A test for lower-cased addresses the sandbox calls invalid. A plain domain-suffix pattern (the default,
-    `@[^@]*\\.invalid$`) becomes a str.endswith, three times cheaper than the regex on the hot path."""
-    m = re.fullmatch(r"@\[\^@\]\*((?:\\\.[A-Za-z0-9-]+)+)\$", pattern)
-    if m:
-        suffix = m[1].replace("\\.", ".").lower()
-        return lambda email: email.endswith(suffix)
-    regex = re.compile(pattern, re.IGNORECASE)
-    return lambda email: regex.search(email) is not None
+class InvalidEmailCheck:
+    """A test for lower-cased addresses the sandbox calls invalid: `check(email)`, and `check.any_of(emails)` for a
+    whole request. A plain domain-suffix pattern (the default, `@[^@]*\\.invalid$`) becomes a str.endswith (three
+    times cheaper than the regex), and for a request one substring search over the joined addresses."""
+
+    def __init__(self, pattern: str) -> None:
+        m = re.fullmatch(r"@\[\^@\]\*((?:\\\.[A-Za-z0-9-]+)+)\$", pattern)
+        self._suffix = m[1].replace("\\.", ".").lower() if m else ""
+        self._regex = None if m else re.compile(pattern, re.IGNORECASE)
+
+    def __call__(self, email: str) -> bool:
+        if self._regex is None:
+            return email.endswith(self._suffix)
+        return self._regex.search(email) is not None
+
+    def any_of(self, emails: list[str]) -> bool:
+        """True if any of these addresses (none holding a newline) is invalid."""
+        if self._regex is None:  # a suffix without newlines ends an address exactly where a newline follows it
+            return f"{self._suffix}\n" in "\n".join(emails) + "\n"
+        return any(map(self, emails))
+
+
+def invalid_email_check(pattern: str) -> InvalidEmailCheck:
+    """A test for lower-cased addresses the sandbox calls invalid (see InvalidEmailCheck)."""
+    return InvalidEmailCheck(pattern)
 
 
 # ------------------------------------------------------------------------------------------------ contact storage
 
 
+def _members(obj: dict[str, Any]) -> bytes:
+    """A dict's compact JSON without its braces: what the store keeps of a contact (an exact-size copy, where
+    orjson's own small results keep a 4 KB buffer each)."""
+    return orjson.dumps(obj)[1:-1]
+
+
+def _members_each(objs: list[dict[str, Any]]) -> list[bytes]:
+    """[_members(o) for o in objs] from one serialisation of the list, cut at the "},{" between its items. Contacts
+    nest no arrays of objects, so only a string holding "},{" makes another cut, and the count shows that."""
+    if not objs:
+        return []
+    parts = orjson.dumps(objs).split(b"},{")
+    if len(parts) != len(objs):
+        return list(map(_members, objs))
+    parts[0] = parts[0][2:]  # the list's '[{' and '}]'
+    parts[-1] = parts[-1][:-2]
+    return parts
+
+
+def _object(members: bytes) -> dict[str, Any]:
+    return orjson.loads(b"{" + members + b"}")
+
+
 class _Store:
-    """Contacts, compactly: row i has an email (or None), a JSON text of its other fields and two timestamps.
+    """Contacts, compactly: row i has an email (or None), the JSON members of its other fields and two timestamps.
 
     Contact ids are derived from the row number under a random prefix, so they cost nothing to store and map back
     to the row in O(1). Deleted rows stay as tombstones; ids are never reused.
@@ -218,7 +271,7 @@ class _Store:
         p = secrets.token_hex(9)
         self.id_prefix = f"{p[:8]}-{p[8:12]}-4{p[12:15]}-a{p[15:18]}-"
         self.emails: list[str | None] = []
-        self.data: list[str] = []  # exact-size copies: orjson's small bytes keep a 4 KB buffer each
+        self.data: list[bytes] = []  # _members(fields): orjson's compact form, so equal fields give equal bytes
         self.created = array("d")
         self.updated = array("d")
         self.live = bytearray()
@@ -259,7 +312,7 @@ class _Store:
         if idx is None:
             idx = len(self.emails)
             self.emails.append(email)
-            self.data.append(orjson.dumps(fields).decode() if fields else _EMPTY)
+            self.data.append(_members(fields))
             self.created.append(now)
             self.updated.append(now)
             self.live.append(1)
@@ -287,42 +340,50 @@ class _Store:
         if not fields:
             return False
         old_text = self.data[idx]
-        old = orjson.loads(old_text) if old_text != _EMPTY else {}
+        old = _object(old_text) if old_text else {}
         merged = {**old, **fields}
         if "custom_fields" in fields and "custom_fields" in old:
             merged["custom_fields"] = {**old["custom_fields"], **fields["custom_fields"]}
         if merged == old:
             return False
-        self.data[idx] = orjson.dumps(merged).decode()
+        self.data[idx] = _members(merged)
         self.updated[idx] = now
         if indexed:
             self._index(idx, old, fields)
         return True
 
-    def bulk_upsert(self, items: list[tuple[str | None, dict[str, Any]]],
-                    now: float) -> tuple[list[int], int, list[tuple[int, bool]]] | None:
-        """The common batch (every contact has a distinct email, none a secondary identifier) in a few C-level
-        passes. Returns (rows, created count, [(row, changed)] of existing contacts), or None for other batches."""
-        emails = [e for e, _ in items]
-        if None in emails or len(set(emails)) != len(emails) or \
-                not all(f.keys().isdisjoint(_INDEXED_FIELDS) for _, f in items):
-            return None
-        get, start = self.by_email.get, len(self.emails)
-        found = [get(e) for e in emails]
-        fresh = [item for item, row in zip(items, found, strict=True) if row is None]
-        n, dumps = len(fresh), orjson.dumps
-        new_emails = [e for e, _ in fresh]
+    def bulk_upsert(self, emails: list[str | None], texts: list[bytes],
+                    now: float) -> tuple[range, list[int], list[int]]:
+        """A plain batch (see _Contacts; fields as _members texts) in a few C-level passes. Returns (new rows,
+        existing rows that changed, existing rows left as they were)."""
+        found = list(map(self.by_email.get, emails))
+        fresh = found.count(None)
+        if fresh == len(found):
+            new_emails, new_texts, old_rows, old_texts = emails, texts, [], []
+        elif fresh == 0:
+            new_emails, new_texts, old_rows, old_texts = [], [], found, texts
+        else:
+            new_emails = [e for e, row in zip(emails, found, strict=True) if row is None]
+            new_texts = [t for t, row in zip(texts, found, strict=True) if row is None]
+            old_rows = [row for row in found if row is not None]
+            old_texts = [t for t, row in zip(texts, found, strict=True) if row is not None]
+        start, n = len(self.emails), len(new_emails)
         self.emails.extend(new_emails)
-        self.data.extend([dumps(f).decode() if f else _EMPTY for _, f in fresh])
+        self.data.extend(new_texts)
         stamps = array("d", [now]) * n
         self.created.extend(stamps)
         self.updated.extend(stamps)
         self.live.extend(b"\x01" * n)
         self.by_email.update(zip(new_emails, range(start, start + n), strict=True))
         self.alive += n
-        merge = self.merge
-        existing = [(row, merge(row, f, now)) for (_, f), row in zip(items, found, strict=True) if row is not None]
-        return [*range(start, start + n), *(row for row, _ in existing)], n, existing
+        # An existing contact sent with exactly its stored fields (a re-send) cannot change: compare the texts.
+        same = list(map(bytes.__eq__, map(self.data.__getitem__, old_rows), old_texts))
+        if all(same):
+            return range(start, start + n), [], old_rows
+        changed, kept = [], []
+        for row, text, unchanged in zip(old_rows, old_texts, same, strict=True):
+            (changed if not unchanged and self.merge(row, _object(text), now) else kept).append(row)
+        return range(start, start + n), changed, kept
 
     def _index(self, idx: int, old: dict[str, Any], new: dict[str, Any]) -> None:
         for key in _SECONDARY_IDS.intersection(new):
@@ -336,7 +397,7 @@ class _Store:
                 self.by_alt[alt.lower()] = idx
 
     def delete(self, idx: int) -> None:
-        fields = orjson.loads(self.data[idx])
+        fields = _object(self.data[idx])
         for key in _SECONDARY_IDS.intersection(fields):
             self.by_ident[key].pop(fields[key], None)
         for alt in fields.get("alternate_emails", ()):
@@ -350,7 +411,7 @@ class _Store:
         self.alive -= 1
 
     def fields(self, idx: int) -> dict[str, Any]:
-        return orjson.loads(self.data[idx])
+        return _object(self.data[idx])
 
 
 @dataclass(slots=True)
@@ -388,6 +449,30 @@ class _Import:
 
 
 @dataclass(slots=True)
+class _Contacts:
+    """Validated contacts in order: lower-case emails (None for a contact without one) and their other fields.
+
+    A plain batch (distinct emails, none None, no secondary identifier or alternate emails: _Store.bulk_upsert's
+    case) holds the fields as the texts the store keeps (_members), made in one pass and cheaper to hold while the
+    job is pending; any other batch holds them as dicts."""
+
+    emails: list[str | None]
+    fields: list[dict[str, Any]] | list[bytes]
+    plain: bool
+
+    @classmethod
+    def of(cls, emails: list[str | None], fields: list[dict[str, Any]], plain: bool | None = None) -> _Contacts:
+        if plain is None:
+            plain = None not in emails and len(set(emails)) == len(emails) and \
+                all(f.keys().isdisjoint(_INDEXED_FIELDS) for f in fields)
+        return cls(emails, _members_each(fields) if plain else fields, plain)
+
+    def without(self, skip: Container[int]) -> _Contacts:
+        keep = [i for i in range(len(self.emails)) if i not in skip]
+        return _Contacts([self.emails[i] for i in keep], [self.fields[i] for i in keep], self.plain)
+
+
+@dataclass(slots=True)
 class _Request:
     params: dict[str, str]
     query: dict[str, list[str]]
@@ -414,12 +499,15 @@ class Sandbox:
 
     def __init__(self, api_keys: Iterable[str], job_delay: float = 0.3, rate_limit: int | None = None,
                  rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$",
-                 count_sends: bool = False) -> None:
+                 count_sends: bool = False, latency: float = 0.0) -> None:
         if rate_limit is not None and rate_limit < 1:
             raise ValueError("rate_limit must be at least 1 (or None for no limit)")
         if rate_window <= 0:
             raise ValueError("rate_window must be positive")
+        if not 0 <= latency < math.inf:
+            raise ValueError("latency must be a finite number of seconds, 0 or more")
         self.job_delay = job_delay
+        self.latency = latency  # seconds every answer waits (see the module docstring)
         self.count_sends = count_sends  # keep per-email send counts (see send_counts); off: it costs memory
         self.rate_limit = rate_limit
         self.rate_window = rate_window
@@ -464,6 +552,11 @@ class Sandbox:
             raise ValueError("at least one non-empty API key is required")
         with self._lock:
             self._keys = keys
+
+    def pause(self) -> None:
+        """The latency model: the HTTP layer calls this before answering each request (and holds no lock)."""
+        if self.latency > 0:
+            time.sleep(self.latency)
 
     def key_ok(self, key: str | None) -> bool:
         return key is not None and key in self._keys
@@ -674,8 +767,29 @@ class Sandbox:
     # ---- operations: one per endpoint; each takes a _Request and returns (status, JSON-able payload)
 
     def op_upsert(self, req: _Request) -> Reply:
-        with _GcPause():
-            doc = _load_json(req.body)
+        with _GcPause():  # the request's many objects come and go without collector passes over them
+            checked = self._check_upsert(req.body)
+        if isinstance(checked[0], int):
+            return checked
+        batch, list_ids = checked
+        count = len(batch.emails)
+        with self._lock:
+            self._settle()
+            missing = [x for x in list_ids if x not in self._lists]
+            if missing:
+                return 404, _err(f"list ids do not exist: {', '.join(missing)}", "list_ids")
+            lists = [self._lists[x] for x in dict.fromkeys(list_ids)]
+            fault = self._take_job_fault()
+            job = self._new_job("upsert_contacts", self._upsert_applier(batch, lists, fault), count)
+            self._stats["upsert_contacts_received"] += count
+            if self.count_sends:
+                self._send_counts.update(filter(None, batch.emails))
+            self._stats["max_contacts_per_request"] = max(self._stats["max_contacts_per_request"], count)
+        return 202, {"job_id": job.id}
+
+    def _check_upsert(self, body: bytes) -> tuple[_Contacts, list[str]] | Reply:
+        """(validated contacts, list ids) of an upsert body, or the 400 answer."""
+        doc = _load_json(body)
         if not isinstance(doc, dict):
             return 400, _err("request body must be a JSON object", "body")
         contacts, list_ids = doc.get("contacts"), doc.get("list_ids", [])
@@ -684,64 +798,63 @@ class Sandbox:
                              "contacts")
         if not isinstance(list_ids, list) or not all(isinstance(x, str) for x in list_ids):
             return 400, _err("list_ids must be an array of list id strings", "list_ids")
-        with _GcPause():
-            errors, items = validate_contacts(contacts, self._fields, self._is_invalid)
-        if errors:
-            return 400, {"errors": errors}
-        with self._lock:
-            self._settle()
-            missing = [x for x in list_ids if x not in self._lists]
-            if missing:
-                return 404, _err(f"list ids do not exist: {', '.join(missing)}", "list_ids")
-            lists = [self._lists[x] for x in dict.fromkeys(list_ids)]
-            fault = self._take_job_fault()
-            job = self._new_job("upsert_contacts", self._upsert_applier(items, lists, fault), len(items))
-            self._stats["upsert_contacts_received"] += len(items)
-            if self.count_sends:
-                self._send_counts.update(e for e, _ in items if e is not None)
-            self._stats["max_contacts_per_request"] = max(self._stats["max_contacts_per_request"], len(items))
-        return 202, {"job_id": job.id}
+        errors, batch = validate_contacts(contacts, self._fields, self._is_invalid)
+        return (400, {"errors": errors}) if errors else (batch, list_ids)
 
-    def _upsert_applier(self, items: list[tuple[str | None, dict[str, Any]]], lists: list[_List],
+    def _upsert_applier(self, batch: _Contacts, lists: list[_List],
                         fault: dict[str, Any] | None) -> Callable[[_Job], None]:
         def apply(job: _Job) -> None:
-            skip = _fault_skip(job, fault, len(items))
+            skip = _fault_skip(job, fault, len(batch.emails))
             if skip:
                 job.errors_csv = _errors_csv(["index", "email", "error"],
-                                             ([i, items[i][0] or "", reason] for i, reason in skip.items()))
-            self._apply_contacts(job, (item for i, item in enumerate(items) if i not in skip), lists)
+                                             ([i, batch.emails[i] or "", reason] for i, reason in skip.items()))
+            self._apply_contacts(job, [batch.without(skip) if skip else batch], lists)
         return apply
 
-    def _apply_contacts(self, job: _Job, items: Iterable[tuple[str | None, dict[str, Any]]],
-                        lists: list[_List]) -> None:
+    def _apply_contacts(self, job: _Job, batches: Iterable[_Contacts], lists: list[_List]) -> None:
         """Store contacts and add them to lists; counts only contacts that changed (as the API does)."""
         store, now = self._store, time.time()
         member_sets = [lst.members for lst in lists]
-        iterator = iter(items)
-        while batch := list(itertools.islice(iterator, limits.MAX_CONTACTS_PER_REQUEST)):  # bounded memory
-            bulk = store.bulk_upsert(batch, now)
-            if bulk is None:
-                rows, created, existing = [], 0, []
-                for email, fields in batch:
-                    idx, new, changed = store.upsert(email, fields, now)
-                    rows.append(idx)
-                    if new:
-                        created += 1
-                    else:
-                        existing.append((idx, changed))
+        for batch in batches:
+            if batch.plain:
+                rows, changed, kept = store.bulk_upsert(batch.emails, batch.fields, now)
+                created, updated = len(rows), len(changed)
+                if kept and member_sets:  # an unchanged contact joining a list counts as updated
+                    stay = set(kept)
+                    joining = set().union(*(stay - members for members in member_sets))
+                    for idx in joining:
+                        store.updated[idx] = now
+                    updated += len(joining)
+                for members in member_sets:
+                    members.update(rows)
+                    members.update(changed)
+                    members.update(kept)
             else:
-                rows, created, existing = bulk
-            updated = 0
-            for idx, changed in existing:
-                if changed:
-                    updated += 1
-                elif any(idx not in members for members in member_sets):
-                    updated += 1
-                    store.updated[idx] = now
-            for members in member_sets:
-                members.update(rows)
+                created, updated = self._apply_each(store, batch, member_sets, now)
             job.created += created
             job.updated += updated
+
+    @staticmethod
+    def _apply_each(store: _Store, batch: _Contacts, member_sets: list[set[int]], now: float) -> tuple[int, int]:
+        """Contact by contact (secondary identifiers, alternate emails, repeats). Returns (created, updated)."""
+        rows, created, existing = [], 0, []
+        for email, fields in zip(batch.emails, batch.fields, strict=True):
+            idx, new, changed = store.upsert(email, fields, now)
+            rows.append(idx)
+            if new:
+                created += 1
+            else:
+                existing.append((idx, changed))
+        updated = 0
+        for idx, changed in existing:
+            if changed:
+                updated += 1
+            elif any(idx not in members for members in member_sets):
+                updated += 1
+                store.updated[idx] = now
+        for members in member_sets:
+            members.update(rows)
+        return created, updated
 
     def op_job_status(self, req: _Request) -> Reply:
         with self._lock:
@@ -829,7 +942,7 @@ class Sandbox:
             lists = [self._lists[x] for x in imp.list_ids if x in self._lists]
             items = (_row_contact(row, parsed.columns, self._fields) for i, row in enumerate(parsed.valid)
                      if i not in skip)
-            self._apply_contacts(job, items, lists)
+            self._apply_contacts(job, _in_batches(items), lists)
             job.errored = len(errors)
             if errors:
                 job.errors_csv = _errors_csv(["line", "email", "error"], sorted(errors, key=lambda e: e[0]))
@@ -997,14 +1110,115 @@ class Sandbox:
 # ------------------------------------------------------------------------------------------- validation (hot path)
 
 
+_BATCH_KEYS = frozenset(_STRING_LIMITS) | {"custom_fields"}  # the contact fields _valid_batch knows
+_BLOCK = 1024  # contacts checked together: a block's objects stay in the CPU cache across its column passes
+
+
 def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str]],
-                      is_invalid: Callable[[str], bool]) -> tuple[list[dict[str, str]], list[tuple[str | None, dict]]]:
-    """Check an upsert's contacts like the API does. Returns (errors, [(lower-case email | None, other fields)]).
+                      is_invalid: InvalidEmailCheck) -> tuple[list[dict[str, str]], _Contacts]:
+    """Check an upsert's contacts like the API does. Returns (errors, the contacts with lower-case emails).
 
     Mutates the contact dicts (pops "email"); they are the request's own. One error per problem, all collected, so
-    a client can drop every rejected address in one go. The loop is the sandbox's hot path: checks are inlined and
-    messages are only built on the (rare) failure path.
+    a client can drop every rejected address in one go. The common request, every contact valid with the usual
+    fields, is certified by _valid_batch without Python code per contact; any other goes contact by contact.
     """
+    batch = _valid_batch(contacts, field_types, is_invalid)
+    return ([], batch) if batch is not None else _validate_each(contacts, field_types, is_invalid)
+
+
+def _valid_batch(contacts: list[Any], field_types: dict[str, tuple[str, str]],
+                 is_invalid: InvalidEmailCheck) -> _Contacts | None:
+    """The contacts, if every one has a valid email and otherwise only valid string fields and custom_fields; else
+    None (nothing changed), and _validate_each finds what is wrong. Checks a block of contacts a field (column) at a
+    time with C-level passes (map, set, max, join): about half the cost of the per-contact loop."""
+    emails: list[str] = []
+    keys: set[str] = set()
+    for start in range(0, len(contacts), _BLOCK):
+        block = contacts[start:start + _BLOCK]
+        if set(map(type, block)) != {dict}:
+            return None
+        block_keys = set().union(*block)
+        if not block_keys <= _BATCH_KEYS:
+            return None
+        for key in block_keys:
+            values = _column(block, key)
+            if key == "email":
+                if len(values) != len(block) or not _emails_ok(values):
+                    return None
+                emails += values
+            elif key == "custom_fields":
+                if not _custom_fields_ok(values, field_types):
+                    return None
+            elif not _all_str(values) or max(map(len, values)) > _STRING_LIMITS[key]:
+                return None
+        keys |= block_keys
+    lows = list(map(str.lower, emails))
+    if len(lows) != len(contacts) or len(set(lows)) != len(lows) or is_invalid.any_of(lows):
+        return None
+    for c in contacts:
+        del c["email"]
+    return _Contacts.of(lows, contacts, plain=keys.isdisjoint(_INDEXED_FIELDS))
+
+
+def _all_str(values: list[Any]) -> bool:
+    """True if every value is a str (one join: cheaper than collecting their types)."""
+    try:
+        "".join(values)
+    except TypeError:
+        return False
+    return True
+
+
+def _column(rows: list[dict[str, Any]], key: str) -> list[Any]:
+    """The rows' values under key (rows without it are left out)."""
+    try:
+        return list(map(operator.itemgetter(key), rows))
+    except KeyError:
+        return [r[key] for r in rows if key in r]
+
+
+def _custom_fields_ok(values: list[Any], field_types: dict[str, tuple[str, str]]) -> bool:
+    """Every value an object of known custom field ids, each holding its type (Date: a real MM/DD/YYYY day)."""
+    if set(map(type, values)) != {dict}:
+        return False
+    for fid in set().union(*values):
+        spec = field_types.get(fid)
+        if spec is None:
+            return False
+        column = _column(values, fid)
+        if spec[1] == "Number":
+            if not set(map(type, column)) <= {int, float}:
+                return False
+        elif not _all_str(column) or (spec[1] == "Date" and not all(map(_is_date, set(column) - _DATE_CACHE))):
+            return False
+    return True
+
+
+def _emails_ok(emails: list[Any]) -> bool:
+    """True if every value is a string that _is_email accepts and within the length limit. ASCII addresses are
+    checked all at once: one byte deletion shows the local parts hold only allowed characters and one "@" each, a
+    few substring searches find misplaced dots, and each distinct domain is matched once."""
+    try:
+        joined = "\n".join(emails)
+    except TypeError:  # not all strings
+        return False
+    if max(map(len, emails)) > limits.MAX_EMAIL_LENGTH:
+        return False
+    if not joined.isascii():
+        return all(map(_is_email, emails))
+    raw = joined.encode()
+    if raw.translate(None, _ASCII_LOCAL_CHARS) != b"\n".join([b"@"] * len(emails)):
+        return False  # a character no address may hold (a newline among them), or not exactly one "@"
+    if ".." in joined or raw.startswith((b".", b"@")) or b"\n." in raw or b"\n@" in raw or b".@" in raw:
+        return False  # a local part that is empty or starts or ends with a dot
+    parts = joined.replace("@", "\n").split("\n")  # local part, domain, local part, domain, ...
+    return max(map(len, parts[0::2])) <= MAX_LOCAL_PART and all(map(_DOMAIN_RE.fullmatch, set(parts[1::2])))
+
+
+def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
+                   is_invalid: Callable[[str], bool]) -> tuple[list[dict[str, str]], _Contacts]:
+    """validate_contacts contact by contact, naming every problem. Checks are inlined and messages are only built
+    on the failure path."""
     errors: list[dict[str, str]] = []
     items: list[tuple[str | None, dict]] = []
     append, lows, where = items.append, [], []
@@ -1028,7 +1242,7 @@ def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str
                         kind = kind_of(fid)
                         if not (type(v) is str if kind == "T" else
                                 (type(v) is int or type(v) is float) if kind == "N" else
-                                (v in dates or _is_date(v)) if kind == "D" else False):
+                                (type(v) is str and (v in dates or _is_date(v))) if kind == "D" else False):
                             break
                     else:
                         continue
@@ -1063,7 +1277,7 @@ def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str
         errors += _duplicate_errors(lows, where)
     if bad_custom:
         errors.append({"field": "custom_fields", "message": "invalid custom field ids supplied"})
-    return errors, items
+    return errors, _Contacts.of([e for e, _ in items], [f for _, f in items])
 
 
 def _duplicate_errors(lows: list[str], where: list[int]) -> list[dict[str, str]]:
@@ -1204,6 +1418,13 @@ def _check_row(row: list[str], columns: list[tuple[int, str, str]], fields: dict
 
 def _split_alternates(value: str) -> list[str]:
     return [e.strip() for e in value.split(",") if e.strip()]
+
+
+def _in_batches(items: Iterable[tuple[str | None, dict[str, Any]]]) -> Iterator[_Contacts]:
+    """Contacts in batches of at most one request's worth (bounded memory)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, limits.MAX_CONTACTS_PER_REQUEST)):
+        yield _Contacts.of([e for e, _ in chunk], [f for _, f in chunk])
 
 
 def _row_contact(row: tuple[Any, ...], columns: list[tuple[int, str, str]],
@@ -1486,6 +1707,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, status: int, payload: Any, headers: Iterable[tuple[str, str]] = (),
                 content_type: str = _JSON) -> None:
         body = payload if isinstance(payload, bytes) else (b"" if payload is None else orjson.dumps(payload))
+        self.sandbox.pause()
         self._record_pending(status)
         self.send_response(status)
         if body:
@@ -1570,6 +1792,7 @@ class _Handler(BaseHTTPRequestHandler):
             return 413
         status, payload = getattr(sandbox, op)(_Request(params, query, body, self._base_url()))
         if fault is not None and fault["kind"] == "reset":  # processed, then the connection drops
+            self.sandbox.pause()
             self.close_connection = True
             return 0
         self._answer(status, payload, headers)
@@ -1584,6 +1807,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "reset":
             if fault["processed"]:
                 return None
+            self.sandbox.pause()
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1784,6 +2008,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-delay", type=float, default=0.3)
     parser.add_argument("--rate-limit", type=int, default=None)
     parser.add_argument("--rate-window", type=float, default=1.0)
+    parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long before answering every request (models the WAN round trip; default 0)")
     parser.add_argument("--api-key-env", default="SENDGRID_API_KEY", help="environment variable holding the key")
     parser.add_argument("--list-id", help="create a list with this id")
     parser.add_argument("--list-name", help="create a list with this name")
@@ -1796,7 +2022,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        sandbox = Sandbox([key], job_delay=args.job_delay, rate_limit=args.rate_limit, rate_window=args.rate_window)
+        sandbox = Sandbox([key], job_delay=args.job_delay, rate_limit=args.rate_limit, rate_window=args.rate_window,
+                          latency=args.latency)
         list_id = None
         if args.list_id or args.list_name:
             list_id = sandbox.create_list(args.list_name or "sandbox", args.list_id)

@@ -11,11 +11,13 @@ import gzip
 import http.client
 import io
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from shared import limits
+from shared import sandbox as sandbox_module
 from shared.sandbox import Sandbox, SandboxServer, main, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -491,6 +494,177 @@ def test_chunked_request_body_is_accepted(api: Api, box: Sandbox) -> None:
     assert box.contact_count() == 50
 
 
+# ------------------------------------------------------------------ large requests (the batch check) and latency
+
+BIG = 2_500  # contacts: several of the sandbox's check blocks (_BLOCK), so a problem can sit in a later one
+BAD_AT = 2_100
+
+
+def big_contacts(number_id: str, date_id: str, n: int = BIG) -> list[dict[str, Any]]:
+    """Valid contacts with every usual field; values include non-ASCII text, quotes, "},{" and a newline."""
+    names = ("Anna", "Chloé", "O'Brien", 'Say "hi"', "a},{b", "two\nlines", "Zoë", "x" * 50)
+    return [{"email": f"Person.{i}@Example{i % 3}.com", "first_name": names[i % len(names)], "last_name": "Müller",
+             "country": "DE", "city": "y" * 60 if i % 7 == 0 else "München", "state_province_region": "Bayern",
+             "postal_code": "z" * 300 if i % 11 == 0 else "80331",
+             "custom_fields": {number_id: i + 0.5 if i % 2 else i, date_id: f"{i % 12 + 1:02d}/{i % 28 + 1:02d}/2020"}}
+            for i in range(n)]
+
+
+def put_raw(api: Api, contacts: list[Any], list_ids: list[str] | None = None) -> requests.Response:
+    """An upsert sent without the contract check (jsonschema would take seconds on big bodies)."""
+    body: dict[str, Any] = {"contacts": contacts} if list_ids is None else {"contacts": contacts, "list_ids": list_ids}
+    return api("PUT", "/v3/marketing/contacts", data=orjson.dumps(body), headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(("patch", "field", "message"), [
+    ({"email": "x..y@example.com"}, "email", "email 'x..y@example.com' is not valid"),
+    ({"email": "x.@example.com"}, "email", "email 'x.@example.com' is not valid"),
+    ({"email": "@example.com"}, "email", "email '@example.com' is not valid"),
+    ({"email": "a" * 65 + "@example.com"}, "email", "is not valid"),
+    ({"email": "x y@example.com"}, "email", "email 'x y@example.com' is not valid"),
+    ({"email": "x\x1c@example.com"}, "email", "is not valid"),
+    ({"email": "x@example"}, "email", "email 'x@example' is not valid"),
+    ({"email": "x@_example.com"}, "email", "email 'x@_example.com' is not valid"),
+    ({"email": "ü@exämple.c"}, "email", "email 'ü@exämple.c' is not valid"),
+    ({"email": "Someone@Host.INVALID"}, "email", "email 'Someone@Host.INVALID' is not valid"),
+    ({"email": 5}, "email", "email must be a string"),
+    ({"first_name": "x" * 51}, "first_name", "first_name must be at most 50 characters"),
+    ({"city": "y" * 61}, "city", "city must be at most 60 characters"),
+    ({"postal_code": 80331}, "postal_code", "postal_code must be a string"),
+    ({"last_name": None}, "last_name", "last_name must be a string"),
+    ({"nickname": "x"}, "nickname", "unknown contact field 'nickname'"),
+    ({"custom_fields": {"NUMBER": "42"}}, "custom_fields", "is a Number field"),
+    ({"custom_fields": {"NUMBER": True}}, "custom_fields", "is a Number field"),
+    ({"custom_fields": {"DATE": "02/30/2020"}}, "custom_fields", "is a Date field"),
+    ({"custom_fields": {"DATE": ["01/31/2020"]}}, "custom_fields", "is a Date field"),  # was a 500
+    ({"custom_fields": []}, "custom_fields", "custom_fields must be an object keyed by custom field id"),
+])
+def test_one_bad_value_in_a_large_request_refuses_it_and_is_named(api: Api, box: Sandbox, patch: dict[str, Any],
+                                                                  field: str, message: str) -> None:
+    number_id, date_id = box.create_field("ltv", "Number"), box.create_field("signup", "Date")
+    contacts = big_contacts(number_id, date_id)
+    if "custom_fields" in patch and isinstance(patch["custom_fields"], dict):
+        names = {"NUMBER": number_id, "DATE": date_id}
+        patch = {"custom_fields": {**contacts[BAD_AT]["custom_fields"],
+                                   **{names[k]: v for k, v in patch["custom_fields"].items()}}}
+    contacts[BAD_AT].update(patch)
+    resp = put_raw(api, contacts)
+    assert resp.status_code == 400
+    [error] = resp.json()["errors"]
+    assert error["field"] == f"contacts[{BAD_AT}].{field}" and message in error["message"]
+    assert box.stats["jobs_created"] == 0
+
+
+def test_large_request_repeats_unknown_ids_and_non_objects_are_refused(api: Api, box: Sandbox) -> None:
+    number_id, date_id = box.create_field("ltv", "Number"), box.create_field("signup", "Date")
+    contacts: list[Any] = big_contacts(number_id, date_id)
+    contacts[BAD_AT]["email"] = contacts[5]["email"].upper()
+    resp = put_raw(api, contacts)
+    assert resp.status_code == 400
+    assert resp.json()["errors"] == [{"field": f"contacts[{BAD_AT}].email", "message":
+                                      f"email '{contacts[5]['email'].lower()}' appears more than once (first at "
+                                      "contacts[5])"}]
+    contacts = big_contacts(number_id, date_id)
+    contacts[BAD_AT]["custom_fields"]["e99_T"] = "x"
+    assert put_raw(api, contacts).json()["errors"] == [{"field": "custom_fields",
+                                                        "message": "invalid custom field ids supplied"}]
+    contacts = big_contacts(number_id, date_id)
+    contacts[BAD_AT] = "not a contact"
+    assert put_raw(api, contacts).json()["errors"] == [{"field": f"contacts[{BAD_AT}]",
+                                                        "message": "contact must be an object"}]
+    contacts = big_contacts(number_id, date_id)
+    del contacts[BAD_AT]["email"]
+    assert put_raw(api, contacts).json()["errors"][0]["field"] == f"contacts[{BAD_AT}]"  # no identifier
+    assert box.stats["jobs_created"] == 0
+
+
+def test_large_request_is_stored_exactly_and_counts_only_changes(api: Api, box: Sandbox) -> None:
+    number_id, date_id = box.create_field("ltv", "Number"), box.create_field("signup", "Date")
+    first, second = box.create_list("first"), box.create_list("second")
+    contacts = big_contacts(number_id, date_id)
+    contacts.append({"email": "bare@example.com"})
+    job = api.wait_job(put_raw(api, copy.deepcopy(contacts), [first]).json()["job_id"])
+    assert job["results"] | {} == {"requested_count": BIG + 1, "created_count": BIG + 1, "updated_count": 0,
+                                   "deleted_count": 0, "errored_count": 0}
+    for i in (0, 3, 4, 5, 7, 11, BAD_AT, BIG):
+        stored = box.contact(contacts[i]["email"])
+        assert stored is not None
+        expected = {k: v for k, v in contacts[i].items() if k != "email"}
+        assert {k: v for k, v in stored.items() if k not in ("id", "email", "list_ids", "created_at", "updated_at")
+                } == {"custom_fields": {}, **expected}
+        assert stored["email"] == contacts[i]["email"].lower() and stored["list_ids"] == [first]
+    again = api.wait_job(put_raw(api, copy.deepcopy(contacts), [first]).json()["job_id"])
+    assert (again["results"]["created_count"], again["results"]["updated_count"]) == (0, 0)  # a re-send
+    changed = copy.deepcopy(contacts)
+    changed[1]["first_name"] = "Changed"
+    changed[2]["custom_fields"] = {number_id: 99}  # merged into the stored custom fields
+    joined = api.wait_job(put_raw(api, changed, [second]).json()["job_id"])
+    assert (joined["results"]["created_count"], joined["results"]["updated_count"]) == (0, BIG + 1)  # all join
+    assert box.contact(contacts[1]["email"])["first_name"] == "Changed"  # type: ignore[index]
+    assert box.contact(contacts[2]["email"])["custom_fields"] == {  # type: ignore[index]
+        number_id: 99, date_id: contacts[2]["custom_fields"][date_id]}
+    assert box.contact_count() == BIG + 1 and len(box.list_emails(second)) == BIG + 1
+    found = api("POST", "/v3/marketing/contacts/search/emails", {"emails": [contacts[3]["email"]]})
+    view = found.json()["result"][contacts[3]["email"].lower()]["contact"]
+    assert (view["first_name"], view["custom_fields"]) == ('Say "hi"', {"ltv": 3.5, "signup": "04/04/2020"})
+
+
+class SleepRecorder:
+    """The time module as the sandbox module sees it, recording when each of its sleeps began and ended."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        began = time.monotonic()
+        time.sleep(seconds)
+        with self._lock:
+            self.sleeps.append((began, time.monotonic()))
+
+
+def test_latency_delays_every_answer_and_concurrent_requests_wait_in_parallel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    latency, clients = 0.4, 4
+    clock = SleepRecorder()
+    monkeypatch.setattr(sandbox_module, "time", clock)
+    box = Sandbox([KEY], job_delay=0.0, latency=latency)
+    with serve(box) as server:
+        api = Api(server.url)
+        sent = time.monotonic()
+        resp = api.upsert(contacts_of(3))
+        assert time.monotonic() - sent >= latency  # a lower bound: the answer waited
+        assert resp.status_code == 202 and api.wait_job(resp.json()["job_id"])["status"] == "completed"
+        assert api("GET", "/_sandbox/stats").status_code == 200  # the control API waits too
+        requests_so_far = box.stats["requests"]
+        assert len(clock.sleeps) == requests_so_far["PUT /v3/marketing/contacts"] + \
+            requests_so_far["GET /v3/marketing/contacts/imports/{id}"] + 1
+        clock.sleeps.clear()
+        start = threading.Barrier(clients)
+
+        def client(_: int) -> requests.Response:
+            own = Api(server.url)  # its own connection
+            start.wait(timeout=30)
+            return own("GET", "/v3/marketing/contacts/count")
+
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            answers = list(pool.map(client, range(clients)))
+    assert [a.json()["contact_count"] for a in answers] == [3] * clients
+    assert len(clock.sleeps) == clients
+    # Every wait began before any ended: the server slept for the requests at the same time, not one after another.
+    assert max(began for began, _ in clock.sleeps) < min(ended for _, ended in clock.sleeps)
+
+
+def test_latency_must_be_a_finite_non_negative_number() -> None:
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="latency"):
+            Sandbox([KEY], latency=bad)
+    assert Sandbox([KEY]).latency == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------- faults
 
 
@@ -839,17 +1013,27 @@ def test_main_without_the_key_in_the_environment_fails_clearly(monkeypatch: pyte
     assert "SANDBOX_TEST_KEY" in capsys.readouterr().err
 
 
+def test_main_refuses_a_negative_latency(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SANDBOX_TEST_KEY", KEY)
+    assert main(["--api-key-env", "SANDBOX_TEST_KEY", "--latency", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "latency" in err and KEY not in err
+
+
 def test_main_serves_until_sigterm_and_never_prints_the_key() -> None:
     list_id = str(uuid.uuid4())
     env = {**os.environ, "SENDGRID_API_KEY": KEY, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "shared.sandbox", "--list-id", list_id, "--list-name", "Demo",
-                             "--field", "tier:Text", "--job-delay", "0"], cwd=REPO, env=env,
+                             "--field", "tier:Text", "--job-delay", "0", "--latency", "0.05"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
+        sent = time.monotonic()
         got = Api(url)("GET", f"/v3/marketing/lists/{list_id}")
+        assert time.monotonic() - sent >= 0.05  # --latency reached the server (a lower bound)
         assert got.status_code == 200 and got.json()["name"] == "Demo"
         fields = Api(url)("GET", "/v3/marketing/field_definitions").json()["custom_fields"]
         assert fields == [{"id": "e1_T", "name": "tier", "field_type": "Text"}]
