@@ -157,15 +157,19 @@ def _watch_parent(parent: int) -> None:
 
 
 def worker_count(environ: Mapping[str, str]) -> int:
-    """EXPORT_WORKERS, else one worker per CPU this process may use (none on a single CPU)."""
+    """EXPORT_WORKERS (0 to MAX_WORKERS); unset or unreadable: 0, every row mapped in this process.
+
+    Off by default: each worker adds ~45 MB (the process tree at 1M went from 132 to 197 MB with one worker, 246 MB
+    with two), which breaks the 200 MB budget at 5M, and on the 2-core benchmark machine, shared with the sandbox
+    and other load, the measured gain was within the noise (benchmarks/README.md)."""
     raw = environ.get(WORKERS_SETTING, "").strip()
-    if raw:
-        try:
-            return max(0, min(int(raw), MAX_WORKERS))
-        except ValueError:
-            log.warning("%s=%r is not a number; using the default", WORKERS_SETTING, raw[:20])
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cpus, MAX_WORKERS) if cpus > 1 else 0
+    if not raw:
+        return 0
+    try:
+        return max(0, min(int(raw), MAX_WORKERS))
+    except ValueError:
+        log.warning("%s=%r is not a number; mapping in this process", WORKERS_SETTING, raw[:20])
+        return 0
 
 
 _pool_lock = threading.Lock()
