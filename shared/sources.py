@@ -773,16 +773,16 @@ def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], requi
                             yield ReadOn(1)
                             return
                         continue
+                    head, buf = buf[:cut], buf[cut:]
                     try:
-                        text = buf[:cut].decode("utf-8")
+                        text = head.decode("utf-8")
                     except UnicodeDecodeError:
                         yield ReadOn(1)
                         return
                     rd = csv.reader(io.StringIO(text, newline=""), delimiter=part.delimiter, strict=True)
-                    header = _csv_header(rd, part, max_line)
-                    layout = _layout(part, header, wanted, required, warns, max_field, max_line)
-                    line += _line_breaks(buf[:cut])
-                    buf = buf[cut:]
+                    layout = _layout(part, _csv_header(rd, part, max_line), wanted, required, warns, max_field,
+                                     max_line)
+                    line += _line_breaks(head)
             if eof:
                 if len(buf) > max_line:  # it may hold a line read_rows would refuse as too long
                     yield ReadOn(line)
