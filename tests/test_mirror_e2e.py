@@ -48,6 +48,9 @@ class World:
         return res, orjson.loads(report.read_bytes())
 
     def in_list(self, name: str) -> set[str]:
+        """The list once SendGrid has applied every queued job: list removals are asynchronous (202 + job id) and
+        have no documented status call, so the CLI cannot wait for them; the sandbox applies them here instead."""
+        self.box.complete_jobs()
         return set(self.box.list_emails(self.lists[name]))
 
 
