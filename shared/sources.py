@@ -549,29 +549,14 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
         columns, idx = _csv_columns(part, header, wanted, required, warns)
         n = len(columns)
         get = _picker(n, idx)
-        gives_list = type(get) is itemgetter and type(get([None] * (n + 1))) is list
-        prev, base = rd.line_num, 1  # a row starts on line prev + base; base moves on when a new reader starts
+        at, base = [rd.line_num], 1  # a row starts on line at[0] + base; base moves on when a new reader starts
         try:
             while True:
                 try:
-                    # The hot loop, twice: a slice getter already returns a fresh list, a tuple needs copying.
-                    if gives_list:
-                        for row in rd:
-                            if len(row) == n and taint[0] == mark:
-                                yield prev + base, get(row), None
-                            elif row:
-                                yield _csv_slow(row, n, get, wanted, taint[0] != mark, prev + base, max_line)
-                            prev = rd.line_num
-                    else:
-                        for row in rd:
-                            if len(row) == n and taint[0] == mark:
-                                yield prev + base, [*get(row)], None
-                            elif row:
-                                yield _csv_slow(row, n, get, wanted, taint[0] != mark, prev + base, max_line)
-                            prev = rd.line_num
+                    yield from _csv_records(rd, n, get, wanted, base, at, max_line, taint, mark)
                     return
                 except csv.Error as e:
-                    start, end = prev + base, rd.line_num + base - 1
+                    start, end = at[0] + base, rd.line_num + base - 1
                     if end > start and "field larger than field limit" in str(e):
                         # Inside an over-long quoted field: resuming at the next line would read the rest of the
                         # field as rows. Skip to where the field closes and restart the reader there.
@@ -579,12 +564,36 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
                         end += skipped
                         yield start, None, _overflow_reason(start, end, closed, max_field)
                         rd = csv.reader(text, delimiter=part.delimiter, quotechar='"', doublequote=True, strict=True)
-                        prev, base = 0, end + 1
+                        at[0], base = 0, end + 1
                     else:
                         yield start, None, _csv_error_reason(e, start, end, max_field)
-                        prev = rd.line_num
+                        at[0] = rd.line_num
         except _DAMAGED as e:
-            raise _io_error(part, prev + base, e) from e
+            raise _io_error(part, at[0] + base, e) from e
+
+
+_UNTAINTED = [0]
+
+
+def _csv_records(rd: Any, n: int, get: Callable[[list[str]], Sequence[str | None]], wanted: Sequence[str], base: int,
+                 at: list[int], max_line: int, taint: list[int] = _UNTAINTED, mark: int = 0) -> Iterator[Row]:
+    """The hot loop of every CSV read: the rows of reader rd (n fields, values picked by get), as read_rows gives
+    them. A row starts on line at[0] + base; at[0] follows rd.line_num, so after a csv.Error the caller knows where
+    the bad record began. taint[0] != mark: the line guard flagged bytes since (undecodable or over-long lines)."""
+    if type(get) is itemgetter and type(get([None] * (n + 1))) is list:  # a slice getter: already a fresh list
+        for row in rd:
+            if len(row) == n and taint[0] == mark:
+                yield at[0] + base, get(row), None  # type: ignore[misc]
+            elif row:
+                yield _csv_slow(row, n, get, wanted, taint[0] != mark, at[0] + base, max_line)
+            at[0] = rd.line_num
+    else:
+        for row in rd:
+            if len(row) == n and taint[0] == mark:
+                yield at[0] + base, [*get(row)], None
+            elif row:
+                yield _csv_slow(row, n, get, wanted, taint[0] != mark, at[0] + base, max_line)
+            at[0] = rd.line_num
 
 
 def _csv_columns(part: Partition, header: list[str] | None, wanted: Sequence[str], required: Collection[str],
@@ -818,17 +827,9 @@ def parse_csv_chunk(chunk: CsvChunk) -> Iterator[Row]:
     csv.field_size_limit(lay.max_field)
     rd = csv.reader(io.StringIO(text, newline=""), delimiter=lay.delimiter, quotechar='"', doublequote=True,
                     strict=True)
-    n, base, idx = lay.columns, chunk.first_line, list(lay.index)
-    get = _picker(n, idx)
-    gives_list = type(get) is itemgetter and type(get([None] * (n + 1))) is list
-    prev = 0
+    get = _picker(lay.columns, list(lay.index))
     try:
-        for row in rd:
-            if len(row) == n:
-                yield prev + base, get(row) if gives_list else [*get(row)], None
-            elif row:
-                yield _csv_slow(row, n, get, lay.wanted, False, prev + base, lay.max_line)
-            prev = rd.line_num
+        yield from _csv_records(rd, lay.columns, get, lay.wanted, chunk.first_line, [0], lay.max_line)
     except csv.Error as e:
         raise ValueError(f"csv: {e}") from None
 
