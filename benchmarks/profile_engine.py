@@ -1,8 +1,9 @@
 """Where the engine's time goes, two ways (`python -m benchmarks.profile_engine [--profiles 1000000]`):
 
-1. stages: the read -> map -> de-duplicate -> encode -> pack pipeline rebuilt from the public module functions and run
-   one stage longer each time over the whole export, single-threaded, without network or profiler overhead. The
-   difference between two passes is what the added stage costs.
+1. stages: the engine's in-process path (read -> map, encode and fingerprint a chunk -> de-duplicate -> pack ->
+   snapshot, as engine._Run.kept_chunks and work run it with no worker processes) rebuilt from the public module
+   functions and run one stage longer each time over the whole export, single-threaded, without network or profiler
+   overhead. The difference between two passes is what the added stage costs.
 2. cprofile: the real CLI export (`shared.cli.main`) in a child process against the sandbox (another child), with a
    cProfile per thread (the parsing thread and the sender thread), top functions by own time. Profiles are kept
    under .bench/profile/<time>/ for `python -m pstats` or snakeviz.
@@ -14,7 +15,6 @@ import argparse
 import cProfile
 import csv
 import io
-import itertools
 import json
 import pstats
 import sys
@@ -31,9 +31,6 @@ from . import children
 from .exports import Export, ensure_export, warm
 from .run import DESTINATION, FIELDS, JOB_DELAY_S, REPO, child_env, engine_config
 
-CHUNK = 4096  # rows per chunk, as the engine reads them
-
-
 # --------------------------------------------------------------------------------------------------------- stages
 
 
@@ -46,19 +43,23 @@ def _mapper() -> Any:
     return contacts.ContactMapper(dest["mapping"], custom)
 
 
-def _rows(export: Export, columns: Sequence[str]) -> Iterator[tuple[int, Any, Any]]:
-    from shared import sources
+def _chunks(export: Export, columns: Sequence[str]) -> Iterator[list[Any]]:
+    """The rows as the engine reads them in this process: each partition's, pipeline.ROWS_PER_CHUNK at a time."""
+    from shared import pipeline, sources
     from shared.storage import LocalFolderStore
 
     store = LocalFolderStore(export.root)
     key = str(export.model_json.relative_to(export.root))
     for part in sources.discover(store, key):
-        yield from sources.read_rows(store, part, columns, required=(columns[0],))
+        rows = sources.read_rows(store, part, columns, required=(columns[0],))
+        yield from pipeline.chunked(rows, pipeline.ROWS_PER_CHUNK)
 
 
-def pipeline(export: Export, depth: int) -> int:
+def stages_pass(export: Export, depth: int) -> int:
     """Run the first `depth` stages over the export; returns a count so nothing is optimised away."""
-    from shared import batching, contacts, snapshots
+    import numpy as np
+
+    from shared import batching, contacts, pipeline, snapshots
     from shared.storage import LocalFolderStore
 
     if depth == 0:  # the bare csv module over the files
@@ -69,60 +70,56 @@ def pipeline(export: Export, depth: int) -> int:
                     n += 1
         return n
     mapper = _mapper()
-    rows = _rows(export, mapper.columns)
+    chunks = _chunks(export, mapper.columns)
     if depth == 1:
-        return sum(1 for _ in rows)
-    deduper = contacts.Deduper()
-    mapped_n = 0
-
-    def fresh() -> Iterator[tuple[str, dict[str, Any]]]:
-        nonlocal mapped_n
-        while chunk := list(itertools.islice(rows, CHUNK)):
-            kept = []
+        return sum(len(chunk) for chunk in chunks)
+    if depth == 2:  # the mapping alone, as map_rows calls it
+        mapfn, n = mapper.map, 0
+        for chunk in chunks:
             for _line, values, _reason in chunk:
-                if values is None:
-                    continue
-                m = mapper.map(values)
-                if type(m) is not str:
-                    kept.append(m)
-            mapped_n += len(kept)
-            if depth == 2:
-                continue
-            mask = deduper.first_seen(contacts.fingerprints([k[0] for k in kept]))
-            for (email, contact, _note), new in zip(kept, mask, strict=True):
-                if new:
-                    yield email, contact
-
-    if depth == 2:
-        for _ in fresh():
-            pass
-        return mapped_n
+                if values is not None and type(mapfn(values)) is not str:
+                    n += 1
+            mapper.trimmed.clear()
+        return n
+    mapped = (pipeline.map_rows(mapper, chunk) for chunk in chunks)  # what pipeline.mapped_chunks does, no workers
     if depth == 3:
-        return sum(1 for _ in fresh())
-    encoded = ((email, contacts.encode(c)) for email, c in fresh())
-    if depth == 4:
-        return sum(len(b) for _, b in encoded)
-    list_ids = ["00000000-0000-0000-0000-000000000000"]
-    items = ((i, email, b) for i, (email, b) in enumerate(encoded))
+        return sum(len(chunk.data) for chunk in mapped)
+    deduper = contacts.Deduper()
     sorter = snapshots.EmailSorter() if depth >= 6 else None
-    total = 0
-    for batch in batching.pack(items, lambda t: len(t[2]), overhead=batching.body_overhead(list_ids),
-                               collect=batching.ContactBatch):  # as engine._Run.work packs them
+
+    def kept_chunks() -> Iterator[tuple[pipeline.MappedChunk, list[int]]]:  # as engine._Run.kept_chunks
+        for chunk in mapped:
+            if chunk.emails:
+                keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
+                if keep:
+                    if sorter is not None:
+                        emails = chunk.emails
+                        sorter.extend(emails if len(keep) == len(emails) else [emails[k] for k in keep])
+                    yield chunk, keep
+
+    if depth == 4:
+        return sum(len(keep) for _, keep in kept_chunks())
+    list_ids = ["00000000-0000-0000-0000-000000000000"]
+    packer = batching.Packer(batching.body_overhead(list_ids))
+    total = index = 0
+    for chunk, keep in kept_chunks():  # as engine._Run.work packs them (all as JSON requests, from the start)
+        start, index = index, index + len(keep)
+        for batch in packer.add(chunk.data, chunk.ends, chunk.emails, keep, start):
+            total += len(batch.body(list_ids))
+    if (batch := packer.flush()) is not None:
         total += len(batch.body(list_ids))
-        if sorter is not None:  # the engine feeds it per de-duplicated chunk; per batch is the same work
-            sorter.extend(batch.emails)
     if sorter is not None:  # engine._sync_snapshot on a first run of an upsert destination
         with tempfile.TemporaryDirectory() as tmp, sorter:
             store = LocalFolderStore(tmp)
             total += snapshots.write_snapshot(store, "snapshot.gz",
                                               snapshots.union_sorted(snapshots.read_snapshot(store, "snapshot.gz"),
-                                                                     sorter.sorted_unique()))
+                                                                     sorter.sorted_unique()), trusted=True)
     return total
 
 
-STAGES = ("csv.reader over the files (reference)", "sources.read_rows (engine's reader)", "+ ContactMapper.map",
-          "+ fingerprints + Deduper.first_seen", "+ contacts.encode (orjson)", "+ batching.pack (ContactBatch) + body",
-          "+ list snapshot (EmailSorter, write_snapshot)")
+STAGES = ("csv.reader over the files (reference)", "sources.read_rows in chunks (engine's reader)",
+          "+ ContactMapper.map", "+ orjson + fingerprints (= pipeline.map_rows)", "+ Deduper.first_seen",
+          "+ batching.Packer.add + ContactBatch.body", "+ list snapshot (EmailSorter, write_snapshot)")
 
 
 def run_stages(export: Export, log: Callable[[str], None], repeat: int = 1) -> list[dict[str, Any]]:
@@ -130,18 +127,18 @@ def run_stages(export: Export, log: Callable[[str], None], repeat: int = 1) -> l
     repeat > 1 the best of the passes is kept."""
     out = []
     prev = None
-    pipeline(export, len(STAGES) - 1)  # warm-up: imports, regex compilation, allocator arenas
+    stages_pass(export, len(STAGES) - 1)  # warm-up: imports, regex compilation, allocator arenas
     for depth, name in enumerate(STAGES):
         cpu = wall = float("inf")
         for _ in range(repeat):
             start_cpu, start_wall = time.process_time(), time.perf_counter()
-            pipeline(export, depth)
+            stages_pass(export, depth)
             cpu = min(cpu, time.process_time() - start_cpu)
             wall = min(wall, time.perf_counter() - start_wall)
         added = None if prev is None or depth == 1 else cpu - prev
         out.append({"stage": name, "cpu_s": cpu, "wall_s": wall, "added_cpu_s": added,
                     "us_per_row": 1e6 * (added if added is not None else cpu) / export.rows})
-        log(f"  {name:<42} {cpu:7.2f} s CPU ({wall:6.2f} s wall)"
+        log(f"  {name:<47} {cpu:7.2f} s CPU ({wall:6.2f} s wall)"
             + ("" if added is None else f"   +{added:5.2f} s = {1e6 * added / export.rows:.2f} us/row"))
         prev = cpu
     return out

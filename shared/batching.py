@@ -7,21 +7,11 @@ is built: body_overhead(list_ids) + the contacts' sizes + one comma between each
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Collection, Iterable, Sequence
 
 import orjson
 
 from . import limits
-
-T = TypeVar("T")
-
-
-class Collector(Protocol):
-    """What pack fills: a list by default, a ContactBatch for request bodies."""
-
-    def append(self, item: Any, /) -> None: ...
-    def __len__(self) -> int: ...
 
 
 class ContactBatch:
@@ -72,8 +62,15 @@ class ContactBatch:
 
 
 class Packer:
-    """Packs encoded contacts chunk by chunk into ContactBatches: the same greedy in-order split as pack(), in one
-    tight loop (this runs once per contact of an export)."""
+    """Packs encoded contacts, chunk by chunk, in order, into ContactBatches of at most max_count contacts whose body
+    is at most max_bytes; one tight loop, as it runs once per contact of an export.
+
+    Greedy: each batch takes contacts while they fit, which gives the fewest batches any in-order split can give, and
+    the batches do not depend on how the contacts are cut into chunks. A contact too big for a request on its own
+    makes add raise ValueError (the batches earlier adds returned stand). For contacts made by contacts.ContactMapper
+    this cannot happen: its length limits keep one contact under about 3.2 MB even with 500 custom Text fields of
+    escaped characters, well below REQUEST_BYTES_TARGET.
+    """
 
     def __init__(self, overhead: int, *, max_count: int = limits.MAX_CONTACTS_PER_REQUEST,
                  max_bytes: int = limits.REQUEST_BYTES_TARGET) -> None:
@@ -147,34 +144,3 @@ def upsert_body(list_ids: Sequence[str], contacts: Sequence[bytes]) -> bytes:
     """The exact request body; its length is body_size(body_overhead(list_ids), [len(c) for c in contacts])."""
     return b"".join((b'{"list_ids":', _list_ids_json(list_ids), _CONTACTS_KEY, b",".join(contacts), b"]}"))
 
-
-def pack(items: Iterable[T], size: Callable[[T], int], *, overhead: int,
-         max_count: int = limits.MAX_CONTACTS_PER_REQUEST,
-         max_bytes: int = limits.REQUEST_BYTES_TARGET,
-         collect: Callable[[], Collector] = list) -> Iterator[Any]:
-    """Split items, in order, into batches of at most max_count items whose body is at most max_bytes.
-
-    Greedy: each batch takes items while they fit, which gives the fewest batches any in-order split can give.
-    An item too big for a request on its own raises ValueError. For contacts made by contacts.ContactMapper this
-    cannot happen: its length limits keep one contact under about 3.2 MB even with 500 custom Text fields of
-    escaped characters, well below REQUEST_BYTES_TARGET.
-    """
-    if max_count < 1:
-        raise ValueError(f"max_count must be at least 1, not {max_count}")
-    batch = collect()
-    used = overhead  # body bytes of the current batch (commas included)
-    for position, item in enumerate(items):
-        n = size(item)
-        if batch and (len(batch) >= max_count or used + 1 + n > max_bytes):
-            yield batch
-            batch, used = collect(), overhead
-        if not batch:
-            if overhead + n > max_bytes:
-                raise ValueError(f"item #{position} is {n} bytes: with the body's {overhead} bytes of overhead it can"
-                                 f" never fit in a request of at most {max_bytes} bytes")
-            used += n
-        else:
-            used += 1 + n
-        batch.append(item)
-    if batch:
-        yield batch

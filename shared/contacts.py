@@ -8,7 +8,7 @@ Choices where SendGrid's contract is silent (see tests/contracts/tsg_mc_contacts
 - Every value is stripped; an empty value leaves the field out, so SendGrid keeps what it has.
 - Text is cut, never rejected, at limits.FIELD_MAX_LENGTHS (characters, as JSON Schema's maxLength counts), then
   right-stripped. postal_code has no stated limit: we cut at POSTAL_CODE_MAX_LENGTH, and custom Text values at
-  CUSTOM_TEXT_MAX_LENGTH, so that every contact stays far below the 6 MB request limit (see batching.pack).
+  CUSTOM_TEXT_MAX_LENGTH, so that every contact stays far below the 6 MB request limit (see batching.Packer).
 - Emails: ASCII only, lower-cased, a pragmatic syntax check (see EMAIL_RE). A bad primary email rejects the row;
   a bad alternate email is left out with a note.
 - Numbers: plain decimals with optional exponent; "1,234.5" (comma thousands groups of exactly three digits) is
