@@ -59,7 +59,7 @@ def stages_pass(export: Export, depth: int) -> int:
     """Run the first `depth` stages over the export; returns a count so nothing is optimised away."""
     import numpy as np
 
-    from shared import batching, contacts, pipeline, snapshots
+    from shared import batching, dedup, pipeline, snapshots
     from shared.storage import LocalFolderStore
 
     if depth == 0:  # the bare csv module over the files
@@ -84,7 +84,7 @@ def stages_pass(export: Export, depth: int) -> int:
     mapped = (pipeline.map_rows(mapper, chunk) for chunk in chunks)  # what pipeline.mapped_chunks does, no workers
     if depth == 3:
         return sum(len(chunk.data) for chunk in mapped)
-    deduper = contacts.Deduper()
+    deduper = dedup.Deduper()
     sorter = snapshots.EmailSorter() if depth >= 6 else None
 
     def kept_chunks() -> Iterator[tuple[pipeline.MappedChunk, list[int]]]:  # as engine._Run.kept_chunks

@@ -296,10 +296,10 @@ def run_floor(export: Export, scale: float) -> dict[str, Any]:
             "encoded_bytes": out["encoded_bytes"]}
 
 
-def engine_config(list_id: str, bulk_threshold: int | None) -> dict[str, Any]:
+def engine_config(list_id: str, bulk_threshold: int | None, mode: str = "upsert") -> dict[str, Any]:
     """The benchmark's destinations file: the demo destination without a profile limit (so the first request leaves
     while the export is read) and, by default, without the bulk CSV path (so every contact goes as JSON requests)."""
-    config = samplegen.demo_destinations(list_id, max_profiles=None)
+    config = samplegen.demo_destinations(list_id, max_profiles=None, mode=mode)
     config["destinations"][0]["bulk_threshold"] = bulk_threshold
     return config
 
@@ -307,7 +307,7 @@ def engine_config(list_id: str, bulk_threshold: int | None) -> dict[str, Any]:
 def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, work: Path,
                args: argparse.Namespace) -> dict[str, Any]:
     config = work / f"destinations-{export.profiles}.json"
-    config.write_text(json.dumps(engine_config(sandbox.list_id, args.bulk_threshold), indent=2))
+    config.write_text(json.dumps(engine_config(sandbox.list_id, args.bulk_threshold, args.mode), indent=2))
     report_path = work / f"engine-report-{export.profiles}.json"
     state = work / f"state-{export.profiles}"
     argv = [sys.executable, "-m", "shared", "export", "--config", str(config), "--destination", DESTINATION,
@@ -320,7 +320,8 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
         env["EXPORT_WORKERS"] = str(args.workers)
     result = children.run_child(argv, env=env, cwd=args.engine_root, monitor=watch, interval=WATCH_INTERVAL_S,
                                 timeout=timeout)
-    shutil.rmtree(state, ignore_errors=True)  # run record and rejections CSV: not needed after the run
+    if args.mode != "mirror":  # mirror: the next repetition diffs this run's snapshot (measure_size removes it)
+        shutil.rmtree(state, ignore_errors=True)  # run record and rejections CSV: not needed after the run
     if result.timed_out:
         raise RuntimeError(f"the engine timed out after {result.wall_s:.0f} s")
     if not report_path.is_file():
@@ -338,6 +339,7 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
         "read_fraction_at_first_request": watch.fraction,
         "status": report["status"],
         "error": report.get("error"),
+        "mirror": report.get("mirror"),
         "exit_code": result.returncode,
         "rows_read": counts["read"],
         "sent": sent,
@@ -416,7 +418,7 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
             e.update(load_1min_before=load, sandbox_cpu_s=sandbox_cpu_s(sandbox) - before)
             engines.append(e)
             log(f"{tag} engine {e['wall_s']:7.2f} s, {tree_summary(e)}, {e['requests']} requests, "
-                f"status {e['status']}, list holds {e['list_count']:,}")
+                f"status {e['status']}, list holds {e['list_count']:,}" + mirror_summary(e.get("mirror")))
         if args.naive:
             row["naive"] = run_naive(export, sandbox, api_key, args.timeout_scale, args.latency)
             v = row["naive"]
@@ -424,12 +426,21 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
                 f"{v['requests']} requests, list holds {v['list_count']:,}")
     finally:
         row["sandbox_peak_rss_bytes"] = sandbox.stop()
+        shutil.rmtree(work / f"state-{export.profiles}", ignore_errors=True)
     row["floor"], row["floor_runs"] = best_of(floors)
     row["engine"], row["engine_runs"] = best_of(engines)
     row["load_1min_before_engine"] = row["engine"]["load_1min_before"]
     row["sandbox_cpu_during_engine_s"] = row["engine"]["sandbox_cpu_s"]
     row["derived"] = derive(row)
     return row
+
+
+def mirror_summary(mirror: dict[str, Any] | None) -> str:
+    """A mirror run's diff, for the progress line: what the previous snapshot held and who left."""
+    if not mirror:
+        return ""
+    return (f", mirror: previous snapshot {mirror.get('previous', 0):,}, current {mirror.get('current', 0):,}, "
+            f"to remove {mirror.get('to_remove', 0):,} ({mirror.get('guard_rail', '-')})")
 
 
 RUN_SUMMARY = ("wall_s", "cpu_s", "cpu_orphans_s", "peak_rss_bytes", "tree_peak_rss_bytes", "first_request_s", "tail_s",
@@ -585,6 +596,9 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
         else "sandbox latency: none (loopback only)",
         f"engine workers: EXPORT_WORKERS={workers} ({source})" if workers is not None
         else "engine workers: EXPORT_WORKERS not set (the engine's default)",
+        f"destination mode: {results.get('mode', 'upsert')}"
+        + ("; its state is kept between repeats, so every run after the first diffs a full previous snapshot"
+           if results.get("mode") == "mirror" else ""),
         f"bulk threshold: {bulk}; seed {results['seed']}; repeat {results['repeat']}; "
         f"process tree sampled every {results['tree_interval_s']:g} s"
         + ("" if results["subreaper"] else " (no subreaper: CPU of descendants left behind is missing)"),
@@ -641,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set EXPORT_WORKERS=N for the engine (0: parse in the export process itself, N: N worker "
                         "processes); default: not set by the benchmark (the engine's default, or the value in the "
                         "environment)")
+    p.add_argument("--mode", choices=("upsert", "mirror"), default="upsert",
+                   help="the destination's mode (default upsert); with mirror the run state is kept between "
+                        "--repeat runs, so every run after the first diffs the previous run's full snapshot")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every child's timeout")
     return p
 
@@ -682,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         workers, workers_source = None, None
     settings = {"latency_s": args.latency, "export_workers": workers, "export_workers_source": workers_source,
-                "bulk_threshold": args.bulk_threshold, "seed": args.seed, "repeat": args.repeat,
+                "bulk_threshold": args.bulk_threshold, "mode": args.mode, "seed": args.seed, "repeat": args.repeat,
                 "tree_interval_s": children.TREE_INTERVAL_S, "subreaper": children.become_subreaper()}
     for line in settings_lines(settings):
         log(line)

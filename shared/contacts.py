@@ -1,4 +1,4 @@
-"""Rows to SendGrid contacts: mapping, normalisation, validation, trimming, de-duplication.
+"""Rows to SendGrid contacts: mapping, normalisation, validation, trimming, fingerprints for de-duplication.
 
 This is the hot path (millions of rows per run): everything that does not depend on the row is decided in
 ContactMapper.__init__, which generates a straight-line map() for its mapping (about 2 us a row for the
@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import orjson
 
 from . import limits
@@ -359,8 +358,9 @@ def fingerprint(email: str) -> int:
     return int.from_bytes(hashlib.blake2b(email.encode(), digest_size=8).digest(), "little")
 
 
-def fingerprints(emails: Sequence[str]) -> np.ndarray:
-    """fingerprint() of each email, as a uint64 array."""
+def fingerprints(emails: Sequence[str]) -> bytes:
+    """fingerprint() of each email, as 8 little-endian bytes apiece (dedup.Deduper takes them as they are). Bytes,
+    not a numpy array, so that worker processes, which only map and encode, never import numpy (~10 MB each)."""
     new = _BLAKE2B_64.copy  # copying a prepared state is much cheaper than blake2b(data, digest_size=8)
     out: list[bytes] = []
     add = out.append
@@ -368,69 +368,4 @@ def fingerprints(emails: Sequence[str]) -> np.ndarray:
         h = new()
         h.update(e.encode())
         add(h.digest())
-    return np.frombuffer(b"".join(out), dtype="<u8").astype(np.uint64)  # a writable copy in native order
-
-
-RUN_CAP = 1 << 20  # fingerprints per sorted run at most: a merge never copies more than 8 MB
-
-
-class Deduper:
-    """Remembers 64-bit fingerprints in sorted uint64 runs (8 bytes each, plus a transient copy while merging).
-
-    Runs are merged like a binary counter (a run is merged into the one before it while that one is at most twice
-    its size) up to RUN_CAP fingerprints, so memory grows by 8 bytes a profile with a bounded transient (merging
-    ever larger runs would briefly need 16 to 24 bytes a profile); beyond RUN_CAP a lookup searches one more run
-    per million profiles, which stays cheap next to the rest of a row's work.
-    """
-
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the stored fingerprints."""
-        return sum(run.nbytes for run in self._runs)
-
-    def __contains__(self, fp: int) -> bool:
-        needle = np.uint64(fp)
-        for run in self._runs:
-            i = int(np.searchsorted(run, needle))
-            if i < run.size and run[i] == needle:
-                return True
-        return False
-
-    def first_seen(self, fps: np.ndarray) -> np.ndarray:
-        """Bool mask, True where the fingerprint is new: not seen in earlier calls nor earlier in fps. Records them."""
-        fps = np.asarray(fps)
-        if fps.dtype != np.uint64:
-            fps = fps.astype(np.uint64)
-        mask = np.zeros(fps.shape[0], dtype=bool)
-        if fps.size == 0:
-            return mask
-        uniq, first = np.unique(fps, return_index=True)  # sorted; first occurrence of each
-        for run in self._runs:
-            if uniq.size == 0:
-                break
-            pos = np.searchsorted(run, uniq)
-            np.minimum(pos, run.size - 1, out=pos)
-            keep = run[pos] != uniq
-            uniq, first = uniq[keep], first[keep]
-        mask[first] = True
-        if uniq.size:
-            self._add(uniq)
-        return mask
-
-    def _add(self, run: np.ndarray) -> None:
-        runs = self._runs
-        runs.append(run)
-        self._count += run.size
-        while len(runs) > 1 and runs[-2].size <= 2 * runs[-1].size and runs[-2].size + runs[-1].size <= RUN_CAP:
-            small = runs.pop()
-            big = runs.pop()
-            if big.size < small.size:
-                big, small = small, big
-            runs.append(np.insert(big, np.searchsorted(big, small), small))  # linear merge of sorted arrays
+    return b"".join(out)

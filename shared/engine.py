@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import batching, bulk, contacts, mirror, pipeline, snapshots, sources
+from . import batching, bulk, contacts, dedup, mirror, pipeline, snapshots, sources
 from .config import Config, Destination
 from .errors import (
     AuthError,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
 FINAL_JOB = ("completed", "errored", "failed")
+POLL_CONCURRENCY = 8  # job-status calls at once (the client's connection pool holds 8)
 _NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
 
 
@@ -175,7 +177,7 @@ class _Run:
         run's contacts, de-duplicated); counts, rejections and the snapshot's emails on the way."""
         assert self.mapper is not None and self.spec is not None
         mapper, spec, counts, reject = self.mapper, self.spec, self.counts, self.rejections.add
-        deduper = contacts.Deduper()
+        deduper = dedup.Deduper()
         required = (mapper.columns[0],)
         warnings: list[str] = self.record["warnings"]
         field_notes: list[dict[str, Any]] = self.record["field_notes"]
@@ -250,7 +252,8 @@ class _Run:
             yield "json", batch
 
     def send_all(self, client: SendGridClient) -> None:
-        q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=2)
+        # one batch waits while one is in flight and the next is packed: overlap enough, ~8 MB less held than two
+        q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=1)
         failure: list[BaseException] = []
         stop = threading.Event()
 
@@ -619,15 +622,22 @@ def _resolve_custom_fields(dest: Destination, defs: Mapping[str, Any]) -> list[c
             for n, col in dest.custom_fields.items()]
 
 
+def _job_statuses(client: SendGridClient, job_ids: list[str]) -> list[dict[str, Any]]:
+    """GET each job's status, POLL_CONCURRENCY calls at a time, in job_ids' order. One call after another, a sweep
+    over a 5M-contact run's 188 jobs took 188 round trips (47 s at 250 ms each)."""
+    if len(job_ids) <= 1:
+        return [client.import_status(i) for i in job_ids]
+    with ThreadPoolExecutor(min(POLL_CONCURRENCY, len(job_ids)), thread_name_prefix="job-status") as pool:
+        return list(pool.map(client.import_status, job_ids))
+
+
 def poll_jobs(record: dict[str, Any], client: SendGridClient, svc: Services, *, wait: bool) -> None:
     """Update the run's jobs from SendGrid; with wait, until every job is final. Sets the run's final status."""
     end = time.monotonic() + svc.wait_timeout
     interval = min(svc.poll_interval, 0.25)
     while True:
-        for job in record["jobs"]:
-            if job["status"] in FINAL_JOB:
-                continue
-            status = client.import_status(job["id"])
+        open_jobs = [j for j in record["jobs"] if j["status"] not in FINAL_JOB]
+        for job, status in zip(open_jobs, _job_statuses(client, [j["id"] for j in open_jobs]), strict=True):
             job["status"] = status.get("status", "pending")
             job["results"] = {k: v for k, v in (status.get("results") or {}).items() if k != "errors_url"}
             if job["status"] in ("errored", "failed") and status.get("results", {}).get("errors_url"):

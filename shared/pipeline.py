@@ -20,12 +20,11 @@ import threading
 import time
 from array import array
 from collections.abc import Collection, Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
 from . import contacts, sources
@@ -62,7 +61,7 @@ class MappedChunk:
     notes: list[tuple[int | None, str]]  # (line, note) of contacts sent without some value
     trimmed: dict[str, int]  # field -> values cut to SendGrid's length
     emails: list[str]
-    fps: np.ndarray  # contacts.fingerprints(emails)
+    fps: bytes  # contacts.fingerprints(emails): 8 bytes each
     data: bytes  # the contacts' JSON, back to back
     ends: array  # end offset in data of each contact
 
@@ -175,13 +174,18 @@ def worker_count(environ: Mapping[str, str]) -> int:
 _pool_lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
+_cannot_start: str | None = None  # why worker processes could not be started in this process; then none are tried
+_delivered = False  # the current pool has mapped at least one chunk
+_fruitless = 0  # pools in a row that broke before mapping anything
+MAX_FRUITLESS_POOLS = 2  # then workers are not tried again in this process
 
 
 def _get_pool(workers: int) -> ProcessPoolExecutor:
     """The process's worker pool, started on first use and kept for later runs (spawning costs ~0.2 s a worker)."""
-    global _pool, _pool_size
+    global _pool, _pool_size, _delivered
     with _pool_lock:
         if _pool is None or _pool_size != workers:
+            _delivered = False
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
             # spawn: fork is unsafe in a threaded process, and a forkserver would outlive a killed exporter
@@ -190,6 +194,35 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
                                         initargs=(os.getpid(),))
             _pool_size = workers
         return _pool
+
+
+def _took_a_chunk() -> None:
+    global _delivered, _fruitless
+    _delivered, _fruitless = True, 0
+
+
+def _pool_broke(pool: ProcessPoolExecutor, key: str) -> None:
+    """A worker died (killed, out of memory) or never started (exec failed: that shows as a broken pool too). Drop
+    the pool; the next partition starts a new one, unless pools keep breaking before they map anything."""
+    global _fruitless
+    log.warning("%s: the worker processes stopped; reading on in this process", key)
+    if not _delivered:
+        _fruitless += 1
+        if _fruitless >= MAX_FRUITLESS_POOLS:
+            _no_workers(pool, f"{_fruitless} worker pools in a row ended before mapping anything")
+            return
+    _drop_pool(pool)
+
+
+def _no_workers(pool: ProcessPoolExecutor | None, why: str) -> None:
+    """Worker processes cannot start here (no fork/exec allowed, no executable, out of processes): say so once and
+    map in this process from now on."""
+    global _cannot_start
+    if _cannot_start is None:
+        log.warning("worker processes could not be started (%s); mapping in this process", why[:300])
+    _cannot_start = why
+    if pool is not None:
+        _drop_pool(pool)
 
 
 def _drop_pool(broken: ProcessPoolExecutor) -> None:
@@ -222,7 +255,7 @@ def mapped_chunks(store: ObjectStore, part: sources.Partition, mapper: contacts.
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     line = 1
-    if workers > 0 and part.fmt == "csv" and _big(store, part, min_bytes):
+    if workers > 0 and _cannot_start is None and part.fmt == "csv" and _big(store, part, min_bytes):
         noted = len(warnings)
         line = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes)
         if line is None:
@@ -245,7 +278,11 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
                 required: Collection[str], warnings: list[str], workers: int,
                 chunk_bytes: int) -> Generator[MappedChunk, None, int | None]:
     """Chunks mapped by the pool; returns None when the partition is done, else the line read_rows goes on from."""
-    pool = _get_pool(workers)
+    try:
+        pool = _get_pool(workers)
+    except (OSError, RuntimeError) as e:  # e.g. the resource tracker process could not be started
+        _no_workers(None, f"{type(e).__name__}: {e}")
+        return 1
     source = sources.csv_chunks(store, part, wanted, required, warnings, chunk_bytes=chunk_bytes)
     pending: collections.deque[tuple[int, Future[MappedChunk | None]]] = collections.deque()
     read_on: int | None = None
@@ -258,16 +295,27 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
                 if isinstance(item, sources.ReadOn):
                     read_on = item.line
                     break
-                pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item)))
+                try:
+                    pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item)))
+                except BrokenProcessPool:  # a worker died meanwhile: as below, this partition goes on here
+                    _pool_broke(pool, part.key)
+                    read_on = item.first_line
+                    break
+                except (OSError, RuntimeError) as e:  # no process could be started (or the pool was shut)
+                    _no_workers(pool, f"{type(e).__name__}: {e}")
+                    read_on = item.first_line
+                    break
             if not pending:
                 return read_on
             first_line, future = pending.popleft()
             try:
                 result = future.result()
             except BrokenProcessPool:
-                log.warning("%s: the worker processes stopped; reading on in this process", part.key)
-                _drop_pool(pool)
+                _pool_broke(pool, part.key)
                 return first_line
+            except CancelledError:  # the pool was dropped after a failed start: this chunk goes on here
+                return first_line
+            _took_a_chunk()
             if result is None:
                 return first_line
             yield result

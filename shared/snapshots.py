@@ -39,7 +39,7 @@ from .storage import NotFound, ObjectStore
 META_SUFFIX = ".meta.json"
 SNAPSHOT_SUFFIX = ".gz"
 SNAPSHOT_COMPRESSLEVEL = 1  # zlib level of written snapshots: ~2.4x faster than 6, ~20% larger; readers are the same
-DEFAULT_CHUNK_SIZE = 250_000
+DEFAULT_CHUNK_SIZE = 100_000  # emails held before a spill: ~8 MB of str objects (250,000 held ~20 MB)
 MAX_MERGE_FANIN = 64  # runs merged at once; more runs are first merged in groups (bounded open files and buffers)
 _WRITE_SLICE = 8_192  # emails joined, checked and compressed at a time
 _READ_BYTES = 64 * 1024  # bytes read from a run or a snapshot at a time

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from shared.state import StateStore
 from shared.storage import LocalFolderStore
 
 COLS = ("Id", "Email", "First", "Country", "Value")
+REPO = Path(__file__).resolve().parent.parent
 MAPPING = {"email": "Email", "first_name": "First", "country": "Country"}
 CUSTOM = (contacts.CustomField("lifetime_value", "e1_N", "Number", "Value"),)
 
@@ -50,7 +53,7 @@ def outcome(store: LocalFolderStore, part: Partition, workers: int, chunk_bytes:
             out["notes"] += chunk.notes
             for k, v in chunk.trimmed.items():
                 out["trimmed"][k] = out["trimmed"].get(k, 0) + v
-            assert chunk.fps.tolist() == [contacts.fingerprint(e) for e in chunk.emails]
+            assert chunk.fps == contacts.fingerprints(chunk.emails)
             out["contacts"] += [(e, chunk.contact(i)) for i, e in enumerate(chunk.emails)]
     except SourceError as e:
         out["error"] = str(e)
@@ -165,6 +168,56 @@ def test_a_broken_pool_hands_over_to_this_process(tmp_path: Path) -> None:
     dying = _DyingSpec(tuple(MAPPING.items()), CUSTOM)
     assert outcome(store, part, workers=2, spec=dying) == serial
     assert outcome(store, part, workers=2) == serial  # a new pool afterwards
+
+
+def test_workers_map_without_numpy(tmp_path: Path) -> None:
+    """Workers only parse, map, encode and fingerprint: numpy (~10 MB a process) stays in the exporting process."""
+    put(tmp_path, "seg.csv", rows(*GOOD))
+    script = (
+        "import sys; from shared import pipeline, contacts, sources; from shared.storage import LocalFolderStore\n"
+        f"store = LocalFolderStore({str(tmp_path)!r})\n"
+        f"mapping = {dict(MAPPING)!r}\n"
+        "spec = pipeline.MapperSpec.of(mapping)\n"
+        f"part = sources.Partition('seg', 'seg.csv', 'csv', False, {COLS!r}, False)\n"
+        "chunks = list(pipeline.mapped_chunks(store, part, spec.build(), spec, (mapping['email'],), [], workers=1,"
+        " min_bytes=0, chunk_bytes=64))\n"
+        "assert sum(len(c.emails) for c in chunks) > 0\n"
+        "print(pipeline._get_pool(1).submit(eval, \"'numpy' in __import__('sys').modules\").result())\n"
+        "pipeline.shutdown()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fails", ["pool", "worker"])
+def test_workers_that_cannot_start_leave_the_mapping_to_this_process(tmp_path: Path, fails: str) -> None:
+    """A host that cannot start processes (here: no such interpreter) maps in process, with one warning: whether
+    the pool itself fails (its resource tracker cannot start) or only its worker processes do."""
+    put(tmp_path, "seg.csv", rows(*GOOD))
+    script = (
+        "import json, logging, multiprocessing; from multiprocessing import resource_tracker\n"
+        "from shared import pipeline, sources; from shared.storage import LocalFolderStore\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        + ("resource_tracker.ensure_running()\n" if fails == "worker" else "")
+        + "multiprocessing.get_context('spawn').set_executable('/nonexistent/python3')\n"
+        f"store = LocalFolderStore({str(tmp_path)!r})\n"
+        f"spec = pipeline.MapperSpec.of({dict(MAPPING)!r})\n"
+        f"part = sources.Partition('seg', 'seg.csv', 'csv', False, {COLS!r}, False)\n"
+        "def run(workers):\n"
+        "    chunks = pipeline.mapped_chunks(store, part, spec.build(), spec, ('Email',), [], workers=workers,"
+        " min_bytes=0, chunk_bytes=64)\n"
+        "    return [[c.read, c.emails, c.data.decode()] for c in chunks]\n"
+        "print(json.dumps([run(0), run(2), run(2)]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    serial, first, second = orjson.loads(res.stdout)
+    flat = lambda chunks: ([e for c in chunks for e in c[1]], "".join(c[2] for c in chunks))  # noqa: E731
+    assert sum(c[0] for c in serial) == len(GOOD) and flat(first) == flat(serial) == flat(second)
+    assert res.stderr.count("worker processes could not be started") == 1, res.stderr  # once, then not tried again
+    if fails == "worker":  # exec fails in the child: pools break before mapping anything, twice, then none is tried
+        assert res.stderr.count("the worker processes stopped") == pipeline.MAX_FRUITLESS_POOLS, res.stderr
 
 
 def test_worker_count_setting() -> None:

@@ -1,0 +1,75 @@
+"""De-duplication of a run's contacts by 64-bit email fingerprints (contacts.fingerprint), 8 bytes a profile.
+
+The only numpy user on the mapping path: the exporting process imports it, worker processes do not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RUN_CAP = 1 << 20  # fingerprints per sorted run at most: a merge never copies more than 8 MB
+
+
+class Deduper:
+    """Remembers 64-bit fingerprints in sorted uint64 runs (8 bytes each, plus a transient copy while merging).
+
+    Runs are merged like a binary counter (a run is merged into the one before it while that one is at most twice
+    its size) up to RUN_CAP fingerprints, so memory grows by 8 bytes a profile with a bounded transient (merging
+    ever larger runs would briefly need 16 to 24 bytes a profile); beyond RUN_CAP a lookup searches one more run
+    per million profiles, which stays cheap next to the rest of a row's work.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored fingerprints."""
+        return sum(run.nbytes for run in self._runs)
+
+    def __contains__(self, fp: int) -> bool:
+        needle = np.uint64(fp)
+        for run in self._runs:
+            i = int(np.searchsorted(run, needle))
+            if i < run.size and run[i] == needle:
+                return True
+        return False
+
+    def first_seen(self, fps: bytes | np.ndarray) -> np.ndarray:
+        """Bool mask, True where the fingerprint is new: not seen in earlier calls nor earlier in fps. Records them.
+        fps: an array, or contacts.fingerprints' bytes (8 little-endian bytes each)."""
+        if isinstance(fps, bytes | bytearray | memoryview):
+            fps = np.frombuffer(fps, dtype="<u8")
+        fps = np.asarray(fps)
+        if fps.dtype != np.uint64:
+            fps = fps.astype(np.uint64)
+        mask = np.zeros(fps.shape[0], dtype=bool)
+        if fps.size == 0:
+            return mask
+        uniq, first = np.unique(fps, return_index=True)  # sorted; first occurrence of each
+        for run in self._runs:
+            if uniq.size == 0:
+                break
+            pos = np.searchsorted(run, uniq)
+            np.minimum(pos, run.size - 1, out=pos)
+            keep = run[pos] != uniq
+            uniq, first = uniq[keep], first[keep]
+        mask[first] = True
+        if uniq.size:
+            self._add(uniq)
+        return mask
+
+    def _add(self, run: np.ndarray) -> None:
+        runs = self._runs
+        runs.append(run)
+        self._count += run.size
+        while len(runs) > 1 and runs[-2].size <= 2 * runs[-1].size and runs[-2].size + runs[-1].size <= RUN_CAP:
+            small = runs.pop()
+            big = runs.pop()
+            if big.size < small.size:
+                big, small = small, big
+            runs.append(np.insert(big, np.searchsorted(big, small), small))  # linear merge of sorted arrays
