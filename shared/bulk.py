@@ -10,10 +10,9 @@ import contextlib
 import csv
 import gzip
 import io
-import itertools
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +34,7 @@ class ImportFile:
             os.unlink(self.path)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return ",".join(value)
-    return str(value)
+_NO_FIELDS: dict[str, Any] = {}
 
 
 class Importer:
@@ -59,31 +53,42 @@ class Importer:
         self.headers = self.reserved + [c.name for c in custom]
         self.field_mappings: list[str | None] = [ids[name] for name in self.reserved] + list(self.custom_ids)
         self.per_file = per_file
+        self._alternates = self.reserved.index("alternate_emails") if "alternate_emails" in self.reserved else None
         self._tmp_parent, self._dir = tmp_dir, ""
         self._open: list[ImportFile] = []
 
-    def row(self, contact: Mapping[str, Any]) -> list[str]:
-        custom = contact.get("custom_fields") or {}
-        return [_cell(contact.get(f)) for f in self.reserved] + [_cell(custom.get(i)) for i in self.custom_ids]
+    def row(self, contact: Mapping[str, Any]) -> list[Any]:
+        """The contact's CSV cells in header order: None (an empty cell) where it has no value; csv.writer turns
+        numbers into text as str() does."""
+        custom = contact.get("custom_fields") or _NO_FIELDS
+        cells = [*map(contact.get, self.reserved), *map(custom.get, self.custom_ids)]
+        if self._alternates is not None and cells[self._alternates]:
+            cells[self._alternates] = ",".join(cells[self._alternates])
+        return cells
 
-    def files(self, stream: Iterator[tuple[int, str, dict[str, Any]]],
-              tick: Callable[[], None] = lambda: None) -> Iterator[ImportFile]:
-        """Consume (index, email, contact) and yield finished files, each of at most per_file contacts."""
+    def files(self, chunks: Iterable[tuple[int, list[dict[str, Any]]]]) -> Iterator[ImportFile]:
+        """Consume (stream index of the first contact, contacts) chunk by chunk and yield finished files, each of at
+        most per_file contacts (a chunk may be split between two files)."""
         if not self._dir:
             self._dir = tempfile.mkdtemp(prefix="sg-import-", dir=self._tmp_parent)
+        source = iter(chunks)
+        carry: tuple[int, list[dict[str, Any]]] | None = None  # what the previous file had no room for
         while True:
-            chunk = itertools.islice(stream, self.per_file)
             fd, path = tempfile.mkstemp(suffix=".csv.gz", dir=self._dir)
             count, last = 0, -1
             with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3) as gz, \
                     io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
                 writer = csv.writer(text)
                 writer.writerow(self.headers)
-                for index, _email, contact in chunk:
-                    writer.writerow(self.row(contact))
-                    count, last = count + 1, index
-                    if count % 50_000 == 0:
-                        tick()
+                while count < self.per_file:
+                    if carry is None and (carry := next(source, None)) is None:
+                        break
+                    first, contacts = carry
+                    room = self.per_file - count
+                    writer.writerows(map(self.row, contacts[:room]))
+                    taken = min(room, len(contacts))
+                    count, last = count + taken, first + taken - 1
+                    carry = (first + taken, contacts[taken:]) if taken < len(contacts) else None
             if count == 0:
                 os.unlink(path)
                 return

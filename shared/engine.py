@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import batching, bulk, contacts, dedup, mirror, pipeline, snapshots, sources
+from . import batching, bulk, contacts, dedup, gcpolicy, mirror, pipeline, snapshots, sources
 from .config import Config, Destination
 from .errors import (
     AuthError,
@@ -144,12 +144,14 @@ def _numbered(chunks: Iterator[tuple[pipeline.MappedChunk, list[int]]],
 
 
 def _contact_dicts(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]]
-                   ) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(stream index, email, contact) for the bulk path, which writes contacts as CSV rows."""
-    loads = orjson.loads
+                   ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(stream index of the first, contacts) per chunk for the bulk path, which writes contacts as CSV rows: the
+    chunk's kept contacts decoded in one orjson call (one call per contact cost ~5 us a contact)."""
     for chunk, keep, index in chunks:
-        for i, pos in enumerate(keep, index):
-            yield i, chunk.emails[pos], loads(chunk.contact(pos))
+        if keep:
+            data, ends = chunk.data, chunk.ends
+            joined = b",".join([data[ends[p - 1] if p else 0 : ends[p]] for p in keep])
+            yield index, orjson.loads(b"[" + joined + b"]")
 
 
 class _Run:
@@ -246,7 +248,7 @@ class _Run:
                     yield "json", batch
                 assert self.importer is not None
                 rest = itertools.chain([(chunk, keep[cut:], start + cut)], _numbered(chunks, index))
-                yield from (("csv", f) for f in self.importer.files(_contact_dicts(rest), self.tick))
+                yield from (("csv", f) for f in self.importer.files(_contact_dicts(rest)))
                 return
         if (batch := packer.flush()) is not None:
             yield "json", batch
@@ -442,7 +444,8 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         state = _Run(req, svc, dest, record)
         state.lease = lease
         try:
-            _execute(state)
+            with gcpolicy.sparse:  # millions of short-lived rows and contacts: see gcpolicy
+                _execute(state)
         except DeadlineReached as exc:
             record.update(status="interrupted", error=f"stopped at the deadline ({exc}); the next run resumes it")
         except (AuthError, SecretError, TransientError, SendGridError) as exc:
