@@ -158,9 +158,9 @@ def _watch_parent(parent: int) -> None:
 def worker_count(environ: Mapping[str, str]) -> int:
     """EXPORT_WORKERS (0 to MAX_WORKERS); unset or unreadable: 0, every row mapped in this process.
 
-    Off by default: each worker adds ~45 MB (the process tree at 1M went from 132 to 197 MB with one worker, 246 MB
-    with two), which breaks the 200 MB budget at 5M, and on the 2-core benchmark machine, shared with the sandbox
-    and other load, the measured gain was within the noise (benchmarks/README.md)."""
+    Off by default: each worker adds ~45-50 MB to the process tree (at 1M: 122 MB in process, 174 MB with one worker,
+    216 MB with two), and on the 2-core benchmark machine, whose second core the sandbox needs, one worker saved 5%
+    of the wall time and two 9% (benchmarks/README.md)."""
     raw = environ.get(WORKERS_SETTING, "").strip()
     if not raw:
         return 0
