@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
 from pathlib import Path
 
 import orjson
 import pytest
 
 from shared import engine, samplegen
+from shared.bulk import Importer
 from shared.config import parse_config
+from shared.contacts import CustomField
 from shared.secrets import EnvSecrets
 from shared.state import StateStore
 from shared.storage import LocalFolderStore
@@ -81,3 +85,53 @@ def test_300k_rows_through_the_bulk_path_complete_and_correct(sandbox, fields, t
     assert len(sandbox.box.list_emails(list_id)) == info.valid_distinct
     assert report["counts"]["sent"] == info.valid_distinct
     assert report["counts"]["rejected_total"] == info.bad_rows
+
+
+# --- import files, without a sandbox -------------------------------------------------------------------------------
+
+RESERVED = [{"name": n, "id": f"_rf_{n}"} for n in ("email", "first_name", "alternate_emails", "city")]
+MAPPING = {"email": "Email", "first_name": "First", "alternate_emails": "Alt", "city": "City"}
+CUSTOM = [CustomField("score", "e1_N", "Number", "Score"), CustomField("since", "e2_D", "Date", "Since")]
+
+
+def _contact(n: int) -> dict:
+    contact: dict = {"email": f"p{n}@example.com"}
+    if n % 3:
+        contact["first_name"] = f'Ann "{n}", jr.\n'  # a value csv must quote
+    if n % 4 == 0:
+        contact["alternate_emails"] = [f"a{n}@example.com", f"b{n}@example.com"]
+    fields = {k: v for k, v in (("e1_N", n / 2 if n % 2 else n), ("e2_D", "01/31/2026" if n % 5 else None)) if v}
+    if fields:
+        contact["custom_fields"] = fields
+    return contact
+
+
+def _expected_row(n: int) -> list[str]:
+    c = _contact(n)
+    f = c.get("custom_fields", {})
+    return [c["email"], c.get("first_name", ""), ",".join(c.get("alternate_emails", [])), "",
+            str(f["e1_N"]) if "e1_N" in f else "", f.get("e2_D", "")]
+
+
+@pytest.mark.parametrize("sizes", [[3, 10, 0, 5, 1], [7, 7], [1] * 15, [20], []])
+def test_files_split_chunks_at_the_per_file_limit_and_keep_every_row(tmp_path: Path, sizes: list[int]) -> None:
+    importer = Importer(MAPPING, CUSTOM, RESERVED, per_file=7, tmp_dir=str(tmp_path))
+    chunks, first = [], 100  # stream indexes need not start at 0 (a resumed run, JSON requests before)
+    for size in sizes:
+        chunks.append((first, [_contact(n) for n in range(first, first + size)]))
+        first += size
+    files = list(importer.files(iter(chunks)))
+    total = sum(sizes)
+    assert [f.count for f in files] == [7] * (total // 7) + ([total % 7] if total % 7 else [])
+    rows: list[list[str]] = []
+    for f in files:
+        with gzip.open(f.path, "rt", encoding="utf-8", newline="") as fh:
+            header, *body = list(csv.reader(fh))
+        assert header == ["email", "first_name", "alternate_emails", "city", "score", "since"]
+        assert len(body) == f.count and f.size == Path(f.path).stat().st_size
+        assert f.last_index == 100 + len(rows) + f.count - 1
+        assert f.field_mappings == ["_rf_email", "_rf_first_name", "_rf_alternate_emails", "_rf_city", "e1_N", "e2_D"]
+        rows += body
+    assert rows == [_expected_row(n) for n in range(100, 100 + total)]
+    importer.cleanup()
+    assert not any(tmp_path.iterdir())  # files and their folder are gone
