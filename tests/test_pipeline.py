@@ -170,23 +170,34 @@ def test_a_broken_pool_hands_over_to_this_process(tmp_path: Path) -> None:
     assert outcome(store, part, workers=2) == serial  # a new pool afterwards
 
 
-def test_workers_map_without_numpy(tmp_path: Path) -> None:
-    """Workers only parse, map, encode and fingerprint: numpy (~10 MB a process) stays in the exporting process."""
-    put(tmp_path, "seg.csv", rows(*GOOD))
+def _in_child(tmp_path: Path, setup: str, body: str) -> subprocess.CompletedProcess[str]:
+    """Run body in a fresh interpreter (process-wide multiprocessing state stays out of this one) with `store`,
+    `spec` and `part` for tmp_path/seg.csv; setup runs before them."""
     script = (
-        "import sys; from shared import pipeline, contacts, sources; from shared.storage import LocalFolderStore\n"
-        f"store = LocalFolderStore({str(tmp_path)!r})\n"
-        f"mapping = {dict(MAPPING)!r}\n"
-        "spec = pipeline.MapperSpec.of(mapping)\n"
+        "import json, logging, multiprocessing, sys; from multiprocessing import resource_tracker\n"
+        "from shared import pipeline, sources; from shared.storage import LocalFolderStore\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        + setup
+        + f"store = LocalFolderStore({str(tmp_path)!r})\n"
+        f"spec = pipeline.MapperSpec.of({dict(MAPPING)!r})\n"
         f"part = sources.Partition('seg', 'seg.csv', 'csv', False, {COLS!r}, False)\n"
-        "chunks = list(pipeline.mapped_chunks(store, part, spec.build(), spec, (mapping['email'],), [], workers=1,"
-        " min_bytes=0, chunk_bytes=64))\n"
-        "assert sum(len(c.emails) for c in chunks) > 0\n"
-        "print(pipeline._get_pool(1).submit(eval, \"'numpy' in __import__('sys').modules\").result())\n"
-        "pipeline.shutdown()\n"
+        "def run(workers):\n"
+        "    chunks = pipeline.mapped_chunks(store, part, spec.build(), spec, ('Email',), [], workers=workers,"
+        " min_bytes=0, chunk_bytes=64)\n"
+        "    return [[c.read, c.emails, c.data.decode()] for c in chunks]\n"
+        + body
     )
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_workers_map_without_numpy(tmp_path: Path) -> None:
+    """Workers only parse, map, encode and fingerprint: numpy (~10 MB a process) stays in the exporting process."""
+    put(tmp_path, "seg.csv", rows(*GOOD))
+    res = _in_child(tmp_path, "", f"assert sum(len(c[1]) for c in run(1)) == {len(GOOD)}\n"
+                    "print(pipeline._get_pool(1).submit(eval, \"'numpy' in __import__('sys').modules\").result())\n"
+                    "pipeline.shutdown()\n")
     assert res.stdout.strip() == "False"
 
 
@@ -195,23 +206,9 @@ def test_workers_that_cannot_start_leave_the_mapping_to_this_process(tmp_path: P
     """A host that cannot start processes (here: no such interpreter) maps in process, with one warning: whether
     the pool itself fails (its resource tracker cannot start) or only its worker processes do."""
     put(tmp_path, "seg.csv", rows(*GOOD))
-    script = (
-        "import json, logging, multiprocessing; from multiprocessing import resource_tracker\n"
-        "from shared import pipeline, sources; from shared.storage import LocalFolderStore\n"
-        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
-        + ("resource_tracker.ensure_running()\n" if fails == "worker" else "")
-        + "multiprocessing.get_context('spawn').set_executable('/nonexistent/python3')\n"
-        f"store = LocalFolderStore({str(tmp_path)!r})\n"
-        f"spec = pipeline.MapperSpec.of({dict(MAPPING)!r})\n"
-        f"part = sources.Partition('seg', 'seg.csv', 'csv', False, {COLS!r}, False)\n"
-        "def run(workers):\n"
-        "    chunks = pipeline.mapped_chunks(store, part, spec.build(), spec, ('Email',), [], workers=workers,"
-        " min_bytes=0, chunk_bytes=64)\n"
-        "    return [[c.read, c.emails, c.data.decode()] for c in chunks]\n"
-        "print(json.dumps([run(0), run(2), run(2)]))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    res = _in_child(tmp_path, ("resource_tracker.ensure_running()\n" if fails == "worker" else "")
+                    + "multiprocessing.get_context('spawn').set_executable('/nonexistent/python3')\n",
+                    "print(json.dumps([run(0), run(2), run(2)]))\n")
     serial, first, second = orjson.loads(res.stdout)
     flat = lambda chunks: ([e for c in chunks for e in c[1]], "".join(c[2] for c in chunks))  # noqa: E731
     assert sum(c[0] for c in serial) == len(GOOD) and flat(first) == flat(serial) == flat(second)
