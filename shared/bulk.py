@@ -76,19 +76,23 @@ class Importer:
         while True:
             fd, path = tempfile.mkstemp(suffix=".csv.gz", dir=self._dir)
             count, last = 0, -1
-            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3) as gz, \
-                    io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
-                writer = csv.writer(text)
-                writer.writerow(self.headers)
-                while count < self.per_file:
-                    if carry is None and (carry := next(source, None)) is None:
-                        break
-                    first, contacts = carry
-                    room = self.per_file - count
-                    writer.writerows(map(self.row, contacts[:room]))
-                    taken = min(room, len(contacts))
-                    count, last = count + taken, first + taken - 1
-                    carry = (first + taken, contacts[taken:]) if taken < len(contacts) else None
+            try:
+                with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3) as gz, \
+                        io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
+                    writer = csv.writer(text)
+                    writer.writerow(self.headers)
+                    while count < self.per_file:
+                        if carry is None and (carry := next(source, None)) is None:
+                            break
+                        first, contacts = carry
+                        room = self.per_file - count
+                        writer.writerows(map(self.row, contacts[:room]))
+                        taken = min(room, len(contacts))
+                        count, last = count + taken, first + taken - 1
+                        carry = (first + taken, contacts[taken:]) if taken < len(contacts) else None
+            except BaseException:  # the export failed mid-file (a read error, the deadline): cleanup() cannot see it
+                os.unlink(path)
+                raise
             if count == 0:
                 os.unlink(path)
                 return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import threading
 
-SPARSE_THRESHOLDS = (50_000, 20, 10)  # gen0 allocations before a pass (default 700), then as CPython's defaults
+SPARSE_THRESHOLDS = (50_000, 20, 10)  # gen0 allocations before a pass (default 700); gen1 and gen2 (10, 10) about so
 
 
 class _Shared:
@@ -62,6 +62,8 @@ class _Sparse(_Shared):
 
     def _apply(self) -> None:
         self._before = gc.get_threshold()
+        if self._before[0] == 0:  # the host turned automatic collection off: leave it so
+            return
         gc.set_threshold(*(max(a, b) for a, b in zip(self._before, SPARSE_THRESHOLDS, strict=True)))
 
     def _restore(self) -> None:

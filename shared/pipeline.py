@@ -205,6 +205,10 @@ def _pool_broke(pool: ProcessPoolExecutor, key: str) -> None:
     """A worker died (killed, out of memory) or never started (exec failed: that shows as a broken pool too). Drop
     the pool; the next partition starts a new one, unless pools keep breaking before they map anything."""
     global _fruitless
+    with _pool_lock:
+        current = pool is _pool  # a pool is counted once: its submit and its pending results may both report it
+    if not current:
+        return
     log.warning("%s: the worker processes stopped; reading on in this process", key)
     if not _delivered:
         _fruitless += 1

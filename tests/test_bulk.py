@@ -135,3 +135,19 @@ def test_files_split_chunks_at_the_per_file_limit_and_keep_every_row(tmp_path: P
     assert rows == [_expected_row(n) for n in range(100, 100 + total)]
     importer.cleanup()
     assert not any(tmp_path.iterdir())  # files and their folder are gone
+
+
+def test_a_failing_source_leaves_no_partial_file(tmp_path: Path) -> None:
+    importer = Importer(MAPPING, CUSTOM, RESERVED, per_file=7, tmp_dir=str(tmp_path))
+
+    def chunks():
+        yield 0, [_contact(n) for n in range(10)]
+        raise OSError("the blob read failed")
+
+    files = importer.files(chunks())
+    first = next(files)
+    assert first.count == 7
+    with pytest.raises(OSError, match="blob read failed"):
+        next(files)  # the second file had 3 rows when the source failed
+    importer.cleanup()
+    assert not any(tmp_path.iterdir())

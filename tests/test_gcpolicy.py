@@ -70,3 +70,14 @@ def test_pause_stops_collection_and_keeps_a_disabled_collector_disabled() -> Non
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_sparse_leaves_automatic_collection_off_when_the_host_turned_it_off() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(0)
+        with gcpolicy.sparse:
+            assert gc.get_threshold()[0] == 0
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)

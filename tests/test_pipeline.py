@@ -12,6 +12,7 @@ import gzip
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,34 @@ def test_a_broken_pool_hands_over_to_this_process(tmp_path: Path) -> None:
     dying = _DyingSpec(tuple(MAPPING.items()), CUSTOM)
     assert outcome(store, part, workers=2, spec=dying) == serial
     assert outcome(store, part, workers=2) == serial  # a new pool afterwards
+
+
+class _SlowStore(LocalFolderStore):
+    """Reads as slowly as a far blob: the pool breaks while chunks are still being submitted."""
+
+    def open_read(self, key: str) -> Any:
+        fh = super().open_read(key)
+        slow_read = fh.read
+
+        def read(n: int = -1) -> bytes:
+            time.sleep(0.8)
+            return slow_read(n)
+
+        fh.read = read
+        return fh
+
+
+def test_a_pool_that_breaks_is_counted_once(tmp_path: Path) -> None:
+    """Its failed submit and its pending results both report the same broken pool: one pool, one count, and workers
+    stay available for the next partition."""
+    put(tmp_path, "seg.csv", rows(*GOOD))
+    part = part_of("seg.csv")
+    serial = outcome(LocalFolderStore(tmp_path), part, workers=0)
+    dying = _DyingSpec(tuple(MAPPING.items()), CUSTOM)
+    assert outcome(_SlowStore(tmp_path), part, workers=1, chunk_bytes=200, spec=dying) == serial
+    assert pipeline._fruitless == 1 and pipeline._cannot_start is None
+    assert outcome(LocalFolderStore(tmp_path), part, workers=1) == serial  # a new pool, which maps
+    assert pipeline._fruitless == 0
 
 
 def _in_child(tmp_path: Path, setup: str, body: str) -> subprocess.CompletedProcess[str]:
