@@ -174,9 +174,9 @@ def worker_count(environ: Mapping[str, str]) -> int:
 _pool_lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
-_cannot_start: str | None = None  # why worker processes could not be started in this process; then none are tried
+_cannot_start: str | None = None  # why workers are not used any more in this process
 _delivered = False  # the current pool has mapped at least one chunk
-_fruitless = 0  # pools in a row that broke before mapping anything
+_fruitless = 0  # pools in a row that failed (to start, or broke) before mapping anything
 MAX_FRUITLESS_POOLS = 2  # then workers are not tried again in this process
 
 
@@ -201,30 +201,22 @@ def _took_a_chunk() -> None:
     _delivered, _fruitless = True, 0
 
 
-def _pool_broke(pool: ProcessPoolExecutor, key: str) -> None:
-    """A worker died (killed, out of memory) or never started (exec failed: that shows as a broken pool too). Drop
-    the pool; the next partition starts a new one, unless pools keep breaking before they map anything."""
-    global _fruitless
-    with _pool_lock:
-        current = pool is _pool  # a pool is counted once: its submit and its pending results may both report it
-    if not current:
-        return
-    log.warning("%s: the worker processes stopped; reading on in this process", key)
-    if not _delivered:
-        _fruitless += 1
-        if _fruitless >= MAX_FRUITLESS_POOLS:
-            _no_workers(pool, f"{_fruitless} worker pools in a row ended before mapping anything")
+def _pool_broke(pool: ProcessPoolExecutor | None, key: str, why: str) -> None:
+    """A pool failed: it could not be created (pool None), a submit failed, or a worker died (killed, out of memory,
+    or never started: a failed exec shows as a broken pool too). Drop it; the next partition starts a new one, unless
+    pools keep failing before they map anything: then workers are not used any more in this process."""
+    global _fruitless, _cannot_start
+    if pool is not None:
+        with _pool_lock:
+            current = pool is _pool  # a pool is counted once: its submit and its pending results may both report it
+        if not current:
             return
-    _drop_pool(pool)
-
-
-def _no_workers(pool: ProcessPoolExecutor | None, why: str) -> None:
-    """Worker processes cannot start here (no fork/exec allowed, no executable, out of processes): say so once and
-    map in this process from now on."""
-    global _cannot_start
-    if _cannot_start is None:
-        log.warning("worker processes could not be started (%s); mapping in this process", why[:300])
-    _cannot_start = why
+    log.warning("%s: the worker processes failed (%s); reading on in this process", key, why[:300])
+    if pool is None or not _delivered:
+        _fruitless += 1
+        if _fruitless >= MAX_FRUITLESS_POOLS and _cannot_start is None:
+            _cannot_start = f"{_fruitless} worker pools in a row failed before mapping anything; the last: {why[:300]}"
+            log.warning("worker processes are not used any more in this process: %s", _cannot_start)
     if pool is not None:
         _drop_pool(pool)
 
@@ -285,7 +277,7 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
     try:
         pool = _get_pool(workers)
     except (OSError, RuntimeError) as e:  # e.g. the resource tracker process could not be started
-        _no_workers(None, f"{type(e).__name__}: {e}")
+        _pool_broke(None, part.key, f"{type(e).__name__}: {e}")
         return 1
     source = sources.csv_chunks(store, part, wanted, required, warnings, chunk_bytes=chunk_bytes)
     pending: collections.deque[tuple[int, Future[MappedChunk | None]]] = collections.deque()
@@ -301,12 +293,8 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
                     break
                 try:
                     pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item)))
-                except BrokenProcessPool:  # a worker died meanwhile: as below, this partition goes on here
-                    _pool_broke(pool, part.key)
-                    read_on = item.first_line
-                    break
-                except (OSError, RuntimeError) as e:  # no process could be started (or the pool was shut)
-                    _no_workers(pool, f"{type(e).__name__}: {e}")
+                except (OSError, RuntimeError) as e:  # BrokenProcessPool too: the chunks before it are still taken
+                    _pool_broke(pool, part.key, f"{type(e).__name__}: {e}")
                     read_on = item.first_line
                     break
             if not pending:
@@ -314,8 +302,8 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
             first_line, future = pending.popleft()
             try:
                 result = future.result()
-            except BrokenProcessPool:
-                _pool_broke(pool, part.key)
+            except BrokenProcessPool as e:
+                _pool_broke(pool, part.key, f"{type(e).__name__}: {e}")
                 return first_line
             except CancelledError:  # the pool was dropped after a failed start: this chunk goes on here
                 return first_line
