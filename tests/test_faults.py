@@ -568,7 +568,7 @@ def test_sigkill_at_random_points_then_resume_loses_nothing(sg: Box, tmp_path: P
     two kills, and no contact may go out more than twice) but before the last request is accepted (a crash while
     the jobs are polled: see test_resume_after_everything_was_accepted_reports_what_was_sent)."""
     rng = random.Random(20261128)
-    info = samplegen.write_cdm_export(tmp_path / "export", 100_000, seed=3, partitions=4)  # 4 requests
+    info = samplegen.write_cdm_export(tmp_path / "export", 150_000, seed=3, partitions=4)  # 6 requests
     expected = reference_emails(tmp_path / "export", info.model_key, "EmailAddress", [info.segment])
     assert len(expected) == info.valid_distinct
     config = tmp_path / "destinations.json"
