@@ -348,7 +348,7 @@ class EmailSorter:
     def _spill(self) -> None:
         buffer, self._buffer = self._buffer, []
         buffer.sort()  # repeats are written too: the merge collapses them (checking here would cost a pass)
-        self._runs.append(self._write_run(buffer[i : i + _WRITE_SLICE] for i in range(0, len(buffer), _WRITE_SLICE)))
+        self._runs.append(self._write_run(_blocks(buffer)))
         self.spills += 1
 
     def _merge(self, paths: list[str], *, with_buffer: bool = False) -> Iterator[list[str]]:
@@ -356,8 +356,7 @@ class EmailSorter:
         read_bytes = max(_MIN_RUN_READ, min(_READ_BYTES, _MERGE_READ_BUDGET // max(1, len(paths))))
         sources: list[Iterator[list[str]]] = [_file_blocks(p, read_bytes) for p in paths]
         if with_buffer and self._buffer:
-            buffer = self._buffer
-            sources.append(buffer[i : i + _WRITE_SLICE] for i in range(0, len(buffer), _WRITE_SLICE))
+            sources.append(_blocks(self._buffer))
         return _unique_blocks(_merge_blocks(sources), "merged runs" if paths else "buffer")
 
     def _finish(self) -> None:

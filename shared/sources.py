@@ -22,7 +22,7 @@ import io
 import itertools
 import posixpath
 import zlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, BinaryIO, Literal
@@ -541,7 +541,7 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
     with _open_lines(store, part, max_line, b"\r\n", warns) as guard:
         text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
         text._CHUNK_SIZE = _READ_CHUNK  # type: ignore[attr-defined]  # one read1() per guard chunk, no copies
-        rd = csv.reader(text, delimiter=part.delimiter, quotechar='"', doublequote=True, strict=True)
+        rd = _csv_reader(text, part.delimiter)
         try:
             header = _csv_header(rd, part, max_line) if part.header else None
         except _DAMAGED as e:
@@ -563,7 +563,7 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
                         skipped, closed = _skip_quoted_field(text)
                         end += skipped
                         yield start, None, _overflow_reason(start, end, closed, max_field)
-                        rd = csv.reader(text, delimiter=part.delimiter, quotechar='"', doublequote=True, strict=True)
+                        rd = _csv_reader(text, part.delimiter)
                         at[0], base = 0, end + 1
                     else:
                         yield start, None, _csv_error_reason(e, start, end, max_field)
@@ -573,6 +573,11 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
 
 
 _UNTAINTED = [0]
+
+
+def _csv_reader(lines: Iterable[str], delimiter: str) -> Any:
+    """The CSV dialect of every read: RFC 4180 quoting, strict (a stray quote is a csv.Error, not a guess)."""
+    return csv.reader(lines, delimiter=delimiter, quotechar='"', doublequote=True, strict=True)
 
 
 def _csv_records(rd: Any, n: int, get: Callable[[list[str]], Sequence[str | None]], wanted: Sequence[str], base: int,
@@ -788,7 +793,7 @@ def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], requi
                     except UnicodeDecodeError:
                         yield ReadOn(1)
                         return
-                    rd = csv.reader(io.StringIO(text, newline=""), delimiter=part.delimiter, strict=True)
+                    rd = _csv_reader(io.StringIO(text, newline=""), part.delimiter)
                     layout = _layout(part, _csv_header(rd, part, max_line), wanted, required, warns, max_field,
                                      max_line)
                     line += _line_breaks(head)
@@ -825,8 +830,7 @@ def parse_csv_chunk(chunk: CsvChunk) -> Iterator[Row]:
     if "\x00" in text:
         raise ValueError("NUL byte")
     csv.field_size_limit(lay.max_field)
-    rd = csv.reader(io.StringIO(text, newline=""), delimiter=lay.delimiter, quotechar='"', doublequote=True,
-                    strict=True)
+    rd = _csv_reader(io.StringIO(text, newline=""), lay.delimiter)
     get = _picker(lay.columns, list(lay.index))
     try:
         yield from _csv_records(rd, lay.columns, get, lay.wanted, chunk.first_line, [0], lay.max_line)
