@@ -150,7 +150,7 @@ def reap_orphans(grace: float = ORPHAN_GRACE_S) -> Orphans:
 class ProcessTree:
     """Samples the RSS of a child and all its descendants every `interval` seconds on a thread of its own: the child,
     its descendants, and the orphans reparented to this process (descendants the child left behind), but not the
-    subtrees of other children (the sandbox). `members()` are the processes of the latest sample (psutil)."""
+    subtrees of other children (the sandbox)."""
 
     def __init__(self, pid: int, interval: float = TREE_INTERVAL_S) -> None:
         import psutil
@@ -177,10 +177,6 @@ class ProcessTree:
         self._done.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-
-    def members(self) -> list[Any]:
-        """The processes of the latest sample (psutil.Process), the child first if it was still running."""
-        return self._members
 
     def refresh(self) -> list[Any]:
         """Take a sample now (from any thread); its processes."""

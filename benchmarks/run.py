@@ -80,11 +80,12 @@ def label(n: int) -> str:
     return str(n)
 
 
-def minimum_requests(total_bytes: int, contacts: int) -> int:
-    """The fewest PUTs SendGrid's limits allow for this many contacts and body bytes."""
+def minimum_requests(total_bytes: int, contacts: int, request_bytes: int = limits.MAX_REQUEST_BYTES) -> int:
+    """The fewest PUTs SendGrid's limits allow for this many contacts and body bytes (bodies of at most
+    request_bytes)."""
     if contacts <= 0:
         return 0
-    return max(math.ceil(total_bytes / limits.MAX_REQUEST_BYTES), math.ceil(contacts / limits.MAX_CONTACTS_PER_REQUEST))
+    return max(math.ceil(total_bytes / request_bytes), math.ceil(contacts / limits.MAX_CONTACTS_PER_REQUEST))
 
 
 def growth_per_profile(small: tuple[int, int], big: tuple[int, int]) -> float | None:
@@ -355,8 +356,8 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
         "retries": req["retries"],
         "minimum_requests": minimum_requests(req["bytes"], sent) if not imports else None,
         # the same at the engine's own packing target (limits.REQUEST_BYTES_TARGET, a margin under 6,000,000)
-        "minimum_requests_at_target": None if imports or not sent else max(
-            math.ceil(req["bytes"] / limits.REQUEST_BYTES_TARGET), math.ceil(sent / limits.MAX_CONTACTS_PER_REQUEST)),
+        "minimum_requests_at_target": None if imports or not sent else minimum_requests(
+            req["bytes"], sent, limits.REQUEST_BYTES_TARGET),
         "rss_samples": result.tree_samples,  # (s after spawn, RSS sum over the process tree, processes)
         "last_request_by_s": watch.last_put_at,  # within PUTS_EVERY_S (+ latency) after the last PUT arrived
         "tail_s": None if watch.last_put_at is None else result.wall_s - watch.last_put_at,
