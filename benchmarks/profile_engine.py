@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 from . import children
 from .exports import Export, ensure_export, warm
-from .run import DESTINATION, FIELDS, JOB_DELAY_S, REPO, child_env, engine_config
+from .run import FIELDS, REPO, child_env, engine_config, export_args, start_sandbox, timeout_for
 
 # --------------------------------------------------------------------------------------------------------- stages
 
@@ -38,8 +37,8 @@ def _mapper() -> Any:
     from shared import contacts, samplegen
 
     dest = samplegen.demo_destinations("00000000-0000-0000-0000-000000000000")["destinations"][0]
-    custom = [contacts.CustomField("lifetime_value", "e1_N", "Number", dest["custom_fields"]["lifetime_value"]),
-              contacts.CustomField("signup_date", "e2_D", "Date", dest["custom_fields"]["signup_date"])]
+    custom = [contacts.CustomField(name, f"e{k}_{ftype[0]}", ftype, dest["custom_fields"][name])
+              for k, (name, ftype) in enumerate((f.split(":") for f in FIELDS), 1)]
     return contacts.ContactMapper(dest["mapping"], custom)
 
 
@@ -182,21 +181,16 @@ def top(path: Path, limit: int) -> str:
 
 
 def run_cprofile(export: Export, outdir: Path, limit: int, engine_root: Path) -> dict[str, Any]:
-    import secrets
-
-    api_key = "SG.bench." + secrets.token_urlsafe(24)
-    sandbox = children.SandboxProcess.start(env=child_env(api_key), cwd=engine_root, list_id=str(uuid.uuid4()),
-                                            fields=FIELDS, job_delay=JOB_DELAY_S, log_dir=outdir)
+    api_key, sandbox = start_sandbox(engine_root, outdir)
     try:
         config = outdir / "destinations.json"
         config.write_text(json.dumps(engine_config(sandbox.list_id, None), indent=2))
         report = outdir / "report.json"
-        argv = [sys.executable, "-m", "benchmarks.profile_engine", "--child", str(outdir), "--", "export",
-                "--config", str(config), "--destination", DESTINATION, "--source", str(export.model_json),
-                "--state-dir", str(outdir / "state"), "--wait", "--quiet", "--report", str(report)]
+        argv = [sys.executable, "-m", "benchmarks.profile_engine", "--child", str(outdir), "--",
+                *export_args(config, export.model_json, outdir / "state", report)]
         env = child_env(api_key, sandbox.url)
         env["PYTHONPATH"] = f"{engine_root}:{REPO}" if engine_root != REPO else str(REPO)
-        result = children.run_child(argv, env=env, cwd=REPO, timeout=60 + 1200 * export.rows / 1e6)
+        result = children.run_child(argv, env=env, cwd=REPO, timeout=timeout_for(60, 1200, export.rows, 1.0))
     finally:
         sandbox.stop()
     if result.returncode != 0:

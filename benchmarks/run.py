@@ -297,6 +297,19 @@ def run_floor(export: Export, scale: float) -> dict[str, Any]:
             "encoded_bytes": out["encoded_bytes"]}
 
 
+def start_sandbox(engine_root: Path, log_dir: Path, **options: Any) -> tuple[str, children.SandboxProcess]:
+    """A sandbox child with the benchmark's list and fields, and the random API key made for it (never printed)."""
+    api_key = "SG.bench." + secrets.token_urlsafe(24)
+    return api_key, children.SandboxProcess.start(env=child_env(api_key), cwd=engine_root, list_id=str(uuid.uuid4()),
+                                                  fields=FIELDS, job_delay=JOB_DELAY_S, log_dir=log_dir, **options)
+
+
+def export_args(config: Path, model_json: Path, state: Path, report: Path) -> list[str]:
+    """The engine's command line after `python -m shared`: the benchmark destination, to the end, quietly."""
+    return ["export", "--config", str(config), "--destination", DESTINATION, "--source", str(model_json),
+            "--state-dir", str(state), "--wait", "--quiet", "--report", str(report)]
+
+
 def engine_config(list_id: str, bulk_threshold: int | None, mode: str = "upsert") -> dict[str, Any]:
     """The benchmark's destinations file: the demo destination without a profile limit (so the first request leaves
     while the export is read) and, by default, without the bulk CSV path (so every contact goes as JSON requests)."""
@@ -311,9 +324,7 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
     config.write_text(json.dumps(engine_config(sandbox.list_id, args.bulk_threshold, args.mode), indent=2))
     report_path = work / f"engine-report-{export.profiles}.json"
     state = work / f"state-{export.profiles}"
-    argv = [sys.executable, "-m", "shared", "export", "--config", str(config), "--destination", DESTINATION,
-            "--source", str(export.model_json), "--state-dir", str(state), "--wait", "--quiet",
-            "--report", str(report_path)]
+    argv = [sys.executable, "-m", "shared", *export_args(config, export.model_json, state, report_path)]
     watch = EngineWatch(sandbox.url, export.partitions, args.latency)
     timeout = timeout_for(60, 300, export.rows, args.timeout_scale, args.latency, 500)
     env = child_env(api_key, sandbox.url)
@@ -399,10 +410,7 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
         "rows": export.rows, "valid_distinct": export.valid_distinct, "bad_rows": export.bad_rows,
         "duplicate_rows": export.duplicate_rows, "partitions": len(export.partitions), "bytes": export.bytes,
         "path": str(export.root)}}
-    api_key = "SG.bench." + secrets.token_urlsafe(24)  # this run only; never printed
-    sandbox = children.SandboxProcess.start(env=child_env(api_key), cwd=args.engine_root, list_id=str(uuid.uuid4()),
-                                            fields=FIELDS, job_delay=JOB_DELAY_S, log_dir=work,
-                                            nodelay=args.sandbox_nodelay, latency=args.latency)
+    api_key, sandbox = start_sandbox(args.engine_root, work, nodelay=args.sandbox_nodelay, latency=args.latency)
     log(f"[{label(n)}] sandbox: python {' '.join(sandbox.argv[1:])}")
     floors: list[dict[str, Any]] = []
     engines: list[dict[str, Any]] = []
