@@ -293,7 +293,10 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
                     break
                 try:
                     pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item)))
-                except (OSError, RuntimeError) as e:  # BrokenProcessPool too: the chunks before it are still taken
+                except Exception as e:  # whatever stops a hand-over, this chunk is mapped here
+                    # BrokenProcessPool, OSError, RuntimeError; and CPython 3.11's ValueError "bad value(s) in
+                    # fds_to_keep" when a worker dies while its siblings spawn (the pool closes a pipe that the next
+                    # spawn is about to pass on, and a new pipe reuses its number). The chunks before are still taken.
                     _pool_broke(pool, part.key, f"{type(e).__name__}: {e}")
                     read_on = item.first_line
                     break
