@@ -65,6 +65,12 @@ def disable_destination(req: func.HttpRequest, runs: func.Out[str]) -> func.Http
     return _answer(_queued(_http(req, "destinations/{name}"), runs))
 
 
+@app.route(route="destinations/{name}/enable", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def enable_destination(req: func.HttpRequest) -> func.HttpResponse:
+    """Enable a destination that DELETE disabled; 409 while a purge of it is unfinished."""
+    return _answer(_http(req, "destinations/{name}/enable"))
+
+
 @app.route(route="erasure", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def erase_person(req: func.HttpRequest) -> func.HttpResponse:
     """Forget one person in every destination and SendGrid account; answers with a salted hash, never the address."""

@@ -127,6 +127,18 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return EXIT_OK if record.get("status", "completed") == "completed" or not args.purge else EXIT_FAILED
 
 
+def cmd_enable(args: argparse.Namespace) -> int:
+    from . import purge
+
+    svc = _admin_services(args)
+    engine.destination(svc.config, args.destination)  # a name the destinations file does not know is a usage error
+    result = purge.enable_destination(svc.state, args.destination)
+    was = result["was_disabled"]
+    print(f"destination '{args.destination}' is enabled"
+          + (f" (it was disabled at {was.get('at')} by {was.get('by')})" if was else " (it was not disabled)"))
+    return EXIT_OK
+
+
 def cmd_erase(args: argparse.Namespace) -> int:
     from . import purge
 
@@ -221,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="confirm --purge contacts without a prompt")
     p.add_argument("--state-dir", default=".state")
     p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("enable", help="enable a destination that remove disabled")
+    p.add_argument("--config", required=True)
+    p.add_argument("--destination", required=True)
+    p.add_argument("--state-dir", default=".state")
+    p.set_defaults(func=cmd_enable)
 
     p = sub.add_parser("erase", help="forget one person in every destination and SendGrid account")
     p.add_argument("--config", required=True)

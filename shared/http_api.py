@@ -23,7 +23,7 @@ import orjson
 
 from . import engine, purge
 from .config import Config, Destination
-from .errors import ConfigError, ConnectorError, LeaseUnavailable, StateError
+from .errors import ConfigError, ConnectorError, LeaseUnavailable, RunRefused, StateError
 from .secrets import redact
 from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id
 from .storage import check_key
@@ -315,6 +315,18 @@ def disable_destination(call: Call) -> Response:
     return Response(202, body, {"Location": url}, {"run_id": record["run_id"], "destination": name, "kind": "purge"})
 
 
+def enable_destination(call: Call) -> Response:
+    """Enable a destination disabled by DELETE (or the CLI's remove); 409 while a purge of it is unfinished."""
+    ctx, name = call.ctx, call.name
+    config = ctx.config()
+    if name not in config.destinations and name not in config.errors:
+        raise HttpError(404, f"no destination named '{name}'")
+    try:
+        return Response(200, purge.enable_destination(ctx.state, name, by="http"))
+    except RunRefused as exc:
+        raise HttpError(409, str(exc)) from exc
+
+
 def erase_person(call: Call) -> Response:
     """Forget one person everywhere; the answer names them by a salted hash only."""
     data = parse_object(call.body)
@@ -330,6 +342,7 @@ Handler = Callable[[Call], Response]
 ROUTES: dict[str, dict[str, Handler]] = {
     "destinations": {"GET": list_destinations},
     "destinations/{name}": {"DELETE": disable_destination},
+    "destinations/{name}/enable": {"POST": enable_destination},
     "destinations/{name}/runs": {"GET": run_history, "POST": start_run},
     "runs/{run_id}": {"GET": get_run},
     "erasure": {"POST": erase_person},

@@ -18,7 +18,7 @@ import orjson
 from . import mirror, snapshots
 from .config import Destination
 from .engine import Services, destination, now_iso
-from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable
+from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, RunRefused
 from .secrets import redact
 from .state import StateStore, new_run_id
 from .storage import PreconditionFailed
@@ -47,6 +47,27 @@ def queued_purge(state: StateStore, dest: Destination, what: PurgeWhat, *, by: s
     return record
 
 
+def open_purge(state: StateStore, name: str) -> dict[str, Any] | None:
+    """The destination's purge that has not finished (queued, running or interrupted), if any."""
+    return next((r for r in state.open_runs() if r["destination"] == name and r.get("kind") == "purge"), None)
+
+
+def enable_destination(state: StateStore, name: str, *, by: str = "cli") -> dict[str, Any]:
+    """Undo the disabling of remove_destination: triggers run the destination again (its next export re-adds what a
+    finished purge took out). Refused with RunRefused while a purge of it is unfinished: the purge and the next
+    export would work against each other."""
+    unfinished = open_purge(state, name)
+    if unfinished is not None:
+        raise RunRefused(f"destination '{name}' has an unfinished purge (run {unfinished['run_id']}, "
+                         f"{unfinished['status']}); let it finish (the timer resumes it, or run the removal again), "
+                         "then enable the destination")
+    was = state.disabled(name)
+    if was is not None:
+        state.enable(name)
+        log.warning("%s enabled by %s (disabled at %s by %s)", name, by, was.get("at"), was.get("by"))
+    return {"destination": name, "disabled": False, "was_disabled": was}
+
+
 def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None, *, confirmed: bool = False,
                        by: str = "cli") -> dict[str, Any]:
     """Disable a destination so no trigger runs it again; with purge, take its contacts back out of SendGrid.
@@ -61,7 +82,7 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
     svc.state.disable(name, by=by, reason=f"removed{f' with purge={purge}' if purge else ''}")
     if purge is None:
         return {"destination": name, "disabled": True, "purge": None}
-    record = next((r for r in svc.state.open_runs() if r["destination"] == name and r.get("kind") == "purge"), None)
+    record = open_purge(svc.state, name)
     if record is None:
         record = queued_purge(svc.state, dest, purge, by=by)
     record.update(status="running", error=None, started_at=record.get("started_at") or now_iso())

@@ -26,6 +26,7 @@ def functions():
 HTTP_FUNCTIONS = {  # function -> (route, methods); every one at function-level auth
     "list_destinations": ("destinations", {"GET"}),
     "disable_destination": ("destinations/{name}", {"DELETE"}),
+    "enable_destination": ("destinations/{name}/enable", {"POST"}),
     "destination_runs": ("destinations/{name}/runs", {"GET", "POST"}),
     "get_run": ("runs/{run_id}", {"GET"}),
     "erase_person": ("erasure", {"POST"}),

@@ -105,7 +105,7 @@ BAD_RUN_IDS = ["../../destinations", "..", "%2e%2e", "20250101T120000Z-0A1B2C3D"
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
 @pytest.mark.parametrize("method,function", [("POST", "destination_runs"), ("GET", "destination_runs"),
-                                             ("DELETE", "disable_destination")])
+                                             ("DELETE", "disable_destination"), ("POST", "enable_destination")])
 def test_bad_destination_names_are_refused_before_storage(offline: Api, name: str, method: str,
                                                           function: str) -> None:
     status, body, _ = offline.call(method, function, name=name)
@@ -420,6 +420,36 @@ def test_delete_with_purge_queues_a_purge_the_worker_runs(deployed, sandbox, api
     assert purge["status"] == "completed" and purge["counts"]["removed"] == deployed["info"].valid_distinct, purge
     sandbox.box.complete_jobs()  # SendGrid applies removals in jobs, after it accepted them
     assert sandbox.box.list_emails(deployed["list_id"]) == []
+
+
+def test_enable_waits_for_the_purge_then_runs_again(deployed, sandbox, api: Api) -> None:
+    """A destination disabled with a purge can be enabled once the purge has finished; its next run fills the list
+    again. While the purge is open, enabling is refused (the purge and the run would undo each other)."""
+    assert api.call("POST", "enable_destination", name="nobody")[0] == 404
+    status, body, _ = api.call("POST", "enable_destination", name=NAME)
+    assert status == 200 and body == {"destination": NAME, "disabled": False, "was_disabled": None}
+    api.start(source=deployed["info"].model_key)
+    api.work()
+    time.sleep(0.2)
+    _timer()
+    purge_id = api.call("DELETE", "disable_destination", name=NAME, params={"purge": "list"})[1]["run_id"]
+    status, body, _ = api.call("POST", "enable_destination", name=NAME)
+    assert status == 409 and purge_id in body["error"] and "unfinished purge" in body["error"]
+    assert api.call("POST", "destination_runs", name=NAME)[0] == 409  # still disabled
+    api.work()  # the purge
+    assert api.run(purge_id)["status"] == "completed"
+    status, body, _ = api.call("POST", "enable_destination", name=NAME)
+    assert status == 200 and body["disabled"] is False and body["was_disabled"]["by"] == "http"
+    _, listing, _ = api.call("GET", "list_destinations")
+    vip = next(d for d in listing["destinations"] if d["name"] == NAME)
+    assert vip["disabled"] is None and vip["blocked"] is None
+    run_id = api.start(source=deployed["info"].model_key)["run_id"]  # a manual run takes an exported version too
+    api.work()
+    time.sleep(0.2)
+    _timer()
+    sandbox.box.complete_jobs()
+    assert api.run(run_id)["status"] == "completed"
+    assert len(sandbox.box.list_emails(deployed["list_id"])) == deployed["info"].valid_distinct
 
 
 def test_erasure_over_http_names_the_person_by_hash_only(deployed, sandbox, api: Api) -> None:

@@ -121,6 +121,12 @@ def test_purge_of_one_destination_leaves_another_destinations_contacts_alone(wor
     assert world.in_list("beta") == set(people("bob", "cat", "dan"))
     res, report = world.export("alpha", people("ann"), 1)
     assert res.returncode == 1 and "disabled" in report["error"]  # removed destinations never run again
+    res = world.cli("enable", "--destination", "alpha")  # until an admin enables them
+    assert res.returncode == 0 and "was disabled at" in res.stdout, res.stdout + res.stderr
+    res, report = world.export("alpha", people("ann"), 2)
+    assert res.returncode == 0 and "ann@example.com" in world.in_list("alpha"), report
+    assert world.box.contact("ann@example.com") is not None
+    assert world.cli("enable", "--destination", "nobody").returncode == 2
 
 
 def test_purge_list_empties_only_that_list(world: World) -> None:
