@@ -272,9 +272,9 @@ class SendGridClient:
         return orjson.loads(resp.content)
 
     def start_import(self, list_ids: Sequence[str], field_mappings: Sequence[str | None]) -> dict[str, Any]:
-        """PUT /v3/marketing/contacts/imports for a gzip CSV upload; returns job_id, upload_uri, upload_headers."""
-        body = orjson.dumps({"list_ids": list(list_ids), "file_type": "csv", "field_mappings": list(field_mappings),
-                             "is_compressed": True})
+        """PUT /v3/marketing/contacts/imports for a gzip CSV upload; returns job_id, upload_uri, upload_headers.
+        The body names only the documented fields: SendGrid takes a gzip upload as it is, with no flag for it."""
+        body = orjson.dumps({"list_ids": list(list_ids), "file_type": "csv", "field_mappings": list(field_mappings)})
         return orjson.loads(self.request("PUT", "/v3/marketing/contacts/imports", body=body).content)
 
     def upload(self, upload_uri: str, upload_headers: Iterable[Mapping[str, str]], data: Any, size: int) -> None:

@@ -125,6 +125,38 @@ def request_errors(method: str, path: str, body: Any) -> list[str]:
     return [e.message for e in _validator(name, {"$ref": ref}).iter_errors(body)]
 
 
+def undocumented_fields(method: str, path: str, body: Any) -> list[str]:
+    """Fields of a request body that the contract does not name, at the top level and one level down (a contact's
+    fields). The schemas allow extra fields, so request_errors passes them; whether SendGrid ignores or refuses one
+    is not documented, so the connector sends none."""
+    found = _find(method, path)
+    assert found, f"{method} {path} is not in the contract"
+    name, template = found
+    doc = _spec(name)[0]
+
+    def props(schema: dict[str, Any]) -> dict[str, Any]:
+        schema = _deref(doc, schema)
+        return {k: _deref(doc, v) for k, v in schema.get("properties", {}).items()}
+
+    top = props(doc["paths"][template][method.lower()]["requestBody"]["content"]["application/json"]["schema"])
+    extra = [k for k in body if k not in top]
+    for key, schema in top.items():
+        values = body.get(key)
+        inner = props(_deref(doc, schema.get("items", {}))) if schema.get("type") == "array" else props(schema)
+        if inner and isinstance(values, list):
+            extra += [f"{key}[].{k}" for v in values if isinstance(v, dict) for k in v if k not in inner]
+    return sorted(set(extra))
+
+
+def _deref(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        target: Any = doc
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
 def check_response(method: str, path: str, resp: requests.Response) -> None:
     """Validate one sandbox answer against the contract (or the sandbox error shape for undocumented statuses)."""
     path = path.split("?")[0]
@@ -221,11 +253,58 @@ def contacts_of(n: int, start: int = 0, **extra: Any) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- the contract helpers
 
 
+def test_the_connectors_request_bodies_name_only_documented_fields(srv: SandboxServer, box: Sandbox) -> None:
+    """What the connector itself sends (its mapper, packer, importer and client, every field mapped), checked on the
+    wire against the contract: valid, and no field the contract does not name."""
+    from shared import batching, contacts, pipeline
+    from shared.bulk import Importer
+    from shared.secrets import EnvSecrets
+    from shared.sendgrid import SendGridClient
+
+    list_id = box.create_list("contract")
+    custom = [contacts.CustomField("ltv", box.create_field("ltv", "Number"), "Number", "V"),
+              contacts.CustomField("since", box.create_field("since", "Date"), "Date", "D")]
+    mapping = {field: field.upper() for field in sorted(limits.WRITABLE_RESERVED_FIELDS)}
+    mapper = contacts.ContactMapper(mapping, custom)
+    row = {c: f"{c.lower()}@example.com" if "EMAIL" in c else "x" for c in mapper.columns} | {"V": "1.5",
+                                                                                            "D": "2024-01-31"}
+    chunk = pipeline.map_rows(mapper, [(2, [row[c] for c in mapper.columns], None)])
+    assert len(chunk.emails) == 1 and set(orjson.loads(chunk.contact(0))) == set(mapping) | {"custom_fields"}
+    packer = batching.Packer(batching.body_overhead([list_id]))
+    assert not list(packer.add(chunk.data, chunk.ends, chunk.emails, [0], 0))
+    batch = packer.flush()
+    assert batch is not None
+
+    sent: list[requests.PreparedRequest] = []
+    session = requests.Session()
+    session.hooks["response"].append(lambda resp, *args, **kwargs: sent.append(resp.request))
+    client = SendGridClient(srv.url, EnvSecrets({"SENDGRID_API_KEY": KEY}), "sendgrid-api-key", session=session)
+    client.upsert(batch.body([list_id]))
+    reserved = client.field_definitions()["reserved_fields"]  # it lists no external_id, anonymous_id
+    importer = Importer({k: v for k, v in mapping.items() if k in {f["name"] for f in reserved}}, custom, reserved)
+    client.start_import([list_id], importer.field_mappings)
+    client.search_emails(chunk.emails)
+    client.close()
+    bodies = [(r.method or "", requests.utils.urlparse(r.url).path, orjson.loads(r.body or b"")) for r in sent
+              if r.body]
+    assert [(m, p) for m, p, _ in bodies] == [("PUT", "/v3/marketing/contacts"),
+                                             ("PUT", "/v3/marketing/contacts/imports"),
+                                             ("POST", "/v3/marketing/contacts/search/emails")]
+    for method, path, body in bodies:
+        assert request_errors(method, path, body) == [], (method, path)
+        assert undocumented_fields(method, path, body) == [], (method, path)
+
+
 def test_contract_helpers_reject_what_the_spec_forbids() -> None:
     assert request_errors("PUT", "/v3/marketing/contacts", {"contacts": [{"email": "a@example.com"}]}) == []
     assert request_errors("PUT", "/v3/marketing/contacts", {"contacts": []})  # minItems 1
     assert request_errors("PUT", "/v3/marketing/contacts", {"contacts": [{"first_name": "x" * 51}]})
     assert request_errors("POST", "/v3/marketing/field_definitions", {"name": "a", "field_type": "Bool"})
+    assert undocumented_fields("PUT", "/v3/marketing/contacts/imports",
+                               {"file_type": "csv", "field_mappings": ["_rf1_T"], "is_compressed": True}) == [
+        "is_compressed"]
+    assert undocumented_fields("PUT", "/v3/marketing/contacts", {"contacts": [{"email": "a@example.com", "x": 1}]}) == [
+        "contacts[].x"]
     bad = requests.Response()
     bad.status_code, bad._content = 200, b'{"custom_fields": "nope", "reserved_fields": []}'
     bad.headers.update({h: "1" for h in limits.RATE_LIMIT_HEADERS})
