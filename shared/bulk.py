@@ -46,8 +46,8 @@ class Importer:
         ids = {f["name"]: f["id"] for f in reserved_fields}
         missing = [name for name in mapping if name not in ids]
         if missing:
-            raise ConfigError(f"SendGrid's field definitions lack reserved field(s) {', '.join(missing)} needed by the "
-                              "bulk import; set bulk_threshold to null to use the JSON path")
+            raise ConfigError(f"the CSV import cannot map {', '.join(missing)}: SendGrid's field definitions list no "
+                              "such reserved field")
         self.reserved = list(mapping)
         self.custom_ids = [c.id for c in custom]
         self.headers = self.reserved + [c.name for c in custom]

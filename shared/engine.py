@@ -164,6 +164,7 @@ class _Run:
         self.trimmed: Counter[str] = Counter()
         self.partitions: list[sources.Partition] = []
         self.importer: bulk.Importer | None = None
+        self.run_warnings = 0  # warnings about the run as a whole come first; the reading's follow
         self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
         self.lease: Any = None
         self._last_progress = time.monotonic()
@@ -228,7 +229,7 @@ class _Run:
         contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest. Contacts before
         the checkpoint are replayed (counted, de-duplicated) but not sent."""
         skip = self.record["checkpoint"]["contacts_done"]
-        limit = self.dest.bulk_threshold
+        limit = self.dest.bulk_threshold if self.importer is not None else None
         packer = batching.Packer(batching.body_overhead([self.dest.list_id]))
         chunks = self.kept_chunks()
         index = 0  # stream index of the chunk's first kept contact
@@ -514,7 +515,11 @@ def _execute(state: _Run) -> None:
         defs = client.field_definitions() if dest.custom_fields or dest.bulk_threshold is not None else {}
         custom = _resolve_custom_fields(dest, defs)
         if dest.bulk_threshold is not None:
-            state.importer = bulk.Importer(dest.mapping, custom, defs.get("reserved_fields", []))
+            try:
+                state.importer = bulk.Importer(dest.mapping, custom, defs.get("reserved_fields", []))
+            except ConfigError as exc:  # e.g. external_id: upserts take it, the import's field ids do not
+                record["warnings"].append(f"{exc}: every contact of this run goes as JSON requests "
+                                          "(bulk_threshold: null says so once and for all)")
     except (SecretError, ConfigError) as exc:
         if not req.dry_run:
             raise
@@ -522,6 +527,7 @@ def _execute(state: _Run) -> None:
         custom = [contacts.CustomField(n, n, "Text", c) for n, c in dest.custom_fields.items()]
     state.mapper = contacts.ContactMapper(dest.mapping, custom)
     state.spec = pipeline.MapperSpec.of(dest.mapping, custom)
+    state.run_warnings = len(record["warnings"])
     svc.state.save_run(record)
     try:
         if dest.max_profiles is not None or req.dry_run:
@@ -605,7 +611,7 @@ def _reset_counts(state: _Run) -> None:
     state.rejections = _Rejections()
     state.notes.clear()
     state.record["field_notes"] = []
-    state.record["warnings"] = [w for w in state.record["warnings"] if w.startswith("segments not")]
+    state.record["warnings"] = state.record["warnings"][: state.run_warnings]  # the run's, not the reading's
     state.record["file_errors"] = []
     state.trimmed.clear()
 

@@ -19,10 +19,11 @@ from shared.storage import LocalFolderStore
 
 
 def _run(sandbox, export_root: Path, info: samplegen.ExportInfo, tmp: Path, *, bulk_threshold: int | None,
-         list_name: str) -> tuple[dict, str]:
+         list_name: str, max_profiles: int | None = None, **mapping: str) -> tuple[dict, str]:
     list_id = sandbox.box.create_list(list_name)
-    config = samplegen.demo_destinations(list_id, max_profiles=None)
+    config = samplegen.demo_destinations(list_id, max_profiles=max_profiles)
     config["destinations"][0]["bulk_threshold"] = bulk_threshold
+    config["destinations"][0]["mapping"] |= mapping
     svc = engine.Services(
         config=parse_config(orjson.dumps(config), "destinations.json"),
         secrets=EnvSecrets({"SENDGRID_API_KEY": sandbox.key}),
@@ -52,6 +53,18 @@ def test_bulk_and_json_paths_give_the_same_list_content(sandbox, fields, tmp_pat
     emails = sandbox.box.list_emails(json_list)
     assert emails == sandbox.box.list_emails(bulk_list) and len(emails) == info.valid_distinct
     assert json_report["counts"]["sent"] == bulk_report["counts"]["sent"] == info.valid_distinct
+
+
+def test_a_mapping_the_import_cannot_take_sends_every_contact_as_json(sandbox, fields, tmp_path: Path) -> None:
+    """external_id is writable in an upsert but has no field id for the CSV import: the run says so and goes on with
+    JSON requests instead of failing (the warning survives the max_profiles counting pass)."""
+    info = samplegen.write_cdm_export(tmp_path / "x", 12_000, partitions=2, seed=11)
+    report, list_id = _run(sandbox, tmp_path / "x", info, tmp_path, bulk_threshold=5_000, list_name="ext",
+                           max_profiles=50_000, external_id="CustomerId")
+    assert report["status"] == "completed", report["error"]
+    assert report["requests"]["imports"] == 0 and report["counts"]["sent"] == info.valid_distinct
+    assert any("cannot map external_id" in w and "JSON requests" in w for w in report["warnings"]), report["warnings"]
+    assert len(sandbox.box.list_emails(list_id)) == info.valid_distinct
 
 
 def _list_contents(sandbox, list_id: str) -> dict[str, tuple]:
