@@ -288,12 +288,16 @@ def _child_json(result: children.ChildResult, what: str) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _baseline(kind: str, export: Export, env: dict[str, str], timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one baseline (benchmarks/baselines.py) in a child: (its tree figures, the JSON line it printed)."""
+    result = children.run_child([sys.executable, "-m", "benchmarks.baselines", kind, str(export.model_json)],
+                                env=env, cwd=REPO, timeout=timeout)
+    return tree_figures(result), _child_json(result, f"{kind} baseline")
+
+
 def run_floor(export: Export, scale: float) -> dict[str, Any]:
-    result = children.run_child([sys.executable, "-m", "benchmarks.baselines", "floor", str(export.model_json)],
-                                env=child_env("unused"), cwd=REPO,
-                                timeout=timeout_for(30, 120, export.rows, scale))
-    out = _child_json(result, "floor baseline")
-    return {**tree_figures(result), "seconds": out["seconds"], "rows": out["rows"],
+    figures, out = _baseline("floor", export, child_env("unused"), timeout_for(30, 120, export.rows, scale))
+    return {**figures, "seconds": out["seconds"], "rows": out["rows"],
             "encoded_bytes": out["encoded_bytes"]}
 
 
@@ -380,11 +384,9 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
 
 def run_naive(export: Export, sandbox: children.SandboxProcess, api_key: str, scale: float,
               latency: float) -> dict[str, Any]:
-    result = children.run_child([sys.executable, "-m", "benchmarks.baselines", "naive", str(export.model_json)],
-                                env=child_env(api_key, sandbox.url), cwd=REPO,
-                                timeout=timeout_for(60, 900, export.rows, scale, latency, 1_500))
-    out = _child_json(result, "naive baseline")
-    return {**tree_figures(result), "seconds": out["seconds"], "sent_s": out["sent_s"], "sent": out["sent"],
+    figures, out = _baseline("naive", export, child_env(api_key, sandbox.url),
+                             timeout_for(60, 900, export.rows, scale, latency, 1_500))
+    return {**figures, "seconds": out["seconds"], "sent_s": out["sent_s"], "sent": out["sent"],
             "requests": out["requests"], "request_bytes": out["bytes"], "last_job_status": out["last_job_status"],
             "list_count": list_count(sandbox.url, api_key, out["list_id"], latency)}
 
