@@ -376,7 +376,6 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
         "rss_samples": result.tree_samples,  # (s after spawn, RSS sum over the process tree, processes)
         "last_request_by_s": watch.last_put_at,  # within PUTS_EVERY_S (+ latency) after the last PUT arrived
         "tail_s": None if watch.last_put_at is None else result.wall_s - watch.last_put_at,
-        "rss_peak_at_s": result.tree_peak_at_s,
         "list_count": list_count(sandbox.url, api_key, sandbox.list_id, args.latency),
         "report": str(report_path),
     }
