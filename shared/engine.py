@@ -322,7 +322,7 @@ class _Run:
     def send_batch(self, client: SendGridClient, batch: batching.ContactBatch) -> None:
         self._deadline_check()
         ck = self.record["checkpoint"]
-        live = batch
+        live, refused_here = batch, 0
         while len(live):
             body = live.body([self.dest.list_id])
             try:
@@ -334,12 +334,15 @@ class _Run:
                 for pos in sorted(refused):
                     email = live.emails[pos][:80]
                     self.rejections.add("SendGrid", None, f"refused by SendGrid: email '{email}' is not valid")
-                ck["refused_by_sendgrid"] += len(refused)
+                refused_here += len(refused)
                 live = live.without(refused)
                 continue
+            # counted with the checkpoint that passes the batch: a resume re-sends (and re-counts) an unfinished one
+            ck["refused_by_sendgrid"] += refused_here
             self._accepted({"id": job_id, "contacts": len(live), "status": "pending"}, batch.last_index, len(body),
                            len(live))
             return
+        ck["refused_by_sendgrid"] += refused_here
         ck["contacts_done"] = batch.last_index + 1  # every contact of the batch was refused
         self.svc.state.save_run(self.record)
 
@@ -487,8 +490,11 @@ def finish_submitted(record: dict[str, Any], svc: Services) -> dict[str, Any]:
 
 def _finish_counts(state: _Run) -> None:
     rec, counts = state.record, state.record["counts"]
-    counts["rejected"] = dict(state.rejections.by_reason)
-    counts["rejected_total"] = sum(state.rejections.by_reason.values())
+    rejected = Counter(state.rejections.by_reason)
+    # SendGrid's refusals as checkpointed, an earlier attempt's included (a resumed run does not re-send those batches)
+    rejected["refused_by_sendgrid"] = rec["checkpoint"]["refused_by_sendgrid"]
+    counts["rejected"] = {reason: n for reason, n in rejected.items() if n}
+    counts["rejected_total"] = sum(counts["rejected"].values())
     counts["field_notes"] = dict(state.notes)
     counts["trimmed"] = dict(state.trimmed)
     rec["rejections"] = state.rejections.sample

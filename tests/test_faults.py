@@ -307,17 +307,17 @@ class Engine:
 
 
 @contextlib.contextmanager
-def after_accepted_put(box: Sandbox, n: int, action: Callable[[], None]) -> Iterator[None]:
-    """Do `action` inside the sandbox right after the n-th accepted upsert, before its answer leaves: the next
-    request meets whatever the action arms (a fault, a key rotation)."""
+def after_accepted_put(box: Sandbox, n: int, action: Callable[[], None], answer: int = 202) -> Iterator[None]:
+    """Do `action` inside the sandbox right after the n-th upsert answered `answer` (accepted, by default), before
+    that answer leaves: the next request meets whatever the action arms (a fault, a key rotation)."""
     original = box.op_upsert
-    accepted = [0]
+    seen = [0]
 
     def hooked(req: Any) -> tuple[int, Any]:
         status, payload = original(req)
-        if status == 202:
-            accepted[0] += 1
-            if accepted[0] == n:
+        if status == answer:
+            seen[0] += 1
+            if seen[0] == n:
                 action()
         return status, payload
 
@@ -486,6 +486,30 @@ def test_fault_mid_run_stops_resumably_and_resume_completes(case: tuple[Any, ...
     fault_tally.record(faults=sg.box.stats["faults_fired"] + (faults == "revoke"), runs=2,
                        expected=len(wide_export.expected), in_list=len(in_list),
                        lost=len(wide_export.expected - in_list), dup_beyond=excess)
+
+
+def test_refusals_of_a_batch_interrupted_before_it_was_accepted_are_counted_once(sg: Box, tmp_path: Path,
+                                                                                   leaks: Leaks) -> None:
+    """SendGrid refuses three addresses; the resend of the rest fails past the retry budget. The checkpoint counts
+    refusals with the batch that passes, so the resume (which re-sends that batch and meets them again) ends with
+    three refusals, a report that says what the list holds, and nothing sent twice."""
+    refused = {f"bad.{i}@refused.invalid" for i in (10, 20, 30)}
+    emails = [f"bad.{i}@refused.invalid" if i in (10, 20, 30) else f"person.{i}@example.com" for i in range(200)]
+    (tmp_path / "people.csv").write_text("email,first\r\n" + "".join(f"{e},P\r\n" for e in emails), encoding="utf-8")
+    dest = {"name": "people", "consent": True, "api_key_secret": "sendgrid-api-key", "segments": ["people"],
+            "mapping": {"email": "email", "first_name": "first"}, "max_profiles": None, "bulk_threshold": None}
+    export = Export(tmp_path, "people.csv", dest, frozenset(set(emails) - refused))
+    runner = Engine(sg, export, tmp_path / "state", leaks)
+    with after_accepted_put(sg.box, 1, _arm(sg.box, {"endpoint": PUT, "kind": "500", "times": FAST.max_attempts}),
+                            answer=400):
+        first = runner.run()
+    assert first["status"] == "interrupted" and first["checkpoint"]["contacts_done"] == 0, first["error"]
+    assert first["checkpoint"]["refused_by_sendgrid"] == 0 and first["counts"]["sent"] == 0
+    second = runner.run(resume=first["run_id"])
+    assert second["status"] == "completed", second["error"]
+    assert second["checkpoint"]["refused_by_sendgrid"] == 3 and second["counts"]["rejected"]["refused_by_sendgrid"] == 3
+    assert sg.settled_list() == export.expected and second["counts"]["sent"] == len(export.expected)
+    assert excess_sends(sg.box) == (0, 1)
 
 
 def test_temporary_block_is_marked_resumable(sg: Box, small_export: Export, tmp_path: Path, leaks: Leaks) -> None:
