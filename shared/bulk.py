@@ -11,7 +11,9 @@ import csv
 import gzip
 import io
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,40 @@ class ImportFile:
 
 
 _NO_FIELDS: dict[str, Any] = {}
+DIR_PREFIX = "sg-import-"
+STALE_AFTER_S = 3_600.0  # a run's folder changes at least every file; an invocation ends within 30 minutes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(parent: str, *, older_than: float = STALE_AFTER_S, now: float | None = None) -> list[str]:
+    """Remove import folders a killed process left behind (its finally never ran): those of a process that is gone
+    (the folder is named after its pid), and those that have not changed for older_than seconds (a pid taken again
+    by a new process). Returns the folders removed."""
+    now = time.time() if now is None else now
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            if not entry.name.startswith(DIR_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = entry.name[len(DIR_PREFIX):].partition("-")[0]
+            try:
+                with os.scandir(entry.path) as files:
+                    newest = max([entry.stat().st_mtime, *(f.stat().st_mtime for f in files)])
+            except OSError:  # another process is removing it
+                continue
+            if (pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))) or now - newest > older_than:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
 
 
 class Importer:
@@ -70,7 +106,8 @@ class Importer:
         """Consume (stream index of the first contact, contacts) chunk by chunk and yield finished files, each of at
         most per_file contacts (a chunk may be split between two files)."""
         if not self._dir:
-            self._dir = tempfile.mkdtemp(prefix="sg-import-", dir=self._tmp_parent)
+            self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=self._tmp_parent)
+            sweep_stale(os.path.dirname(self._dir))
         source = iter(chunks)
         carry: tuple[int, list[dict[str, Any]]] | None = None  # what the previous file had no room for
         while True:

@@ -164,3 +164,31 @@ def test_a_failing_source_leaves_no_partial_file(tmp_path: Path) -> None:
         next(files)  # the second file had 3 rows when the source failed
     importer.cleanup()
     assert not any(tmp_path.iterdir())
+
+
+def test_folders_a_killed_run_left_behind_are_removed_by_the_next_import(tmp_path: Path) -> None:
+    """A killed process never runs its cleanup: the next run's importer removes the import folders of processes
+    that are gone, and folders unchanged for an hour (a pid taken again); a live process's folder and anything
+    else stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live_pid = os.getppid()  # the process that started this one: alive
+    names = (f"sg-import-{gone.stdout.strip()}-a1", f"sg-import-{live_pid}-b2", f"sg-import-{live_pid}-old",
+             "sg-import-nopid", "unrelated")
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.csv.gz").write_bytes(b"x")
+    hours_ago = time.time() - 7_200
+    for name in names[2:]:
+        os.utime(tmp_path / name / "part.csv.gz", (hours_ago, hours_ago))
+        os.utime(tmp_path / name, (hours_ago, hours_ago))
+    importer = Importer(MAPPING, CUSTOM, RESERVED, per_file=7, tmp_dir=str(tmp_path))
+    files = list(importer.files([(0, [_contact(n) for n in range(3)])]))
+    assert len(files) == 1 and Path(files[0].path).parent.name.startswith(f"sg-import-{os.getpid()}-")
+    importer.cleanup()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"sg-import-{live_pid}-b2", "unrelated"]
+
