@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from .errors import StateError
-from .storage import Lease, ObjectStore, PreconditionFailed, wait_for_lease
+from .storage import HeldLease, Lease, ObjectStore, PreconditionFailed, wait_for_lease
 
 DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -252,9 +252,9 @@ class StateStore:
         """One run per destination at a time; LeaseUnavailable at once when another run holds it."""
         return self.store.lease(f"leases/{check_destination(destination)}", seconds)
 
-    def wait_lease(self, destination: str, timeout: float, seconds: int = 60) -> Any:
-        """The destination's lease, waiting up to timeout seconds for the holder; returns the entered context manager
-        (leave it with __exit__). LeaseUnavailable when the wait ends."""
+    def wait_lease(self, destination: str, timeout: float, seconds: int = 60) -> HeldLease:
+        """The destination's lease, waiting up to timeout seconds for the holder (renew it; leave it with
+        __exit__). LeaseUnavailable when the wait ends."""
         return wait_for_lease(self.store, f"leases/{check_destination(destination)}", seconds, timeout)
 
     def snapshot_key(self, destination: str, list_id: str) -> str:

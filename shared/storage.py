@@ -227,14 +227,27 @@ class LocalFolderStore:
         return None
 
 
-def wait_for_lease(store: ObjectStore, key: str, seconds: int, timeout: float, poll: float = 0.5):
-    """Acquire a lease, waiting up to timeout seconds for the holder to finish. Returns the context manager entered."""
+class HeldLease:
+    """A lease taken outside a with block (wait_for_lease): renew() it while the work lasts longer than the lease
+    (a blob lease is at most 60 s), and leave it with __exit__(None, None, None)."""
+
+    def __init__(self, cm: contextlib.AbstractContextManager[Lease], lease: Lease) -> None:
+        self._cm, self._lease = cm, lease
+
+    def renew(self) -> None:
+        self._lease.renew()
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def wait_for_lease(store: ObjectStore, key: str, seconds: int, timeout: float, poll: float = 0.5) -> HeldLease:
+    """Acquire a lease, waiting up to timeout seconds for the holder to finish."""
     end = time.monotonic() + timeout
     while True:
         cm = store.lease(key, seconds)
         try:
-            cm.__enter__()
-            return cm
+            return HeldLease(cm, cm.__enter__())
         except LeaseUnavailable:
             if time.monotonic() >= end:
                 raise
