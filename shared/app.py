@@ -145,6 +145,11 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
 
 
+def _runnable(ctx: AppContext, config: Config, name: str) -> bool:
+    """Enabled in the destinations file and not disabled by an admin: only then do triggers start or resume it."""
+    return config.destinations[name].enabled and ctx.state.disabled(name) is None
+
+
 def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), then run each enabled
     destination's latest export that has not been exported yet."""
@@ -152,26 +157,33 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     svc = ctx.services(config)
     done: list[dict[str, Any]] = []
     for record in ctx.state.open_runs():
-        name = record["destination"]
-        if name not in config.destinations and record["status"] != "queued":
+        name, run_id, status = record["destination"], record["run_id"], record["status"]
+        if name not in config.destinations and status != "queued":
             continue
         try:
-            if record["status"] == "queued":
+            if record.get("kind") == "purge":
+                if status != "queued" or _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:
+                    done.append(purge.remove_destination(svc, name, record["purge"], confirmed=True, by="timer",
+                                                         run_id=run_id))
+            elif status == "queued":
                 if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
                     done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
-            elif record.get("kind") == "purge":
-                done.append(purge.remove_destination(svc, name, record["purge"], confirmed=True, by="timer"))
-            elif record["status"] == "submitted":
+            elif status == "submitted":
                 done.append(engine.finish_submitted(record, svc))
+            elif not _runnable(ctx, config, name):
+                log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
             else:
-                done.append(engine.run(engine.RunRequest(name, resume=record["run_id"], deadline=ctx.deadline()), svc))
+                done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline()), svc))
         except LeaseUnavailable:
-            log.info("%s: run %s is still going elsewhere", name, record["run_id"])
+            log.info("%s: run %s is still going elsewhere", name, run_id)
         except ConnectorError as exc:
-            log.error("%s: run %s could not be finished: %s", name, record["run_id"], exc)
-    for name, dest in config.destinations.items():
+            log.error("%s: run %s could not be finished: %s", name, run_id, exc)
+        except Exception:  # one broken record must not stop the rest of the tick, every tick
+            log.exception("%s: run %s failed unexpectedly; the next tick tries again", name, run_id)
+    for name in config.destinations:
         latest = ctx.state.latest_export(name)
-        if dest.enabled and latest and ctx.state.export_claim(name, latest["source"], latest["etag"]) is None:
+        if (_runnable(ctx, config, name) and latest
+                and ctx.state.export_claim(name, latest["source"], latest["etag"]) is None):
             info = ctx.exports.info(latest["source"])
             if info is not None and info.etag == latest["etag"]:
                 done.append(run_export(ctx, config, name, latest["source"], latest["etag"], "timer"))

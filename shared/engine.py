@@ -384,6 +384,16 @@ def _refuse(svc: Services, record: dict[str, Any], message: str) -> dict[str, An
     return record
 
 
+def _superseded(svc: Services, run_id: str, unfinished: str) -> None:
+    """A queued run whose export an unfinished run was already sending: that run goes on from its checkpoint
+    instead, and the queued record says so (its caller polls it) and is final, so nobody starts it afresh."""
+    queued = svc.state.load_run(run_id)
+    if queued is not None and queued.get("status") == "queued":
+        queued.update(status="superseded", finished_at=now_iso(), continued_as=unfinished,
+                      note=f"run {unfinished} of the same export was unfinished; it went on from its checkpoint")
+        svc.state.save_run(queued)
+
+
 def _unfinished_run(svc: Services, name: str, source: str, etag: str) -> str | None:
     for record in svc.state.open_runs():
         if (record["destination"] == name and record.get("kind") is None and record["status"] in
@@ -414,13 +424,15 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         unfinished = _unfinished_run(svc, dest.name, req.source, req.source_etag)
         if unfinished:  # a crashed or interrupted run of this very export: go on from its checkpoint
             log.info("%s: resuming run %s of %s from its checkpoint", dest.name, unfinished, req.source)
-            req = dataclasses.replace(req, resume=unfinished)
+            if req.run_id and req.run_id != unfinished:
+                _superseded(svc, req.run_id, unfinished)
+            req = dataclasses.replace(req, resume=unfinished, run_id=None)
     if req.resume:
         record = svc.state.load_run(req.resume)
         if record is None or record["destination"] != dest.name:
             raise ConfigError(f"no run '{req.resume}' for destination '{dest.name}'")
         req = RunRequest(dest.name, record["source"], record.get("source_etag"), record["trigger"], req.deadline,
-                         False, req.wait, req.resume)
+                         bool(record.get("dry_run")), req.wait, req.resume)  # a dry run stays one
         record["checkpoint"]["resumed"] += 1
         fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
         ck = record["checkpoint"]
@@ -430,18 +442,33 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                       field_notes=[], counts=fresh["counts"])
     else:
         record = _new_record(req, dest, req.run_id or new_run_id())
-    disabled = svc.state.disabled(dest.name)
-    if not dest.enabled or disabled:
-        why = "disabled in the destinations file" if not dest.enabled else f"disabled by {disabled.get('by', 'admin')}"
-        return _refuse(svc, record, f"destination '{dest.name}' is {why}; enable it to run again")
     if not dest.consent:
         return _refuse(svc, record, f"destination '{dest.name}' has no data-privacy consent: an admin must set "
                                     '"consent": true (agreeing to the data privacy and compliance terms) to run it')
     if not req.source:
         return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
     with svc.state.lease(dest.name) as lease:
+        disabled = svc.state.disabled(dest.name)  # under the lease: a purge that held it has disabled it for good
+        if not dest.enabled or disabled:
+            why = ("disabled in the destinations file" if not dest.enabled
+                   else f"disabled by {disabled.get('by', 'admin')}")
+            if req.resume and req.source_etag:  # its claim goes back, so the export runs once it is enabled
+                svc.state.release_export(dest.name, str(req.source), req.source_etag, run_id=record["run_id"])
+            return _refuse(svc, record, f"destination '{dest.name}' is {why}; enable it to run again")
+        if req.run_id and not req.resume:
+            stored = svc.state.load_run(req.run_id)
+            if stored is not None and stored.get("status") != "queued":  # another delivery ran it meanwhile
+                log.info("%s: run %s is %s already; nothing to do", dest.name, req.run_id, stored.get("status"))
+                return stored
         if claim and not req.resume and req.source_etag:
-            holder = svc.state.claim_export(dest.name, req.source, req.source_etag, record["run_id"])
+            holder = svc.state.export_claim(dest.name, req.source, req.source_etag)
+            if holder is None:
+                svc.state.save_run(record)  # before the claim: a crash between the two leaves a run the timer resumes
+                holder = svc.state.claim_export(dest.name, req.source, req.source_etag, record["run_id"])
+                if holder is not None:  # claimed in between, by a run that did not hold the lease (a manual run)
+                    record.update(status="skipped", finished_at=now_iso(),
+                                  note=f"run {holder.get('run_id')} has this export version already")
+                    svc.state.save_run(record)
             if holder is not None:
                 return {"destination": dest.name, "status": "skipped", "run_id": holder.get("run_id")}
         state = _Run(req, svc, dest, record)

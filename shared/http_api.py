@@ -309,6 +309,14 @@ def disable_destination(call: Call) -> Response:
         return Response(200, body)
     if name not in config.destinations:
         raise HttpError(409, f"destination '{name}' is invalid in the destinations file; fix it to purge it")
+    record = purge.open_purge(ctx.state, name)
+    if record is not None and record.get("purge") != what:
+        raise HttpError(409, f"a purge={record.get('purge')} of '{name}' is unfinished (run {record['run_id']}, "
+                             f"{record['status']}); ask for purge={what} once it has finished")
+    if record is not None:  # the same purge asked again: its run, not a second one
+        url = f"/api/runs/{record['run_id']}"
+        body.update(purge=what, run_id=record["run_id"], status=record["status"], status_url=url)
+        return Response(202, body, {"Location": url})
     record = purge.queued_purge(ctx.state, config.destinations[name], what, by="http")
     url = f"/api/runs/{record['run_id']}"
     body.update(purge=what, run_id=record["run_id"], status=record["status"], status_url=url)
@@ -413,7 +421,8 @@ def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -
     if record.get("kind") == "purge":
         if record.get("status") not in (QUEUED, "interrupted"):
             return record
-        return purge.remove_destination(ctx.services(ctx.config()), name, record["purge"], confirmed=True, by="http")
+        return purge.remove_destination(ctx.services(ctx.config()), name, record["purge"], confirmed=True, by="http",
+                                        run_id=run_id)
     if record.get("status") != QUEUED:
         log.info("%s: run %s is %s already; nothing to do", name, run_id, record.get("status"))
         return record
@@ -427,6 +436,11 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
     Busy destination: LeaseUnavailable is raised for the host to redeliver the message (after host.json's
     queues.visibilityTimeout) until the last attempt; then the run stays queued and the timer starts it."""
     name, run_id = record["destination"], record["run_id"]
+    stored = ctx.state.load_run(run_id)  # the caller's copy may be old: the timer lists open runs once per tick
+    if stored is None or stored.get("status") != QUEUED:
+        log.info("%s: run %s is %s already; nothing to do", name, run_id, stored and stored.get("status"))
+        return stored or record
+    record = stored
     source, etag, dry_run = record.get("source"), record.get("source_etag"), bool(record.get("dry_run"))
     try:
         config = ctx.config()
@@ -445,6 +459,9 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
             log.info("%s: busy with another run; run %s waits for the next delivery (attempt %d of %d)", name, run_id,
                      attempt, MAX_ATTEMPTS)
             raise
+        record = ctx.state.load_run(run_id) or record
+        if record.get("status") != QUEUED:  # the run that held the destination was this one, from another delivery
+            return record
         record["note"] = (f"destination '{name}' was busy with another run on {attempt} attempts; the timer starts "
                           "this run once it is free")
         ctx.state.save_run(record)

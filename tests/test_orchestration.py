@@ -1,0 +1,263 @@
+"""The app's orchestration under overlap and crashes: the timer, the queue worker, the blob trigger and the HTTP API
+working on the same destination's runs and purges (state in a local folder, the sandbox over HTTP on loopback).
+
+Each test is a scenario a review found to lose or double-send contacts before it was fixed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from shared import app, engine, http_api, samplegen
+from shared.app import AppContext, Settings
+from shared.errors import DeadlineReached
+from shared.sandbox import Sandbox, serve
+from shared.secrets import EnvSecrets
+from shared.state import StateStore
+from shared.storage import LocalFolderStore
+
+NAME = "vip-newsletter"
+REPO = Path(__file__).resolve().parent.parent
+PUT = "PUT /v3/marketing/contacts"
+
+
+@dataclass
+class World:
+    box: Sandbox
+    list_id: str
+    info: samplegen.ExportInfo
+    tmp: Path
+    environ: dict[str, str]
+
+    def ctx(self) -> AppContext:
+        """A fresh context, as every Functions invocation builds one."""
+        settings = Settings("exports", "state", str(self.tmp / "destinations.json"), 600.0, self.environ)
+        return AppContext(settings, LocalFolderStore(self.tmp / "exports"),
+                          StateStore(LocalFolderStore(self.tmp / "state")), EnvSecrets(self.environ))
+
+    def call(self, method: str, route: str, params: dict[str, str] | None = None, body: Any = None,
+             **values: str) -> http_api.Response:
+        return http_api.handle(method, route, values, params or {}, orjson.dumps(body) if body else b"", self.ctx())
+
+    def record_path(self, run_id: str) -> Path:
+        return self.tmp / "state" / "runs" / NAME / f"{run_id}.json"
+
+    def record(self, run_id: str) -> dict[str, Any]:
+        return orjson.loads(self.record_path(run_id).read_bytes())
+
+    def age(self, run_id: str) -> None:
+        """Its queue message was lost: the record was queued longer ago than the timer waits for one."""
+        record = self.record(run_id)
+        record["queued_at"] = "2020-01-01T00:00:00Z"
+        self.record_path(run_id).write_bytes(orjson.dumps(record))
+
+    def puts(self) -> int:
+        return self.box.stats["requests"].get(PUT, 0)
+
+    def in_list(self) -> int:
+        self.box.complete_jobs()
+        return len(self.box.list_emails(self.list_id))
+
+    def most_sends(self) -> int:
+        return max(self.box.send_counts().values(), default=0)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    key = "SG.orch-" + "k" * 22 + "." + "s" * 43
+    box = Sandbox(api_keys=[key], job_delay=0.05, count_sends=True)
+    with serve(box) as server:
+        list_id = box.create_list("VIP")
+        box.create_field("lifetime_value", "Number")
+        box.create_field("signup_date", "Date")
+        info = samplegen.write_cdm_export(tmp_path / "exports", 3_000, partitions=2, seed=5)
+        config = samplegen.demo_destinations(list_id, max_profiles=None)
+        (tmp_path / "destinations.json").write_bytes(orjson.dumps(config))
+        (tmp_path / "state").mkdir()
+        yield World(box, list_id, info, tmp_path, {"SENDGRID_API_URL": server.url, "SENDGRID_API_KEY": key})
+
+
+@pytest.fixture
+def interrupted_blob_run(world: World, monkeypatch: pytest.MonkeyPatch) -> Callable[[], dict[str, Any]]:
+    """A blob-triggered run that stops at its deadline before its first request (open, claim held)."""
+    def run() -> dict[str, Any]:
+        def deadline(self: Any, client: Any) -> None:
+            raise DeadlineReached("the deadline came before the first request")
+
+        with monkeypatch.context() as m:
+            m.setattr(engine._Run, "send_all", deadline)
+            (record,) = app.on_blob(world.ctx(), world.info.model_key)
+        assert record["status"] == "interrupted"
+        return record
+
+    return run
+
+
+def test_the_timer_runs_a_purge_whose_message_was_lost(world: World) -> None:
+    app.on_blob(world.ctx(), world.info.model_key)
+    time.sleep(0.2)
+    app.on_timer(world.ctx())
+    assert world.in_list() == world.info.valid_distinct
+    answer = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
+    assert answer.status == 202
+    world.age(answer.body["run_id"])  # its message never came
+    app.on_timer(world.ctx())
+    purged = world.record(answer.body["run_id"])
+    assert purged["kind"] == "purge" and purged["status"] == "completed", purged
+    assert world.in_list() == 0
+
+
+def test_a_second_purge_request_names_the_unfinished_one(world: World) -> None:
+    first = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
+    again = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
+    assert again.status == 202 and again.body["run_id"] == first.body["run_id"] and again.message is None
+    other = world.call("DELETE", "destinations/{name}", {"purge": "contacts", "confirm": "true"}, name=NAME)
+    assert other.status == 409 and first.body["run_id"] in other.body["error"]
+
+
+def test_a_dry_run_resumed_by_the_timer_sends_nothing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = world.call("POST", "destinations/{name}/runs", body={"source": world.info.model_key, "dry_run": True},
+                        name=NAME)
+
+    def deadline(state: Any) -> None:
+        raise DeadlineReached("the deadline came while reading")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_execute", deadline)
+        stopped = http_api.work(world.ctx(), answer.message_json() or "", 1)
+    assert stopped is not None and stopped["status"] == "interrupted" and stopped["dry_run"] is True
+    (resumed,) = app.on_timer(world.ctx())
+    assert resumed["run_id"] == answer.body["run_id"] and resumed["dry_run"] is True
+    assert resumed["status"] == "dry_run" and world.puts() == 0 and world.in_list() == 0
+
+
+def test_the_timer_does_not_run_again_a_queued_run_a_late_message_ran(world: World) -> None:
+    answer = world.call("POST", "destinations/{name}/runs", body={"source": world.info.model_key}, name=NAME)
+    world.age(answer.body["run_id"])
+    timer = world.ctx()
+    listed = timer.state.open_runs()  # the timer lists the open runs; then the late message is delivered
+    done = http_api.work(world.ctx(), answer.message_json() or "", 3)
+    assert done is not None and done["status"] in ("submitted", "completed") and world.puts() == 1
+    timer.state.open_runs = lambda: listed  # type: ignore[method-assign]
+    app.on_timer(timer)
+    assert world.puts() == 1 and world.most_sends() == 1
+    assert world.record(answer.body["run_id"])["status"] in ("submitted", "completed")
+
+
+def test_a_posted_run_continues_the_unfinished_run_of_its_export(world: World, interrupted_blob_run: Any) -> None:
+    unfinished = interrupted_blob_run()
+    answer = world.call("POST", "destinations/{name}/runs", body={"source": world.info.model_key}, name=NAME)
+    queued_id = answer.body["run_id"]
+    ran = http_api.work(world.ctx(), answer.message_json() or "", 1)
+    assert ran is not None and ran["run_id"] == unfinished["run_id"] and ran["status"] in ("submitted", "completed")
+    superseded = world.record(queued_id)
+    assert superseded["status"] == "superseded" and superseded["continued_as"] == unfinished["run_id"]
+    world.age(queued_id)
+    time.sleep(0.2)
+    app.on_timer(world.ctx())  # nothing starts the superseded run afresh
+    assert world.puts() == 1 and world.most_sends() == 1 and world.in_list() == world.info.valid_distinct
+
+
+def test_an_interrupted_run_waits_while_its_destination_is_disabled(world: World, interrupted_blob_run: Any) -> None:
+    run = interrupted_blob_run()
+    assert world.call("DELETE", "destinations/{name}", name=NAME).status == 200
+    app.on_timer(world.ctx())
+    assert world.record(run["run_id"])["status"] == "interrupted" and world.puts() == 0
+    app.on_timer(world.ctx())
+    assert [p.name for p in (world.tmp / "state" / "runs" / NAME).glob("*.json")] == [f"{run['run_id']}.json"]
+    assert world.call("POST", "destinations/{name}/enable", name=NAME).status == 200
+    app.on_timer(world.ctx())
+    time.sleep(0.2)
+    app.on_timer(world.ctx())
+    assert world.record(run["run_id"])["status"] == "completed"
+    assert world.in_list() == world.info.valid_distinct
+
+
+def test_a_crash_right_after_the_claim_leaves_a_run_the_timer_finishes(world: World) -> None:
+    """The host dies while the run sets up its SendGrid client, after it claimed the export version."""
+    code = (
+        "import os, sys\n"
+        "from shared import app, engine\n"
+        "from shared.app import AppContext, Settings\n"
+        "from shared.state import StateStore\n"
+        "from shared.storage import LocalFolderStore\n"
+        "from shared.secrets import EnvSecrets\n"
+        f"environ = {world.environ!r}\n"
+        f"settings = Settings('exports', 'state', {str(world.tmp / 'destinations.json')!r}, 600.0, environ)\n"
+        f"ctx = AppContext(settings, LocalFolderStore({str(world.tmp / 'exports')!r}),"
+        f" StateStore(LocalFolderStore({str(world.tmp / 'state')!r})), EnvSecrets(environ))\n"
+        "engine.Services.client = lambda self, dest: os._exit(137)\n"
+        f"app.on_blob(ctx, {world.info.model_key!r})\n"
+    )
+    crashed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert crashed.returncode == 137, crashed.stderr
+    (left,) = world.ctx().state.open_runs()  # the claim's run exists, open
+    app.on_timer(world.ctx())  # resumes it
+    time.sleep(0.2)
+    app.on_timer(world.ctx())  # and finishes it
+    assert world.record(left["run_id"])["status"] == "completed"
+    assert world.in_list() == world.info.valid_distinct and world.most_sends() == 1
+    assert app.on_blob(world.ctx(), world.info.model_key)[0]["status"] == "skipped"  # a redelivered event
+
+
+def test_the_disabled_marker_is_read_under_the_lease(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A purge that disabled the destination and held its lease while an export waited for it: the export, once it
+    has the lease, sees the destination disabled and sends nothing."""
+    exporting = world.ctx()
+    real_lease = StateStore.lease
+    purged: list[dict[str, Any]] = []
+
+    def lease(self: StateStore, destination: str, seconds: int = 60) -> Any:
+        if self is exporting.state and not purged:
+            answer = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
+            purged.append(http_api.work(world.ctx(), answer.message_json() or "", 1) or {})
+        return real_lease(self, destination, seconds)
+
+    monkeypatch.setattr(StateStore, "lease", lease)
+    (export,) = app.on_blob(exporting, world.info.model_key)
+    assert purged and purged[0]["status"] == "completed"
+    assert export["status"] == "refused" and "disabled" in export["error"]
+    assert world.puts() == 0 and world.in_list() == 0
+
+
+def test_a_disabled_destination_gets_no_run_records_from_the_timer(world: World) -> None:
+    ctx = world.ctx()
+    etag = ctx.exports.info(world.info.model_key)
+    assert etag is not None
+    ctx.state.set_latest_export(NAME, world.info.model_key, etag.etag)
+    assert world.call("DELETE", "destinations/{name}", name=NAME).status == 200
+    for _ in range(3):
+        assert app.on_timer(world.ctx()) == []
+    assert not (world.tmp / "state" / "runs").exists() or not list((world.tmp / "state" / "runs").rglob("*.json"))
+
+
+def test_one_record_that_fails_unexpectedly_does_not_stop_the_tick(world: World, interrupted_blob_run: Any,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A run record damaged by hand fails every time it is resumed; the rest of each tick goes on: here, a second
+    destination's latest export is exported."""
+    broken = interrupted_blob_run()
+    record = world.record(broken["run_id"])
+    del record["checkpoint"]  # resuming it raises KeyError
+    world.record_path(broken["run_id"]).write_bytes(orjson.dumps(record))
+    config = orjson.loads((world.tmp / "destinations.json").read_bytes())
+    copy_list = world.box.create_list("Copy")
+    config["destinations"] += samplegen.demo_destinations(copy_list, max_profiles=None, name="copy")["destinations"]
+    (world.tmp / "destinations.json").write_bytes(orjson.dumps(config))
+    ctx = world.ctx()
+    info = ctx.exports.info(world.info.model_key)
+    assert info is not None
+    ctx.state.set_latest_export("copy", world.info.model_key, info.etag)
+    app.on_timer(ctx)
+    time.sleep(0.2)
+    app.on_timer(world.ctx())
+    assert caplog.text.count("failed unexpectedly") == 2
+    world.box.complete_jobs()
+    assert len(world.box.list_emails(copy_list)) == world.info.valid_distinct
