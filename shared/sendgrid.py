@@ -281,6 +281,7 @@ class SendGridClient:
         """PUT the import file to the URI SendGrid gave (no API key goes there), retried like any call."""
         headers = {h["header"]: h["value"] for h in upload_headers}
         headers["Content-Length"] = str(size)
+        unanswered = False  # an earlier attempt may have arrived without its answer reaching us
         for attempt in range(1, self.policy.max_attempts + 1):
             if hasattr(data, "seek"):
                 data.seek(0)
@@ -288,9 +289,9 @@ class SendGridClient:
                 resp = self._session.put(upload_uri, data=data, headers=headers,
                                          timeout=(self.policy.connect_timeout, self.policy.read_timeout * 5))
             except (requests.ConnectionError, requests.Timeout):
-                resp = None
-            if resp is not None and resp.status_code < 300:
-                self.stats["bytes_sent"] += size
+                resp, unanswered = None, True
+            if resp is not None and (resp.status_code < 300 or (resp.status_code == 409 and unanswered)):
+                self.stats["bytes_sent"] += size  # 409 after a lost answer: the file is there already
                 return
             if resp is not None and resp.status_code < 500 and resp.status_code != 429:
                 raise PayloadRejected(f"import upload refused: {resp.status_code}", status=resp.status_code)

@@ -713,3 +713,36 @@ def test_csv_import_upload_goes_to_the_upload_uri_without_the_api_key(api: Api) 
     assert api.box.list_emails(list_id) == ["ann@example.com", "bob@example.com"]
     upload = api.session.to("/_sandbox/uploads/")[0]
     assert "Authorization" not in upload.headers and upload.headers["Content-Length"] == str(len(data))
+
+
+def test_an_upload_whose_answer_was_lost_is_not_refused_when_sent_again(api: Api,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file arrived but the answer did not: the retry meets 409 (already received), which means it is there."""
+    list_id = api.box.create_list("imported")
+    client = api.client()
+    started = client.start_import([list_id], ["_rf2_T"])
+    data = gzip.compress(b"email\nann@example.com\n")
+    real_send, lost = api.session.send, []
+
+    def send(request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        resp = real_send(request, **kwargs)
+        if "/_sandbox/uploads/" in str(request.url) and not lost:
+            lost.append(resp.status_code)
+            raise requests.ConnectionError("the connection broke before the answer was read")
+        return resp
+
+    monkeypatch.setattr(api.session, "send", send)
+    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    assert lost == [200] and len(api.session.to("/_sandbox/uploads/")) == 2
+    api.box.complete_jobs()
+    assert client.import_status(started["job_id"])["status"] == "completed"
+    assert api.box.list_emails(list_id) == ["ann@example.com"]
+
+
+def test_an_upload_refused_at_once_is_not_taken_for_a_lost_answer(api: Api) -> None:
+    client = api.client()
+    started = client.start_import([api.box.create_list("imported")], ["_rf2_T"])
+    data = gzip.compress(b"email\nann@example.com\n")
+    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    with pytest.raises(PayloadRejected, match="409"):  # a second upload of the same job, not a retry
+        client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
