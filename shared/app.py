@@ -145,6 +145,18 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
 
 
+def _newer_sync(ctx: AppContext, name: str, run_id: str) -> str | None:
+    """A run started after this one that put all of its export in SendGrid (submitted or done), if any: for a
+    mirror destination, the list follows that newer export now."""
+    for other in ctx.state.list_runs(name, limit=20):
+        if other["run_id"] <= run_id:
+            return None
+        if (other.get("kind") is None and not other.get("dry_run")
+                and other.get("status") in ("submitted", "completed", "completed_with_errors")):
+            return str(other["run_id"])
+    return None
+
+
 def _runnable(ctx: AppContext, config: Config, name: str) -> bool:
     """Enabled in the destinations file and not disabled by an admin: only then do triggers start or resume it."""
     return config.destinations[name].enabled and ctx.state.disabled(name) is None
@@ -172,6 +184,12 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
                 done.append(engine.finish_submitted(record, svc))
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
+            elif config.destinations[name].mode == "mirror" and (newer := _newer_sync(ctx, name, run_id)):
+                with ctx.state.lease(name):  # a live run holds it: then it is not ours to close
+                    done.append(engine.supersede(
+                        ctx.state, run_id, newer, f"run {newer} of a newer export has synced the list since; "
+                        "resuming this one would bring the older export back", statuses=("running", "interrupted"))
+                        or record)
             else:
                 done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline()), svc))
         except LeaseUnavailable:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -384,14 +384,15 @@ def _refuse(svc: Services, record: dict[str, Any], message: str) -> dict[str, An
     return record
 
 
-def _superseded(svc: Services, run_id: str, unfinished: str) -> None:
-    """A queued run whose export an unfinished run was already sending: that run goes on from its checkpoint
-    instead, and the queued record says so (its caller polls it) and is final, so nobody starts it afresh."""
-    queued = svc.state.load_run(run_id)
-    if queued is not None and queued.get("status") == "queued":
-        queued.update(status="superseded", finished_at=now_iso(), continued_as=unfinished,
-                      note=f"run {unfinished} of the same export was unfinished; it went on from its checkpoint")
-        svc.state.save_run(queued)
+def supersede(state: StateStore, run_id: str, by: str, why: str, *, statuses: Collection[str]) -> dict[str, Any] | None:
+    """Close a run that another run makes pointless: status 'superseded', final (nobody starts or resumes it), with
+    continued_as naming the other run. Only when its stored status is still one of `statuses`."""
+    record = state.load_run(run_id)
+    if record is None or record.get("status") not in statuses:
+        return record
+    record.update(status="superseded", finished_at=now_iso(), continued_as=by, note=why)
+    state.save_run(record)
+    return record
 
 
 def _unfinished_run(svc: Services, name: str, source: str, etag: str) -> str | None:
@@ -424,8 +425,9 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         unfinished = _unfinished_run(svc, dest.name, req.source, req.source_etag)
         if unfinished:  # a crashed or interrupted run of this very export: go on from its checkpoint
             log.info("%s: resuming run %s of %s from its checkpoint", dest.name, unfinished, req.source)
-            if req.run_id and req.run_id != unfinished:
-                _superseded(svc, req.run_id, unfinished)
+            if req.run_id and req.run_id != unfinished:  # the queued record says so: its caller polls it
+                supersede(svc.state, req.run_id, unfinished, f"run {unfinished} of the same export was unfinished; "
+                          "it went on from its checkpoint", statuses=("queued",))
             req = dataclasses.replace(req, resume=unfinished, run_id=None)
     if req.resume:
         record = svc.state.load_run(req.resume)

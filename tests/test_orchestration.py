@@ -261,3 +261,40 @@ def test_one_record_that_fails_unexpectedly_does_not_stop_the_tick(world: World,
     assert caplog.text.count("failed unexpectedly") == 2
     world.box.complete_jobs()
     assert len(world.box.list_emails(copy_list)) == world.info.valid_distinct
+
+
+@pytest.mark.parametrize("mode", ["mirror", "upsert"])
+def test_an_unfinished_run_of_an_older_export_does_not_undo_a_newer_one(world: World, mode: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mirror: once a newer export has synced the list, the older export's unfinished run is closed as superseded
+    instead of being resumed (which would bring back who left and remove who joined). Upsert keeps everything it
+    ever sent, so the older run is finished as usual."""
+    config = orjson.loads((world.tmp / "destinations.json").read_bytes())
+    config["destinations"][0].update(mode=mode, mapping={"email": "EmailAddress"}, custom_fields={})
+    (world.tmp / "destinations.json").write_bytes(orjson.dumps(config))
+    older = [f"person{i}@example.com" for i in range(0, 300)]
+    newer = [f"person{i}@example.com" for i in range(100, 400)]  # 100 left, 100 joined
+    folder = world.tmp / "exports" / NAME
+    folder.mkdir()
+    for name, people in (("export-1.csv", older), ("export-2.csv", newer)):
+        (folder / name).write_text("EmailAddress\n" + "\n".join(people) + "\n", encoding="utf-8")
+
+    def deadline(self: Any, client: Any) -> None:
+        raise DeadlineReached("the deadline came before the first request")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine._Run, "send_all", deadline)
+        (first,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    (second,) = app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
+    assert first["status"] == "interrupted" and second["status"] in ("submitted", "completed")
+    for _ in range(2):  # resume (or close) it, then poll its jobs
+        time.sleep(0.2)
+        app.on_timer(world.ctx())
+    world.box.complete_jobs()
+    closed = world.record(first["run_id"])
+    if mode == "mirror":
+        assert closed["status"] == "superseded" and closed["continued_as"] == second["run_id"]
+        assert set(world.box.list_emails(world.list_id)) == set(newer)
+    else:
+        assert closed["status"] == "completed"
+        assert set(world.box.list_emails(world.list_id)) == set(older) | set(newer)
