@@ -693,6 +693,10 @@ def poll_jobs(record: dict[str, Any], client: SendGridClient, svc: Services, *, 
     if pending:
         record["status"] = "submitted"
         return
+    # what SendGrid accepted but did not apply: errored rows, and every contact of a failed job
+    record["counts"]["not_applied"] = sum(j.get("contacts", 0) if j["status"] == "failed"
+                                          else int((j.get("results") or {}).get("errored_count") or 0)
+                                          for j in record["jobs"])
     statuses = {j["status"] for j in record["jobs"]}
     if statuses and statuses <= {"failed"}:
         record.update(status="failed", error="every SendGrid job failed; see jobs[].errors")

@@ -388,6 +388,7 @@ def test_errored_job_is_reported_with_its_errors_and_a_new_run_fills_the_list(sg
     assert report["status"] == "completed_with_errors"
     [job] = report["jobs"]
     assert job["status"] == "errored" and job["results"]["errored_count"] == 3
+    assert report["counts"]["not_applied"] == 3 and report["counts"]["sent"] == len(small_export.expected)
     named = {line.split(",")[1] for line in job["errors"][1:]}  # index,email,error
     assert len(named) == 3 and all("errored" in line for line in job["errors"][1:])
     in_list = sg.settled_list()
@@ -415,6 +416,7 @@ def test_failed_job_fails_the_run_and_a_new_run_fills_the_list(sg: Box, small_ex
     report = orjson.loads((tmp_path / "r1.json").read_bytes())
     assert report["status"] == "failed" and "every SendGrid job failed" in report["error"]
     assert "failed" in res.stdout and [j["status"] for j in report["jobs"]] == ["failed"]
+    assert report["counts"]["not_applied"] == report["counts"]["sent"] == len(small_export.expected)
     assert sg.settled_list() == set()  # the report says the one job failed: nothing is claimed to be in the list
     excess, _ = excess_sends(sg.box)
 
