@@ -145,16 +145,24 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
 
 
-def _newer_sync(ctx: AppContext, name: str, run_id: str) -> str | None:
-    """A run started after this one that put all of its export in SendGrid (submitted or done), if any: for a
-    mirror destination, the list follows that newer export now."""
-    for other in ctx.state.list_runs(name, limit=20):
-        if other["run_id"] <= run_id:
-            return None
-        if (other.get("kind") is None and not other.get("dry_run")
-                and other.get("status") in ("submitted", "completed", "completed_with_errors")):
-            return str(other["run_id"])
-    return None
+def _resync_latest_if_overtaken(ctx: AppContext, name: str, resumed: Mapping[str, Any]) -> None:
+    """A mirror destination's list follows the last run to finish. When a resumed run of an older export finishes
+    after a run of the latest export did, the list is the older export's again: give the latest export's claim
+    back, so this tick's latest-export pass syncs it once more (its diff also takes out what the older run added).
+    Only once the older run's jobs are done: a removal cannot find contacts whose upsert is still pending."""
+    if resumed.get("status") not in ("completed", "completed_with_errors"):
+        return
+    latest = ctx.state.latest_export(name)
+    if latest is None or (latest["source"], latest["etag"]) == (resumed.get("source"), resumed.get("source_etag")):
+        return
+    claim = ctx.state.export_claim(name, latest["source"], latest["etag"])
+    if claim is None or str(claim.get("run_id", "")) <= resumed["run_id"]:
+        return
+    holder = ctx.state.load_run(str(claim["run_id"]))
+    if holder is not None and holder.get("status") in ("submitted", "completed", "completed_with_errors"):
+        log.info("%s: run %s of an older export finished after run %s of the latest; the latest is synced again",
+                 name, resumed["run_id"], claim.get("run_id"))
+        ctx.state.release_export(name, latest["source"], latest["etag"], run_id=claim.get("run_id"))
 
 
 def _runnable(ctx: AppContext, config: Config, name: str) -> bool:
@@ -182,16 +190,14 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
                     done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
             elif status == "submitted":
                 done.append(engine.finish_submitted(record, svc))
+                if config.destinations[name].mode == "mirror":
+                    _resync_latest_if_overtaken(ctx, name, done[-1])
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
-            elif config.destinations[name].mode == "mirror" and (newer := _newer_sync(ctx, name, run_id)):
-                with ctx.state.lease(name):  # a live run holds it: then it is not ours to close
-                    done.append(engine.supersede(
-                        ctx.state, run_id, newer, f"run {newer} of a newer export has synced the list since; "
-                        "resuming this one would bring the older export back", statuses=("running", "interrupted"))
-                        or record)
             else:
                 done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline()), svc))
+                if config.destinations[name].mode == "mirror":
+                    _resync_latest_if_overtaken(ctx, name, done[-1])
         except LeaseUnavailable:
             log.info("%s: run %s is still going elsewhere", name, run_id)
         except ConnectorError as exc:

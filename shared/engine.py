@@ -397,8 +397,9 @@ def supersede(state: StateStore, run_id: str, by: str, why: str, *, statuses: Co
 
 def _unfinished_run(svc: Services, name: str, source: str, etag: str) -> str | None:
     for record in svc.state.open_runs():
-        if (record["destination"] == name and record.get("kind") is None and record["status"] in
-                ("running", "interrupted") and record.get("source") == source and record.get("source_etag") == etag):
+        if (record["destination"] == name and record.get("kind") is None and not record.get("dry_run")
+                and record["status"] in ("running", "interrupted") and record.get("source") == source
+                and record.get("source_etag") == etag):
             return str(record["run_id"])
     return None
 
@@ -462,6 +463,16 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             if stored is not None and stored.get("status") != "queued":  # another delivery ran it meanwhile
                 log.info("%s: run %s is %s already; nothing to do", dest.name, req.run_id, stored.get("status"))
                 return stored
+        if req.resume:
+            stored = svc.state.load_run(req.resume)  # read again under the lease: the holder may have moved it on
+            if stored is None or stored["checkpoint"]["contacts_done"] != record["checkpoint"]["contacts_done"]:
+                log.info("%s: run %s moved on while this resume waited; nothing to do", dest.name, req.resume)
+                return stored or record
+            if (req.source_etag and not req.dry_run
+                    and svc.state.export_claim(dest.name, str(req.source), req.source_etag) is None):
+                # its process died between saving the run and claiming the export: claim it now, or the timer's
+                # latest-export pass would start a second full run of the same version
+                svc.state.claim_export(dest.name, str(req.source), req.source_etag, record["run_id"])
         if claim and not req.resume and req.source_etag:
             holder = svc.state.export_claim(dest.name, req.source, req.source_etag)
             if holder is None:

@@ -152,7 +152,7 @@ def _reason(params: Mapping[str, str], default: str) -> str:
         return default
     if len(raw) > MAX_REASON_CHARS or _CONTROL.search(raw):
         raise HttpError(400, f"reason must be one line of at most {MAX_REASON_CHARS} characters")
-    return raw.strip()
+    return redact(raw.strip())  # stored and logged: a pasted key must not be
 
 
 def _configured(config: Config, name: str) -> Destination:
@@ -300,6 +300,14 @@ def disable_destination(call: Call) -> Response:
     config = ctx.config()
     if name not in config.destinations and name not in config.errors:
         raise HttpError(404, f"no destination named '{name}'")
+    record = None
+    if what is not None:  # refused before anything changes
+        if name not in config.destinations:
+            raise HttpError(409, f"destination '{name}' is invalid in the destinations file; fix it to purge it")
+        try:
+            record = purge.unfinished_purge(ctx.state, name, what)
+        except RunRefused as exc:
+            raise HttpError(409, str(exc)) from exc
     ctx.state.disable(name, by="http", reason=reason)
     log.warning("%s disabled through the HTTP API: %s", name, reason)
     marker = ctx.state.disabled(name) or {}
@@ -307,12 +315,6 @@ def disable_destination(call: Call) -> Response:
             "reason": marker.get("reason")}
     if what is None:
         return Response(200, body)
-    if name not in config.destinations:
-        raise HttpError(409, f"destination '{name}' is invalid in the destinations file; fix it to purge it")
-    record = purge.open_purge(ctx.state, name)
-    if record is not None and record.get("purge") != what:
-        raise HttpError(409, f"a purge={record.get('purge')} of '{name}' is unfinished (run {record['run_id']}, "
-                             f"{record['status']}); ask for purge={what} once it has finished")
     if record is not None:  # the same purge asked again: its run, not a second one
         url = f"/api/runs/{record['run_id']}"
         body.update(purge=what, run_id=record["run_id"], status=record["status"], status_url=url)

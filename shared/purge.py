@@ -73,6 +73,16 @@ def open_purge(state: StateStore, name: str) -> dict[str, Any] | None:
     return next((r for r in state.open_runs() if r["destination"] == name and r.get("kind") == "purge"), None)
 
 
+def unfinished_purge(state: StateStore, name: str, what: PurgeWhat) -> dict[str, Any] | None:
+    """The destination's unfinished purge when it is the kind asked for (it goes on; no second one is started).
+    RunRefused when an unfinished purge of the other kind is in the way: it finishes first."""
+    record = open_purge(state, name)
+    if record is not None and record.get("purge") != what:
+        raise RunRefused(f"a purge={record.get('purge')} of '{name}' is unfinished (run {record['run_id']}, "
+                         f"{record['status']}); ask for purge={what} once it has finished")
+    return record
+
+
 def enable_destination(state: StateStore, name: str, *, by: str = "cli") -> dict[str, Any]:
     """Undo the disabling of remove_destination: triggers run the destination again (its next export re-adds what a
     finished purge took out). Refused with RunRefused while a purge of it is unfinished: the purge and the next
@@ -111,8 +121,7 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
             return record
         what = record["purge"]
     elif purge is not None:
-        record = open_purge(svc.state, name)
-        what = record["purge"] if record is not None else purge  # an unfinished purge is resumed as it was asked
+        record = unfinished_purge(svc.state, name, purge)
     if what == "contacts" and not confirmed:
         raise ConfigError("purge=contacts deletes the contacts from the SendGrid account entirely (they count against "
                           "the contact allowance if they come back); confirm it explicitly (--yes, or confirm=true)",

@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import app, engine, http_api, samplegen
+from shared import app, engine, http_api, purge, samplegen
 from shared.app import AppContext, Settings
-from shared.errors import DeadlineReached
+from shared.errors import DeadlineReached, RunRefused
 from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets
 from shared.state import StateStore
@@ -116,11 +116,22 @@ def test_the_timer_runs_a_purge_whose_message_was_lost(world: World) -> None:
 
 
 def test_a_second_purge_request_names_the_unfinished_one(world: World) -> None:
-    first = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
-    again = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
+    first = world.call("DELETE", "destinations/{name}", {"purge": "list", "reason": "ticket 42"}, name=NAME)
+    again = world.call("DELETE", "destinations/{name}", {"purge": "list", "reason": "ticket 42"}, name=NAME)
     assert again.status == 202 and again.body["run_id"] == first.body["run_id"] and again.message is None
-    other = world.call("DELETE", "destinations/{name}", {"purge": "contacts", "confirm": "true"}, name=NAME)
+    other = world.call("DELETE", "destinations/{name}", {"purge": "contacts", "confirm": "true", "reason": "oops"},
+                       name=NAME)
     assert other.status == 409 and first.body["run_id"] in other.body["error"]
+    assert world.ctx().state.disabled(NAME)["reason"] == "ticket 42"  # a refused request changes nothing
+    with pytest.raises(RunRefused, match=r"purge=list .* is unfinished"):  # the CLI's door
+        purge.remove_destination(world.ctx().services(world.ctx().config()), NAME, "contacts", confirmed=True)
+
+
+def test_a_reason_holding_a_key_is_stored_without_it(world: World) -> None:
+    key = world.environ["SENDGRID_API_KEY"]
+    assert world.call("DELETE", "destinations/{name}", {"reason": f"rotated {key}"}, name=NAME).status == 200
+    stored = (world.tmp / "state" / "disabled" / f"{NAME}.json").read_text()
+    assert key not in stored and key[:12] not in stored and "rotated" in stored
 
 
 def test_a_dry_run_resumed_by_the_timer_sends_nothing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,12 +274,7 @@ def test_one_record_that_fails_unexpectedly_does_not_stop_the_tick(world: World,
     assert len(world.box.list_emails(copy_list)) == world.info.valid_distinct
 
 
-@pytest.mark.parametrize("mode", ["mirror", "upsert"])
-def test_an_unfinished_run_of_an_older_export_does_not_undo_a_newer_one(world: World, mode: str,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mirror: once a newer export has synced the list, the older export's unfinished run is closed as superseded
-    instead of being resumed (which would bring back who left and remove who joined). Upsert keeps everything it
-    ever sent, so the older run is finished as usual."""
+def _two_exports(world: World, mode: str) -> tuple[list[str], list[str]]:
     config = orjson.loads((world.tmp / "destinations.json").read_bytes())
     config["destinations"][0].update(mode=mode, mapping={"email": "EmailAddress"}, custom_fields={})
     (world.tmp / "destinations.json").write_bytes(orjson.dumps(config))
@@ -278,23 +284,49 @@ def test_an_unfinished_run_of_an_older_export_does_not_undo_a_newer_one(world: W
     folder.mkdir()
     for name, people in (("export-1.csv", older), ("export-2.csv", newer)):
         (folder / name).write_text("EmailAddress\n" + "\n".join(people) + "\n", encoding="utf-8")
+    return older, newer
 
-    def deadline(self: Any, client: Any) -> None:
-        raise DeadlineReached("the deadline came before the first request")
 
+def _deadline(self: Any, client: Any) -> None:
+    raise DeadlineReached("the deadline came before the first request")
+
+
+@pytest.mark.parametrize("mode", ["mirror", "upsert"])
+def test_an_unfinished_run_of_an_older_export_does_not_undo_a_newer_one(world: World, mode: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The older export's unfinished run is finished (what it started to add is then in a snapshot); in mirror
+    mode the latest export is then synced again, so the list ends as the newer export (who left is out again, and
+    whatever only the older run added). Upsert keeps everything it ever sent."""
+    older, newer = _two_exports(world, mode)
     with monkeypatch.context() as m:
-        m.setattr(engine._Run, "send_all", deadline)
+        m.setattr(engine._Run, "send_all", _deadline)
         (first,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
     (second,) = app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
     assert first["status"] == "interrupted" and second["status"] in ("submitted", "completed")
-    for _ in range(2):  # resume (or close) it, then poll its jobs
+    for _ in range(4):  # resume it, poll its jobs and sync the latest again, poll those jobs
         time.sleep(0.2)
         app.on_timer(world.ctx())
     world.box.complete_jobs()
-    closed = world.record(first["run_id"])
-    if mode == "mirror":
-        assert closed["status"] == "superseded" and closed["continued_as"] == second["run_id"]
-        assert set(world.box.list_emails(world.list_id)) == set(newer)
-    else:
-        assert closed["status"] == "completed"
-        assert set(world.box.list_emails(world.list_id)) == set(older) | set(newer)
+    assert world.record(first["run_id"])["status"] == "completed"
+    expected = set(newer) if mode == "mirror" else set(older) | set(newer)
+    assert set(world.box.list_emails(world.list_id)) == expected
+    assert not world.ctx().state.open_runs()
+
+
+def test_a_rerun_of_an_older_export_does_not_outlast_the_latest(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latest export's run is interrupted; an admin re-runs the older export by hand. The timer finishes the
+    latest's run: the list ends as the latest export."""
+    _, newer = _two_exports(world, "mirror")
+    app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    with monkeypatch.context() as m:
+        m.setattr(engine._Run, "send_all", _deadline)
+        (latest,) = app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
+    answer = world.call("POST", "destinations/{name}/runs", body={"source": f"{NAME}/export-1.csv"}, name=NAME)
+    rerun = http_api.work(world.ctx(), answer.message_json() or "", 1)
+    assert latest["status"] == "interrupted" and rerun is not None and rerun["status"] in ("submitted", "completed")
+    for _ in range(3):
+        time.sleep(0.2)
+        app.on_timer(world.ctx())
+    world.box.complete_jobs()
+    assert world.record(latest["run_id"])["status"] == "completed"
+    assert set(world.box.list_emails(world.list_id)) == set(newer)
