@@ -112,11 +112,11 @@ def destinations_for_blob(ctx: AppContext, config: Config, key: str) -> list[str
 def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, trigger: str) -> dict[str, Any]:
     """Run one destination on one export version once: a repeated trigger for the same (key, ETag) is a no-op, a
     destination busy with another run defers to the timer (the export is remembered as its latest)."""
-    ctx.state.set_latest_export(name, key, etag)
     claim = ctx.state.export_claim(name, key, etag)
-    if claim is not None:
+    if claim is not None:  # a repeated event: it is not the latest export again
         log.info("%s: %s (ETag %s) was already handled by run %s; nothing to do", name, key, etag, claim.get("run_id"))
         return {"destination": name, "status": "skipped", "run_id": claim.get("run_id")}
+    ctx.state.set_latest_export(name, key, etag)
     svc = ctx.services(config)
     request = engine.RunRequest(name, key, etag, trigger=trigger, deadline=ctx.deadline())
     try:
@@ -145,24 +145,37 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
 
 
-def _resync_latest_if_overtaken(ctx: AppContext, name: str, resumed: Mapping[str, Any]) -> None:
-    """A mirror destination's list follows the last run to finish. When a resumed run of an older export finishes
-    after a run of the latest export did, the list is the older export's again: give the latest export's claim
-    back, so this tick's latest-export pass syncs it once more (its diff also takes out what the older run added).
-    Only once the older run's jobs are done: a removal cannot find contacts whose upsert is still pending."""
-    if resumed.get("status") not in ("completed", "completed_with_errors"):
-        return
+def _mark_overtaken(ctx: AppContext, name: str, record: dict[str, Any]) -> None:
+    """Before the timer resumes a mirror run of an export that is no longer the latest: if a newer run has synced
+    the latest export since, note it on the run (`overtakes`), so the latest is synced again once this run is done."""
     latest = ctx.state.latest_export(name)
-    if latest is None or (latest["source"], latest["etag"]) == (resumed.get("source"), resumed.get("source_etag")):
+    if latest is None or (latest["source"], latest["etag"]) == (record.get("source"), record.get("source_etag")):
         return
     claim = ctx.state.export_claim(name, latest["source"], latest["etag"])
-    if claim is None or str(claim.get("run_id", "")) <= resumed["run_id"]:
+    holder = ctx.state.load_run(str(claim["run_id"])) if claim and claim.get("run_id") else None
+    if (holder is not None and holder["run_id"] > record["run_id"]
+            and holder.get("status") in ("submitted", "completed", "completed_with_errors")):
+        record["overtakes"] = holder["run_id"]
+        ctx.state.save_run(record)
+
+
+def _resync_latest_if_overtaken(ctx: AppContext, name: str, resumed: Mapping[str, Any]) -> None:
+    """A resumed run that overtook a newer run of the latest export (see _mark_overtaken) has made the list the older
+    export's again: once its jobs are done (a removal cannot find contacts whose upsert is still pending), give the
+    latest export's claim back, so this tick's latest-export pass syncs it once more; its diff also takes out what
+    the older run added."""
+    overtaken = resumed.get("overtakes")
+    latest = ctx.state.latest_export(name)
+    if not overtaken or latest is None or resumed.get("status") not in ("completed", "completed_with_errors"):
         return
-    holder = ctx.state.load_run(str(claim["run_id"]))
-    if holder is not None and holder.get("status") in ("submitted", "completed", "completed_with_errors"):
-        log.info("%s: run %s of an older export finished after run %s of the latest; the latest is synced again",
-                 name, resumed["run_id"], claim.get("run_id"))
-        ctx.state.release_export(name, latest["source"], latest["etag"], run_id=claim.get("run_id"))
+    info = ctx.exports.info(latest["source"])
+    if info is None or info.etag != latest["etag"]:
+        log.warning("%s: run %s of an older export finished after run %s, and the latest export is gone: the list "
+                    "follows the older export until the next one", name, resumed["run_id"], overtaken)
+        return
+    log.info("%s: run %s of an older export finished after run %s of the latest; the latest is synced again",
+             name, resumed["run_id"], overtaken)
+    ctx.state.release_export(name, latest["source"], latest["etag"], run_id=overtaken)
 
 
 def _runnable(ctx: AppContext, config: Config, name: str) -> bool:
@@ -195,6 +208,8 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
             else:
+                if config.destinations[name].mode == "mirror":
+                    _mark_overtaken(ctx, name, record)
                 done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline()), svc))
                 if config.destinations[name].mode == "mirror":
                     _resync_latest_if_overtaken(ctx, name, done[-1])

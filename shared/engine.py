@@ -436,6 +436,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             raise ConfigError(f"no run '{req.resume}' for destination '{dest.name}'")
         req = RunRequest(dest.name, record["source"], record.get("source_etag"), record["trigger"], req.deadline,
                          bool(record.get("dry_run")), req.wait, req.resume)  # a dry run stays one
+        seen = (record.get("status"), record["checkpoint"]["contacts_done"])  # checked again under the lease
         record["checkpoint"]["resumed"] += 1
         fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
         ck = record["checkpoint"]
@@ -465,7 +466,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                 return stored
         if req.resume:
             stored = svc.state.load_run(req.resume)  # read again under the lease: the holder may have moved it on
-            if stored is None or stored["checkpoint"]["contacts_done"] != record["checkpoint"]["contacts_done"]:
+            if stored is None or (stored.get("status"), stored["checkpoint"]["contacts_done"]) != seen:
                 log.info("%s: run %s moved on while this resume waited; nothing to do", dest.name, req.resume)
                 return stored or record
             if (req.source_etag and not req.dry_run
@@ -512,7 +513,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                 record["rejections_file"] = key
             state.rejections.close()
             svc.state.save_run(record)
-            if claim and record["status"] == "refused" and req.source_etag:
+            if (claim or req.resume) and record["status"] == "refused" and req.source_etag:  # it runs once fixed
                 svc.state.release_export(dest.name, req.source, req.source_etag, run_id=record["run_id"])
     return record
 

@@ -330,3 +330,50 @@ def test_a_rerun_of_an_older_export_does_not_outlast_the_latest(world: World, mo
     world.box.complete_jobs()
     assert world.record(latest["run_id"])["status"] == "completed"
     assert set(world.box.list_emails(world.list_id)) == set(newer)
+
+
+def test_two_exports_between_ticks_are_each_sent_once(world: World) -> None:
+    """Nothing interrupted: the timer only polls both runs' jobs; nobody is sent a third time."""
+    _, newer = _two_exports(world, "mirror")
+    app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    world.box.complete_jobs()
+    app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
+    puts = world.puts()
+    for _ in range(3):
+        time.sleep(0.2)
+        app.on_timer(world.ctx())
+    assert world.puts() == puts and world.most_sends() == 2
+    assert set(world.box.list_emails(world.list_id)) == set(newer)
+
+
+def test_a_repeated_event_of_an_older_export_does_not_make_it_the_latest(world: World,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _, newer = _two_exports(world, "mirror")
+    with monkeypatch.context() as m:
+        m.setattr(engine._Run, "send_all", _deadline)
+        app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
+    assert app.on_blob(world.ctx(), f"{NAME}/export-1.csv")[0]["status"] == "skipped"  # redelivered
+    assert world.ctx().state.latest_export(NAME)["source"] == f"{NAME}/export-2.csv"
+    for _ in range(4):
+        time.sleep(0.2)
+        app.on_timer(world.ctx())
+    world.box.complete_jobs()
+    assert set(world.box.list_emails(world.list_id)) == set(newer)
+
+
+def test_a_refused_resume_gives_its_claim_back(world: World, interrupted_blob_run: Any) -> None:
+    """The export runs once the configuration that refused its resume is fixed."""
+    run = interrupted_blob_run()
+    config_path = world.tmp / "destinations.json"
+    config = orjson.loads(config_path.read_bytes())
+    config["destinations"][0]["max_profiles"] = 10
+    config_path.write_bytes(orjson.dumps(config))
+    app.on_timer(world.ctx())
+    assert world.record(run["run_id"])["status"] == "refused" and world.puts() == 0
+    config["destinations"][0]["max_profiles"] = None
+    config_path.write_bytes(orjson.dumps(config))
+    for _ in range(2):
+        app.on_timer(world.ctx())
+        time.sleep(0.2)
+    assert world.in_list() == world.info.valid_distinct
