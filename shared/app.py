@@ -145,22 +145,23 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
 
 
-def _mark_overtaken(ctx: AppContext, name: str, record: dict[str, Any]) -> None:
-    """Before the timer resumes a mirror run of an export that is no longer the latest: if a newer run has synced
-    the latest export since, note it on the run (`overtakes`), so the latest is synced again once this run is done."""
+def _overtaken(ctx: AppContext, name: str, record: Mapping[str, Any]) -> str | None:
+    """Before the timer resumes a mirror run of an export that is no longer the latest: the newer run that has synced
+    the latest export since, if any. The engine notes it on the run (`overtakes`, under the lease), so the latest is
+    synced again once this run is done."""
     latest = ctx.state.latest_export(name)
     if latest is None or (latest["source"], latest["etag"]) == (record.get("source"), record.get("source_etag")):
-        return
+        return None
     claim = ctx.state.export_claim(name, latest["source"], latest["etag"])
     holder = ctx.state.load_run(str(claim["run_id"])) if claim and claim.get("run_id") else None
     if (holder is not None and holder["run_id"] > record["run_id"]
             and holder.get("status") in ("submitted", "completed", "completed_with_errors")):
-        record["overtakes"] = holder["run_id"]
-        ctx.state.save_run(record)
+        return str(holder["run_id"])
+    return None
 
 
 def _resync_latest_if_overtaken(ctx: AppContext, name: str, resumed: Mapping[str, Any]) -> None:
-    """A resumed run that overtook a newer run of the latest export (see _mark_overtaken) has made the list the older
+    """A resumed run that overtook a newer run of the latest export (see _overtaken) has made the list the older
     export's again: once its jobs are done (a removal cannot find contacts whose upsert is still pending), give the
     latest export's claim back, so this tick's latest-export pass syncs it once more; its diff also takes out what
     the older run added."""
@@ -168,6 +169,9 @@ def _resync_latest_if_overtaken(ctx: AppContext, name: str, resumed: Mapping[str
     latest = ctx.state.latest_export(name)
     if not overtaken or latest is None or resumed.get("status") not in ("completed", "completed_with_errors"):
         return
+    if any(r["destination"] == name and r["run_id"] != resumed["run_id"] and r["run_id"] < overtaken
+           and r.get("kind") is None for r in ctx.state.open_runs()):
+        return  # another older run is still unfinished: the last one to finish re-syncs (its removals need theirs)
     info = ctx.exports.info(latest["source"])
     if info is None or info.etag != latest["etag"]:
         log.warning("%s: run %s of an older export finished after run %s, and the latest export is gone: the list "
@@ -208,9 +212,9 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
             else:
-                if config.destinations[name].mode == "mirror":
-                    _mark_overtaken(ctx, name, record)
-                done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline()), svc))
+                overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
+                done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(),
+                                                         overtakes=overtakes), svc))
                 if config.destinations[name].mode == "mirror":
                     _resync_latest_if_overtaken(ctx, name, done[-1])
         except LeaseUnavailable:

@@ -66,6 +66,7 @@ class RunRequest:
     wait: bool = False
     resume: str | None = None  # a run id to resume from its checkpoint
     run_id: str | None = None  # the id for a new run (an HTTP door hands it out before the run starts)
+    overtakes: str | None = None  # a resume: the newer run of the latest export this one will undo (app's timer)
 
 
 @dataclass
@@ -435,7 +436,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         if record is None or record["destination"] != dest.name:
             raise ConfigError(f"no run '{req.resume}' for destination '{dest.name}'")
         req = RunRequest(dest.name, record["source"], record.get("source_etag"), record["trigger"], req.deadline,
-                         bool(record.get("dry_run")), req.wait, req.resume)  # a dry run stays one
+                         bool(record.get("dry_run")), req.wait, req.resume, overtakes=req.overtakes)  # dry stays dry
         seen = (record.get("status"), record["checkpoint"]["contacts_done"])  # checked again under the lease
         record["checkpoint"]["resumed"] += 1
         fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
@@ -469,6 +470,14 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             if stored is None or (stored.get("status"), stored["checkpoint"]["contacts_done"]) != seen:
                 log.info("%s: run %s moved on while this resume waited; nothing to do", dest.name, req.resume)
                 return stored or record
+            info = svc.sources.info(str(req.source)) if req.source_etag else None
+            if info is not None and info.etag != req.source_etag:  # its checkpoint counts rows of the old version
+                record.update(status="superseded", finished_at=now_iso(), note="the export was replaced by a new "
+                              "version since this run stopped; the new version runs instead")
+                svc.state.save_run(record)
+                return record
+            if req.overtakes:
+                record["overtakes"] = req.overtakes
             if (req.source_etag and not req.dry_run
                     and svc.state.export_claim(dest.name, str(req.source), req.source_etag) is None):
                 # its process died between saving the run and claiming the export: claim it now, or the timer's

@@ -377,3 +377,20 @@ def test_a_refused_resume_gives_its_claim_back(world: World, interrupted_blob_ru
         app.on_timer(world.ctx())
         time.sleep(0.2)
     assert world.in_list() == world.info.valid_distinct
+
+
+def test_an_unfinished_run_of_a_replaced_file_is_closed_not_resumed_on_the_new_content(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its checkpoint counts rows of the old version: resuming it on the new one would skip rows never sent."""
+    _, newer = _two_exports(world, "upsert")
+    path = world.tmp / "exports" / NAME / "export-1.csv"
+    with monkeypatch.context() as m:
+        m.setattr(engine._Run, "send_all", _deadline)
+        (first,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    path.write_text("EmailAddress\n" + "\n".join(newer) + "\n", encoding="utf-8")  # a new version, same name
+    (second,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    assert second["run_id"] != first["run_id"] and second["status"] in ("submitted", "completed")
+    puts = world.puts()
+    app.on_timer(world.ctx())
+    closed = world.record(first["run_id"])
+    assert closed["status"] == "superseded" and "new version" in closed["note"] and world.puts() == puts
