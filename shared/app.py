@@ -165,9 +165,11 @@ def _resync_latest_if_overtaken(ctx: AppContext, name: str, resumed: Mapping[str
     export's again: once its jobs are done (a removal cannot find contacts whose upsert is still pending), give the
     latest export's claim back, so this tick's latest-export pass syncs it once more; its diff also takes out what
     the older run added."""
-    overtaken = resumed.get("overtakes")
+    overtaken = resumed.get("overtakes")  # only the timer's resumes of mirror runs carry it
+    if not overtaken or resumed.get("status") not in ("completed", "completed_with_errors"):
+        return
     latest = ctx.state.latest_export(name)
-    if not overtaken or latest is None or resumed.get("status") not in ("completed", "completed_with_errors"):
+    if latest is None:
         return
     if any(r["destination"] == name and r["run_id"] != resumed["run_id"] and r["run_id"] < overtaken
            and r.get("kind") is None for r in ctx.state.open_runs()):
@@ -207,16 +209,14 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
                     done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
             elif status == "submitted":
                 done.append(engine.finish_submitted(record, svc))
-                if config.destinations[name].mode == "mirror":
-                    _resync_latest_if_overtaken(ctx, name, done[-1])
+                _resync_latest_if_overtaken(ctx, name, done[-1])
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
             else:
                 overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
                 done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(),
                                                          overtakes=overtakes), svc))
-                if config.destinations[name].mode == "mirror":
-                    _resync_latest_if_overtaken(ctx, name, done[-1])
+                _resync_latest_if_overtaken(ctx, name, done[-1])
         except LeaseUnavailable:
             log.info("%s: run %s is still going elsewhere", name, run_id)
         except ConnectorError as exc:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +45,7 @@ from .errors import (
 from .secrets import SecretProvider, redact
 from .sendgrid import InvalidContacts, SendGridClient, base_url_for
 from .state import StateStore, new_run_id
-from .storage import ObjectStore
+from .storage import LeaseKeeper, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,8 @@ class _Run:
         self.importer: bulk.Importer | None = None
         self.run_warnings = 0  # warnings about the run as a whole come first; the reading's follow
         self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
-        self.lease: Any = None
+        self.keep_lease: LeaseKeeper | None = None  # renews the destination's lease as the run goes
         self._last_progress = time.monotonic()
-        self._last_renew = time.monotonic()
         self._started = time.monotonic()
 
     # --- reading ------------------------------------------------------------------------------------------------------
@@ -213,10 +212,9 @@ class _Run:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self.lease is not None and now - self._last_renew > 15:
-            self._last_renew = now
+        if self.keep_lease is not None:
             with contextlib.suppress(Exception):
-                self.lease.renew()
+                self.keep_lease()
         if self.svc.progress and now - self._last_progress >= 2.0:
             self._last_progress = now
             elapsed = now - self._started
@@ -385,13 +383,10 @@ def _refuse(svc: Services, record: dict[str, Any], message: str) -> dict[str, An
     return record
 
 
-def supersede(state: StateStore, run_id: str, by: str, why: str, *, statuses: Collection[str]) -> dict[str, Any] | None:
-    """Close a run that another run makes pointless: status 'superseded', final (nobody starts or resumes it), with
-    continued_as naming the other run. Only when its stored status is still one of `statuses`."""
-    record = state.load_run(run_id)
-    if record is None or record.get("status") not in statuses:
-        return record
-    record.update(status="superseded", finished_at=now_iso(), continued_as=by, note=why)
+def _supersede(state: StateStore, record: dict[str, Any], why: str, by: str | None = None) -> dict[str, Any]:
+    """Close a run that another run (or version) makes pointless: status 'superseded', final (nobody starts or
+    resumes it), with continued_as naming the run that went on instead, if one did."""
+    record.update(status="superseded", finished_at=now_iso(), note=why, **({"continued_as": by} if by else {}))
     state.save_run(record)
     return record
 
@@ -427,9 +422,10 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         unfinished = _unfinished_run(svc, dest.name, req.source, req.source_etag)
         if unfinished:  # a crashed or interrupted run of this very export: go on from its checkpoint
             log.info("%s: resuming run %s of %s from its checkpoint", dest.name, unfinished, req.source)
-            if req.run_id and req.run_id != unfinished:  # the queued record says so: its caller polls it
-                supersede(svc.state, req.run_id, unfinished, f"run {unfinished} of the same export was unfinished; "
-                          "it went on from its checkpoint", statuses=("queued",))
+            queued = svc.state.load_run(req.run_id) if req.run_id and req.run_id != unfinished else None
+            if queued is not None and queued.get("status") == "queued":  # it says so: its caller polls it
+                _supersede(svc.state, queued, f"run {unfinished} of the same export was unfinished; it went on from "
+                           "its checkpoint", by=unfinished)
             req = dataclasses.replace(req, resume=unfinished, run_id=None)
     if req.resume:
         record = svc.state.load_run(req.resume)
@@ -472,10 +468,8 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                 return stored or record
             info = svc.sources.info(str(req.source)) if req.source_etag else None
             if info is not None and info.etag != req.source_etag:  # its checkpoint counts rows of the old version
-                record.update(status="superseded", finished_at=now_iso(), note="the export was replaced by a new "
-                              "version since this run stopped; the new version runs instead")
-                svc.state.save_run(record)
-                return record
+                return _supersede(svc.state, record, "the export was replaced by a new version since this run "
+                                  "stopped; the new version runs instead")
             if req.overtakes:
                 record["overtakes"] = req.overtakes
             if (req.source_etag and not req.dry_run
@@ -495,7 +489,7 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             if holder is not None:
                 return {"destination": dest.name, "status": "skipped", "run_id": holder.get("run_id")}
         state = _Run(req, svc, dest, record)
-        state.lease = lease
+        state.keep_lease = LeaseKeeper(lease)
         try:
             with gcpolicy.sparse:  # millions of short-lived rows and contacts: see gcpolicy
                 _execute(state)

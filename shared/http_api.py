@@ -315,14 +315,13 @@ def disable_destination(call: Call) -> Response:
             "reason": marker.get("reason")}
     if what is None:
         return Response(200, body)
-    if record is not None:  # the same purge asked again: its run, not a second one
-        url = f"/api/runs/{record['run_id']}"
-        body.update(purge=what, run_id=record["run_id"], status=record["status"], status_url=url)
-        return Response(202, body, {"Location": url})
-    record = purge.queued_purge(ctx.state, config.destinations[name], what, by="http")
+    message = None  # the same purge asked again answers its run: no second one, no second message
+    if record is None:
+        record = purge.queued_purge(ctx.state, config.destinations[name], what, by="http")
+        message = {"run_id": record["run_id"], "destination": name, "kind": "purge"}
     url = f"/api/runs/{record['run_id']}"
     body.update(purge=what, run_id=record["run_id"], status=record["status"], status_url=url)
-    return Response(202, body, {"Location": url}, {"run_id": record["run_id"], "destination": name, "kind": "purge"})
+    return Response(202, body, {"Location": url}, message)
 
 
 def enable_destination(call: Call) -> Response:
@@ -425,10 +424,7 @@ def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -
             return record
         return purge.remove_destination(ctx.services(ctx.config()), name, record["purge"], confirmed=True, by="http",
                                         run_id=run_id)
-    if record.get("status") != QUEUED:
-        log.info("%s: run %s is %s already; nothing to do", name, run_id, record.get("status"))
-        return record
-    return run_queued(ctx, record, attempt=dequeue_count or 1)
+    return run_queued(ctx, record, attempt=dequeue_count or 1)  # which runs it only if it is still queued
 
 
 def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_ATTEMPTS) -> dict[str, Any]:

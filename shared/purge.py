@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets as pysecrets
-import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -26,14 +25,13 @@ from .engine import Services, destination, now_iso
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, RunRefused
 from .secrets import redact
 from .state import StateStore, new_run_id
-from .storage import HeldLease, ObjectStore, PreconditionFailed
+from .storage import LeaseKeeper, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
 PurgeWhat = Literal["list", "contacts"]
 SALT_KEY = "erasure-salt"
 LEASE_WAIT_SECONDS = 60.0
-LEASE_RENEW_SECONDS = 15.0  # as the engine does: well inside a 60 s blob lease
 PURGE_OPEN_STATUSES = frozenset({"queued", "running", "interrupted"})  # a purge not final yet
 RUNS_LOOKED_AT = 100  # how far back _list_released looks past runs that sent nothing
 _ADDED_NOTHING = frozenset({"queued", "refused", "skipped", "dry_run", "superseded"})  # runs that put nobody in a list
@@ -143,23 +141,20 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
         record.update(status="queued")
         svc.state.save_run(record)
         return record
-    try:
+    with lease:
         # Re-read under the lease: another caller may have finished or moved this purge on while we waited.
         current = svc.state.load_run(record["run_id"]) or record
         if current.get("status") not in PURGE_OPEN_STATUSES:
             return current
-        return _run_purge(svc, dest, current, lease)
-    finally:
-        lease.__exit__(None, None, None)
+        return _run_purge(svc, dest, current, LeaseKeeper(lease))
 
 
-def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], lease: HeldLease) -> dict[str, Any]:
+def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_lease: LeaseKeeper) -> dict[str, Any]:
     """Work on an open purge record from its checkpoint; the caller holds the destination's lease, renewed here as
     the checkpoints pass (a blob lease lapses after 60 s, and the timer would start the same purge beside this one).
     The snapshot outlives a list purge (a later purge=contacts needs it); a completed deletion removes it."""
     what: PurgeWhat = record["purge"]
     record.update(status="running", error=None, started_at=record.get("started_at") or now_iso())
-    record.setdefault("checkpoint", {"done": 0})
     svc.state.save_run(record)
     key = svc.state.snapshot_key(dest.name, dest.list_id)
     store = svc.state.store
@@ -169,15 +164,11 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], lease: 
                                            *(snapshots.read_snapshot(store, k)
                                              for k in _others(svc, dest.name, dest.list_id, what)))
 
-        renewed = [time.monotonic()]
-
         def checkpoint(done: int, counts: dict[str, Any]) -> None:
             record["checkpoint"]["done"] = done
             record["counts"] = dict(counts)
             svc.state.save_run(record)
-            if time.monotonic() - renewed[0] >= LEASE_RENEW_SECONDS:
-                lease.renew()
-                renewed[0] = time.monotonic()
+            keep_lease()
 
         start, carried = record["checkpoint"]["done"], record.get("counts") or None
         if what == "list":
@@ -219,10 +210,8 @@ def _forget(svc: Services, dest: Destination, address: str) -> bool:
         lease = svc.state.wait_lease(dest.name, LEASE_WAIT_SECONDS)
     except LeaseUnavailable:
         return False
-    try:
+    with lease:
         snapshots.filter_out(svc.state.store, svc.state.snapshot_key(dest.name, dest.list_id), address)
-    finally:
-        lease.__exit__(None, None, None)
     return True
 
 
@@ -246,10 +235,8 @@ def erase(svc: Services, email: str, *, by: str = "cli") -> dict[str, Any]:
         except LeaseUnavailable:
             report["errors"].append(f"{name}: busy with a run; erase again to finish")
             continue
-        try:
+        with lease:
             held = _holds(svc.state.store, svc.state.snapshot_key(name, dest.list_id), address)
-        finally:
-            lease.__exit__(None, None, None)
         if held:
             report["destinations"].append(name)
             accounts.setdefault((dest.api_key_secret, dest.region), []).append(dest)

@@ -227,15 +227,34 @@ class LocalFolderStore:
         return None
 
 
+LEASE_RENEW_SECONDS = 15.0  # well inside a 60 s blob lease
+
+
+class LeaseKeeper:
+    """Renews a lease at most every LEASE_RENEW_SECONDS however often it is called (per chunk, per checkpoint):
+    work that outlasts a blob lease (at most 60 s) keeps its destination."""
+
+    def __init__(self, lease: Lease) -> None:
+        self._lease, self._last = lease, time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= LEASE_RENEW_SECONDS:
+            self._last = now
+            self._lease.renew()
+
+
 class HeldLease:
-    """A lease taken outside a with block (wait_for_lease): renew() it while the work lasts longer than the lease
-    (a blob lease is at most 60 s), and leave it with __exit__(None, None, None)."""
+    """A lease that wait_for_lease has already taken: leave it by using it as a context manager (or __exit__)."""
 
     def __init__(self, cm: contextlib.AbstractContextManager[Lease], lease: Lease) -> None:
         self._cm, self._lease = cm, lease
 
     def renew(self) -> None:
         self._lease.renew()
+
+    def __enter__(self) -> HeldLease:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(None, None, None)

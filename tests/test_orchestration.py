@@ -85,16 +85,19 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield World(box, list_id, info, tmp_path, {"SENDGRID_API_URL": server.url, "SENDGRID_API_KEY": key})
 
 
-@pytest.fixture
-def interrupted_blob_run(world: World, monkeypatch: pytest.MonkeyPatch) -> Callable[[], dict[str, Any]]:
-    """A blob-triggered run that stops at its deadline before its first request (open, claim held)."""
-    def run() -> dict[str, Any]:
-        def deadline(self: Any, client: Any) -> None:
-            raise DeadlineReached("the deadline came before the first request")
+def _deadline(self: Any, client: Any) -> None:
+    """engine._Run.send_all for a run that meets its deadline before its first request."""
+    raise DeadlineReached("the deadline came before the first request")
 
+
+@pytest.fixture
+def interrupted_blob_run(world: World, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, Any]]:
+    """A blob-triggered run (of the generated export, or of `key`) that stops at its deadline before its first
+    request (open, claim held)."""
+    def run(key: str | None = None) -> dict[str, Any]:
         with monkeypatch.context() as m:
-            m.setattr(engine._Run, "send_all", deadline)
-            (record,) = app.on_blob(world.ctx(), world.info.model_key)
+            m.setattr(engine._Run, "send_all", _deadline)
+            (record,) = app.on_blob(world.ctx(), key or world.info.model_key)
         assert record["status"] == "interrupted"
         return record
 
@@ -287,20 +290,14 @@ def _two_exports(world: World, mode: str) -> tuple[list[str], list[str]]:
     return older, newer
 
 
-def _deadline(self: Any, client: Any) -> None:
-    raise DeadlineReached("the deadline came before the first request")
-
-
 @pytest.mark.parametrize("mode", ["mirror", "upsert"])
 def test_an_unfinished_run_of_an_older_export_does_not_undo_a_newer_one(world: World, mode: str,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         interrupted_blob_run: Any) -> None:
     """The older export's unfinished run is finished (what it started to add is then in a snapshot); in mirror
     mode the latest export is then synced again, so the list ends as the newer export (who left is out again, and
     whatever only the older run added). Upsert keeps everything it ever sent."""
     older, newer = _two_exports(world, mode)
-    with monkeypatch.context() as m:
-        m.setattr(engine._Run, "send_all", _deadline)
-        (first,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    first = interrupted_blob_run(f"{NAME}/export-1.csv")
     (second,) = app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
     assert first["status"] == "interrupted" and second["status"] in ("submitted", "completed")
     for _ in range(4):  # resume it, poll its jobs and sync the latest again, poll those jobs
@@ -313,14 +310,12 @@ def test_an_unfinished_run_of_an_older_export_does_not_undo_a_newer_one(world: W
     assert not world.ctx().state.open_runs()
 
 
-def test_a_rerun_of_an_older_export_does_not_outlast_the_latest(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rerun_of_an_older_export_does_not_outlast_the_latest(world: World, interrupted_blob_run: Any) -> None:
     """The latest export's run is interrupted; an admin re-runs the older export by hand. The timer finishes the
     latest's run: the list ends as the latest export."""
     _, newer = _two_exports(world, "mirror")
     app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
-    with monkeypatch.context() as m:
-        m.setattr(engine._Run, "send_all", _deadline)
-        (latest,) = app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
+    latest = interrupted_blob_run(f"{NAME}/export-2.csv")
     answer = world.call("POST", "destinations/{name}/runs", body={"source": f"{NAME}/export-1.csv"}, name=NAME)
     rerun = http_api.work(world.ctx(), answer.message_json() or "", 1)
     assert latest["status"] == "interrupted" and rerun is not None and rerun["status"] in ("submitted", "completed")
@@ -347,11 +342,9 @@ def test_two_exports_between_ticks_are_each_sent_once(world: World) -> None:
 
 
 def test_a_repeated_event_of_an_older_export_does_not_make_it_the_latest(world: World,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         interrupted_blob_run: Any) -> None:
     _, newer = _two_exports(world, "mirror")
-    with monkeypatch.context() as m:
-        m.setattr(engine._Run, "send_all", _deadline)
-        app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    interrupted_blob_run(f"{NAME}/export-1.csv")
     app.on_blob(world.ctx(), f"{NAME}/export-2.csv")
     assert app.on_blob(world.ctx(), f"{NAME}/export-1.csv")[0]["status"] == "skipped"  # redelivered
     assert world.ctx().state.latest_export(NAME)["source"] == f"{NAME}/export-2.csv"
@@ -380,13 +373,11 @@ def test_a_refused_resume_gives_its_claim_back(world: World, interrupted_blob_ru
 
 
 def test_an_unfinished_run_of_a_replaced_file_is_closed_not_resumed_on_the_new_content(
-        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        world: World, interrupted_blob_run: Any) -> None:
     """Its checkpoint counts rows of the old version: resuming it on the new one would skip rows never sent."""
     _, newer = _two_exports(world, "upsert")
     path = world.tmp / "exports" / NAME / "export-1.csv"
-    with monkeypatch.context() as m:
-        m.setattr(engine._Run, "send_all", _deadline)
-        (first,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
+    first = interrupted_blob_run(f"{NAME}/export-1.csv")
     path.write_text("EmailAddress\n" + "\n".join(newer) + "\n", encoding="utf-8")  # a new version, same name
     (second,) = app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
     assert second["run_id"] != first["run_id"] and second["status"] in ("submitted", "completed")

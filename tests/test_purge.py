@@ -255,7 +255,7 @@ def test_a_long_purge_renews_the_destinations_lease(world: World, monkeypatch: p
 
     renewals: list[float] = []
     monkeypatch.setattr(storage._FileLease, "renew", lambda self: renewals.append(time.monotonic()))
-    monkeypatch.setattr(purge, "LEASE_RENEW_SECONDS", 0.0)
+    monkeypatch.setattr(storage, "LEASE_RENEW_SECONDS", 0.0)
     world.destination("alpha")
     world.export("alpha", many(350))
     record = purge.remove_destination(world.services(), "alpha", "list")
