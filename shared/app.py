@@ -208,7 +208,7 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
                 if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
                     done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
             elif status == "submitted":
-                done.append(engine.finish_submitted(record, svc))
+                done.append(engine.finish_submitted(record, svc, deadline=ctx.deadline()))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
@@ -223,6 +223,10 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
             log.error("%s: run %s could not be finished: %s", name, run_id, exc)
         except Exception:  # one broken record must not stop the rest of the tick, every tick
             log.exception("%s: run %s failed unexpectedly; the next tick tries again", name, run_id)
+    try:
+        done.extend(purge.finish_erasures(svc, wait_seconds=min(300.0, ctx.settings.run_deadline_seconds)))
+    except Exception:  # the exports below must not wait on an erasure that cannot finish
+        log.exception("open erasures could not be finished; the next tick tries again")
     for name in config.destinations:
         latest = ctx.state.latest_export(name)
         if (_runnable(ctx, config, name) and latest

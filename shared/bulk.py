@@ -30,10 +30,13 @@ class ImportFile:
     count: int
     last_index: int  # stream index of the file's last contact: the checkpoint once SendGrid has the file
     field_mappings: list[str | None]
+    emails_path: str = ""  # the file's emails, a gzip of lines: recorded as sent once SendGrid has the file
 
     def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, self.emails_path):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
 
 _NO_FIELDS: dict[str, Any] = {}
@@ -112,10 +115,12 @@ class Importer:
         carry: tuple[int, list[dict[str, Any]]] | None = None  # what the previous file had no room for
         while True:
             fd, path = tempfile.mkstemp(suffix=".csv.gz", dir=self._dir)
+            efd, emails_path = tempfile.mkstemp(suffix=".emails.gz", dir=self._dir)
             count, last = 0, -1
             try:
                 with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3) as gz, \
-                        io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
+                        io.TextIOWrapper(gz, encoding="utf-8", newline="") as text, \
+                        os.fdopen(efd, "wb") as eraw, gzip.GzipFile(fileobj=eraw, mode="wb", compresslevel=1) as eg:
                     writer = csv.writer(text)
                     writer.writerow(self.headers)
                     while count < self.per_file:
@@ -123,17 +128,21 @@ class Importer:
                             break
                         first, contacts = carry
                         room = self.per_file - count
-                        writer.writerows(map(self.row, contacts[:room]))
+                        taken_contacts = contacts[:room]
+                        writer.writerows(map(self.row, taken_contacts))
+                        eg.write(("\n".join(c["email"] for c in taken_contacts) + "\n").encode())
                         taken = min(room, len(contacts))
                         count, last = count + taken, first + taken - 1
                         carry = (first + taken, contacts[taken:]) if taken < len(contacts) else None
             except BaseException:  # the export failed mid-file (a read error, the deadline): cleanup() cannot see it
                 os.unlink(path)
+                os.unlink(emails_path)
                 raise
             if count == 0:
                 os.unlink(path)
+                os.unlink(emails_path)
                 return
-            f = ImportFile(path, os.path.getsize(path), count, last, self.field_mappings)
+            f = ImportFile(path, os.path.getsize(path), count, last, self.field_mappings, emails_path)
             self._open.append(f)
             yield f
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -20,15 +21,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 
-from . import batching, bulk, contacts, dedup, gcpolicy, mirror, pipeline, snapshots, sources
+from . import batching, bulk, contacts, dedup, gcpolicy, jobs, listsync, pipeline, snapshots, sources
 from .config import Config, Destination
 from .errors import (
     AuthError,
@@ -42,16 +41,15 @@ from .errors import (
     SourceError,
     TransientError,
 )
+from .held import Held
 from .secrets import SecretProvider, redact
 from .sendgrid import InvalidContacts, SendGridClient, base_url_for
-from .state import StateStore, new_run_id
+from .state import StateStore, new_run_id, now_iso
 from .storage import LeaseKeeper, ObjectStore
 
 log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
-FINAL_JOB = ("completed", "errored", "failed")
-POLL_CONCURRENCY = 8  # job-status calls at once (the client's connection pool holds 8)
 _NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
 
 
@@ -87,10 +85,6 @@ class Services:
         if self.client_factory is not None:
             return self.client_factory(dest)
         return SendGridClient(base_url_for(dest.region, self.environ), self.secrets, dest.api_key_secret)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _reason_key(reason: str) -> str:
@@ -168,6 +162,10 @@ class _Run:
         self.run_warnings = 0  # warnings about the run as a whole come first; the reading's follow
         self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
         self.keep_lease: LeaseKeeper | None = None  # renews the destination's lease as the run goes
+        self.held = Held(svc.state, dest.name, dest.list_id)  # where accepted contacts are recorded as sent
+        self.account = jobs.account_of(dest)
+        self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
+        self.read = True  # this attempt reads the export (a mirror run resumed past its sending does not)
         self._last_progress = time.monotonic()
         self._started = time.monotonic()
 
@@ -293,10 +291,17 @@ class _Run:
         if self.req.deadline is not None and time.monotonic() >= self.req.deadline:
             raise DeadlineReached("the run's deadline was reached before the next request")
 
-    def _accepted(self, job: dict[str, Any], last_index: int, body_bytes: int, count: int) -> None:
-        """Record an accepted request or import and move the checkpoint past it."""
+    def _accepted(self, job: dict[str, Any], last_index: int, body_bytes: int, count: int,
+                  record_sent: Callable[[int], None]) -> None:
+        """Record an accepted request or import and move the checkpoint past it. What SendGrid accepted is recorded
+        as sent (`record_sent(done)`) and the run noted under its account before the checkpoint moves: whatever
+        becomes of the run, erasure and purge find those contacts, and removals wait for the job."""
         if self.record["timings"].get("first_request_s") is None:
             self.record["timings"]["first_request_s"] = round(time.monotonic() - self._started, 3)
+        record_sent(last_index + 1)
+        if not self._jobs_noted:
+            self.svc.state.mark_open_jobs(self.account, self.record["run_id"], self.dest.name)
+            self._jobs_noted = True
         self.record["jobs"].append(job)
         req = self.record["requests"]
         req["count"] += 1
@@ -313,10 +318,13 @@ class _Run:
         started = client.start_import([self.dest.list_id], f.field_mappings)
         with open(f.path, "rb") as fh:
             client.upload(started["upload_uri"], started.get("upload_headers", []), fh, f.size)
-        f.discard()
         self.record["requests"]["imports"] = self.record["requests"].get("imports", 0) + 1
-        self._accepted({"id": str(started["job_id"]), "kind": "import", "contacts": f.count, "status": "pending"},
-                       f.last_index, f.size, f.count)
+        try:
+            self._accepted({"id": str(started["job_id"]), "kind": "import", "contacts": f.count, "status": "pending"},
+                           f.last_index, f.size, f.count,
+                           lambda done: self.held.record_file(self.record["run_id"], done, f.emails_path))
+        finally:
+            f.discard()
 
     def send_batch(self, client: SendGridClient, batch: batching.ContactBatch) -> None:
         self._deadline_check()
@@ -339,7 +347,7 @@ class _Run:
             # counted with the checkpoint that passes the batch: a resume re-sends (and re-counts) an unfinished one
             ck["refused_by_sendgrid"] += refused_here
             self._accepted({"id": job_id, "contacts": len(live), "status": "pending"}, batch.last_index, len(body),
-                           len(live))
+                           len(live), functools.partial(self.held.record, self.record["run_id"], emails=live.emails))
             return
         ck["refused_by_sendgrid"] += refused_here
         ck["contacts_done"] = batch.last_index + 1  # every contact of the batch was refused
@@ -435,12 +443,14 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                          bool(record.get("dry_run")), req.wait, req.resume, overtakes=req.overtakes)  # dry stays dry
         seen = (record.get("status"), record["checkpoint"]["contacts_done"])  # checked again under the lease
         record["checkpoint"]["resumed"] += 1
-        fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
-        ck = record["checkpoint"]
-        fresh["counts"]["sent"] = ck["contacts_done"] - ck["refused_by_sendgrid"]
         record.pop("resumable", None)
-        record.update(status="running", error=None, finished_at=None, warnings=[], file_errors=[], rejections=[],
-                      field_notes=[], counts=fresh["counts"])
+        record.update(status="running", error=None, finished_at=None)
+        if record["checkpoint"].get("phase") not in listsync.AFTER_SENDING:  # else its counts stand: nothing is read
+            fresh = _new_record(req, dest, record["run_id"])  # the replay recounts everything but what was sent
+            ck = record["checkpoint"]
+            fresh["counts"]["sent"] = ck["contacts_done"] - ck["refused_by_sendgrid"]
+            record.update(warnings=[], file_errors=[], rejections=[], field_notes=[], counts=fresh["counts"],
+                          incomplete=[])
     else:
         record = _new_record(req, dest, req.run_id or new_run_id())
     if not dest.consent:
@@ -506,11 +516,12 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         except ConnectorError as exc:
             record.update(status="failed", error=redact(str(exc)))
         finally:
-            _finish_counts(state)
+            if state.read:
+                _finish_counts(state)
             record["timings"]["seconds"] = round(time.monotonic() - state._started, 3)
             if record["status"] != "running" or req.dry_run:
                 record["finished_at"] = now_iso()
-            if record["status"] != "refused":
+            if record["status"] != "refused" and state.read:
                 key = f"runs/{dest.name}/{record['run_id']}.rejections.csv"
                 svc.state.store.write_stream(key, state.rejections.chunks())
                 record["rejections_file"] = key
@@ -521,15 +532,29 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
     return record
 
 
-def finish_submitted(record: dict[str, Any], svc: Services) -> dict[str, Any]:
-    """Poll the jobs of a run whose requests were all accepted, and store the outcome."""
-    client = svc.client(destination(svc.config, record["destination"]))
-    try:
-        poll_jobs(record, client, svc, wait=False)
-    finally:
-        client.close()
-    svc.state.save_run(record)
-    return record
+def finish_submitted(record: dict[str, Any], svc: Services, *, deadline: float | None = None) -> dict[str, Any]:
+    """Bring a run left `submitted` to its end under the destination's lease: poll its jobs and, in mirror mode, go
+    on with its removals. LeaseUnavailable when another run holds the destination (the next tick tries again)."""
+    dest = destination(svc.config, record["destination"])
+    with svc.state.lease(dest.name) as lease:
+        current = svc.state.load_run(record["run_id"])  # under the lease: another process may have moved it on
+        if current is None or current.get("status") != "submitted":
+            return current or record
+        client = svc.client(dest)
+        try:
+            listsync.finish_submitted(_sync(current, dest, svc, client, deadline=deadline, lease=LeaseKeeper(lease)))
+        except (DeadlineReached, ConnectorError) as exc:
+            current.update(status="interrupted", error=redact(str(exc)))
+            svc.state.save_run(current)
+        finally:
+            client.close()
+    return current
+
+
+def _sync(record: dict[str, Any], dest: Destination, svc: Services, client: SendGridClient, *,
+          wait: bool = False, deadline: float | None = None, lease: LeaseKeeper | None = None) -> listsync.Sync:
+    return listsync.Sync(record, dest, svc.state, client, svc, lambda: svc.state.save_run(record), wait=wait,
+                         deadline=deadline, keep_lease=lease or (lambda: None))
 
 
 def _finish_counts(state: _Run) -> None:
@@ -546,6 +571,15 @@ def _finish_counts(state: _Run) -> None:
 
 def _execute(state: _Run) -> None:
     req, svc, dest, record = state.req, state.svc, state.dest, state.record
+    if record["checkpoint"].get("phase") in listsync.AFTER_SENDING:  # sent: its removals go on, nothing is read
+        state.read = False
+        client = svc.client(dest)
+        try:
+            listsync.resume_mirror(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline,
+                                         lease=state.keep_lease))
+        finally:
+            client.close()
+        return
     state.partitions = sources.discover(svc.sources, req.source, dest.segments)
     record["sources"] = [{"segment": p.segment, "key": p.key} for p in state.partitions]
     found = {p.segment for p in state.partitions}
@@ -595,10 +629,8 @@ def _execute(state: _Run) -> None:
         assert client is not None
         state.sorter = snapshots.EmailSorter()
         state.send_all(client)
-        record["status"] = "submitted"
-        poll_jobs(record, client, svc, wait=req.wait)
-        if record["status"] != "failed":  # the snapshot advances only once SendGrid accepted the run's contacts
-            _sync_snapshot(state, client)
+        listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline,
+                                  lease=state.keep_lease), state.sorter.sorted_unique())
     finally:
         if state.sorter is not None:
             state.sorter.close()
@@ -606,51 +638,6 @@ def _execute(state: _Run) -> None:
             for k in ("retries", "rate_limited"):
                 record["requests"][k] += client.stats[k]
             client.close()
-
-
-def _sync_snapshot(state: _Run, client: SendGridClient) -> None:
-    """Record what the list now holds from this product, and in mirror mode remove who left the segment.
-
-    The new snapshot is staged first; the previous one stays the reference until removals are done, so a resumed
-    run diffs against the same previous snapshot. Upsert mode never removes: its snapshot is the union of the
-    previous one and this run (everything the product ever put in the list, for a purge)."""
-    svc, dest, record = state.svc, state.dest, state.record
-    store, ck = svc.state.store, record["checkpoint"]
-    key = svc.state.snapshot_key(dest.name, dest.list_id)
-    staging = "staging/" + key
-    assert state.sorter is not None
-    current = state.sorter.sorted_unique()
-    if dest.mode == "upsert":
-        snapshots.write_snapshot(store, key, snapshots.union_sorted(snapshots.read_snapshot(store, key), current),
-                                 trusted=True)
-        return
-    current_count = snapshots.write_snapshot(store, staging, current, trusted=True)
-    previous_count = snapshots.snapshot_size(store, key)
-    leaving = snapshots.count_sorted(
-        snapshots.diff_sorted(snapshots.read_snapshot(store, key), snapshots.read_snapshot(store, staging)))
-    plan = mirror.plan_removal(previous_count, current_count, leaving, dest.max_removal_fraction)
-    report = record["mirror"] = {"previous": previous_count, "current": current_count, "to_remove": leaving,
-                                 "guard_rail": "allowed" if plan.allowed else "refused", "reason": plan.reason,
-                                 "removed": 0, "not_found": 0}
-    if not plan.allowed:
-        store.delete(staging)
-        record.update(status="failed", error=plan.reason)
-        return
-
-    def checkpoint(done: int, counts: dict[str, Any]) -> None:
-        ck["removals_done"] = done
-        ck["removal_counts"] = dict(counts)
-        svc.state.save_run(record)
-
-    result = mirror.remove_emails(
-        client, dest.list_id,
-        snapshots.diff_sorted(snapshots.read_snapshot(store, key), snapshots.read_snapshot(store, staging)),
-        start=ck.get("removals_done", 0), on_progress=checkpoint, counts=ck.get("removal_counts"))
-    report.update(removed=result["removed"], not_found=result["not_found"], jobs=result["jobs"][-10:])
-    snapshots.write_snapshot(store, key, snapshots.read_snapshot(store, staging), trusted=True)
-    store.delete(staging)
-    ck.pop("removals_done", None)
-    ck.pop("removal_counts", None)
 
 
 def _reset_counts(state: _Run) -> None:
@@ -678,45 +665,3 @@ def _resolve_custom_fields(dest: Destination, defs: Mapping[str, Any]) -> list[c
             f"(custom fields it has: {have}). Create them in SendGrid (Marketing > Custom Fields) or fix custom_fields")
     return [contacts.CustomField(n, by_name[n.lower()]["id"], by_name[n.lower()]["field_type"], col)
             for n, col in dest.custom_fields.items()]
-
-
-def _job_statuses(client: SendGridClient, job_ids: list[str]) -> list[dict[str, Any]]:
-    """GET each job's status, POLL_CONCURRENCY calls at a time, in job_ids' order. One call after another, a sweep
-    over a 5M-contact run's 188 jobs took 188 round trips (47 s at 250 ms each)."""
-    if len(job_ids) <= 1:
-        return [client.import_status(i) for i in job_ids]
-    with ThreadPoolExecutor(min(POLL_CONCURRENCY, len(job_ids)), thread_name_prefix="job-status") as pool:
-        return list(pool.map(client.import_status, job_ids))
-
-
-def poll_jobs(record: dict[str, Any], client: SendGridClient, svc: Services, *, wait: bool) -> None:
-    """Update the run's jobs from SendGrid; with wait, until every job is final. Sets the run's final status."""
-    end = time.monotonic() + svc.wait_timeout
-    interval = min(svc.poll_interval, 0.25)
-    while True:
-        open_jobs = [j for j in record["jobs"] if j["status"] not in FINAL_JOB]
-        for job, status in zip(open_jobs, _job_statuses(client, [j["id"] for j in open_jobs]), strict=True):
-            job["status"] = status.get("status", "pending")
-            job["results"] = {k: v for k, v in (status.get("results") or {}).items() if k != "errors_url"}
-            if job["status"] in ("errored", "failed") and status.get("results", {}).get("errors_url"):
-                job["errors"] = [redact(x) for x in client.errors_head(status["results"]["errors_url"])]
-        pending = [j for j in record["jobs"] if j["status"] not in FINAL_JOB]
-        if not pending or not wait or time.monotonic() >= end:
-            break
-        time.sleep(interval)
-        interval = min(interval * 1.5, svc.poll_interval)
-    if pending:
-        record["status"] = "submitted"
-        return
-    # what SendGrid accepted but did not apply: errored rows, and every contact of a failed job
-    record["counts"]["not_applied"] = sum(j.get("contacts", 0) if j["status"] == "failed"
-                                          else int((j.get("results") or {}).get("errored_count") or 0)
-                                          for j in record["jobs"])
-    statuses = {j["status"] for j in record["jobs"]}
-    if statuses and statuses <= {"failed"}:
-        record.update(status="failed", error="every SendGrid job failed; see jobs[].errors")
-    elif statuses - {"completed"} or record["file_errors"]:
-        record["status"] = "completed_with_errors"
-    else:
-        record["status"] = "completed"
-    record["finished_at"] = now_iso()

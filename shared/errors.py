@@ -69,3 +69,7 @@ class TransientError(SendGridError):
 
 class DeadlineReached(ConnectorError):
     """Internal signal: the run's deadline is near; it checkpoints and stops as 'interrupted'."""
+
+
+class NotYet(ConnectorError):
+    """SendGrid has not finished something yet (its jobs, a removal): the work stays open and goes on later."""

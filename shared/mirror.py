@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,7 +23,7 @@ from typing import Any
 
 from . import limits
 from .errors import PayloadRejected
-from .sendgrid import InvalidContacts, SendGridClient
+from .sendgrid import InvalidContacts, SearchHit, SendGridClient
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +89,17 @@ def plan_removal(previous_count: int, current_count: int, removal_count: int, ma
 
 
 def _new_counts(done_key: str, carried: Mapping[str, Any] | None) -> dict[str, Any]:
-    counts: dict[str, Any] = {"requested": 0, done_key: 0, "not_found": 0, "invalid": 0, "jobs": [], "job_count": 0}
+    names = ("requested", done_key, "not_found", "not_in_list", "invalid", "job_count")
+    counts: dict[str, Any] = dict.fromkeys(names, 0) | {"jobs": []}
     if carried:
-        for name in ("requested", done_key, "not_found", "invalid", "job_count"):
+        for name in names:
             counts[name] = int(carried.get(name, 0) or 0)
         counts["jobs"] = [str(j) for j in carried.get("jobs", [])][-JOBS_KEPT:]
     return counts
 
 
-def _lookup(client: SendGridClient, chunk: Sequence[str]) -> tuple[list[str], int, int]:
-    """(distinct contact ids, emails found, emails SendGrid refused to search) for at most 100 emails.
+def _lookup(client: SendGridClient, chunk: Sequence[str]) -> tuple[dict[str, SearchHit], int]:
+    """(the contacts found, by email; how many emails SendGrid refused to search) for at most 100 emails.
 
     Addresses the search refuses as invalid (it is stricter than upserts, e.g. on length) cannot be looked up, so
     they are counted and left out instead of failing the whole run."""
@@ -105,7 +107,7 @@ def _lookup(client: SendGridClient, chunk: Sequence[str]) -> tuple[list[str], in
     invalid = 0
     while pending:
         try:
-            found = client.search_emails(pending)
+            found = client.search_contacts(pending)
         except InvalidContacts as exc:
             named = set(exc.emails) | {pending[i] for i in exc.indexes if 0 <= i < len(pending)}
             keep = [e for e in pending if e not in named]
@@ -114,9 +116,13 @@ def _lookup(client: SendGridClient, chunk: Sequence[str]) -> tuple[list[str], in
             invalid += len(pending) - len(keep)
             pending = keep
             continue
-        hits = [e for e in pending if e in found]
-        return list(dict.fromkeys(found[e] for e in hits)), len(hits), invalid
-    return [], 0, invalid
+        return {e: found[e] for e in pending if e in found}, invalid
+    return {}, invalid
+
+
+def _targets(hits: Mapping[str, SearchHit], list_id: str | None) -> list[str]:
+    """Distinct ids to act on: every contact found, or (removal from a list) those still on that list."""
+    return list(dict.fromkeys(h.id for h in hits.values() if list_id is None or list_id in h.list_ids))
 
 
 def _by_email(
@@ -125,6 +131,7 @@ def _by_email(
     act: Callable[[list[str]], list[str]],
     done_key: str,
     *,
+    list_id: str | None = None,
     start: int,
     on_progress: Progress | None,
     counts: Mapping[str, Any] | None,
@@ -135,7 +142,8 @@ def _by_email(
     iterator = iter(emails)
     done = sum(1 for _ in itertools.islice(iterator, start))  # skipped without any request
     while chunk := list(itertools.islice(iterator, limits.MAX_SEARCH_EMAILS)):
-        ids, found, invalid = _lookup(client, chunk)
+        hits, invalid = _lookup(client, chunk)
+        ids = _targets(hits, list_id)
         jobs: list[str] = []
         if ids:
             try:
@@ -146,14 +154,16 @@ def _by_email(
                 # SendGrid refuses unknown ids: a contact was deleted between search and removal. Look the chunk
                 # up again and retry once; a second 404 (say, the list is gone) is the caller's problem.
                 log.info("removal answered 404; looking the chunk up again")
-                ids, found, invalid = _lookup(client, chunk)
+                hits, invalid = _lookup(client, chunk)
+                ids = _targets(hits, list_id)
                 jobs = act(ids) if ids else []
         if ids:
             result[done_key] += len(ids)
             result["job_count"] += len(jobs)
             result["jobs"] = (result["jobs"] + [j for j in jobs if j])[-JOBS_KEPT:]
         result["requested"] += len(chunk)
-        result["not_found"] += len(chunk) - found - invalid
+        result["not_found"] += len(chunk) - len(hits) - invalid
+        result["not_in_list"] += len(hits) - len(ids) if list_id is not None else 0
         result["invalid"] += invalid
         done += len(chunk)
         if on_progress is not None:
@@ -175,10 +185,11 @@ def remove_emails(
     The first `start` emails are skipped without a request (resume). After each chunk `on_progress(done, counts)` is
     called with the absolute position in the stream (the next `start`) and the running counts (a live dict: serialise
     it, don't keep it). `counts` carries an interrupted attempt's counts so the totals span both. Returns
-    {"requested", "removed", "not_found", "invalid", "jobs" (the last JOBS_KEPT job ids), "job_count"}; "removed"
-    counts contacts asked to be removed (one not in the list costs nothing)."""
-    return _by_email(client, emails, lambda ids: client.remove_from_list(list_id, ids), "removed", start=start,
-                     on_progress=on_progress, counts=counts)
+    {"requested", "removed", "not_found", "not_in_list", "invalid", "jobs" (the last JOBS_KEPT job ids),
+    "job_count"}: only contacts still on the list are asked to be removed ("removed"); a pass that removes nobody
+    confirms that every email of the stream is off the list (SendGrid applies removals later: see `passes`)."""
+    return _by_email(client, emails, lambda ids: client.remove_from_list(list_id, ids), "removed", list_id=list_id,
+                     start=start, on_progress=on_progress, counts=counts)
 
 
 def delete_emails(
@@ -195,6 +206,47 @@ def delete_emails(
                      counts=counts)
 
 
+# ------------------------------------------------------------------------------------------------- confirmed passes
+
+PASS_WAIT_FIRST, PASS_WAIT_MAX = 1.0, 60.0  # between passes: SendGrid applies removals and deletions minutes later
+Act = Callable[..., dict[str, Any]]  # remove_emails or delete_emails with their client (and list) bound
+
+
+def new_passes() -> dict[str, Any]:
+    """The durable state of `until_confirmed`, kept in a run's checkpoint."""
+    return {"pass": 1, "done": 0, "counts": None, "first": None}
+
+
+def until_confirmed(act: Act, done_key: str, emails: Callable[[], Iterable[str]], passes: dict[str, Any], *,
+                    checkpoint: Callable[[], None], until: float, pause: Callable[[float], None] = time.sleep) -> bool:
+    """Passes of `act` over the same emails until one acts on nobody: SendGrid applies removals and deletions later,
+    so only a pass that finds nobody left on the list (or in the account) confirms them; until then each pass asks
+    again for those still there. `passes` (see new_passes) moves after every chunk and every pass, then
+    `checkpoint()` saves it (it may raise to stop: a deadline, a lost lease). True once confirmed; False when the next
+    pass would start after `until` (the caller goes on later from `passes`)."""
+    wait = PASS_WAIT_FIRST
+
+    def progress(done: int, counts: dict[str, Any]) -> None:
+        passes.update(done=done, counts=dict(counts))
+        checkpoint()
+
+    while True:
+        counts = act(emails(), start=passes["done"], on_progress=progress, counts=passes["counts"])
+        if passes["pass"] == 1:
+            passes["first"] = dict(counts)
+        passes["last"] = counts[done_key]
+        if counts[done_key] == 0:
+            passes["confirmed"] = True
+            checkpoint()
+            return True
+        passes.update({"pass": passes["pass"] + 1, "done": 0, "counts": None})
+        checkpoint()
+        if time.monotonic() + wait > until:
+            return False
+        pause(wait)
+        wait = min(wait * 2, PASS_WAIT_MAX)
+
+
 # ---------------------------------------------------------------------------------------------------------- erasure
 
 
@@ -208,4 +260,5 @@ def erasure_hash(email: str, salt: bytes) -> str:
     return hashlib.blake2b(normalised, key=key, digest_size=16, person=b"sg-erasure").hexdigest()
 
 
-__all__ = ["JOBS_KEPT", "RemovalPlan", "delete_emails", "erasure_hash", "plan_removal", "remove_emails"]
+__all__ = ["JOBS_KEPT", "RemovalPlan", "delete_emails", "erasure_hash", "new_passes", "plan_removal", "remove_emails",
+           "until_confirmed"]

@@ -12,20 +12,23 @@ first and forgets the address in the snapshots after, so a failed erasure can be
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets as pysecrets
+import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import orjson
 
-from . import mirror, snapshots
+from . import jobs, mirror, snapshots
 from .config import Destination
-from .engine import Services, destination, now_iso
-from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, RunRefused
+from .engine import Services, destination
+from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, NotYet, RunRefused
+from .held import Held
 from .secrets import redact
-from .state import StateStore, new_run_id
-from .storage import LeaseKeeper, ObjectStore, PreconditionFailed
+from .state import StateStore, new_run_id, now_iso
+from .storage import LeaseKeeper, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +51,20 @@ def _list_released(state: StateStore, name: str) -> bool:
     return False
 
 
-def _others(svc: Services, name: str, list_id: str, what: PurgeWhat) -> Iterator[str]:
-    """Snapshot keys of the other destinations whose contacts the purge must leave alone."""
+def _others(svc: Services, name: str, list_id: str, what: PurgeWhat) -> Iterator[Held]:
+    """What the other destinations hold that the purge must leave alone."""
     for other in svc.config.destinations.values():
         if other.name == name or (what == "list" and (other.list_id != list_id
                                                       or _list_released(svc.state, other.name))):
             continue
-        yield svc.state.snapshot_key(other.name, other.list_id)
+        yield Held(svc.state, other.name, other.list_id)
 
 
 def queued_purge(state: StateStore, dest: Destination, what: PurgeWhat, *, by: str) -> dict[str, Any]:
     """The record of a purge not started yet (the HTTP door queues it; the CLI starts it at once)."""
     record = {"run_id": new_run_id(), "destination": dest.name, "kind": "purge", "purge": what, "trigger": by,
               "list_id": dest.list_id, "queued_at": now_iso(), "started_at": None, "finished_at": None,
-              "status": "queued", "error": None, "counts": {}, "checkpoint": {"done": 0}}
+              "status": "queued", "error": None, "counts": {}, "checkpoint": {"staged": False, **mirror.new_passes()}}
     state.save_run(record)
     return record
 
@@ -152,40 +155,60 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
 def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_lease: LeaseKeeper) -> dict[str, Any]:
     """Work on an open purge record from its checkpoint; the caller holds the destination's lease, renewed here as
     the checkpoints pass (a blob lease lapses after 60 s, and the timer would start the same purge beside this one).
-    The snapshot outlives a list purge (a later purge=contacts needs it); a completed deletion removes it."""
+
+    First every job the product knows of in the account must be final (a contact whose upsert is pending is
+    invisible to search); then what the destination holds and no other destination does is staged, and passes
+    remove (or delete) it until a pass finds nobody left: only then is the purge completed. The snapshot outlives a
+    list purge (a later purge=contacts needs it); a completed deletion forgets it."""
     what: PurgeWhat = record["purge"]
     record.update(status="running", error=None, started_at=record.get("started_at") or now_iso())
     svc.state.save_run(record)
-    key = svc.state.snapshot_key(dest.name, dest.list_id)
-    store = svc.state.store
     client = svc.client(dest)
+    ck, until = record["checkpoint"], time.monotonic() + svc.wait_timeout
     try:
-        emails = snapshots.subtract_sorted(snapshots.read_snapshot(store, key),
-                                           *(snapshots.read_snapshot(store, k)
-                                             for k in _others(svc, dest.name, dest.list_id, what)))
+        if not ck.get("staged"):
+            waiting = jobs.settle_account(svc.state, client, jobs.account_of(dest), svc, until=until,
+                                          on_wait=keep_lease)
+            if waiting:
+                raise NotYet(f"SendGrid's jobs of run(s) {', '.join(waiting)} are not final yet; the purge waits "
+                                 "for them (a contact whose upsert is pending cannot be found)")
+            _stage_purge(svc, dest, record)
+        staged = svc.state.staging_key(dest.name, record["run_id"], "targets")
 
-        def checkpoint(done: int, counts: dict[str, Any]) -> None:
-            record["checkpoint"]["done"] = done
-            record["counts"] = dict(counts)
+        def checkpoint() -> None:
+            record["counts"] = dict((ck.get("first") or ck.get("counts") or {}), passes=ck["pass"])
             svc.state.save_run(record)
             keep_lease()
 
-        start, carried = record["checkpoint"]["done"], record.get("counts") or None
-        if what == "list":
-            result = mirror.remove_emails(client, dest.list_id, emails, start=start, on_progress=checkpoint,
-                                          counts=carried)
-        else:
-            result = mirror.delete_emails(client, emails, start=start, on_progress=checkpoint, counts=carried)
-        record["counts"] = result
+        act = (functools.partial(mirror.remove_emails, client, dest.list_id) if what == "list"
+               else functools.partial(mirror.delete_emails, client))
+        done_key = "removed" if what == "list" else "deleted"
+        if not mirror.until_confirmed(act, done_key, lambda: snapshots.read_snapshot(svc.state.store, staged), ck,
+                                      checkpoint=checkpoint, until=until):
+            raise NotYet(f"{ck['last']} contact(s) are not out of SendGrid yet (it applies removals later)")
         if what == "contacts":
-            snapshots.delete_snapshot(store, key)
+            Held(svc.state, dest.name, dest.list_id).drop()
+        svc.state.drop_staging(dest.name, record["run_id"])
         record.update(status="completed", finished_at=now_iso())
     except (DeadlineReached, ConnectorError) as exc:
-        record.update(status="interrupted", error=redact(str(exc)) + "; run the removal again to resume")
+        record.update(status="interrupted", error=redact(str(exc)) + "; the timer goes on (or run the removal again)")
     finally:
         client.close()
         svc.state.save_run(record)
     return record
+
+
+def _stage_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> None:
+    """What the destination holds (snapshot and what runs recorded as sent) minus what the others hold, staged once:
+    the passes and a resume work on exactly this set."""
+    held = Held(svc.state, dest.name, dest.list_id)
+    with contextlib.ExitStack() as stack:
+        mine = stack.enter_context(held.emails())
+        others = [stack.enter_context(h.emails()) for h in _others(svc, dest.name, dest.list_id, record["purge"])]
+        count = snapshots.write_snapshot(svc.state.store, svc.state.staging_key(dest.name, record["run_id"], "targets"),
+                                         snapshots.subtract_sorted(mine, *others), trusted=True)
+    record["checkpoint"].update(staged=True, to_purge=count)
+    svc.state.save_run(record)
 
 
 def _salt(svc: Services) -> bytes:
@@ -199,68 +222,101 @@ def _salt(svc: Services) -> bytes:
     return store.read_bytes(SALT_KEY) or b""
 
 
-def _holds(store: ObjectStore, key: str, address: str) -> bool:
-    """Whether a snapshot names the address (read only: it stops at the first email not below it)."""
-    return next((e for e in snapshots.read_snapshot(store, key) if e >= address), None) == address
+ERASURE_OPEN = "erasures/open/"  # an erasure not finished yet: its address, until it is done (then deleted)
 
 
-def _forget(svc: Services, dest: Destination, address: str) -> bool:
-    """Filter the address out of a destination's snapshot under its lease; False when a run holds it too long."""
+def _accounts(svc: Services) -> dict[str, list[Destination]]:
+    """Every SendGrid account a configured destination writes to (enabled or not), with its destinations."""
+    accounts: dict[str, list[Destination]] = {}
+    for _, dest in sorted(svc.config.destinations.items()):
+        accounts.setdefault(jobs.account_of(dest), []).append(dest)
+    return accounts
+
+
+def _erase_in_account(svc: Services, dest: Destination, address: str, until: float) -> tuple[str, int]:
+    """("absent" | "waiting" | "deleting", contacts deleted) in one account. Absent only once every job the product
+    knows of there is final and a search finds nobody: a pending upsert would create the contact after a delete."""
+    client = svc.client(dest)
     try:
-        lease = svc.state.wait_lease(dest.name, LEASE_WAIT_SECONDS)
-    except LeaseUnavailable:
-        return False
-    with lease:
-        snapshots.filter_out(svc.state.store, svc.state.snapshot_key(dest.name, dest.list_id), address)
-    return True
+        if jobs.settle_account(svc.state, client, jobs.account_of(dest), svc, until=until):
+            return "waiting", 0
+        passes = mirror.new_passes()
+        done = mirror.until_confirmed(functools.partial(mirror.delete_emails, client), "deleted", lambda: [address],
+                                      passes, checkpoint=lambda: None, until=until)
+        first = passes.get("first") or {}
+        if first.get("invalid"):
+            raise NotYet("SendGrid refused to look the person up; nothing was deleted")
+        return ("absent" if done else "deleting"), int(first.get("deleted", 0))
+    finally:
+        client.close()
 
 
-def erase(svc: Services, email: str, *, by: str = "cli") -> dict[str, Any]:
-    """Forget one person: delete the contact in each SendGrid account the product wrote it to, then remove the
-    address from the snapshots of that account's destinations. The snapshots change only after their account's
-    deletion succeeded, so an erasure that failed half-way still finds the person when it is run again. The report
-    and the logs name the person by a salted hash only."""
+def erase(svc: Services, email: str, *, by: str = "cli", wait_seconds: float | None = None) -> dict[str, Any]:
+    """Forget one person: in every SendGrid account of the configuration, wait until the product's jobs there are
+    final, then delete the contact and search again until SendGrid no longer finds it; only then remove the address
+    from what each destination holds (snapshot and parts). `completed` only when every account confirmed; otherwise
+    `incomplete`, kept open (the address in ERASURE_OPEN, deleted when done) for the timer or a second call. The
+    report and the logs name the person by a salted hash only."""
     address = email.strip().lower()
     if "@" not in address or len(address) > 254 or any(c in address for c in "\r\n"):
         raise ConfigError("an erasure needs one email address", field="email")
     person = mirror.erasure_hash(address, _salt(svc))
+    until = time.monotonic() + (svc.wait_timeout if wait_seconds is None else wait_seconds)
     report: dict[str, Any] = {"kind": "erasure", "person": person, "by": by, "started_at": now_iso(),
                               "destinations": [], "accounts_deleted": 0, "not_found": 0, "errors": []}
-    # Which snapshots hold the person, read under each destination's lease: runs rewrite snapshots under it, so the
-    # answer is a settled one, and a destination busy past the wait is reported (erase again) rather than missed.
-    accounts: dict[tuple[str, str], list[Destination]] = {}
+    confirmed = True
+    for dests in _accounts(svc).values():
+        try:
+            state, deleted = _erase_in_account(svc, dests[0], address, until)
+        except ConnectorError as exc:
+            state, deleted = "error", 0
+            report["errors"].append(f"{dests[0].name}: {redact(str(exc)).replace(address, person)}; erase again")
+        report["accounts_deleted"] += 1 if deleted else 0
+        report["not_found"] += 1 if state == "absent" and not deleted else 0
+        if state in ("waiting", "deleting"):
+            report["errors"].append(f"{dests[0].name}: SendGrid has not finished ({state}); the timer goes on")
+        confirmed = confirmed and state == "absent"
+    if confirmed:
+        _forget_everywhere(svc, address, report)
+    report["status"] = "completed" if confirmed and not report["errors"] else "incomplete"
+    report["finished_at"] = now_iso()
+    _keep_open(svc, person, address, report["status"] != "completed")
+    svc.state.store.write_bytes(f"erasures/{new_run_id()}.json", orjson.dumps(report))
+    log.info("erasure of %s: %s; destinations %s, %d account(s) deleted it", person, report["status"],
+             report["destinations"], report["accounts_deleted"])
+    return report
+
+
+def _forget_everywhere(svc: Services, address: str, report: dict[str, Any]) -> None:
+    """The address out of every destination's held set (under each one's lease), once SendGrid confirmed."""
     for name, dest in sorted(svc.config.destinations.items()):
         try:
             lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
         except LeaseUnavailable:
-            report["errors"].append(f"{name}: busy with a run; erase again to finish")
+            report["errors"].append(f"{name}: busy with a run; the contact is deleted, erase again to remove the "
+                                    "person from this destination's records")
             continue
         with lease:
-            held = _holds(svc.state.store, svc.state.snapshot_key(name, dest.list_id), address)
-        if held:
-            report["destinations"].append(name)
-            accounts.setdefault((dest.api_key_secret, dest.region), []).append(dest)
-    for dests in accounts.values():
-        client = svc.client(dests[0])
-        try:
-            result = mirror.delete_emails(client, [address])
-        except ConnectorError as exc:
-            report["errors"].append(f"{dests[0].name}: {redact(str(exc)).replace(address, person)}; erase again")
-            continue
-        finally:
-            client.close()
-        if result.get("invalid"):
-            report["errors"].append(f"{dests[0].name}: SendGrid refused to look the person up; nothing was deleted")
-            continue
-        report["accounts_deleted"] += result.get("deleted", 0)
-        report["not_found"] += result.get("not_found", 0)
-        for dest in dests:
-            if not _forget(svc, dest, address):
-                report["errors"].append(f"{dest.name}: busy with a run; the contact is deleted, erase again to "
-                                        "remove the person from this destination's snapshot")
-    report["status"] = "completed" if not report["errors"] else "incomplete"
-    report["finished_at"] = now_iso()
-    svc.state.store.write_bytes(f"erasures/{new_run_id()}.json", orjson.dumps(report))
-    log.info("erasure of %s: destinations %s, %d contact(s) deleted", person, report["destinations"],
-             report["accounts_deleted"])
-    return report
+            held = Held(svc.state, name, dest.list_id)
+            if held.holds(address):
+                report["destinations"].append(name)
+                held.forget(address)
+
+
+def _keep_open(svc: Services, person: str, address: str, still_open: bool) -> None:
+    key = f"{ERASURE_OPEN}{person}.json"
+    if still_open:
+        svc.state.store.write_bytes(key, orjson.dumps({"address": address, "since": now_iso()}))
+    else:
+        svc.state.store.delete(key)
+
+
+def finish_erasures(svc: Services, wait_seconds: float) -> list[dict[str, Any]]:
+    """Go on with every erasure not finished yet (the timer)."""
+    done = []
+    for info in list(svc.state.store.list(ERASURE_OPEN)):
+        data = svc.state.store.read_bytes(info.key)
+        address = orjson.loads(data).get("address") if data else None
+        if isinstance(address, str):
+            done.append(erase(svc, address, by="timer", wait_seconds=wait_seconds))
+    return done

@@ -108,6 +108,14 @@ class RetryPolicy:
         return 1.0
 
 
+@dataclass(frozen=True)
+class SearchHit:
+    """A contact found by email: its id and the lists it is on."""
+
+    id: str
+    list_ids: frozenset[str]
+
+
 class InvalidContacts(PayloadRejected):
     """400 naming invalid addresses: the caller drops them (reported) and resends the rest."""
 
@@ -313,9 +321,10 @@ class SendGridClient:
         except requests.RequestException as exc:
             return [f"errors file unreadable: {type(exc).__name__}"]
 
-    def search_emails(self, emails: Sequence[str]) -> dict[str, str]:
-        """Email -> contact id for those SendGrid knows (100 a call)."""
-        found: dict[str, str] = {}
+    def search_contacts(self, emails: Sequence[str]) -> dict[str, SearchHit]:
+        """Email -> (contact id, list ids) for those SendGrid knows (100 a call). A contact whose upsert job is still
+        pending is not known yet: callers settle the account's jobs first (`jobs.settle_account`)."""
+        found: dict[str, SearchHit] = {}
         for chunk in _chunks(emails, limits.MAX_SEARCH_EMAILS):
             resp = self.request("POST", "/v3/marketing/contacts/search/emails",
                                 body=orjson.dumps({"emails": list(chunk)}), allow=(404,))
@@ -325,7 +334,8 @@ class SendGridClient:
                 contact = item.get("contact") if isinstance(item, dict) else None
                 # the search also matches alternate emails: only a contact whose primary email it is counts
                 if contact and contact.get("id") and str(contact.get("email", "")).lower() == email.lower():
-                    found[email.lower()] = contact["id"]
+                    lists = contact.get("list_ids")
+                    found[email.lower()] = SearchHit(str(contact["id"]), frozenset(map(str, lists or ())))
         return found
 
     def remove_from_list(self, list_id: str, contact_ids: Sequence[str]) -> list[str]:

@@ -402,7 +402,8 @@ class EmailSorter:
 # ------------------------------------------------------------------------------------------------------ snapshots
 
 
-def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trusted: bool = False) -> int:
+def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trusted: bool = False,
+                   written_by: str | None = None) -> int:
     """Stream `emails` (ascending; adjacent repeats are collapsed) as a gzip'd snapshot, then its sidecar.
 
     Raises ValueError when the input is out of order or holds a line break; the previous snapshot then stays as it
@@ -428,7 +429,7 @@ def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trust
 
     etag = store.write_stream(key, chunks())
     meta = {"count": total, "etag": etag, "sha256": digest.hexdigest(),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "written_by": written_by}
     store.write_bytes(meta_key(key), orjson.dumps(meta))
     return total
 
@@ -461,6 +462,42 @@ def _snapshot_blocks(store: ObjectStore, key: str) -> Generator[list[str], None,
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise StateError(f"snapshot {key} in {store.label} is unreadable ({type(exc).__name__}): "
                          "rewrite or delete it") from None
+
+
+def write_lines(store: ObjectStore, key: str, emails: Iterable[str]) -> int:
+    """Emails in any order (repeats allowed) as a gzip of lines, without a sidecar: what a run records as sent at a
+    checkpoint (`held`). Returns how many were written."""
+    total = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal total
+        comp = zlib.compressobj(SNAPSHOT_COMPRESSLEVEL, zlib.DEFLATED, 31)
+        for block in _blocks(emails):
+            total += len(block)
+            if out := comp.compress(("\n".join(block) + "\n").encode()):
+                yield out
+        yield comp.flush()
+
+    store.write_stream(key, chunks())
+    return total
+
+
+def read_lines(store: ObjectStore, key: str) -> Iterator[list[str]]:
+    """The blocks of emails of an object `write_lines` wrote (any gzip of lines), in stored order; nothing when it does
+    not exist. StateError when it is unreadable."""
+    try:
+        fh = store.open_read(key)
+    except NotFound:
+        return
+    try:
+        with fh:
+            for block in _line_blocks(_inflate(fh)):
+                if block and block[-1] == "":
+                    block = block[:-1]
+                if block:
+                    yield block
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise StateError(f"{key} in {store.label} is unreadable ({type(exc).__name__}): rewrite or delete it") from None
 
 
 def snapshot_meta(store: ObjectStore, key: str) -> dict[str, Any] | None:

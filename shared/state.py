@@ -8,6 +8,9 @@ Layout (keys):
     latest/<destination>.json            the latest complete export seen {source, etag, seen_at}
     disabled/<destination>.json          present while an admin has disabled the destination {at, by, reason}
     snapshots/<destination>/<list>.gz    sorted emails last synced to that list
+    sent/<destination>/<list>/<run_id>/<n>.gz   emails SendGrid accepted at one checkpoint, until folded (`held`)
+    staging/<destination>/<run_id>/<name>.gz    a mirror run's working sets (its export's emails, its leavers)
+    accounts/<account>/open-jobs/<run_id>       a run whose SendGrid jobs may not be final yet (`jobs`)
     leases/<destination>                 one run per destination at a time
 
 Destination names and run ids are checked against strict patterns on every call: they come from HTTP routes and
@@ -38,6 +41,7 @@ from .storage import HeldLease, Lease, ObjectStore, PreconditionFailed, wait_for
 DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 LIST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # SendGrid list ids are UUIDs
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # our own names inside keys (accounts, staging objects)
 OPEN_STATUSES = frozenset({"queued", "running", "interrupted", "submitted"})  # not final yet; the timer looks at these
 
 
@@ -69,6 +73,11 @@ def check_run_id(run_id: object) -> str:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def now_iso() -> str:
+    """The time stamps of run records: UTC, to the second, 'Z'."""
+    return _iso(time.time())
 
 
 def export_digest(source_key: str, etag: str) -> str:
@@ -142,6 +151,15 @@ class StateStore:
         """Drop what this instance remembers writing for a run: its next save writes index and marker again."""
         self._indexed.pop(run_id, None)
         self._marked.pop(run_id, None)
+
+    def peek_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run's record for reading only (another run's, say): unlike load_run, this instance's save cache for
+        the run is left alone."""
+        raw = self.store.read_bytes(f"run-index/{check_run_id(run_id)}")
+        if raw is None:
+            return None
+        destination = check_destination(raw.decode("utf-8", "replace").strip())
+        return self._read_json(f"runs/{destination}/{run_id}.json")
 
     def load_run(self, run_id: str) -> dict[str, Any] | None:
         """The run's record, or None. Forgets this instance's cache for the run (another process may have saved it)."""
@@ -259,3 +277,33 @@ class StateStore:
 
     def snapshot_key(self, destination: str, list_id: str) -> str:
         return f"snapshots/{check_destination(destination)}/{_check(list_id, LIST_ID_PATTERN, 'list id')}.gz"
+
+    # -- what runs sent, their working sets, and jobs per account --------------------------------------------------
+    def sent_prefix(self, destination: str, list_id: str) -> str:
+        return f"sent/{check_destination(destination)}/{_check(list_id, LIST_ID_PATTERN, 'list id')}/"
+
+    def sent_key(self, destination: str, list_id: str, run_id: str, done: int) -> str:
+        return f"{self.sent_prefix(destination, list_id)}{check_run_id(run_id)}/{int(done):012d}.gz"
+
+    def staging_key(self, destination: str, run_id: str, name: str) -> str:
+        return f"staging/{check_destination(destination)}/{check_run_id(run_id)}/{_check(name, _NAME, 'name')}.gz"
+
+    def drop_staging(self, destination: str, run_id: str) -> None:
+        prefix = f"staging/{check_destination(destination)}/{check_run_id(run_id)}/"
+        for info in list(self.store.list(prefix)):
+            self.store.delete(info.key)
+
+    def mark_open_jobs(self, account: str, run_id: str, destination: str) -> None:
+        """Note that a run has SendGrid jobs in an account that may not be final yet."""
+        self.store.write_bytes(self._jobs_key(account, run_id), check_destination(destination).encode())
+
+    def unmark_open_jobs(self, account: str, run_id: str) -> None:
+        self.store.delete(self._jobs_key(account, run_id))
+
+    def runs_with_open_jobs(self, account: str) -> list[str]:
+        prefix = f"accounts/{_check(account, _NAME, 'account')}/open-jobs/"
+        return [i.key[len(prefix) :] for i in self.store.list(prefix) if RUN_ID_PATTERN.fullmatch(i.key[len(prefix) :])]
+
+    @staticmethod
+    def _jobs_key(account: str, run_id: str) -> str:
+        return f"accounts/{_check(account, _NAME, 'account')}/open-jobs/{check_run_id(run_id)}"

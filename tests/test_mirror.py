@@ -191,7 +191,7 @@ def test_not_found_and_invalid_are_counted_not_errors(api) -> None:
     list_id = box.create_list("segment")
     long_email = "l" * 60 + "@" + "d" * 80 + ".com"  # upserts take it; the search refuses over 100 characters
     upsert(client, box, [*people(range(5)), long_email], list_id)
-    client.delete_contacts([client.search_emails(["p0003@example.com"])["p0003@example.com"]])
+    client.delete_contacts([client.search_contacts(["p0003@example.com"])["p0003@example.com"].id])
     box.complete_jobs()
     gone = sorted([*people(range(5)), "ghost@example.com", long_email])
     counts = remove_emails(client, list_id, gone)
@@ -205,7 +205,8 @@ def test_not_found_and_invalid_are_counted_not_errors(api) -> None:
     # a chunk SendGrid knows nothing of: the search answers 404 and no removal is sent
     before = requests_of(box, LIST_REMOVE)
     counts = remove_emails(client, list_id, ["ghost1@example.com", "ghost2@example.com"])
-    assert counts == {"requested": 2, "removed": 0, "not_found": 2, "invalid": 0, "jobs": [], "job_count": 0}
+    assert counts == {"requested": 2, "removed": 0, "not_found": 2, "not_in_list": 0, "invalid": 0, "jobs": [],
+                      "job_count": 0}
     assert requests_of(box, LIST_REMOVE) == before
 
 
@@ -276,10 +277,10 @@ def test_contact_deleted_between_search_and_removal(sandbox: Any) -> None:
     class DeletedMeanwhile(SendGridClient):
         victim: str | None = "p0001@example.com"
 
-        def search_emails(self, emails):  # type: ignore[no-untyped-def]
-            found = super().search_emails(emails)
+        def search_contacts(self, emails):  # type: ignore[no-untyped-def]
+            found = super().search_contacts(emails)
             if self.victim in found:  # someone deletes the contact right after our search
-                super().delete_contacts([found[self.victim]])
+                super().delete_contacts([found[self.victim].id])
                 box.complete_jobs()
                 self.victim = None
             return found

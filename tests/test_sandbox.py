@@ -283,7 +283,7 @@ def test_the_connectors_request_bodies_name_only_documented_fields(srv: SandboxS
     reserved = client.field_definitions()["reserved_fields"]  # it lists no external_id, anonymous_id
     importer = Importer({k: v for k, v in mapping.items() if k in {f["name"] for f in reserved}}, custom, reserved)
     client.start_import([list_id], importer.field_mappings)
-    client.search_emails(chunk.emails)
+    client.search_contacts(chunk.emails)
     client.close()
     bodies = [(r.method or "", requests.utils.urlparse(r.url).path, orjson.loads(r.body or b"")) for r in sent
               if r.body]

@@ -599,24 +599,25 @@ def test_other_errors_beside_invalid_addresses_are_a_plain_rejection(api: Api) -
 # ------------------------------------------------------------------------------------ search and id chunking
 
 
-def test_search_emails_goes_100_at_a_time_and_maps_lowercase_emails_to_ids(api: Api) -> None:
+def test_search_contacts_goes_100_at_a_time_and_maps_lowercase_emails_to_ids_and_lists(api: Api) -> None:
     known = add_contacts(api, 230)
     unknown = [f"nobody{i}@example.com" for i in range(40)]
     wanted = [e.upper() if i % 7 == 0 else e for i, e in enumerate(known)] + unknown
 
-    found = api.client().search_emails(wanted)
+    found = api.client().search_contacts(wanted)
 
     assert set(found) == set(known)
-    assert all(found[e] == api.box.contact(e)["id"] for e in known[:5] + known[-5:])
+    assert all(found[e].id == api.box.contact(e)["id"] for e in known[:5] + known[-5:])
+    assert all(found[e].list_ids == frozenset(api.box.contact(e)["list_ids"]) for e in known[:5])
     searches = api.session.to("/search/emails")
     assert len(searches) == 3 == api.requests_to(SEARCH)
     sizes = [len(orjson.loads(s.body)["emails"]) for s in searches]
     assert sizes == [100, 100, 70]
 
 
-def test_search_emails_for_unknown_addresses_returns_nothing(api: Api) -> None:
+def test_search_contacts_for_unknown_addresses_returns_nothing(api: Api) -> None:
     add_contacts(api, 3)
-    assert api.client().search_emails(["nobody@example.com", "no.one@example.org"]) == {}
+    assert api.client().search_contacts(["nobody@example.com", "no.one@example.org"]) == {}
     assert api.statuses().get("404") == 1
 
 
@@ -624,7 +625,7 @@ def test_remove_from_list_sends_at_most_100_ids_per_short_url(api: Api) -> None:
     list_id = api.box.create_list("to-empty")
     emails = add_contacts(api, 250, list_id)
     client = api.client()
-    ids = list(client.search_emails(emails).values())
+    ids = [hit.id for hit in client.search_contacts(emails).values()]
     assert len(ids) == 250
 
     jobs = client.remove_from_list(list_id, ids)
@@ -660,7 +661,7 @@ def test_delete_contacts_keeps_every_url_short(api: Api, make_id: Callable[[int]
 def test_delete_contacts_deletes_them(api: Api) -> None:
     emails = add_contacts(api, 120)
     client = api.client()
-    ids = list(client.search_emails(emails[:110]).values())
+    ids = [hit.id for hit in client.search_contacts(emails[:110]).values()]
     assert len(client.delete_contacts(ids)) == 2
     api.box.complete_jobs()
     assert api.box.contact_count() == 10
