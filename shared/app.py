@@ -17,7 +17,7 @@ from typing import Any
 from . import engine, http_api, purge, sources
 from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
-from .errors import ConfigError, ConnectorError, LeaseUnavailable, SourceError
+from .errors import ConfigError, ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
 from .secrets import SecretProvider, provider_from_env, redact
 from .state import StateStore
 from .storage import ObjectStore
@@ -118,7 +118,7 @@ def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, 
         return {"destination": name, "status": "skipped", "run_id": claim.get("run_id")}
     ctx.state.set_latest_export(name, key, etag)
     svc = ctx.services(config)
-    request = engine.RunRequest(name, key, etag, trigger=trigger, deadline=ctx.deadline())
+    request = engine.RunRequest(name, key, etag, trigger=trigger, deadline=ctx.deadline(), settle=True)
     try:
         report = engine.run(request, svc, claim=True)
     except LeaseUnavailable:
@@ -135,14 +135,41 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
         log.warning("blob %s vanished before it could be read; ignored", key)
         return []
     try:
+        if info.size == 0:  # ADLS Gen2's CreateFile event: the content comes with FlushWithClose
+            raise ExportIncomplete("is empty: the export is still being written", file=key)
         names = destinations_for_blob(ctx, config, key)
+    except ExportIncomplete as exc:  # never claimed: the timer looks again (and so does the blob's next event)
+        ctx.state.note_pending_export(key, info.etag, redact(str(exc)))
+        log.info("blob %s is not a complete export yet; the timer looks again: %s", key, exc)
+        return []
     except SourceError as exc:  # a broken export fails the same way every time: report it once, do not retry
         where = ctx.state.record_blob_error(key, info.etag, redact(str(exc)))
         log.error("blob %s cannot be exported: %s (report: %s in the state container)", key, exc, where)
         return []
+    ctx.state.drop_pending_export(key)
     if not names:
         log.info("blob %s is not an export any enabled destination takes; ignored", key)
     return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
+
+
+def _retry_pending_exports(ctx: AppContext) -> list[dict[str, Any]]:
+    """Blobs that looked like exports still being written: look again; after engine.EXPORT_WAIT_HOURS the blob is
+    reported as one that can never be exported (state container, blob-errors/) and an error is logged."""
+    done: list[dict[str, Any]] = []
+    for _, note in ctx.state.pending_exports():
+        source = note["source"]
+        info = ctx.exports.info(source)
+        if info is None:
+            ctx.state.drop_pending_export(source)
+            continue
+        if _age_seconds(note.get("since")) >= engine.EXPORT_WAIT_HOURS * 3600:
+            why = f"still incomplete after {engine.EXPORT_WAIT_HOURS} hours: {note.get('why')}"
+            where = ctx.state.record_blob_error(source, info.etag, why)
+            ctx.state.drop_pending_export(source)
+            log.error("blob %s was never a complete export: %s (report: %s)", source, why, where)
+            continue
+        done.extend(on_blob(ctx, source))
+    return done
 
 
 def _overtaken(ctx: AppContext, name: str, record: Mapping[str, Any]) -> str | None:
@@ -207,6 +234,10 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
             elif status == "queued":
                 if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
                     done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
+            elif status == "waiting":
+                if time.time() >= float((record.get("waiting") or {}).get("retry_at") or 0):
+                    done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(),
+                                                             settle=True), svc))
             elif status == "submitted":
                 done.append(engine.finish_submitted(record, svc, deadline=ctx.deadline()))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
@@ -215,7 +246,7 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
             else:
                 overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
                 done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(),
-                                                         overtakes=overtakes), svc))
+                                                         overtakes=overtakes, settle=True), svc))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
         except LeaseUnavailable:
             log.info("%s: run %s is still going elsewhere", name, run_id)
@@ -227,11 +258,15 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
         done.extend(purge.finish_erasures(svc, wait_seconds=min(300.0, ctx.settings.run_deadline_seconds)))
     except Exception:  # the exports below must not wait on an erasure that cannot finish
         log.exception("open erasures could not be finished; the next tick tries again")
+    done.extend(_retry_pending_exports(ctx))
     for name in config.destinations:
         latest = ctx.state.latest_export(name)
-        if (_runnable(ctx, config, name) and latest
-                and ctx.state.export_claim(name, latest["source"], latest["etag"]) is None):
-            info = ctx.exports.info(latest["source"])
-            if info is not None and info.etag == latest["etag"]:
-                done.append(run_export(ctx, config, name, latest["source"], latest["etag"], "timer"))
+        if not _runnable(ctx, config, name) or not latest:
+            continue
+        info = ctx.exports.info(latest["source"])
+        if info is None or info.size == 0:  # gone, or a model.json still being written
+            continue
+        if info.etag != latest["etag"] or ctx.state.export_claim(name, latest["source"], latest["etag"]) is None:
+            # not exported yet, or rewritten since (a version whose event never came: ADLS's FlushWithClose)
+            done.append(run_export(ctx, config, name, latest["source"], info.etag, "timer"))
     return done

@@ -34,6 +34,7 @@ from .errors import (
     ConfigError,
     ConnectorError,
     DeadlineReached,
+    ExportIncomplete,
     RateLimited,
     RunRefused,
     SecretError,
@@ -50,6 +51,10 @@ from .storage import LeaseKeeper, ObjectStore
 log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
+MAX_REJECTION_ROWS = 100_000  # rows in a run's rejections CSV; the rest are counted (counts.rejections_omitted)
+EXPORT_WAIT_HOURS = 6  # how long an incomplete export is waited for before its run fails
+EXPORT_RETRY_FIRST_S, EXPORT_RETRY_MAX_S = 300.0, 3600.0  # the backoff between tries (the timer ticks every 5 min)
+MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this share was not read completely
 _NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
 
 
@@ -65,6 +70,7 @@ class RunRequest:
     resume: str | None = None  # a run id to resume from its checkpoint
     run_id: str | None = None  # the id for a new run (an HTTP door hands it out before the run starts)
     overtakes: str | None = None  # a resume: the newer run of the latest export this one will undo (app's timer)
+    settle: bool = False  # automatic triggers: an export not complete yet waits (status 'waiting') and is retried
 
 
 @dataclass
@@ -106,11 +112,13 @@ def _neutralise(cell: str) -> str:
 
 
 class _Rejections:
-    """Counts, a sample for the report, and a complete CSV of every rejected row (spooled, then stored)."""
+    """Counts, a sample for the report, and a CSV of the first MAX_REJECTION_ROWS rejected rows (spooled, then
+    stored); past that they are counted only (`omitted`), so a hostile export cannot fill the state store."""
 
     def __init__(self) -> None:
         self.by_reason: Counter[str] = Counter()
         self.sample: list[dict[str, Any]] = []
+        self.written = self.omitted = 0
         self._file = tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8", newline="")  # noqa: SIM115
         self._csv = csv.writer(self._file)
         self._csv.writerow(["file", "line", "reason"])
@@ -120,6 +128,10 @@ class _Rejections:
         self.by_reason[_reason_key(reason)] += 1
         if len(self.sample) < REJECTION_SAMPLE:
             self.sample.append({"file": file, "line": line, "reason": reason})
+        if self.written >= MAX_REJECTION_ROWS:
+            self.omitted += 1
+            return
+        self.written += 1
         self._csv.writerow([_neutralise(file), line or "", _neutralise(reason)])
 
     def chunks(self) -> Iterator[bytes]:
@@ -166,6 +178,7 @@ class _Run:
         self.account = jobs.account_of(dest)
         self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
         self.read = True  # this attempt reads the export (a mirror run resumed past its sending does not)
+        self.missing: list[str] = []  # segments of the destination that the export does not hold
         self._last_progress = time.monotonic()
         self._started = time.monotonic()
 
@@ -173,40 +186,66 @@ class _Run:
 
     def kept_chunks(self) -> Iterator[tuple[pipeline.MappedChunk, list[int]]]:
         """Mapped chunks in source order, each with the positions of its contacts not seen earlier in the run (the
-        run's contacts, de-duplicated); counts, rejections and the snapshot's emails on the way."""
-        assert self.mapper is not None and self.spec is not None
-        mapper, spec, counts, reject = self.mapper, self.spec, self.counts, self.rejections.add
+        run's contacts, de-duplicated); counts, rejections and the snapshot's emails on the way. What was not read
+        completely is noted in the record's `incomplete` (mirror mode's guard rail removes nobody then)."""
         deduper = dedup.Deduper()
-        required = (mapper.columns[0],)
-        warnings: list[str] = self.record["warnings"]
-        field_notes: list[dict[str, Any]] = self.record["field_notes"]
+        rows: dict[str, int] = {}
+        for segment in self.missing:
+            self._incomplete(str(self.req.source), f"segment {segment} is not in this export")
+        unread = 0
         for part in self.partitions:
+            tally = {"rows": 0, "unreadable": 0}
             try:
-                for chunk in pipeline.mapped_chunks(self.svc.sources, part, mapper, spec, required, warnings,
-                                                    workers=self.workers):
-                    counts["read"] += chunk.read
-                    for line, reason in chunk.rejects:
-                        reject(part.key, line, reason)
-                    for line, note in chunk.notes:
-                        self.notes.update(_NOTE_FIELD.findall(note))
-                        if len(field_notes) < REJECTION_SAMPLE:
-                            field_notes.append({"file": part.key, "line": line, "note": note})
-                    if chunk.trimmed:
-                        self.trimmed.update(chunk.trimmed)
-                    if chunk.emails:
-                        keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
-                        counts["duplicates"] += len(chunk.emails) - len(keep)
-                        if keep:
-                            if self.sorter is not None:  # every contact of the run, for the list's snapshot
-                                emails = chunk.emails
-                                self.sorter.extend(emails if len(keep) == len(emails) else [emails[k] for k in keep])
-                            yield chunk, keep
-                    self.tick()
+                yield from self._partition_chunks(part, deduper, tally)
             except SourceError as exc:
                 msg = redact(str(exc))
-                log.warning("%s", msg)
                 self.record["file_errors"].append(msg)
-        counts["valid"] = len(deduper)
+                self._incomplete(part.key, msg)
+                unread += tally["rows"] == 0
+            rows[part.key] = tally["rows"]
+            if tally["unreadable"] > MAX_UNREADABLE_SHARE * max(tally["rows"], 1):
+                self._incomplete(part.key, f"{tally['unreadable']:,} of {tally['rows']:,} rows could not be read")
+        if len(rows) > 1 and any(rows.values()):  # a CDM export: an empty partition beside others with rows
+            for key, n in rows.items():
+                if n == 0 and not any(p["file"] == key for p in self.record["incomplete"]):
+                    self._incomplete(key, "0 rows, while other partitions of the export have rows")
+        self.counts["valid"] = len(deduper)
+        if unread and unread == len(self.partitions):
+            raise SourceError(f"no file of the export could be read ({unread} file error(s), see file_errors); nothing "
+                              "was sent", file=str(self.req.source))
+
+    def _incomplete(self, file: str, why: str) -> None:
+        self.record["incomplete"].append({"file": file, "why": why})
+
+    def _partition_chunks(self, part: sources.Partition, deduper: dedup.Deduper,
+                          tally: dict[str, int]) -> Iterator[tuple[pipeline.MappedChunk, list[int]]]:
+        assert self.mapper is not None and self.spec is not None
+        counts, reject = self.counts, self.rejections.add
+        field_notes: list[dict[str, Any]] = self.record["field_notes"]
+        for chunk in pipeline.mapped_chunks(self.svc.sources, part, self.mapper, self.spec, (self.mapper.columns[0],),
+                                            self.record["warnings"], workers=self.workers):
+            counts["read"] += chunk.read
+            tally["rows"] += chunk.read
+            for line, reason in chunk.rejects:
+                reject(part.key, line, reason)
+                if _reason_key(reason) == "unreadable_row":
+                    tally["unreadable"] += 1
+            for line, note in chunk.notes:
+                self.notes.update(_NOTE_FIELD.findall(note))
+                if len(field_notes) < REJECTION_SAMPLE:
+                    field_notes.append({"file": part.key, "line": line, "note": note})
+            if chunk.trimmed:
+                self.trimmed.update(chunk.trimmed)
+            if chunk.emails:
+                keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
+                counts["duplicates"] += len(chunk.emails) - len(keep)
+                if keep:
+                    if self.sorter is not None:  # every contact of the run, for the list's snapshot
+                        emails = chunk.emails
+                        self.sorter.extend(emails if len(keep) == len(emails) else [emails[k] for k in keep])
+                    yield chunk, keep
+            self.tick()
+            self._deadline_check("while reading the export")
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -287,9 +326,9 @@ class _Run:
         if failure:
             raise failure[0]
 
-    def _deadline_check(self) -> None:
+    def _deadline_check(self, where: str = "before the next request") -> None:
         if self.req.deadline is not None and time.monotonic() >= self.req.deadline:
-            raise DeadlineReached("the run's deadline was reached before the next request")
+            raise DeadlineReached(f"the run's deadline was reached {where}")
 
     def _accepted(self, job: dict[str, Any], last_index: int, body_bytes: int, count: int,
                   record_sent: Callable[[int], None]) -> None:
@@ -372,6 +411,7 @@ def _new_record(req: RunRequest, dest: Destination, run_id: str) -> dict[str, An
         "error": None,
         "warnings": [],
         "file_errors": [],
+        "incomplete": [],
         "counts": {"read": 0, "valid": 0, "rejected": {}, "rejected_total": 0, "duplicates": 0, "trimmed": {},
                    "field_notes": {}, "sent": 0},
         "requests": {"count": 0, "bytes": 0, "max_bytes": 0, "max_contacts": 0, "imports": 0, "retries": 0,
@@ -440,7 +480,8 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
         if record is None or record["destination"] != dest.name:
             raise ConfigError(f"no run '{req.resume}' for destination '{dest.name}'")
         req = RunRequest(dest.name, record["source"], record.get("source_etag"), record["trigger"], req.deadline,
-                         bool(record.get("dry_run")), req.wait, req.resume, overtakes=req.overtakes)  # dry stays dry
+                         bool(record.get("dry_run")), req.wait, req.resume, overtakes=req.overtakes,
+                         settle=req.settle)  # dry stays dry
         seen = (record.get("status"), record["checkpoint"]["contacts_done"])  # checked again under the lease
         record["checkpoint"]["resumed"] += 1
         record.pop("resumable", None)
@@ -500,11 +541,14 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                 return {"destination": dest.name, "status": "skipped", "run_id": holder.get("run_id")}
         state = _Run(req, svc, dest, record)
         state.keep_lease = LeaseKeeper(lease)
+        started_at = record["checkpoint"]["contacts_done"]
         try:
             with gcpolicy.sparse:  # millions of short-lived rows and contacts: see gcpolicy
                 _execute(state)
         except DeadlineReached as exc:
-            record.update(status="interrupted", error=f"stopped at the deadline ({exc}); the next run resumes it")
+            _stopped_at_deadline(record, started_at, str(exc))
+        except ExportIncomplete as exc:
+            _wait_for_export(record, redact(str(exc)))
         except (AuthError, SecretError, TransientError, SendGridError) as exc:
             # SendGrid unreachable or throttling past our patience: the timer (or the same command) goes on later.
             # A refused key or a block needs a person first; the run stays resumable from its checkpoint.
@@ -530,6 +574,37 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             if (claim or req.resume) and record["status"] == "refused" and req.source_etag:  # it runs once fixed
                 svc.state.release_export(dest.name, req.source, req.source_etag, run_id=record["run_id"])
     return record
+
+
+def _stopped_at_deadline(record: dict[str, Any], started_at: int, why: str) -> None:
+    """Interrupted (the next run resumes it), unless two attempts in a row moved the checkpoint nowhere: each
+    attempt replays the export up to its checkpoint, so a replay that alone outlasts the deadline would never end."""
+    ck = record["checkpoint"]
+    stalled = ck["stalled"] = ck.get("stalled", 0) + 1 if ck["contacts_done"] == started_at else 0
+    if stalled >= 2 and ck.get("phase") not in listsync.AFTER_SENDING:
+        record.update(status="failed", error=(
+            f"two attempts in a row reached the deadline ({why}) without SendGrid accepting any more contacts: "
+            f"reading this export up to its checkpoint ({ck['contacts_done']:,} contacts) takes longer than one "
+            "attempt may run. Raise RUN_DEADLINE_SECONDS (the host's functionTimeout allows up to 30 minutes on "
+            "Flex Consumption), or export it once from the command line"))
+        return
+    record.update(status="interrupted", error=f"stopped at the deadline ({why}); the next run resumes it")
+
+
+def _wait_for_export(record: dict[str, Any], why: str) -> None:
+    """An export seen before it was complete: the run waits (open, status 'waiting') and the timer tries again at
+    `retry_at`, backing off from 5 minutes to an hour; after EXPORT_WAIT_HOURS it fails with the reason."""
+    wait = record.setdefault("waiting", {"since": time.time(), "attempts": 0})
+    wait["attempts"] += 1
+    hours = (time.time() - wait["since"]) / 3600
+    if hours >= EXPORT_WAIT_HOURS:
+        record.update(status="failed", error=f"the export stayed incomplete for {hours:.1f} hours, so nothing was "
+                      f"sent: {why}. Check the export (re-run it in the data platform); the next export runs as usual")
+        return
+    delay = min(EXPORT_RETRY_FIRST_S * 2 ** (wait["attempts"] - 1), EXPORT_RETRY_MAX_S)
+    wait["retry_at"] = time.time() + delay
+    record.update(status="waiting", error=f"{why}; trying again in {delay / 60:.0f} minutes (attempt "
+                  f"{wait['attempts']}; it gives up after {EXPORT_WAIT_HOURS} hours)")
 
 
 def finish_submitted(record: dict[str, Any], svc: Services, *, deadline: float | None = None) -> dict[str, Any]:
@@ -564,6 +639,7 @@ def _finish_counts(state: _Run) -> None:
     rejected["refused_by_sendgrid"] = rec["checkpoint"]["refused_by_sendgrid"]
     counts["rejected"] = {reason: n for reason, n in rejected.items() if n}
     counts["rejected_total"] = sum(counts["rejected"].values())
+    counts["rejections_omitted"] = state.rejections.omitted
     counts["field_notes"] = dict(state.notes)
     counts["trimmed"] = dict(state.trimmed)
     rec["rejections"] = state.rejections.sample
@@ -586,6 +662,13 @@ def _execute(state: _Run) -> None:
     missing = [s for s in dest.segments if s not in found]
     if missing and req.source.endswith("model.json"):  # a plain file is one segment whatever its name
         record["warnings"].append(f"segments not in this export: {', '.join(missing)}")
+        state.missing = missing
+    if req.settle:
+        absent = [p.key for p in state.partitions if svc.sources.info(p.key) is None]
+        if absent:
+            raise ExportIncomplete(f"{len(absent)} partition(s) it names are not there yet ({', '.join(absent[:3])}"
+                                   f"{', ...' if len(absent) > 3 else ''}): the export is incomplete or still being "
+                                   "written", file=req.source)
     if not state.partitions:
         raise SourceError(f"none of the destination's segments ({', '.join(dest.segments)}) is in this export",
                           file=req.source)
@@ -650,6 +733,7 @@ def _reset_counts(state: _Run) -> None:
     state.record["field_notes"] = []
     state.record["warnings"] = state.record["warnings"][: state.run_warnings]  # the run's, not the reading's
     state.record["file_errors"] = []
+    state.record["incomplete"] = []
     state.trimmed.clear()
 
 

@@ -27,6 +27,11 @@ class SourceError(ConnectorError):
         self.file, self.line = file, line
 
 
+class ExportIncomplete(SourceError):
+    """The export is incomplete or still being written (an empty or cut model.json, a partition not there yet):
+    automatic triggers try again later instead of sending part of it."""
+
+
 class SecretError(ConnectorError):
     """The API key cannot be obtained (missing, unresolved Key Vault reference, vault refused)."""
 

@@ -205,7 +205,7 @@ def _close_older_submitted(sync: Sync) -> None:
 def _stage_leavers(sync: Sync) -> bool:
     """Stage the leavers and apply the guard rail. False when it refused (the run has ended)."""
     held, store, dest, record = sync.held, sync.state.store, sync.dest, sync.record
-    closed = held.closed_runs(but=sync.run_id) | {sync.run_id}
+    closed = held.closed_runs(but=sync.run_id)  # what the list held before this run (its own parts are its export)
     still_open = held.open_runs(but=sync.run_id)
     parts = held.parts()
     with held.emails(runs=closed) as previous, held.sorted_parts(
@@ -224,13 +224,14 @@ def _stage_leavers(sync: Sync) -> bool:
     if incomplete or not plan.allowed:
         reason = _incomplete_reason(incomplete) if incomplete else str(plan.reason)
         report.update(guard_rail="refused", reason=reason, files=[p["file"] for p in incomplete])
-        held.fold(closed, extra=snapshots.read_snapshot(store, sync.staged("current")), written_by=sync.run_id)
+        held.fold(closed | {sync.run_id}, extra=snapshots.read_snapshot(store, sync.staged("current")),
+                  written_by=sync.run_id)
         sync.state.drop_staging(dest.name, sync.run_id)
         log.warning("%s: run %s removed nobody: %s", dest.name, sync.run_id, reason)
         _end(sync, "completed_with_errors" if incomplete else "failed", reason)
         return False
     # the leavers stay held until their removal is confirmed; what open runs are sending stays in their parts
-    held.replace(closed, snapshots.union_sorted(snapshots.read_snapshot(store, sync.staged("current")),
+    held.replace(closed | {sync.run_id}, snapshots.union_sorted(snapshots.read_snapshot(store, sync.staged("current")),
                                                 snapshots.read_snapshot(store, sync.staged("leavers"))),
                  written_by=sync.run_id)
     sync.ck.update(phase="removing", removal=mirror.new_passes())

@@ -5,6 +5,7 @@ Layout (keys):
     run-index/<run_id>                   the destination of a run, so a run id alone finds its record
     open/<destination>/<run_id>          present while a run is running / interrupted / submitted
     ledger/<destination>/<digest>.json   one per processed export version (source key + ETag)
+    pending-exports/<digest>.json        a blob that looked like an export still being written (the timer looks again)
     latest/<destination>.json            the latest complete export seen {source, etag, seen_at}
     disabled/<destination>.json          present while an admin has disabled the destination {at, by, reason}
     snapshots/<destination>/<list>.gz    sorted emails last synced to that list
@@ -42,7 +43,8 @@ DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 LIST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # SendGrid list ids are UUIDs
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # our own names inside keys (accounts, staging objects)
-OPEN_STATUSES = frozenset({"queued", "running", "interrupted", "submitted"})  # not final yet; the timer looks at these
+# not final yet; the timer looks at these ('waiting': for an export to be complete)
+OPEN_STATUSES = frozenset({"queued", "running", "interrupted", "submitted", "waiting"})
 
 
 class InvalidIdentifier(StateError, ValueError):
@@ -250,6 +252,26 @@ class StateStore:
         value = {"source": source_key, "etag": etag.strip('"'), "error": message, "at": _iso(self._clock())}
         self.store.write_bytes(key, self._dumps(value))
         return key
+
+    def note_pending_export(self, source_key: str, etag: str, why: str) -> dict[str, Any]:
+        """A blob that looks like an export not complete yet (an empty or cut model.json): the timer looks again.
+        Returns the note (its `since` is the first sighting of this key)."""
+        key = f"pending-exports/{hashlib.sha256(source_key.encode()).hexdigest()[:32]}.json"
+        note = self._read_json(key) or {"source": source_key, "since": _iso(self._clock())}
+        note.update(etag=etag.strip('"'), why=why, seen_at=_iso(self._clock()))
+        self.store.write_bytes(key, self._dumps(note))
+        return note
+
+    def drop_pending_export(self, source_key: str) -> None:
+        self.store.delete(f"pending-exports/{hashlib.sha256(source_key.encode()).hexdigest()[:32]}.json")
+
+    def pending_exports(self) -> list[tuple[str, dict[str, Any]]]:
+        found = []
+        for info in self.store.list("pending-exports/"):
+            note = self._read_json(info.key)
+            if note is not None and isinstance(note.get("source"), str):
+                found.append((info.key, note))
+        return found
 
     def latest_export(self, destination: str) -> dict[str, Any] | None:
         return self._read_json(f"latest/{check_destination(destination)}.json")
