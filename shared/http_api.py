@@ -23,7 +23,7 @@ import orjson
 
 from . import engine, purge
 from .config import Config, Destination
-from .errors import ConfigError, ConnectorError, LeaseUnavailable, RunRefused, StateError
+from .errors import ConfigError, ConnectorError, LeaseUnavailable, RunRefused, StateError, UnsupportedInterpreter
 from .secrets import redact
 from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id
 from .storage import check_key
@@ -376,6 +376,8 @@ def handle(method: str, route: str, route_params: Mapping[str, str], params: Map
         return methods[method](Call(method, values, params, body, ctx))
     except HttpError as exc:
         return error(exc.status, exc.message, exc.headers)
+    except UnsupportedInterpreter as exc:  # the app refuses to work on this interpreter (function_app.REFUSAL)
+        return error(503, str(exc))
     except ConfigError as exc:
         log.error("%s %s: %s", method, route, exc)
         return error(500, f"configuration problem: {exc}")
