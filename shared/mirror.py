@@ -107,7 +107,7 @@ def _lookup(client: SendGridClient, chunk: Sequence[str]) -> tuple[list[str], in
         try:
             found = client.search_emails(pending)
         except InvalidContacts as exc:
-            named = set(exc.emails) | {pending[i] for i in exc.indexes if 0 <= i < len(pending)}
+            named = exc.emails
             keep = [e for e in pending if e not in named]
             if len(keep) == len(pending):
                 raise

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from shared import samplegen
+from shared.sandbox import Sandbox, serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,6 +179,38 @@ def test_invalid_addresses_refused_by_sendgrid_are_dropped_and_the_rest_sent(san
     assert sandbox.box.list_emails(list_id) == ["ok1@example.com", "ok2@example.com"]
     report = orjson.loads((tmp_path / "r.json").read_bytes())
     assert report["counts"]["rejected"] == {"refused_by_sendgrid": 1} and report["counts"]["sent"] == 2
+
+
+class MisindexingSandbox(Sandbox):
+    """Names each address it refuses at the index of the contact before it, as SendGrid was seen to do."""
+
+    def op_upsert(self, req: Any) -> Any:
+        status, body = super().op_upsert(req)
+        if status == 400:
+            for err in body["errors"]:
+                i = int(err["field"].split("[")[1].split("]")[0])
+                err["field"] = f"contacts[{max(i - 1, 0)}].email"
+        return status, body
+
+
+def test_a_refusal_at_another_contacts_index_drops_only_the_address_it_names(tmp_path: Path) -> None:
+    key = "SG.e2e-misindex." + "k" * 43
+    box = MisindexingSandbox(api_keys=[key], job_delay=0.05)
+    list_id = box.create_list("VIP")
+    src = tmp_path / "people.csv"
+    src.write_text("email,first\nok1@example.com,A\nbad@host.invalid,B\nok2@example.com,C\n", encoding="utf-8")
+    config = write_config(tmp_path / "d.json", list_id, custom_fields={}, segments=["people"],
+                          mapping={"email": "email", "first_name": "first"})
+    with serve(box) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDGRID", "KEY_VAULT"))}
+        env.update(SENDGRID_API_KEY=key, SENDGRID_API_URL=server.url)
+        res = cli(env, "export", "--config", str(config), "--destination", "vip-newsletter", "--source", str(src),
+                  "--state-dir", str(tmp_path / "s"), "--wait", "--report", str(tmp_path / "r.json"), "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert box.list_emails(list_id) == ["ok1@example.com", "ok2@example.com"]  # ok1, at the index named, stays
+    report = orjson.loads((tmp_path / "r.json").read_bytes())
+    assert report["counts"]["rejected"] == {"refused_by_sendgrid": 1} and report["counts"]["sent"] == 2
+    assert [r["reason"] for r in report["rejections"]] == ["refused by SendGrid: email 'bad@host.invalid' is not valid"]
 
 
 def test_deadline_interrupts_and_resume_completes_the_list(sandbox, env, tmp_path: Path) -> None:
