@@ -21,6 +21,7 @@ import orjson
 
 from . import mirror, snapshots
 from .config import Destination
+from .contacts import single_address
 from .engine import Services, destination, now_iso
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, RunRefused
 from .secrets import redact
@@ -220,9 +221,7 @@ def erase(svc: Services, email: str, *, by: str = "cli") -> dict[str, Any]:
     address from the snapshots of that account's destinations. The snapshots change only after their account's
     deletion succeeded, so an erasure that failed half-way still finds the person when it is run again. The report
     and the logs name the person by a salted hash only."""
-    address = email.strip().lower()
-    if "@" not in address or len(address) > 254 or any(c in address for c in "\r\n"):
-        raise ConfigError("an erasure needs one email address", field="email")
+    address = single_address(email)  # ConfigError (field 'email') unless exactly one valid address
     person = mirror.erasure_hash(address, _salt(svc))
     report: dict[str, Any] = {"kind": "erasure", "person": person, "by": by, "started_at": now_iso(),
                               "destinations": [], "accounts_deleted": 0, "not_found": 0, "errors": []}

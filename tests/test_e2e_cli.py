@@ -250,3 +250,13 @@ def test_rejection_file_neutralises_spreadsheet_formulas(sandbox, env, tmp_path:
     rows = (tmp_path / "s" / report["rejections_file"]).read_text().splitlines()
     assert rows[0] == "file,line,reason" and len(rows) == 2
     assert rows[1].startswith("'=HYPERLINK(1).csv,2,")  # a spreadsheet shows the text, it does not run it
+
+
+@pytest.mark.parametrize("email", ["@@@", "*@*", "a@example.com,b@example.com", "a@example.com\r\nb@example.com",
+                                   "a@example.com\x01"])
+def test_erase_refuses_anything_but_one_valid_address(env, tmp_path: Path, email: str) -> None:
+    config = write_config(tmp_path / "d.json", "0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10")
+    res = cli(env, "erase", "--config", str(config), "--email", email, "--state-dir", str(tmp_path / "s"))
+    assert res.returncode == 2 and res.stdout == ""
+    assert "field 'email': an erasure needs exactly one valid email address" in res.stderr
+    assert not (tmp_path / "s" / "erasures").exists()  # nothing recorded, nothing looked up
