@@ -9,17 +9,23 @@ import os
 import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
-from shared import app as connector
-from shared import http_api
-from shared.secrets import RedactingFilter
+from shared import app as connector  # importing it makes every log record redacted (secrets.install_log_redaction)
+from shared import contacts, http_api
+from shared.errors import UnsupportedInterpreter
 
-for _handler in logging.getLogger().handlers:
-    _handler.addFilter(RedactingFilter())
+# Checked once per worker process, without I/O. Raising here would leave the host with "0 functions found" and, in
+# Azure, often no trace of why; instead every invocation fails with this reason (HTTP answers 503), so it shows in
+# each function's invocation log and in Application Insights.
+REFUSAL = contacts.email_validator_problem()
+if REFUSAL:
+    logging.getLogger(__name__).critical(REFUSAL)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
 def _context() -> connector.AppContext:
+    if REFUSAL:
+        raise UnsupportedInterpreter(REFUSAL)
     return connector.AppContext.from_settings(connector.Settings.from_env(os.environ))
 
 

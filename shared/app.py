@@ -18,11 +18,12 @@ from . import engine, http_api, purge, sources
 from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
-from .secrets import SecretProvider, provider_from_env, redact
+from .secrets import SecretProvider, install_log_redaction, provider_from_env, redact
 from .state import StateStore
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
+install_log_redaction()  # every log record of the Functions process is redacted when made, for every handler
 APP_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from . import engine
+from . import contacts, engine
 from .config import load_config
 from .errors import ConfigError, ConnectorError, LeaseUnavailable
-from .secrets import RedactingFilter, provider_from_env
+from .secrets import install_log_redaction, provider_from_env
 from .state import StateStore
 from .storage import LocalFolderStore
 
@@ -27,8 +27,8 @@ SUCCESS = ("completed", "completed_with_errors", "submitted", "dry_run")
 
 
 def setup_logging(verbose: bool = False) -> None:
+    install_log_redaction()  # every record, whichever handler takes it
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
 
@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    problem = contacts.email_validator_problem()  # before anything is read or sent: see contacts.EMAIL_KNOWN_ANSWERS
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if argv[:1] == ["sandbox"]:
         setup_logging()
         return cmd_sandbox(argv[1:])

@@ -24,7 +24,9 @@ import collections
 import datetime
 import functools
 import hashlib
+import platform
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +34,7 @@ from typing import Literal
 import orjson
 
 from . import limits
+from .errors import ConfigError
 
 POSTAL_CODE_MAX_LENGTH = 100  # our choice: the contract states no limit
 CUSTOM_TEXT_MAX_LENGTH = 1_000  # our choice: the contract states no limit for custom Text values
@@ -41,12 +44,16 @@ SHOWN_VALUE_MAX = 80  # characters of a bad value quoted in a reason or note
 # dot; no doubled dot either, but that is checked apart (`".." not in email`, see valid_email): a lookahead for it
 # rescans the whole address and cost more than the rest of the match. Domain: LDH labels of 1-63, at least two
 # labels, TLD of letters (2+) or an IDN "xn--" label. Applied after lower-casing, so domains only need [a-z].
-# Possessive quantifiers (no backtracking) only drop retries that cannot succeed: the local part holds no '@', a
-# label no '.', and the TLD is the one segment not followed by '.'. tests/test_contacts.py compares the results with
-# the former pattern (with its lookahead) on many addresses.
+# Only constructs every CPython 3.11.x and 3.12.x runs alike: no possessive quantifiers or atomic groups (before
+# 3.11.5 they did not match at all, gh-106052 / gh-100061). Backtracking stays bounded: the local part holds no '@'
+# and a label no '.', so every retry fails at its next character. The domain tries "label.TLD" first (most addresses)
+# and repeats a group only for longer domains: a group repeat is the slow part of the match (see tests/test_contacts.py,
+# which compares the results with the former pattern, and EMAIL_KNOWN_ANSWERS, checked when a process starts).
+_EMAIL_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-][A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{0,63}(?<!\.)"
+_EMAIL_LABEL = r"[a-z0-9][a-z0-9-]{0,62}(?<!-)\."
+_EMAIL_TLD = r"(?:[a-z]{2,63}|xn--[a-z0-9-]{0,58}[a-z0-9])"
 EMAIL_RE = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-][A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{0,63}+(?<!\.)"
-    r"@(?:[a-z0-9][a-z0-9-]{0,62}+(?<!-)\.)++(?:[a-z]{2,63}+|xn--[a-z0-9-]{0,58}[a-z0-9])",
+    _EMAIL_LOCAL + "@" + _EMAIL_LABEL + "(?:" + _EMAIL_TLD + "|(?:" + _EMAIL_LABEL + ")+" + _EMAIL_TLD + ")",
     re.ASCII,
 )
 _ALT_SPLIT_RE = re.compile(r"[,;]")
@@ -76,6 +83,62 @@ def valid_email(email: str) -> bool:
     """True for a lower-cased, stripped address that passes the pragmatic check."""
     return (len(email) <= limits.MAX_EMAIL_LENGTH and email.isascii() and ".." not in email
             and EMAIL_RE.fullmatch(email) is not None)
+
+
+def single_address(text: object) -> str:
+    """The one address `text` holds, normalised as exports normalise a row's email (stripped, lower-cased), for an
+    erasure; ConfigError (field 'email') unless it is exactly one valid address: "@@@", two addresses, a line break
+    or a NUL inside are refused, never looked up."""
+    address = text.strip().lower() if isinstance(text, str) else ""
+    if not valid_email(address):
+        raise ConfigError("an erasure needs exactly one valid email address, like person@example.com",
+                          field="email")
+    return address
+
+
+# Addresses whose answer is known, one for each part of the check (local part, labels, TLD, lengths). A process
+# refuses to start when its interpreter disagrees (see email_validator_problem): a regex engine that rejects valid
+# addresses would drop every contact while the run still ends `completed`.
+EMAIL_KNOWN_ANSWERS: tuple[tuple[str, bool], ...] = (
+    ("a@example.com", True),
+    ("john.doe+news@mail.example.co.uk", True),
+    ("o'brien_x-y!#$%&*/=?^`{|}~@example.org", True),
+    ("a@b.co", True),
+    ("user@xn--bcher-kva.example", True),
+    ("user@example.xn--p1ai", True),
+    ("0@9.museum", True),
+    ("a" * 64 + "@" + "b" * 63 + ".com", True),
+    ("a.b@a-b.c-d.example.com", True),
+    ("a@example", False),
+    ("a..b@example.com", False),
+    (".a@example.com", False),
+    ("a.@example.com", False),
+    ("a b@example.com", False),
+    ("a@-example.com", False),
+    ("a@example-.com", False),
+    ("a@example..com", False),
+    ("a@example.c0m", False),
+    ("a@example.com.", False),
+    ("a@@example.com", False),
+    ("a" * 65 + "@example.com", False),
+    ("a@" + "b" * 64 + ".com", False),
+    ("zo\u00eb@example.com", False),
+    ("a@example.com\x00", False),
+)
+
+
+def email_validator_problem() -> str | None:
+    """None when valid_email and ContactMapper give EMAIL_KNOWN_ANSWERS on this interpreter; otherwise why the
+    connector must not run here (the CLI and the Functions app refuse to start with this text)."""
+    mapper = ContactMapper({"email": "email"})
+    for address, expected in EMAIL_KNOWN_ANSWERS:
+        mapped = not isinstance(mapper.map([address]), str)
+        if valid_email(address) != expected or mapped != expected:
+            return (f"this Python ({platform.python_implementation()} {platform.python_version()}, {sys.executable}) "
+                    f"checks email addresses wrongly: {address!r} should be {'valid' if expected else 'invalid'}; "
+                    "the connector refuses to run rather than reject valid contacts. Use CPython 3.11 or 3.12 "
+                    "(see README, Supported versions)")
+    return None
 
 
 def parse_number(text: str) -> int | float | None:

@@ -374,7 +374,7 @@ class _Run:
             try:
                 job_id = client.upsert(body)
             except InvalidContacts as bad:
-                refused = {pos for pos, email in enumerate(live.emails) if email in bad.emails or pos in bad.indexes}
+                refused = bad.positions(live.emails)
                 if not refused:
                     raise
                 for pos in sorted(refused):

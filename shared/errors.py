@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from .redaction import redact
+
 
 class ConnectorError(Exception):
-    """Base of every error this product raises on purpose. Messages never contain secrets."""
+    """Base of every error this product raises on purpose. Messages never contain secrets: text arguments are redacted
+    when the error is made, so tracebacks, the Functions host and telemetry exporters never see the raw text."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(ConnectorError):
@@ -78,3 +84,7 @@ class DeadlineReached(ConnectorError):
 
 class NotYet(ConnectorError):
     """SendGrid has not finished something yet (its jobs, a removal): the work stays open and goes on later."""
+
+
+class UnsupportedInterpreter(ConnectorError):
+    """This interpreter gives wrong answers (contacts.email_validator_problem): the process refuses to work."""

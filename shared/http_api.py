@@ -15,15 +15,24 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
-from . import engine, purge
+from . import contacts, engine, purge
 from .config import Config, Destination
-from .errors import ConfigError, ConnectorError, LeaseUnavailable, RunRefused, StateError
+from .errors import (
+    ConfigError,
+    ConnectorError,
+    LeaseUnavailable,
+    RunRefused,
+    SourceError,
+    StateError,
+    UnsupportedInterpreter,
+)
 from .secrets import redact
 from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id
 from .storage import check_key
@@ -41,8 +50,8 @@ MAX_ATTEMPTS = 5  # host.json extensions.queues.maxDequeueCount (the host's defa
 QUEUED = "queued"
 START_FIELDS = ("source", "dry_run")
 MIMETYPE = "application/json"  # utf-8
-HEADERS = {"Cache-Control": "no-store"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+ERASURE_BODY = '{"email": "<one address>"}'
 
 ContextSource: TypeAlias = "AppContext | Callable[[], AppContext]"
 
@@ -141,18 +150,24 @@ def _limit(params: Mapping[str, str]) -> int:
     raw = params.get("limit")
     if raw is None:
         return HISTORY_DEFAULT
-    if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= HISTORY_MAX:  # isdigit alone takes "²", "٣"
         raise HttpError(400, f"limit must be a whole number from 1 to {HISTORY_MAX}")
     return int(raw)
+
+
+def _printable_line(text: str) -> bool:
+    """No control, format (bidi overrides, zero-width), private-use, unassigned or line/paragraph separator
+    characters: what is stored and shown again reads as what was sent, on one line."""
+    return not any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in text)
 
 
 def _reason(params: Mapping[str, str], default: str) -> str:
     raw = params.get("reason")
     if raw is None or not raw.strip():
         return default
-    if len(raw) > MAX_REASON_CHARS or _CONTROL.search(raw):
-        raise HttpError(400, f"reason must be one line of at most {MAX_REASON_CHARS} characters")
-    return redact(raw.strip())  # stored and logged: a pasted key must not be
+    if len(raw) > MAX_REASON_CHARS or not _printable_line(raw):
+        raise HttpError(400, f"reason must be one line of at most {MAX_REASON_CHARS} printable characters")
+    return " ".join(redact(raw).split())  # stored and logged: a pasted key must not be; runs of spaces become one
 
 
 def _configured(config: Config, name: str) -> Destination:
@@ -194,6 +209,20 @@ def resolve_source(ctx: AppContext, source: str) -> tuple[str, str]:
     raise HttpError(404, f"no export '{key}' in {ctx.exports.label}")
 
 
+def _check_export_of(ctx: AppContext, config: Config, dest: Destination, key: str) -> None:
+    """A run reads only the destination's own exports, by the blob trigger's rule (app.destinations_for_blob): a
+    model.json holding one of its segments, or a plain file under '<destination>/'."""
+    from .app import destinations_for_blob  # app imports this module
+
+    try:
+        takers = destinations_for_blob(ctx, config, key)
+    except SourceError as exc:
+        raise HttpError(400, f"source {key} cannot be read: {exc}") from None
+    if dest.name not in takers:
+        raise HttpError(400, f"source {key} is not an export of destination '{dest.name}': name a model.json that "
+                             f"holds one of its segments ({', '.join(dest.segments)}), or a file under '{dest.name}/'")
+
+
 def _summary(record: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("run_id", "status", "trigger", "dry_run", "source", "queued_at", "started_at", "finished_at", "error",
             "counts")
@@ -233,7 +262,8 @@ def start_run(call: Call) -> Response:
     if not isinstance(dry_run, bool):
         raise HttpError(400, "dry_run must be true or false")
     ctx, name = call.ctx, call.name
-    dest = _configured(ctx.config(), name)
+    config = ctx.config()
+    dest = _configured(config, name)
     blocked = why_not_runnable(dest, ctx.state.disabled(name))
     if blocked:
         raise HttpError(409, blocked)
@@ -252,6 +282,7 @@ def start_run(call: Call) -> Response:
                                  "name another in the body") from None
     else:
         key, etag = resolve_source(ctx, source)
+        _check_export_of(ctx, config, dest, key)
     run_id = new_run_id()
     ctx.state.save_run(queued_record(dest, run_id, key, etag, dry_run))
     url = f"/api/runs/{run_id}"
@@ -339,11 +370,14 @@ def enable_destination(call: Call) -> Response:
 def erase_person(call: Call) -> Response:
     """Forget one person everywhere; the answer names them by a salted hash only."""
     data = parse_object(call.body)
-    email = data.get("email")
-    if set(data) != {"email"} or not isinstance(email, str) or not 3 <= len(email) <= 254 or "@" not in email:
-        raise HttpError(400, 'the body must be {"email": "<one address>"}')
+    if set(data) != {"email"}:
+        raise HttpError(400, f"the body must be {ERASURE_BODY}")
+    try:
+        address = contacts.single_address(data["email"])
+    except ConfigError:
+        raise HttpError(400, f"the body must be {ERASURE_BODY}, exactly one valid email address") from None
     ctx = call.ctx
-    report = purge.erase(ctx.services(ctx.config()), email, by="http")
+    report = purge.erase(ctx.services(ctx.config()), address, by="http")
     return Response(200 if report["status"] == "completed" else 207, report)
 
 
@@ -376,6 +410,8 @@ def handle(method: str, route: str, route_params: Mapping[str, str], params: Map
         return methods[method](Call(method, values, params, body, ctx))
     except HttpError as exc:
         return error(exc.status, exc.message, exc.headers)
+    except UnsupportedInterpreter as exc:  # the app refuses to work on this interpreter (function_app.REFUSAL)
+        return error(503, str(exc))
     except ConfigError as exc:
         log.error("%s %s: %s", method, route, exc)
         return error(500, f"configuration problem: {exc}")

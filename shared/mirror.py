@@ -109,7 +109,7 @@ def _lookup(client: SendGridClient, chunk: Sequence[str]) -> tuple[dict[str, Sea
         try:
             found = client.search_contacts(pending)
         except InvalidContacts as exc:
-            named = set(exc.emails) | {pending[i] for i in exc.indexes if 0 <= i < len(pending)}
+            named = exc.emails
             keep = [e for e in pending if e not in named]
             if len(keep) == len(pending):
                 raise

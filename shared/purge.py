@@ -23,6 +23,7 @@ import orjson
 
 from . import jobs, mirror, snapshots
 from .config import Destination
+from .contacts import single_address
 from .engine import Services, destination
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, NotYet, RunRefused
 from .held import Held
@@ -257,9 +258,7 @@ def erase(svc: Services, email: str, *, by: str = "cli", wait_seconds: float | N
     from what each destination holds (snapshot and parts). `completed` only when every account confirmed; otherwise
     `incomplete`, kept open (the address in ERASURE_OPEN, deleted when done) for the timer or a second call. The
     report and the logs name the person by a salted hash only."""
-    address = email.strip().lower()
-    if "@" not in address or len(address) > 254 or any(c in address for c in "\r\n"):
-        raise ConfigError("an erasure needs one email address", field="email")
+    address = single_address(email)  # ConfigError (field 'email') unless exactly one valid address
     person = mirror.erasure_hash(address, _salt(svc))
     until = time.monotonic() + (svc.wait_timeout if wait_seconds is None else wait_seconds)
     report: dict[str, Any] = {"kind": "erasure", "person": person, "by": by, "started_at": now_iso(),

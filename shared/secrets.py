@@ -1,9 +1,9 @@
 """The SendGrid API key: from Azure Key Vault or, locally, from the environment. Cached, and never leaked.
 
 A `Secret` shows only its name in repr/str/format and refuses pickling. Every value a provider hands out is registered
-so that `redact()` (and `RedactingFilter` on log handlers) scrubs it from text, together with anything shaped like a
-SendGrid key (`SG.xxx.yyy`) and bearer tokens. Error messages name the secret, the variable or the vault and what to
-check, never the value.
+so that `redaction.redact()` scrubs it from text, errors and log records, together with anything shaped like a
+SendGrid key (`SG.xxx.yyy`) and bearer tokens (see shared/redaction.py, re-exported here). Error messages name the
+secret, the variable or the vault and what to check, never the value.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, SecretError
+from .redaction import REDACTED as REDACTED  # re-exported: callers import redaction's names from here
+from .redaction import RedactingFilter as RedactingFilter
+from .redaction import install_log_redaction as install_log_redaction
+from .redaction import redact, register_secret_value
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -26,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REDACTED = "[REDACTED]"
 KEY_VAULT_URL_SETTING = "KEY_VAULT_URL"
 TTL_SETTING = "KEY_VAULT_SECRET_TTL_SECONDS"
 CLIENT_ID_SETTING = "AZURE_CLIENT_ID"
@@ -34,10 +37,7 @@ DEFAULT_TTL_SECONDS = 300.0
 
 _NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")  # Key Vault's secret-name rule
 _UNRESOLVED_REFERENCE = "@microsoft.keyvault("  # compared lower-case
-_MIN_REGISTERED_LENGTH = 4  # shorter values would shred ordinary log text; no real key is that short
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SENDGRID_KEY = re.compile(r"(?<![A-Za-z0-9_-])SG\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-_BEARER = re.compile(r"\b(Bearer)\s+[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)
 _REFERENCE_HELP = (
     "check that the app's managed identity has the "
     "'Key Vault Secrets User' role on the vault (and keyVaultReferenceIdentity for a user-assigned identity), the "
@@ -45,61 +45,6 @@ _REFERENCE_HELP = (
     "@Microsoft.KeyVault(VaultName=<vault>;SecretName=<name>), and the reference status shown for the setting in the "
     "portal"
 )
-
-
-# --------------------------------------------------------------------------------------------------------- redaction
-_registry: set[str] = set()
-_registry_lock = threading.Lock()
-_registry_pattern: re.Pattern[str] | None = None
-
-
-def register_secret_value(value: str) -> None:
-    """Remember a revealed value so `redact` scrubs it. Values under 4 characters are ignored (see module note)."""
-    global _registry_pattern
-    if not isinstance(value, str) or len(value) < _MIN_REGISTERED_LENGTH:
-        return
-    with _registry_lock:
-        if value in _registry:
-            return
-        _registry.add(value)
-        # Longest first, so a value that contains another is replaced whole.
-        alternatives = sorted(_registry, key=len, reverse=True)
-        _registry_pattern = re.compile("|".join(re.escape(v) for v in alternatives))
-
-
-def redact(text: str) -> str:
-    """Replace registered secret values, SendGrid-shaped keys and bearer tokens with [REDACTED]."""
-    if not text:
-        return text
-    pattern = _registry_pattern
-    if pattern is not None:
-        text = pattern.sub(REDACTED, text)
-    text = _SENDGRID_KEY.sub(REDACTED, text)
-    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-
-
-class RedactingFilter(logging.Filter):
-    """Scrub secrets from log records (message with its arguments, exception text, stack info).
-
-    Installed on handlers by the app and the CLI. The message is formatted first and then redacted, so a key passed as
-    an argument is caught too; the record then carries the clean text and no arguments.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: leave it to the handler's own error reporting, but scrub the parts
-            record.msg = redact(str(record.msg))
-            record.args = None
-        else:
-            record.msg, record.args = redact(message), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info)
-        return True
 
 
 # ------------------------------------------------------------------------------------------------------------ Secret
@@ -235,7 +180,7 @@ def check_vault_url(vault_url: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "message", None) or exc or type(exc).__name__)
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return redact(line[:300])
+    return redact(line)[:300]
 
 
 def _is_transient(exc: BaseException) -> bool:

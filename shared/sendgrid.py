@@ -32,12 +32,12 @@ from .errors import (
     SendGridError,
     TransientError,
 )
-from .secrets import SecretProvider
+from .secrets import SecretProvider, redact
 
 log = logging.getLogger(__name__)
 
-_INVALID_EMAIL = re.compile(r"email '([^']*)' is not valid", re.IGNORECASE)
-_CONTACT_INDEX = re.compile(r"contacts\[(\d+)\]")
+_INVALID_EMAIL = re.compile(r"email '(.*)' is not valid", re.IGNORECASE)  # greedy: an address may hold a quote
+_MESSAGE_MAX = 200  # characters of each SendGrid message kept in an error
 _MIN_RATE_LIMIT_WAIT = 0.05  # a 429 is never retried without a pause, even after "Retry-After: 0"
 
 
@@ -117,11 +117,17 @@ class SearchHit:
 
 
 class InvalidContacts(PayloadRejected):
-    """400 naming invalid addresses: the caller drops them (reported) and resends the rest."""
+    """400 naming invalid addresses: the caller drops the contacts whose email it names (reported) and resends the
+    rest. The error's `field` index is not trusted: an index alone never drops a contact (SendGrid has named an
+    address at another contact's index), so a 400 that names no address is a plain PayloadRejected."""
 
-    def __init__(self, emails: set[str], indexes: set[int]) -> None:
-        super().__init__(f"SendGrid refused {len(emails) or len(indexes)} invalid address(es)", status=400)
-        self.emails, self.indexes = emails, indexes
+    def __init__(self, emails: set[str]) -> None:
+        super().__init__(f"SendGrid refused {len(emails)} invalid address(es)", status=400)
+        self.emails = frozenset(emails)
+
+    def positions(self, emails: Sequence[str]) -> set[int]:
+        """Where in `emails` (lower-cased, as sent) the addresses this error names are."""
+        return {pos for pos, email in enumerate(emails) if email in self.emails}
 
 
 @dataclass
@@ -254,9 +260,9 @@ class SendGridClient:
                 self._wait(self.policy.backoff(attempt, self._rng))
                 continue
             if status == 400:
-                emails, indexes = _invalid_addresses(resp)
-                if emails or indexes:
-                    raise InvalidContacts(emails, indexes)
+                emails = _invalid_addresses(resp)
+                if emails:
+                    raise InvalidContacts(emails)
             raise PayloadRejected(f"{endpoint}: {status} {_messages(resp)}", status=status)
 
     # --- API calls ----------------------------------------------------------------------------------------------------
@@ -314,7 +320,7 @@ class SendGridClient:
                     return [f"errors file answered {resp.status_code}"]
                 out: list[str] = []
                 for line in resp.iter_lines(decode_unicode=False):
-                    out.append(line.decode("utf-8", "replace")[:500])
+                    out.append(redact(line.decode("utf-8", "replace"))[:500])
                     if len(out) >= lines:
                         break
                 return out
@@ -368,32 +374,29 @@ _AUTH_HINT = {
 
 
 def _messages(resp: requests.Response) -> str:
+    """SendGrid's error messages, each redacted before it is cut short (a cut key would escape the patterns)."""
     try:
         errors = orjson.loads(resp.content).get("errors") or []
-        return "; ".join(str(e.get("message", ""))[:200] for e in errors[:5]) or resp.reason
+        return "; ".join(redact(str(e.get("message", "")))[:_MESSAGE_MAX] for e in errors[:5]) or str(resp.reason)
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return str(resp.reason)
 
 
-def _invalid_addresses(resp: requests.Response) -> tuple[set[str], set[int]]:
+def _invalid_addresses(resp: requests.Response) -> set[str]:
+    """The addresses a 400 names as not valid (lower-cased); empty unless every error in it is such a one."""
     try:
         errors = orjson.loads(resp.content).get("errors") or []
     except (orjson.JSONDecodeError, AttributeError):
-        return set(), set()
+        return set()
     emails: set[str] = set()
-    indexes: set[int] = set()
     for err in errors:
         if not isinstance(err, dict):
             continue
-        message = str(err.get("message", ""))
-        match = _INVALID_EMAIL.search(message)
+        match = _INVALID_EMAIL.search(str(err.get("message", "")))
         if not match:
-            return set(), set()  # another kind of error in the same answer: not fixable by dropping addresses
+            return set()  # another kind of error in the same answer: not fixable by dropping addresses
         emails.add(match.group(1).lower())
-        where = _CONTACT_INDEX.search(str(err.get("field") or ""))
-        if where:
-            indexes.add(int(where.group(1)))
-    return emails, indexes
+    return emails
 
 
 def _segment(value: str) -> str:

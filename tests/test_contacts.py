@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import platform
 import random
 import re
+import sys
 
 import numpy as np
 import orjson
@@ -26,6 +28,7 @@ from shared.contacts import (
     valid_email,
 )
 from shared.dedup import Deduper
+from shared.errors import ConfigError
 
 MAPPING = {"email": "EmailAddress", "first_name": "FirstName", "last_name": "LastName", "country": "Country",
            "state_province_region": "State", "city": "City", "postal_code": "PostalCode"}
@@ -311,6 +314,83 @@ def test_alternate_emails_capped_at_five_and_counted() -> None:
     assert m.trimmed["alternate_emails"] == 1
     _, c, _ = m.map(["a@example.com", ",".join(f"alt{i}@example.com" for i in range(5))])  # type: ignore[misc]
     assert len(c["alternate_emails"]) == 5 and m.trimmed["alternate_emails"] == 1
+
+
+def test_alternate_email_of_exactly_254_characters_is_kept_and_255_left_out() -> None:
+    """The 254-character limit holds for alternates too, inclusive (a mutant with `<` survived before)."""
+    domain = "b" * 63 + "." + "c" * 63 + "."
+    at_limit = "a" * 64 + "@" + domain + "d" * 57 + ".com"
+    over = "a" * 64 + "@" + domain + "d" * 58 + ".com"
+    assert (len(at_limit), len(over)) == (limits.MAX_EMAIL_LENGTH, limits.MAX_EMAIL_LENGTH + 1)
+    assert EMAIL_SYNTAX.fullmatch(over)  # only the length makes it invalid
+    assert valid_email(at_limit) and not valid_email(over)
+    _, c, note = alt_mapper().map(["a@example.com", f"{at_limit}, {over}"])  # type: ignore[misc]
+    assert c["alternate_emails"] == [at_limit]
+    assert note == f"alternate_emails: {over[:80]!r} not valid; left out"
+
+
+# --- the same answers on every interpreter -------------------------------------------------------------------------
+
+EMAIL_SYNTAX = OLD_EMAIL_RE  # the reference syntax, without the length limit
+
+
+def regex_opcodes(pattern: str) -> set[str]:
+    """Every opcode of a pattern's parse tree, read with the interpreter's own parser."""
+    from re import _parser  # type: ignore[attr-defined]
+
+    found: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, _parser.SubPattern):
+            for op, argument in node:
+                found.add(str(op))
+                walk(argument)
+        elif isinstance(node, tuple | list):
+            for item in node:
+                walk(item)
+
+    walk(_parser.parse(pattern))
+    return found
+
+
+def test_the_email_check_has_no_construct_that_depends_on_the_patch_level() -> None:
+    """Possessive quantifiers and atomic groups did not match before CPython 3.11.5 (Debian 12 has 3.11.2)."""
+    assert {"POSSESSIVE_REPEAT", "ATOMIC_GROUP"} <= regex_opcodes(r"a++(?>b)")  # the check sees them
+    assert {"MAX_REPEAT", "BRANCH", "ASSERT_NOT"} <= regex_opcodes(contacts.EMAIL_RE.pattern)
+    assert not {"POSSESSIVE_REPEAT", "ATOMIC_GROUP"} & regex_opcodes(contacts.EMAIL_RE.pattern)
+
+
+def test_the_known_answers_hold_on_this_interpreter() -> None:
+    assert contacts.email_validator_problem() is None
+    for address, expected in contacts.EMAIL_KNOWN_ANSWERS:
+        assert valid_email(address) == expected == old_valid_email(address), address
+    assert {expected for _, expected in contacts.EMAIL_KNOWN_ANSWERS} == {True, False}
+
+
+@pytest.mark.parametrize("broken,named", [(r"(?!)", "'a@example.com' should be valid"),
+                                          (r".*", "'a@example' should be invalid")])
+def test_a_validator_that_disagrees_is_named_with_the_interpreter(monkeypatch: pytest.MonkeyPatch, broken: str,
+                                                                  named: str) -> None:
+    monkeypatch.setattr(contacts, "EMAIL_RE", re.compile(broken))
+    problem = contacts.email_validator_problem()
+    assert problem is not None and named in problem
+    assert platform.python_version() in problem and sys.executable in problem and "3.12" in problem
+
+
+@pytest.mark.parametrize("text", ["@@@", "*@*", "a@example.com,b@example.com", "a@example.com b@example.com",
+                                  "a@example.com\x00", "a@exa\r\nmple.com", "a@example.com\r\nbcc@example.com",
+                                  "a@b", "", "   ", "zoë@example.com", "a" * 250 + "@example.com", None, 5,
+                                  ["a@example.com"]])
+def test_single_address_refuses_anything_but_one_valid_address(text: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        contacts.single_address(text)
+    assert info.value.field == "email" and "exactly one valid email address" in str(info.value)
+
+
+def test_single_address_is_normalised_as_an_export_row_is() -> None:
+    assert contacts.single_address("  Person.Name@Example.COM\t") == "person.name@example.com"
+    mapped = ContactMapper({"email": "E"}).map(["  Person.Name@Example.COM\t"])
+    assert not isinstance(mapped, str) and mapped[0] == "person.name@example.com"
 
 
 # --- custom fields ------------------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from shared import samplegen
+from shared.sandbox import Sandbox, serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -179,6 +181,38 @@ def test_invalid_addresses_refused_by_sendgrid_are_dropped_and_the_rest_sent(san
     assert report["counts"]["rejected"] == {"refused_by_sendgrid": 1} and report["counts"]["sent"] == 2
 
 
+class MisindexingSandbox(Sandbox):
+    """Names each address it refuses at the index of the contact before it, as SendGrid was seen to do."""
+
+    def op_upsert(self, req: Any) -> Any:
+        status, body = super().op_upsert(req)
+        if status == 400:
+            for err in body["errors"]:
+                i = int(err["field"].split("[")[1].split("]")[0])
+                err["field"] = f"contacts[{max(i - 1, 0)}].email"
+        return status, body
+
+
+def test_a_refusal_at_another_contacts_index_drops_only_the_address_it_names(tmp_path: Path) -> None:
+    key = "SG.e2e-misindex." + "k" * 43
+    box = MisindexingSandbox(api_keys=[key], job_delay=0.05)
+    list_id = box.create_list("VIP")
+    src = tmp_path / "people.csv"
+    src.write_text("email,first\nok1@example.com,A\nbad@host.invalid,B\nok2@example.com,C\n", encoding="utf-8")
+    config = write_config(tmp_path / "d.json", list_id, custom_fields={}, segments=["people"],
+                          mapping={"email": "email", "first_name": "first"})
+    with serve(box) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDGRID", "KEY_VAULT"))}
+        env.update(SENDGRID_API_KEY=key, SENDGRID_API_URL=server.url)
+        res = cli(env, "export", "--config", str(config), "--destination", "vip-newsletter", "--source", str(src),
+                  "--state-dir", str(tmp_path / "s"), "--wait", "--report", str(tmp_path / "r.json"), "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert box.list_emails(list_id) == ["ok1@example.com", "ok2@example.com"]  # ok1, at the index named, stays
+    report = orjson.loads((tmp_path / "r.json").read_bytes())
+    assert report["counts"]["rejected"] == {"refused_by_sendgrid": 1} and report["counts"]["sent"] == 2
+    assert [r["reason"] for r in report["rejections"]] == ["refused by SendGrid: email 'bad@host.invalid' is not valid"]
+
+
 def test_deadline_interrupts_and_resume_completes_the_list(sandbox, env, tmp_path: Path) -> None:
     info = samplegen.write_cdm_export(tmp_path / "export", 70_000, partitions=3)
     list_id = sandbox.box.create_list("VIP")
@@ -216,3 +250,13 @@ def test_rejection_file_neutralises_spreadsheet_formulas(sandbox, env, tmp_path:
     rows = (tmp_path / "s" / report["rejections_file"]).read_text().splitlines()
     assert rows[0] == "file,line,reason" and len(rows) == 2
     assert rows[1].startswith("'=HYPERLINK(1).csv,2,")  # a spreadsheet shows the text, it does not run it
+
+
+@pytest.mark.parametrize("email", ["@@@", "*@*", "a@example.com,b@example.com", "a@example.com\r\nb@example.com",
+                                   "a@example.com\x01"])
+def test_erase_refuses_anything_but_one_valid_address(env, tmp_path: Path, email: str) -> None:
+    config = write_config(tmp_path / "d.json", "0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10")
+    res = cli(env, "erase", "--config", str(config), "--email", email, "--state-dir", str(tmp_path / "s"))
+    assert res.returncode == 2 and res.stdout == ""
+    assert "field 'email': an erasure needs exactly one valid email address" in res.stderr
+    assert not (tmp_path / "s" / "erasures").exists()  # nothing recorded, nothing looked up

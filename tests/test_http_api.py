@@ -59,6 +59,7 @@ class Api:
         resp = fn(req, self.queue) if function in QUEUEING else fn(req)
         self.answers.append(resp.get_body())
         assert resp.mimetype == "application/json" and resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
         return resp.status_code, orjson.loads(resp.get_body()), dict(resp.headers)
 
     def start(self, name: str = NAME, **fields: Any) -> dict[str, Any]:
@@ -148,13 +149,23 @@ def test_bad_purge_requests_are_400_before_storage(offline: Api, params: dict[st
 
 
 @pytest.mark.parametrize("body", [b"", b"{}", b'{"email": 5}', b'{"email": "nobody"}',
-                                  b'{"email": "a@b.com", "more": 1}'])
-def test_bad_erasure_bodies_are_400(offline: Api, body: bytes) -> None:
+                                  b'{"email": "a@b.com", "more": 1}', b'{"email": "a@example.com\\r\\nb@example.com"}',
+                                  b'{"email": "a@exa\\nmple.com"}', b'{"email": "@@@"}', b'{"email": "*@*"}',
+                                  b'{"email": "a@example.com,b@example.com"}', b'{"email": "a@example.com\\u0000"}',
+                                  b'{"email": ["a@example.com"]}'])
+def test_bad_erasure_bodies_are_400_before_storage(offline: Api, body: bytes) -> None:
     status, answer, _ = offline.call("POST", "erase_person", body=body)
-    assert status == 400 and answer["error"]
+    assert status == 400 and answer["error"].startswith('the body must be {"email": "<one address>"}')
 
 
-@pytest.mark.parametrize("limit", ["0", "201", "-1", "abc", "1.5", ""])
+@pytest.mark.parametrize("reason", ["list\u202eretired", "a\u2028b", "zero\u200bwidth", "c1\x85", "tab\there",
+                                    "x" * 501])
+def test_a_reason_that_is_not_one_printable_line_is_400_before_storage(offline: Api, reason: str) -> None:
+    status, answer, _ = offline.call("DELETE", "disable_destination", name=NAME, params={"reason": reason})
+    assert status == 400 and "reason must be one line" in answer["error"]
+
+
+@pytest.mark.parametrize("limit", ["0", "201", "-1", "abc", "1.5", "", "\u00b2", "\u0663", "1\u0660"])
 def test_history_limit_is_1_to_200(offline: Api, limit: str) -> None:
     status, answer, _ = offline.call("GET", "destination_runs", name=NAME, params={"limit": limit})
     assert status == 400 and "limit" in answer["error"]
@@ -347,6 +358,29 @@ def test_unknown_and_unrunnable_destinations(deployed, api: Api) -> None:
     assert status == 400 and "source" in body["error"]
     assert api.queue.values == []
     assert list(deployed["state"].list_blobs(name_starts_with="runs/")) == []
+
+
+def test_a_source_must_be_an_export_of_the_destination(deployed, api: Api) -> None:
+    info, exports = deployed["info"], deployed["exports"]
+    model = orjson.loads(exports.download_blob(info.model_key).readall())
+    for entity in model["entities"]:
+        entity["name"] = "SomeoneElsesSegment"
+    exports.upload_blob("Other/model.json", orjson.dumps(model))
+    for key in ("no-consent/people.csv", "people.csv", "vip-newsletter/people.csv"):
+        exports.upload_blob(key, b"email\nada@example.com\n")
+    for source in ("Other/model.json", "Other", "no-consent/people.csv", "people.csv"):
+        status, body, _ = api.call("POST", "destination_runs", name=NAME, body=orjson.dumps({"source": source}))
+        assert status == 400 and f"is not an export of destination '{NAME}'" in body["error"], source
+    assert api.queue.values == []
+    assert list(deployed["state"].list_blobs(name_starts_with="runs/")) == []
+    assert api.start(source="vip-newsletter/people.csv", dry_run=True)["source"] == "vip-newsletter/people.csv"
+    assert api.start(source=info.model_key, dry_run=True)["source"] == info.model_key
+
+
+def test_a_reason_is_stored_on_one_line_without_secrets(deployed, api: Api) -> None:
+    reason = "retired  by  ops, key SG.abcdefgh.ijklmnop pasted"
+    status, body, _ = api.call("DELETE", "disable_destination", name=NAME, params={"reason": reason})
+    assert status == 200 and body["reason"] == "retired by ops, key [REDACTED] pasted"
 
 
 def test_a_folder_source_means_its_model_json(deployed, api: Api) -> None:

@@ -577,15 +577,35 @@ def test_repr_names_the_secret_not_the_key(api: Api) -> None:
 # ------------------------------------------------------------------------------------------ invalid addresses
 
 
-def test_invalid_addresses_are_named_with_their_indexes(api: Api) -> None:
+def test_invalid_addresses_are_named_by_email(api: Api) -> None:
     body = {"contacts": [{"email": "ok0@example.com"}, {"email": "x@host.invalid"}, {"email": "ok2@example.com"},
-                         {"email": "Y@Other.Invalid"}]}
+                         {"email": "Y@Other.Invalid"}, {"email": "o'brien@host.invalid"}]}
     with api.watch.raises(InvalidContacts) as info:
         api.client().upsert(orjson.dumps(body))
-    assert info.value.emails == {"x@host.invalid", "y@other.invalid"}
-    assert info.value.indexes == {1, 3}
+    assert info.value.emails == {"x@host.invalid", "y@other.invalid", "o'brien@host.invalid"}  # a quote inside too
+    sent = ["ok0@example.com", "x@host.invalid", "ok2@example.com", "y@other.invalid", "o'brien@host.invalid"]
+    assert info.value.positions(sent) == {1, 3, 4}
     assert info.value.status == 400 and isinstance(info.value, PayloadRejected)
     assert api.stats()["jobs_created"] == 0 and api.clock.waits == []
+
+
+@pytest.mark.parametrize("errors,named", [
+    # SendGrid named contact 1's address at contacts[0]: only contact 1 goes
+    ([{"field": "contacts[0].email", "message": "email 'bad@example.com' is not valid"}], {1}),
+    # an index without an address drops nobody: the whole request is refused instead
+    ([{"field": "contacts[0].email", "message": "email is not valid"}], None),
+    # an address the request does not hold drops nobody, whatever index comes with it
+    ([{"field": "contacts[1].email", "message": "email 'other@example.com' is not valid"}], set()),
+])
+def test_a_contact_is_dropped_only_when_the_error_names_its_email(errors: list[dict[str, str]],
+                                                                  named: set[int] | None) -> None:
+    resp = requests.Response()
+    resp.status_code, resp._content = 400, orjson.dumps({"errors": errors})
+    emails = sendgrid_module._invalid_addresses(resp)
+    if named is None:
+        assert emails == set()
+        return
+    assert InvalidContacts(emails).positions(["good@example.com", "bad@example.com"]) == named
 
 
 def test_other_errors_beside_invalid_addresses_are_a_plain_rejection(api: Api) -> None:
