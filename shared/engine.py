@@ -619,7 +619,9 @@ def finish_submitted(record: dict[str, Any], svc: Services, *, deadline: float |
         try:
             listsync.finish_submitted(_sync(current, dest, svc, client, deadline=deadline, lease=LeaseKeeper(lease)))
         except (DeadlineReached, ConnectorError) as exc:
-            current.update(status="interrupted", error=redact(str(exc)))
+            log.warning("%s: run %s could not be finished: %s", dest.name, current["run_id"], exc)
+            removing = current["checkpoint"].get("phase") in listsync.AFTER_SENDING  # resumed from its phase
+            current.update(status="interrupted" if removing else "submitted", error=redact(str(exc)))
             svc.state.save_run(current)
         finally:
             client.close()
