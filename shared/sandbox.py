@@ -36,6 +36,7 @@ import itertools
 import math
 import operator
 import os
+import random
 import re
 import secrets
 import signal
@@ -53,7 +54,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -126,6 +127,26 @@ _FIELD_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 HTTP_FAULT_KINDS = frozenset({"429", "500", "503", "reset", "slow", "401", "403"})
 JOB_FAULT_KINDS = frozenset({"errored", "failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How close to SendGrid's own timing and rules a sandbox behaves (see "Realistic profile" in the module docstring).
+
+    The default (every field off) is the fast sandbox the tests were written against: each job takes `job_delay`."""
+
+    job_seconds: tuple[float, float] | None = None  # each job's duration, uniform in [min, max]; None: job_delay
+    seed: int | None = None  # for job_seconds; None: a random seed (see Sandbox.seed)
+    strict_identifiers: bool = False  # an update must carry all of the contact's existing identifiers
+
+    def __post_init__(self) -> None:
+        if self.job_seconds is not None:
+            low, high = self.job_seconds
+            if not 0 <= low <= high < math.inf:
+                raise ValueError(f"job_seconds must be MIN:MAX with 0 <= MIN <= MAX, got {low}:{high}")
+
+
+REALISTIC = Profile(job_seconds=(2.0, 10.0), strict_identifiers=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -411,6 +432,7 @@ class _Job:
     errored: int = 0
     finished_at: float | None = None
     errors_csv: bytes | None = None
+    order: int = 0  # when its due time was set: ties in due time apply in this order
 
 
 @dataclass(slots=True)
@@ -471,17 +493,21 @@ class Sandbox:
 
     max_import_rows: int = limits.MAX_CONTACTS_PER_IMPORT_FILE  # instance-overridable for tests
     max_import_bytes: int = limits.MAX_IMPORT_FILE_BYTES
+    default_profile: ClassVar[Profile] = Profile()  # for sandboxes made without one (tests/conftest.py can switch it)
 
     def __init__(self, api_keys: Iterable[str], job_delay: float = 0.3, rate_limit: int | None = None,
                  rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$",
-                 count_sends: bool = False, latency: float = 0.0) -> None:
+                 count_sends: bool = False, latency: float = 0.0, profile: Profile | None = None) -> None:
         if rate_limit is not None and rate_limit < 1:
             raise ValueError("rate_limit must be at least 1 (or None for no limit)")
         if rate_window <= 0:
             raise ValueError("rate_window must be positive")
         if not 0 <= latency < math.inf:
             raise ValueError("latency must be a finite number of seconds, 0 or more")
-        self.job_delay = job_delay
+        self.job_delay = job_delay  # seconds each job takes, unless the profile sets job_seconds
+        self.profile = profile if profile is not None else Sandbox.default_profile
+        self.seed = self.profile.seed if self.profile.seed is not None else secrets.randbits(32)
+        self._rng = random.Random(self.seed)
         self.latency = latency  # seconds every answer waits (see the module docstring)
         self.count_sends = count_sends  # keep per-email send counts (see send_counts); off: it costs memory
         self.rate_limit = rate_limit
@@ -504,6 +530,8 @@ class Sandbox:
             self._field_seq = 0
             self._jobs: dict[str, _Job] = {}
             self._pending: list[_Job] = []
+            self._job_seq = 0
+            self._last_due = 0.0  # the latest due time given under job_seconds: jobs finish in order
             self._imports: dict[str, _Import] = {}
             self._faults: list[dict[str, Any]] = []
             self._job_faults: list[dict[str, Any]] = []
@@ -586,6 +614,34 @@ class Sandbox:
             job = self._jobs.get(job_id)
             return None if job is None else self._job_view(job, "")
 
+    def pending_jobs(self) -> list[dict[str, Any]]:
+        """The jobs not final yet, oldest first, as job() shows them (an import waiting for its upload among them)."""
+        with self._lock:
+            self._settle()
+            return [self._job_view(job, "") for job in self._pending]
+
+    def jobs_final(self) -> bool:
+        """True when every job is final (completed, errored or failed): nothing the API accepted is still to apply."""
+        return not self.pending_jobs()
+
+    def wait_for_jobs(self, timeout: float) -> None:
+        """Wait until every job is final, as time passes (nothing is forced: see complete_jobs for that). Sleeps until
+        the next job is due, not in fixed steps; TimeoutError naming the pending jobs when `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._settle()
+                dues = [job.due for job in self._pending]
+            if not dues:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pending = ", ".join(f"{j['id']} ({j['job_type']})" for j in self.pending_jobs()[:10])
+                raise TimeoutError(f"{len(dues)} job(s) still pending after {timeout} s: {pending}")
+            known = [due for due in dues if due is not None]  # None: an import still waiting for its upload
+            wait = min(known) - time.time() if known else left
+            time.sleep(min(max(wait, 0.005), left))
+
     @property
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -617,7 +673,7 @@ class Sandbox:
             return 0
         now = time.time()
         due = sorted((j for j in self._pending if j.due is not None and (force or j.due <= now)),
-                     key=lambda j: j.due or 0.0)
+                     key=lambda j: (j.due or 0.0, j.order))
         with gcpolicy.pause:
             for job in due:
                 self._finish(job, now)
@@ -641,12 +697,24 @@ class Sandbox:
     def _new_job(self, job_type: str, apply: Callable[[_Job], None] | None, requested: int,
                  waits_for_upload: bool = False) -> _Job:
         now = time.time()
-        job = _Job(str(uuid.uuid4()), job_type, now, None if waits_for_upload else now + self.job_delay, apply,
-                   requested=requested)
+        job = _Job(str(uuid.uuid4()), job_type, now, None, apply, requested=requested)
+        if not waits_for_upload:
+            self._schedule(job, now)
         self._jobs[job.id] = job
         self._pending.append(job)
         self._stats["jobs_created"] += 1
         return job
+
+    def _schedule(self, job: _Job, now: float) -> None:
+        """Set when a job finishes (callers hold the lock): `job_delay` from now, or under the profile's job_seconds a
+        random duration, never before the job scheduled before it (an account's jobs are applied in order)."""
+        timing = self.profile.job_seconds
+        if timing is None:
+            job.due = now + self.job_delay
+        else:
+            job.due = self._last_due = max(now + self._rng.uniform(*timing), self._last_due)
+        self._job_seq += 1
+        job.order = self._job_seq
 
     def _take_fault(self, template: str) -> dict[str, Any] | None:
         with self._lock:
@@ -903,7 +971,7 @@ class Sandbox:
                 self._send_counts.update(row[1] for row in parsed.valid if row[1] is not None)
             job.requested = parsed.rows
             job.apply = self._import_applier(imp, parsed)
-            job.due = time.time() + self.job_delay
+            self._schedule(job, time.time())
 
     def _import_applier(self, imp: _Import, parsed: _ParsedImport) -> Callable[[_Job], None]:
         def apply(job: _Job) -> None:
@@ -1825,6 +1893,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if route_key == ("GET", "stats"):
                 return 200, sandbox.stats, _JSON
+            if route_key == ("GET", "jobs"):
+                return 200, {"pending": sandbox.pending_jobs()}, _JSON
             if route_key == ("POST", "reset"):
                 sandbox.reset()
                 return 200, {"reset": True}, _JSON

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from referencing.jsonschema import DRAFT202012
 
 from shared import limits
 from shared import sandbox as sandbox_module
-from shared.sandbox import Sandbox, SandboxServer, main, serve
+from shared.sandbox import Profile, Sandbox, SandboxServer, main, serve
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACTS = Path(__file__).resolve().parent / "contracts"
@@ -206,6 +207,11 @@ class Api:
         resp = self.session.request(method, self.url + path, timeout=60, **kwargs)
         check_response(method, path, resp)
         return resp
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        resp = self("GET", f"/v3/marketing/contacts/imports/{job_id}")
+        assert resp.status_code == 200, resp.text
+        return resp.json()
 
     def wait_job(self, job_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + JOB_WAIT_S
@@ -1143,3 +1149,103 @@ def test_every_documented_answer_the_tests_saw_matches_the_contract(api: Api, bo
     assert contact["custom_fields"] == {"ltv": 0}  # the API shows custom fields by name
     job_id = api("DELETE", f"/v3/marketing/contacts?ids={contact['id']}").json()["job_id"]
     assert api.wait_job(job_id)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------- realistic profile
+
+
+class FakeClock:
+    """The time module as the sandbox module sees it, with time() set by the test: jobs come due when it says."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_realistic_jobs_take_seeded_random_times_and_apply_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    low, high = 10.0, 20.0
+    # A seed whose second draw is the shorter: without ordering, the second job would apply before the first.
+    seed = next(s for s in range(1000) if (r := random.Random(s)).uniform(low, high) > r.uniform(low, high))
+    draws = random.Random(seed)
+    first, second = draws.uniform(low, high), draws.uniform(low, high)
+    clock = FakeClock()
+    monkeypatch.setattr(sandbox_module, "time", clock)
+    box = Sandbox([KEY], job_delay=0.0, profile=Profile(job_seconds=(low, high), seed=seed))
+    assert box.seed == seed
+    with serve(box) as server:
+        api = Api(server.url)
+        jobs = [api.upsert([{"email": "ann@example.com", "first_name": name}]).json()["job_id"] for name in "AB"]
+        clock.now += second + 0.01  # the second job's own time is up, the first one's is not
+        assert [api.job(j)["status"] for j in jobs] == ["pending", "pending"]
+        assert box.contact("ann@example.com") is None
+        clock.now += first - second
+        assert [api.job(j)["status"] for j in jobs] == ["completed", "completed"]
+        ann = box.contact("ann@example.com")
+        assert ann is not None and ann["first_name"] == "B"  # applied in the order they were accepted
+
+
+def test_realistic_profile_refuses_a_bad_range_and_records_its_seed() -> None:
+    for bad in ((2.0, 1.0), (-1.0, 1.0), (0.0, math.inf)):
+        with pytest.raises(ValueError, match="job_seconds"):
+            Profile(job_seconds=bad)
+    unseeded = Sandbox([KEY], profile=Profile(job_seconds=(1.0, 2.0)))
+    replay = Sandbox([KEY], profile=Profile(job_seconds=(1.0, 2.0), seed=unseeded.seed))
+    assert [unseeded._rng.random() for _ in range(3)] == [replay._rng.random() for _ in range(3)]
+
+
+def test_realistic_search_lists_and_counts_lag_until_each_job_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upserts, list removals and deletions all stay pending (visible through imports/{id}) and change nothing a
+    client can see until they complete: the races of issue 11 (an erasure or a mirror lookup during a pending
+    upsert finds nobody)."""
+    clock = FakeClock()
+    monkeypatch.setattr(sandbox_module, "time", clock)
+    box = Sandbox([KEY], profile=Profile(job_seconds=(5.0, 5.0)))
+    with serve(box) as server:
+        api = Api(server.url)
+        list_id = box.create_list("L")
+        counts = (f"/v3/marketing/lists/{list_id}/contacts/count", "/v3/marketing/contacts/count")
+        upsert = api.upsert(contacts_of(2), [list_id]).json()["job_id"]
+        search = {"emails": ["user0@example.com", "user1@example.com"]}
+        assert api("POST", "/v3/marketing/contacts/search/emails", search).status_code == 404
+        assert [api("GET", path).json()["contact_count"] for path in counts] == [0, 0]
+        assert api.job(upsert)["status"] == "pending" and not box.jobs_final()
+        clock.now += 5.0
+        assert api.job(upsert)["status"] == "completed" and box.jobs_final()
+        assert [api("GET", path).json()["contact_count"] for path in counts] == [2, 2]
+        kept, deleted = _ids(api, ["user0@example.com", "user1@example.com"])
+        removal = api("DELETE", f"/v3/marketing/lists/{list_id}/contacts?contact_ids={kept}").json()["job_id"]
+        deletion = api("DELETE", f"/v3/marketing/contacts?ids={deleted}").json()["job_id"]
+        assert [api.job(j)["status"] for j in (removal, deletion)] == ["pending", "pending"]
+        assert [j["id"] for j in box.pending_jobs()] == [removal, deletion]
+        assert requests.get(f"{server.url}/_sandbox/jobs", timeout=10).json()["pending"] == box.pending_jobs()
+        assert box.list_emails(list_id) == ["user0@example.com", "user1@example.com"]  # nothing applied yet
+        assert api("POST", "/v3/marketing/contacts/search/emails", search).status_code == 200
+        clock.now += 5.0
+        assert [api.job(j)["results"]["deleted_count"] for j in (removal, deletion)] == [1, 1]
+        assert box.list_emails(list_id) == [] and box.contact_count() == 1 and box.jobs_final()
+
+
+def test_realistic_fixture_jobs_finish_by_themselves_in_order(realistic_sg: Any) -> None:
+    box, api = realistic_sg.box, Api(realistic_sg.url, realistic_sg.key)
+    list_id = box.create_list("L")
+    jobs = [api.upsert([{"email": "ann@example.com", "first_name": name}], [list_id]).json()["job_id"]
+            for name in "ABC"]
+    box.wait_for_jobs(timeout=30)
+    assert box.jobs_final() and [api.job(j)["status"] for j in jobs] == ["completed"] * 3
+    finished = [api.job(j)["finished_at"] for j in jobs]
+    assert finished == sorted(finished)
+    assert box.contact("ann@example.com")["first_name"] == "C"  # type: ignore[index]
+
+
+def test_wait_for_jobs_names_what_is_still_pending() -> None:
+    box = Sandbox([KEY], profile=Profile(job_seconds=(3600.0, 3600.0)))
+    with serve(box) as server:
+        job_id = Api(server.url).upsert(contacts_of(1)).json()["job_id"]
+        with pytest.raises(TimeoutError, match=f"1 job.*{job_id}"):
+            box.wait_for_jobs(timeout=0.05)
+    assert box.complete_jobs() == 1 and box.jobs_final()
