@@ -275,6 +275,7 @@ class _Store:
         self.by_email: dict[str, int] = {}
         self.by_ident: dict[str, dict[str, int]] = {k: {} for k in _SECONDARY_IDS}
         self.by_alt: dict[str, int] = {}
+        self.secondary_rows: set[int] = set()  # live rows holding an identifier other than email
 
     def id_of(self, idx: int) -> str:
         return f"{self.id_prefix}{idx:012x}"
@@ -386,6 +387,7 @@ class _Store:
             if (prev := old.get(key)) is not None:
                 self.by_ident[key].pop(prev, None)
             self.by_ident[key][new[key]] = idx
+            self.secondary_rows.add(idx)
         if "alternate_emails" in new:
             for alt in old.get("alternate_emails", ()):
                 self.by_alt.pop(alt, None)
@@ -405,6 +407,36 @@ class _Store:
         self.data[idx] = _EMPTY
         self.live[idx] = 0
         self.alive -= 1
+        self.secondary_rows.discard(idx)
+
+    def rows_of(self, email: str | None, ids: dict[str, str]) -> set[int]:
+        """The stored contacts an upsert with these identifiers names (one, none, or several that disagree)."""
+        rows = {self.by_ident[key].get(value) for key, value in ids.items()}
+        if email is not None:
+            rows.add(self.by_email.get(email))
+        rows.discard(None)
+        return rows  # type: ignore[return-value]
+
+    def identifier_problem(self, email: str | None, ids: dict[str, str]) -> str | None:
+        """Why an upsert with these identifiers may not update the contact they name (SendGrid: "to update a contact,
+        all of its existing identifiers must be present"), or None. `ids`: its identifiers other than email."""
+        rows = self.rows_of(email, ids)
+        if len(rows) > 1:
+            return "the identifiers name different contacts: " + ", ".join(["email", *ids] if email else ids)
+        if not rows:
+            return None
+        (row,) = rows
+        if row not in self.secondary_rows and email is not None:
+            return None  # an email-only contact named by its email
+        stored = {key: value for key, value in self.fields(row).items() if key in _SECONDARY_IDS}
+        if (stored_email := self.emails[row]) is not None:
+            stored["email"] = stored_email
+        given = {**ids, "email": email}
+        missing = [key for key in _IDENTIFIERS if key in stored and given.get(key) != stored[key]]
+        if not missing:
+            return None
+        return ("to update a contact, all of its existing identifiers must be present: missing or different: "
+                + ", ".join(missing))
 
     def fields(self, idx: int) -> dict[str, Any]:
         return _object(self.data[idx])
@@ -463,6 +495,13 @@ class _Contacts:
             plain = None not in emails and len(set(emails)) == len(emails) and \
                 all(f.keys().isdisjoint(_INDEXED_FIELDS) for f in fields)
         return cls(emails, _members_each(fields) if plain else fields, plain)
+
+    def secondary_ids(self) -> list[dict[str, str]] | None:
+        """Each contact's identifiers other than email, or None when no contact has any (a plain batch never does)."""
+        if self.plain:
+            return None
+        ids = [{key: f[key] for key in _SECONDARY_IDS if key in f} for f in self.fields]  # type: ignore[union-attr]
+        return ids if any(ids) else None
 
     def without(self, skip: Container[int]) -> _Contacts:
         keep = [i for i in range(len(self.emails)) if i not in skip]
@@ -847,12 +886,33 @@ class Sandbox:
     def _upsert_applier(self, batch: _Contacts, lists: list[_List],
                         fault: dict[str, Any] | None) -> Callable[[_Job], None]:
         def apply(job: _Job) -> None:
-            skip = _fault_skip(job, fault, len(batch.emails))
+            count = len(batch.emails)
+            skip = _fault_skip(job, fault, count)
+            refused = {} if job.status == "failed" else self._refused(batch.emails, batch.secondary_ids(), skip)
+            if refused:
+                skip |= refused
+                job.errored = len(skip)
+                if len(skip) == count:
+                    job.status = "failed"
             if skip:
                 job.errors_csv = _errors_csv(["index", "email", "error"],
-                                             ([i, batch.emails[i] or "", reason] for i, reason in skip.items()))
+                                             ([i, batch.emails[i] or "", reason] for i, reason in sorted(skip.items())))
             self._apply_contacts(job, [batch.without(skip) if skip else batch], lists)
         return apply
+
+    def _refused(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
+                 skip: Container[int]) -> dict[int, str]:
+        """{index: reason} for the contacts of a job (callers hold the lock) that SendGrid's rules refuse when the job
+        runs, not when the request arrives: under strict_identifiers, an update that leaves out one of the contact's
+        existing identifiers. `secondary`: each contact's identifiers other than email (None: email only)."""
+        store = self._store
+        if not self.profile.strict_identifiers or (secondary is None and not store.secondary_rows):
+            return {}  # email-only contacts named by email only: nothing to refuse
+        out = {}
+        for i, email in enumerate(emails):
+            if i not in skip and (problem := store.identifier_problem(email, secondary[i] if secondary else {})):
+                out[i] = problem
+        return out
 
     def _apply_contacts(self, job: _Job, batches: Iterable[_Contacts], lists: list[_List]) -> None:
         """Store contacts and add them to lists; counts only contacts that changed (as the API does)."""
@@ -981,6 +1041,8 @@ class Sandbox:
                 job.errors_csv = _errors_csv(["line", "email", "error"], [*errors, [0, "", parsed.failure]])
                 return
             skip = _fault_skip(job, imp.fault, len(parsed.valid))
+            if job.status != "failed":  # CSV imports carry no identifier but email (see _IMPORTABLE)
+                skip |= self._refused([row[1] for row in parsed.valid], None, skip)
             errors += [[parsed.valid[i][0], parsed.valid[i][1] or "", reason] for i, reason in skip.items()]
             lists = [self._lists[x] for x in imp.list_ids if x in self._lists]
             items = (_row_contact(row, parsed.columns, self._fields) for i, row in enumerate(parsed.valid)

@@ -1249,3 +1249,46 @@ def test_wait_for_jobs_names_what_is_still_pending() -> None:
         with pytest.raises(TimeoutError, match=f"1 job.*{job_id}"):
             box.wait_for_jobs(timeout=0.05)
     assert box.complete_jobs() == 1 and box.jobs_final()
+
+
+def _error_rows(job: dict[str, Any]) -> list[dict[str, str]]:
+    errors = requests.get(job["results"]["errors_url"], timeout=10)
+    assert errors.status_code == 200
+    return list(csv.DictReader(io.StringIO(errors.text)))
+
+
+def test_strict_identifiers_an_update_must_carry_every_existing_identifier() -> None:
+    box = Sandbox([KEY], job_delay=0.0, profile=Profile(strict_identifiers=True))
+    with serve(box) as server:
+        api = Api(server.url)
+        upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1", "first_name": "Ann"},
+                          {"email": "bob@example.com"}, {"external_id": "ext-9"}])
+        job = upsert_done(api, [{"email": "ann@example.com", "first_name": "Changed"},
+                                {"email": "bob@example.com", "first_name": "Bob"}])
+        assert (job["status"], job["results"]["errored_count"], job["results"]["updated_count"]) == ("errored", 1, 1)
+        [row] = _error_rows(job)
+        assert (row["index"], row["email"]) == ("0", "ann@example.com")
+        assert "all of its existing identifiers must be present" in row["error"] and "external_id" in row["error"]
+        assert box.contact("ann@example.com")["first_name"] == "Ann"  # type: ignore[index]
+        assert upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1", "first_name": "Changed"}]
+                           )["results"]["updated_count"] == 1
+        only_ext = upsert_done(api, [{"external_id": "ext-1", "first_name": "X"}])
+        assert only_ext["status"] == "failed" and "email" in _error_rows(only_ext)[0]["error"]
+        two = upsert_done(api, [{"email": "bob@example.com", "external_id": "ext-9"}])
+        assert two["status"] == "failed" and "name different contacts" in _error_rows(two)[0]["error"]
+        added = upsert_done(api, [{"email": "bob@example.com", "anonymous_id": "anon-2"}])  # a new identifier
+        assert added["status"] == "completed" and added["results"]["updated_count"] == 1
+        plain = upsert_done(api, [{"email": "ann@example.com"}, {"email": "new@example.com"}])  # the batch path
+        assert (plain["status"], plain["results"]["errored_count"], plain["results"]["created_count"]) == (
+            "errored", 1, 1)
+        start = _start_import(api, [_reserved_ids(api)["email"]], [])
+        assert _upload(start, b"email\nann@example.com\ncat@example.com\n").status_code == 200
+        imported = api.wait_job(start["job_id"])
+        assert (imported["status"], imported["results"]["created_count"]) == ("errored", 1)
+        assert [(r["line"], r["email"]) for r in _error_rows(imported)] == [("2", "ann@example.com")]
+        assert box.contact("ann@example.com")["first_name"] == "Changed"  # type: ignore[index]
+
+
+def test_default_profile_still_lets_an_update_leave_out_an_identifier(api: Api, box: Sandbox) -> None:
+    upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1"}])
+    assert upsert_done(api, [{"email": "ann@example.com", "first_name": "Ann"}])["status"] == "completed"
