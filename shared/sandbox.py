@@ -125,6 +125,10 @@ _ASCII_LOCAL_CHARS = bytes(c for c in range(128) if re.fullmatch(_LOCAL_CHAR, ch
 _DATE_RE = re.compile(r"(\d{2})/(\d{2})/(\d{4})")
 _FIELD_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# What a job past the plan's contact cap says (sendgrid-go#413: "uploading contact info returns failed and 'you have
+# hit your contact limit'"); the API documents no wording of its own.
+CONTACT_LIMIT_MESSAGE = "you have hit your contact limit"
+
 HTTP_FAULT_KINDS = frozenset({"429", "500", "503", "reset", "slow", "401", "403"})
 JOB_FAULT_KINDS = frozenset({"errored", "failed"})
 
@@ -417,6 +421,17 @@ class _Store:
         rows.discard(None)
         return rows  # type: ignore[return-value]
 
+    def count_new(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
+                  skipped: Callable[[int], bool]) -> int:
+        """How many contacts an upsert of these would create (distinct ones no stored contact answers to)."""
+        if secondary is None:
+            return len({e for i, e in enumerate(emails) if e not in self.by_email and not skipped(i)})
+        fresh: set[Any] = set()
+        for i, email in enumerate(emails):
+            if not skipped(i) and not self.rows_of(email, secondary[i]):
+                fresh.add(email if email is not None else tuple(sorted(secondary[i].items())))
+        return len(fresh)
+
     def identifier_problem(self, email: str | None, ids: dict[str, str]) -> str | None:
         """Why an upsert with these identifiers may not update the contact they name (SendGrid: "to update a contact,
         all of its existing identifiers must be present"), or None. `ids`: its identifiers other than email."""
@@ -536,13 +551,17 @@ class Sandbox:
 
     def __init__(self, api_keys: Iterable[str], job_delay: float = 0.3, rate_limit: int | None = None,
                  rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$",
-                 count_sends: bool = False, latency: float = 0.0, profile: Profile | None = None) -> None:
+                 count_sends: bool = False, latency: float = 0.0, profile: Profile | None = None,
+                 contact_limit: int | None = None) -> None:
         if rate_limit is not None and rate_limit < 1:
             raise ValueError("rate_limit must be at least 1 (or None for no limit)")
         if rate_window <= 0:
             raise ValueError("rate_window must be positive")
         if not 0 <= latency < math.inf:
             raise ValueError("latency must be a finite number of seconds, 0 or more")
+        if contact_limit is not None and contact_limit < 0:
+            raise ValueError("contact_limit must be 0 or more (or None for no limit)")
+        self.contact_limit = contact_limit  # the plan's cap on stored contacts: a job that would pass it fails
         self.job_delay = job_delay  # seconds each job takes, unless the profile sets job_seconds
         self.profile = profile if profile is not None else Sandbox.default_profile
         self.seed = self.profile.seed if self.profile.seed is not None else secrets.randbits(32)
@@ -904,14 +923,18 @@ class Sandbox:
                  skip: Container[int]) -> dict[int, str]:
         """{index: reason} for the contacts of a job (callers hold the lock) that SendGrid's rules refuse when the job
         runs, not when the request arrives: under strict_identifiers, an update that leaves out one of the contact's
-        existing identifiers. `secondary`: each contact's identifiers other than email (None: email only)."""
+        existing identifiers; past contact_limit, every contact of the job that would pass it. `secondary`: each
+        contact's identifiers other than email (None: email only)."""
         store = self._store
-        if not self.profile.strict_identifiers or (secondary is None and not store.secondary_rows):
-            return {}  # email-only contacts named by email only: nothing to refuse
-        out = {}
-        for i, email in enumerate(emails):
-            if i not in skip and (problem := store.identifier_problem(email, secondary[i] if secondary else {})):
-                out[i] = problem
+        out: dict[int, str] = {}
+        if self.profile.strict_identifiers and (secondary is not None or store.secondary_rows):
+            for i, email in enumerate(emails):  # (email-only contacts named by email only have nothing to refuse)
+                if i not in skip and (problem := store.identifier_problem(email, secondary[i] if secondary else {})):
+                    out[i] = problem
+        if self.contact_limit is not None:
+            new = store.count_new(emails, secondary, lambda i: i in skip or i in out)
+            if new and store.alive + new > self.contact_limit:
+                return {i: CONTACT_LIMIT_MESSAGE for i in range(len(emails)) if i not in skip}
         return out
 
     def _apply_contacts(self, job: _Job, batches: Iterable[_Contacts], lists: list[_List]) -> None:

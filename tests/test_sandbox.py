@@ -1292,3 +1292,27 @@ def test_strict_identifiers_an_update_must_carry_every_existing_identifier() -> 
 def test_default_profile_still_lets_an_update_leave_out_an_identifier(api: Api, box: Sandbox) -> None:
     upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1"}])
     assert upsert_done(api, [{"email": "ann@example.com", "first_name": "Ann"}])["status"] == "completed"
+
+
+def test_contact_limit_fails_the_job_that_would_pass_it_with_sendgrids_message() -> None:
+    box = Sandbox([KEY], job_delay=0.0, contact_limit=3)
+    with serve(box) as server:
+        api = Api(server.url)
+        assert upsert_done(api, contacts_of(2))["status"] == "completed"
+        at_cap = upsert_done(api, contacts_of(2, start=1))  # one of them exists: 3 stored, the cap itself
+        assert (at_cap["status"], at_cap["results"]["created_count"]) == ("completed", 1)
+        over = upsert_done(api, [{"email": "user0@example.com", "first_name": "Zero"}, *contacts_of(2, start=3)])
+        assert (over["status"], over["results"]["errored_count"], over["results"]["created_count"]) == (
+            "failed", 3, 0)
+        assert {r["error"] for r in _error_rows(over)} == {sandbox_module.CONTACT_LIMIT_MESSAGE}
+        assert box.contact_count() == 3 and "first_name" not in box.contact("user0@example.com")  # type: ignore[operator]
+        assert upsert_done(api, [{"email": "user0@example.com", "first_name": "Zero"}])["status"] == "completed"
+        start = _start_import(api, [_reserved_ids(api)["email"]], [])
+        assert _upload(start, b"email\nuser1@example.com\nuser7@example.com\n").status_code == 200
+        imported = api.wait_job(start["job_id"])
+        assert (imported["status"], imported["results"]["errored_count"]) == ("failed", 2)
+        [gone] = _ids(api, ["user2@example.com"])
+        api.wait_job(api("DELETE", f"/v3/marketing/contacts?ids={gone}").json()["job_id"])
+        assert upsert_done(api, contacts_of(1, start=9))["status"] == "completed"  # a stored-contact cap: room again
+    with pytest.raises(ValueError, match="contact_limit"):
+        Sandbox([KEY], contact_limit=-1)
