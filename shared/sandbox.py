@@ -1350,7 +1350,7 @@ def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
     errors: list[dict[str, str]] = []
     items: list[tuple[str | None, dict]] = []
     append, lows, where = items.append, [], []
-    bad_custom = False
+    unknown_ids: dict[str, None] = {}  # custom field ids no field has, in the order met
     limit_of, email_match = _STRING_LIMITS.get, _EMAIL_RE.fullmatch
     kind_of = {fid: ftype[0] for fid, (_, ftype) in field_types.items()}.get
     dates = _DATE_CACHE
@@ -1376,7 +1376,7 @@ def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
                         continue
                 problem = _check_custom(value, field_types)
                 if problem == "ids":
-                    bad_custom = True
+                    unknown_ids.update(dict.fromkeys(fid for fid in value if fid not in field_types))
                 elif problem:
                     errors.append({"field": f"contacts[{i}].custom_fields", "message": problem})
             elif key == "alternate_emails":
@@ -1396,15 +1396,16 @@ def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
             continue  # reported above
         low = email.lower()
         if email_match(email) is None or ".." in email or is_invalid(low):
-            errors.append({"field": f"contacts[{i}].email", "message": f"email '{email}' is not valid"})
+            errors.append({"field": f"contacts[{i}].identifier", "message": f"email '{email}' is not valid"})
             continue
         lows.append(low)
         where.append(i)
         append((low, c))
     if len(set(lows)) != len(lows):
         errors += _duplicate_errors(lows, where)
-    if bad_custom:
-        errors.append({"field": "custom_fields", "message": "invalid custom field ids supplied"})
+    if unknown_ids:  # the live API's wording (sendgrid-nodejs#953), which names them
+        errors.append({"field": "custom_fields",
+                       "message": f"invalid custom field ids supplied - {','.join(unknown_ids)}"})
     return errors, _Contacts.of([e for e, _ in items], [f for _, f in items])
 
 

@@ -4,6 +4,7 @@ OpenAPI files in tests/contracts/."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import csv
 import functools
@@ -67,6 +68,17 @@ SANDBOX_ERROR = {
     "properties": {"errors": {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["field", "message"], "additionalProperties": False,
         "properties": {"field": {"type": ["string", "null"]}, "message": {"type": "string", "minLength": 1}}}}},
+}
+
+# Every 400 the sandbox sends, whatever its endpoint's documented schema lets through (most are loose: no required
+# "errors", any items), has the shape of SendGrid's errors page and of the contracts' ContactsError / Error items:
+# {"errors": [{"field": "...", "message": "..."}]}, error_id and parameter optional, nothing else.
+SENDGRID_400 = {
+    "type": "object", "required": ["errors"], "additionalProperties": False,
+    "properties": {"errors": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["field", "message"], "additionalProperties": False,
+        "properties": {"field": {"type": "string", "minLength": 1}, "message": {"type": "string", "minLength": 1},
+                       "error_id": {"type": "string"}, "parameter": {"type": "string"}}}}},
 }
 
 
@@ -184,6 +196,10 @@ def check_response(method: str, path: str, resp: requests.Response) -> None:
         schema = SANDBOX_ERROR
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator(name, schema).iter_errors(body)]
     assert not errors, f"{method} {template} {status} breaks the contract: {errors[:5]}"
+    if resp.status_code == 400:
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in Draft202012Validator(SENDGRID_400).iter_errors(body)]
+        assert not errors, f"{method} {template} 400 is not in SendGrid's error shape: {errors[:5]}"
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -319,6 +335,11 @@ def test_contract_helpers_reject_what_the_spec_forbids() -> None:
     bad.status_code, bad._content = 201, b"{}"
     with pytest.raises(AssertionError, match="undocumented success"):
         check_response("GET", "/v3/marketing/field_definitions", bad)
+    for loose in (b'{"errors": [{"field": "x", "message": "m", "help": {}}]}',  # the documented schema allows these
+                  b'{"errors": [{"message": "m"}]}', b'{"errors": []}', b'{"error": "m"}'):
+        bad.status_code, bad._content = 400, loose
+        with pytest.raises(AssertionError, match="SendGrid's error shape"):
+            check_response("PUT", "/v3/marketing/contacts", bad)
 
 
 # ------------------------------------------------------------------------------------ auth, headers, HTTP limits
@@ -515,7 +536,7 @@ def test_custom_fields_must_exist_and_match_their_type(api: Api, box: Sandbox) -
         box.create_field("note", "Text")
     resp = api.upsert([{"email": "a@example.com", "custom_fields": {"e99_T": "x"}}])
     assert resp.status_code == 400
-    assert {"field": "custom_fields", "message": "invalid custom field ids supplied"} in resp.json()["errors"]
+    assert {"field": "custom_fields", "message": "invalid custom field ids supplied - e99_T"} in resp.json()["errors"]
     assert api.upsert([{"email": "a@example.com", "custom_fields": {"tier": "x"}}]).status_code == 400  # a name
     for bad in ({score: "42"}, {score: True}, {born: "1990-01-31"}, {born: "02/30/1990"}, {note: 5}):
         resp = api.upsert([{"email": "a@example.com", "custom_fields": bad}])
@@ -531,9 +552,9 @@ def test_invalid_emails_refuse_the_whole_request_with_one_error_each(api: Api, b
     resp = api.upsert(contacts)
     assert resp.status_code == 400
     assert resp.json() == {"errors": [
-        {"field": "contacts[1].email", "message": "email 'not-an-email' is not valid"},
-        {"field": "contacts[2].email", "message": "email 'two@@example.com' is not valid"},
-        {"field": "contacts[3].email", "message": "email 'someone@host.invalid' is not valid"},
+        {"field": "contacts[1].identifier", "message": "email 'not-an-email' is not valid"},
+        {"field": "contacts[2].identifier", "message": "email 'two@@example.com' is not valid"},
+        {"field": "contacts[3].identifier", "message": "email 'someone@host.invalid' is not valid"},
     ]}
     assert box.stats["jobs_created"] == 0 and box.contact_count() == 0
 
@@ -543,7 +564,7 @@ def test_custom_invalid_email_pattern() -> None:
     with serve(box) as server:
         resp = Api(server.url).upsert([{"email": "Bounce1@example.com"}, {"email": "x@a.invalid"}])
     assert resp.status_code == 400
-    assert [e["field"] for e in resp.json()["errors"]] == ["contacts[0].email"]
+    assert [e["field"] for e in resp.json()["errors"]] == ["contacts[0].identifier"]
 
 
 def test_same_email_twice_in_one_request_is_refused(api: Api) -> None:
@@ -602,16 +623,16 @@ def put_raw(api: Api, contacts: list[Any], list_ids: list[str] | None = None) ->
 
 
 @pytest.mark.parametrize(("patch", "field", "message"), [
-    ({"email": "x..y@example.com"}, "email", "email 'x..y@example.com' is not valid"),
-    ({"email": "x.@example.com"}, "email", "email 'x.@example.com' is not valid"),
-    ({"email": "@example.com"}, "email", "email '@example.com' is not valid"),
-    ({"email": "a" * 65 + "@example.com"}, "email", "is not valid"),
-    ({"email": "x y@example.com"}, "email", "email 'x y@example.com' is not valid"),
-    ({"email": "x\x1c@example.com"}, "email", "is not valid"),
-    ({"email": "x@example"}, "email", "email 'x@example' is not valid"),
-    ({"email": "x@_example.com"}, "email", "email 'x@_example.com' is not valid"),
-    ({"email": "ü@exämple.c"}, "email", "email 'ü@exämple.c' is not valid"),
-    ({"email": "Someone@Host.INVALID"}, "email", "email 'Someone@Host.INVALID' is not valid"),
+    ({"email": "x..y@example.com"}, "identifier", "email 'x..y@example.com' is not valid"),
+    ({"email": "x.@example.com"}, "identifier", "email 'x.@example.com' is not valid"),
+    ({"email": "@example.com"}, "identifier", "email '@example.com' is not valid"),
+    ({"email": "a" * 65 + "@example.com"}, "identifier", "is not valid"),
+    ({"email": "x y@example.com"}, "identifier", "email 'x y@example.com' is not valid"),
+    ({"email": "x\x1c@example.com"}, "identifier", "is not valid"),
+    ({"email": "x@example"}, "identifier", "email 'x@example' is not valid"),
+    ({"email": "x@_example.com"}, "identifier", "email 'x@_example.com' is not valid"),
+    ({"email": "ü@exämple.c"}, "identifier", "email 'ü@exämple.c' is not valid"),
+    ({"email": "Someone@Host.INVALID"}, "identifier", "email 'Someone@Host.INVALID' is not valid"),
     ({"email": 5}, "email", "email must be a string"),
     ({"first_name": "x" * 51}, "first_name", "first_name must be at most 50 characters"),
     ({"city": "y" * 61}, "city", "city must be at most 60 characters"),
@@ -651,8 +672,10 @@ def test_large_request_repeats_unknown_ids_and_non_objects_are_refused(api: Api,
                                       "contacts[5])"}]
     contacts = big_contacts(number_id, date_id)
     contacts[BAD_AT]["custom_fields"]["e99_T"] = "x"
+    contacts[BAD_AT + 1]["custom_fields"]["e98_N"] = 1
+    contacts[BAD_AT + 2]["custom_fields"]["e99_T"] = "again"
     assert put_raw(api, contacts).json()["errors"] == [{"field": "custom_fields",
-                                                        "message": "invalid custom field ids supplied"}]
+                                                        "message": "invalid custom field ids supplied - e99_T,e98_N"}]
     contacts = big_contacts(number_id, date_id)
     contacts[BAD_AT] = "not a contact"
     assert put_raw(api, contacts).json()["errors"] == [{"field": f"contacts[{BAD_AT}]",
@@ -1316,3 +1339,56 @@ def test_contact_limit_fails_the_job_that_would_pass_it_with_sendgrids_message()
         assert upsert_done(api, contacts_of(1, start=9))["status"] == "completed"  # a stored-contact cap: room again
     with pytest.raises(ValueError, match="contact_limit"):
         Sandbox([KEY], contact_limit=-1)
+
+
+
+# ------------------------------------------------------------------------------------------- every 400, by census
+
+IMPORTS = "/v3/marketing/contacts/imports"
+SEARCH = "/v3/marketing/contacts/search/emails"
+# One request per place the Sandbox class answers 400 (test_the_400_census_covers_every_400_site counts them), with
+# a piece of the message it must carry. Bodies go raw: several break the request schema on purpose.
+CENSUS_400: list[tuple[str, str, Any, str]] = [
+    ("PUT", "/v3/marketing/contacts", [], "must be a JSON object"),
+    ("PUT", "/v3/marketing/contacts", {"contacts": []}, "contacts must be an array of 1 to 30000"),
+    ("PUT", "/v3/marketing/contacts", {"contacts": [{"email": "a@example.com"}], "list_ids": "L"}, "list_ids"),
+    ("PUT", "/v3/marketing/contacts", {"contacts": [{"email": "nope"}]}, "email 'nope' is not valid"),
+    ("PUT", IMPORTS, 5, "must be a JSON object"),
+    ("PUT", IMPORTS, {"file_type": "json", "field_mappings": ["_rf2_T"]}, "file_type must be 'csv'"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": "_rf2_T"}, "field_mappings must be"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf2_T"], "list_ids": [1]}, "list_ids"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf2_T", "_rf21_D"]}, "'_rf21_D' is not a writable"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf2_T", "_rf2_T"]}, "mapped to one column only"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf0_T"]}, "at least one identifier"),
+    ("POST", "/v3/marketing/field_definitions", None, "must be a JSON object"),
+    ("POST", "/v3/marketing/field_definitions", {"name": "email", "field_type": "Text"}, "reserved field name"),
+    ("GET", "/v3/marketing/lists?page_size=ten", None, "page_size must be a number"),
+    ("GET", "/v3/marketing/lists?page_size=1001", None, "page_size must be a number from 1 to 1000"),
+    ("POST", "/v3/marketing/lists", [], "must be a JSON object"),
+    ("POST", "/v3/marketing/lists", {"name": ""}, "name must be a string of 1 to 100"),
+    ("DELETE", "/v3/marketing/lists/{list_id}/contacts", None, "contact_ids is required"),
+    ("DELETE", "/v3/marketing/contacts", None, "set either ids"),
+    ("POST", SEARCH, {"emails": "a@example.com"}, "emails must be an array"),
+    ("POST", SEARCH, {"emails": [f"u{i}@example.com" for i in range(101)]}, "at most 100 emails"),
+    ("POST", SEARCH, {"emails": [""]}, "at least one email address"),
+    ("POST", SEARCH, {"emails": ["nope"]}, "email 'nope' is not valid"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needle"), CENSUS_400)
+def test_every_400_the_sandbox_sends_has_sendgrids_error_shape(api: Api, box: Sandbox, method: str, path: str,
+                                                               body: Any, needle: str) -> None:
+    path = path.format(list_id=box.create_list("L"))
+    data = None if body is None else orjson.dumps(body)
+    resp = api(method, path, data=data, headers={"Content-Type": "application/json"})  # checks SENDGRID_400 too
+    assert resp.status_code == 400, resp.text
+    assert any(needle in error["message"] for error in resp.json()["errors"]), resp.text
+
+
+def test_the_400_census_covers_every_400_site() -> None:
+    """A new `return 400, ...` in the Sandbox class must get its row in CENSUS_400 (and so its shape checked)."""
+    tree = ast.parse(Path(sandbox_module.__file__).read_text(encoding="utf-8"))
+    [cls] = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Sandbox"]
+    sites = [node.lineno for node in ast.walk(cls) if isinstance(node, ast.Tuple) and node.elts
+             and isinstance(node.elts[0], ast.Constant) and node.elts[0].value == 400]
+    assert len(sites) == len(CENSUS_400), f"400 answers at lines {sites}: one CENSUS_400 row each"
