@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -2131,6 +2132,21 @@ def _field_arg(text: str) -> tuple[str, str]:
     return name, ftype
 
 
+def _range_arg(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        if sep:
+            return float(low), float(high)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected MIN:MAX in seconds, got {text!r}")
+
+
+def _profile_of(args: argparse.Namespace) -> Profile:
+    base = REALISTIC if args.realistic else Profile()
+    return dataclasses.replace(base, job_seconds=args.job_seconds or base.job_seconds, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m shared sandbox`: serve a sandbox until SIGINT/SIGTERM. The accepted key comes from the environment."""
     parser = argparse.ArgumentParser(prog="python -m shared sandbox", description=main.__doc__)
@@ -2141,6 +2157,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-window", type=float, default=1.0)
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long before answering every request (models the WAN round trip; default 0)")
+    parser.add_argument("--realistic", action="store_true",
+                        help=f"SendGrid's timing and rules: each job (upsert, import, list removal, deletion) takes "
+                             f"{REALISTIC.job_seconds[0]:g} to {REALISTIC.job_seconds[1]:g} s (see --job-seconds) and "
+                             "jobs apply in order; an update must carry all of the contact's existing identifiers")
+    parser.add_argument("--job-seconds", type=_range_arg, metavar="MIN:MAX",
+                        help="each job takes a random time in this range, jobs applying in order (instead of "
+                             "--job-delay)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the job times (printed at start as 'seed N', so a run can be replayed)")
+    parser.add_argument("--contact-limit", type=int, metavar="N",
+                        help="the plan's cap on stored contacts: a job that would pass it fails")
     parser.add_argument("--api-key-env", default="SENDGRID_API_KEY", help="environment variable holding the key")
     parser.add_argument("--list-id", help="create a list with this id")
     parser.add_argument("--list-name", help="create a list with this name")
@@ -2154,7 +2181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sandbox = Sandbox([key], job_delay=args.job_delay, rate_limit=args.rate_limit, rate_window=args.rate_window,
-                          latency=args.latency)
+                          latency=args.latency, profile=_profile_of(args), contact_limit=args.contact_limit)
         list_id = None
         if args.list_id or args.list_name:
             list_id = sandbox.create_list(args.list_name or "sandbox", args.list_id)
@@ -2171,6 +2198,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"list_id {list_id}", flush=True)
         for name, fid in field_ids.items():
             print(f"field {name} {fid}", flush=True)
+        if sandbox.profile.job_seconds is not None:
+            print(f"seed {sandbox.seed}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

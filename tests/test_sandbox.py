@@ -1392,3 +1392,36 @@ def test_the_400_census_covers_every_400_site() -> None:
     sites = [node.lineno for node in ast.walk(cls) if isinstance(node, ast.Tuple) and node.elts
              and isinstance(node.elts[0], ast.Constant) and node.elts[0].value == 400]
     assert len(sites) == len(CENSUS_400), f"400 answers at lines {sites}: one CENSUS_400 row each"
+
+
+def test_main_realistic_options_reach_the_server() -> None:
+    env = {**os.environ, "SENDGRID_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "shared.sandbox", "--realistic", "--job-seconds", "0.05:0.1",
+                             "--seed", "5", "--contact-limit", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert proc.stdout.readline().strip() == "seed 5"
+        api = Api(url)
+        assert upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1"}])["status"] == "completed"
+        assert upsert_done(api, [{"email": "ann@example.com"}])["status"] == "failed"  # the identifier rule
+        assert upsert_done(api, contacts_of(2))["status"] == "failed"  # 3 contacts would pass the limit of 2
+        assert requests.get(f"{url}/_sandbox/jobs", timeout=10).json() == {"pending": []}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["--job-seconds", "3:1"], "job_seconds"),
+                                              (["--job-seconds", "fast"], "MIN:MAX"),
+                                              (["--contact-limit", "-1"], "contact_limit")])
+def test_main_refuses_bad_realistic_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            args: list[str], needle: str) -> None:
+    monkeypatch.setenv("SANDBOX_TEST_KEY", KEY)
+    try:
+        code = main(["--api-key-env", "SANDBOX_TEST_KEY", *args])
+    except SystemExit as exc:  # argparse's usage error
+        code = exc.code
+    assert code == 2 and needle in capsys.readouterr().err
