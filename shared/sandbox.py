@@ -553,7 +553,7 @@ class Sandbox:
     def __init__(self, api_keys: Iterable[str], job_delay: float = 0.3, rate_limit: int | None = None,
                  rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$",
                  count_sends: bool = False, latency: float = 0.0, profile: Profile | None = None,
-                 contact_limit: int | None = None) -> None:
+                 contact_limit: int | None = None, bandwidth_mbit: float | None = None) -> None:
         if rate_limit is not None and rate_limit < 1:
             raise ValueError("rate_limit must be at least 1 (or None for no limit)")
         if rate_window <= 0:
@@ -562,6 +562,10 @@ class Sandbox:
             raise ValueError("latency must be a finite number of seconds, 0 or more")
         if contact_limit is not None and contact_limit < 0:
             raise ValueError("contact_limit must be 0 or more (or None for no limit)")
+        if bandwidth_mbit is not None and not 0 < bandwidth_mbit < math.inf:
+            raise ValueError("bandwidth_mbit must be a positive number of megabits per second (or None)")
+        # One upload link every request body crosses (see the module docstring); None: loopback speed.
+        self.link = _Link(bandwidth_mbit * 125_000) if bandwidth_mbit is not None else None
         self.contact_limit = contact_limit  # the plan's cap on stored contacts: a job that would pass it fails
         self.job_delay = job_delay  # seconds each job takes, unless the profile sets job_seconds
         self.profile = profile if profile is not None else Sandbox.default_profile
@@ -1694,13 +1698,40 @@ class BodyTooLarge(Exception):
     """More body bytes than the endpoint accepts."""
 
 
+class _Link:
+    """An upload link of `bytes_per_s` that every request body crosses: each chunk read books its transmission time
+    on the link, first come first served, so concurrent bodies share the rate as they would share one link. The
+    lock guards the booking (a few arithmetic operations); the wait for the booked time holds no lock."""
+
+    def __init__(self, bytes_per_s: float, clock: Callable[[], float] | None = None) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._clock = clock or time.monotonic
+        self._free_at = 0.0  # when the link has carried everything booked so far
+        self._lock = threading.Lock()
+        self.bytes = 0  # booked in all
+
+    def book(self, nbytes: int) -> float:
+        """Book nbytes on the link; returns the clock time their transmission ends."""
+        with self._lock:
+            self._free_at = max(self._clock(), self._free_at) + nbytes / self.bytes_per_s
+            self.bytes += nbytes
+            return self._free_at
+
+    def carry(self, nbytes: int) -> None:
+        """Return once nbytes, read just now, would have crossed the link."""
+        wait = self.book(nbytes) - self._clock()
+        if wait > 0:
+            time.sleep(wait)
+
+
 class _WireReader(io.RawIOBase):
     """A request body as a stream (Content-Length or chunked), counting bytes and refusing more than `cap`."""
 
-    def __init__(self, rfile: Any, length: int | None, cap: int | None) -> None:
+    def __init__(self, rfile: Any, length: int | None, cap: int | None, link: _Link | None = None) -> None:
         super().__init__()
         self._rfile, self._remaining, self._chunk_left = rfile, length, 0
         self._chunked, self._eof, self.count, self.cap = length is None, length == 0, 0, cap
+        self._link = link
 
     def readable(self) -> bool:
         return True
@@ -1723,6 +1754,8 @@ class _WireReader(io.RawIOBase):
         if not got:
             raise ConnectionError("the client closed the connection mid-body")
         self.count += got
+        if self._link is not None:
+            self._link.carry(got)
         if self._chunked:
             self._chunk_left -= got
             if self._chunk_left == 0:
@@ -1755,6 +1788,11 @@ class _WireReader(io.RawIOBase):
         length = self._remaining or 0
         if self.cap is not None and length > self.cap:
             raise BodyTooLarge
+        if self._link is not None:  # 64 KB at a time, each crossing the link
+            out, chunk = bytearray(), memoryview(bytearray(1 << 16))
+            while got := self.readinto(chunk):
+                out += chunk[:got]
+            return bytes(out)
         data = self._rfile.read(length) if length else b""
         if len(data) < length:
             raise ConnectionError("the client closed the connection mid-body")
@@ -1814,13 +1852,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.sandbox
 
     def _wire(self, cap: int | None) -> _WireReader:
+        link = self.sandbox.link
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return _WireReader(self.rfile, None, cap)
+            return _WireReader(self.rfile, None, cap, link)
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = 0
-        return _WireReader(self.rfile, max(0, length), cap)
+        return _WireReader(self.rfile, max(0, length), cap, link)
 
     def _read_body(self, cap: int) -> tuple[bytes, bool]:
         """(body, too_large). A too-large body is drained (so the client reads our answer) or the connection closed."""
@@ -2168,6 +2207,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the job times (printed at start as 'seed N', so a run can be replayed)")
     parser.add_argument("--contact-limit", type=int, metavar="N",
                         help="the plan's cap on stored contacts: a job that would pass it fails")
+    parser.add_argument("--bandwidth-mbit", type=float, metavar="N",
+                        help="read request bodies (upserts, import uploads) no faster than N Mbit/s in all, "
+                             "concurrent ones sharing it as one link (default: loopback speed)")
     parser.add_argument("--api-key-env", default="SENDGRID_API_KEY", help="environment variable holding the key")
     parser.add_argument("--list-id", help="create a list with this id")
     parser.add_argument("--list-name", help="create a list with this name")
@@ -2181,7 +2223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sandbox = Sandbox([key], job_delay=args.job_delay, rate_limit=args.rate_limit, rate_window=args.rate_window,
-                          latency=args.latency, profile=_profile_of(args), contact_limit=args.contact_limit)
+                          latency=args.latency, profile=_profile_of(args), contact_limit=args.contact_limit,
+                          bandwidth_mbit=args.bandwidth_mbit)
         list_id = None
         if args.list_id or args.list_name:
             list_id = sandbox.create_list(args.list_name or "sandbox", args.list_id)

@@ -1425,3 +1425,47 @@ def test_main_refuses_bad_realistic_options(monkeypatch: pytest.MonkeyPatch, cap
     except SystemExit as exc:  # argparse's usage error
         code = exc.code
     assert code == 2 and needle in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ network profile
+
+
+def test_bandwidth_link_books_chunks_first_come_first_served() -> None:
+    now = 100.0
+    link = sandbox_module._Link(1_000.0, clock=lambda: now)
+    assert link.book(500) == 100.5
+    assert link.book(500) == 101.0  # a second body at the same moment waits behind the first: one shared link
+    now = 200.0
+    assert link.book(100) == pytest.approx(200.1)  # an idle link carries at once
+    assert link.bytes == 1_100
+
+
+def test_bandwidth_link_is_shared_by_concurrent_readers_without_double_booking() -> None:
+    link = sandbox_module._Link(1_000_000.0, clock=lambda: 0.0)
+    start = threading.Barrier(8)
+
+    def reader(_: int) -> list[float]:
+        start.wait(timeout=30)
+        return [link.book(1_000) for _ in range(125)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ends = [end for booked in pool.map(reader, range(8)) for end in booked]
+    # 8 readers x 125 chunks of 1,000 bytes at 1 MB/s: every chunk has its own millisecond, the last ends at 1 s.
+    assert sorted(ends) == pytest.approx([(i + 1) / 1_000 for i in range(1_000)])
+
+
+def test_bandwidth_cap_carries_every_body_byte_over_the_link() -> None:
+    """Every body byte (upsert, chunked upload) is booked on the link; how long that takes is the schedule's business
+    (above) and the benchmarks' to measure, never asserted here."""
+    box = Sandbox([KEY], job_delay=0.0, bandwidth_mbit=80.0)  # 10 MB/s
+    assert box.link is not None and box.link.bytes_per_s == 10_000_000
+    with serve(box) as server:
+        api = Api(server.url)
+        assert put_raw(api, contacts_of(2_000)).status_code == 202
+        start = _start_import(api, [_reserved_ids(api)["email"]], [])
+        body = ("email\n" + "".join(f"u{i}@example.com\n" for i in range(5_000))).encode()
+        assert _upload(start, iter([body[:70_000], body[70_000:]])).status_code == 200  # chunked
+    assert box.link.bytes == box.stats["bytes_received"] > len(body)
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="bandwidth_mbit"):
+            Sandbox([KEY], bandwidth_mbit=bad)
