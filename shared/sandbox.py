@@ -131,6 +131,8 @@ _FIELD_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONTACT_LIMIT_MESSAGE = "you have hit your contact limit"
 
 HTTP_FAULT_KINDS = frozenset({"429", "500", "503", "reset", "slow", "401", "403"})
+UPLOAD_TEMPLATE = "PUT /_sandbox/uploads/{job_id}"  # an import's upload_uri: its stats key and fault endpoint
+UPLOAD_FAULT_KINDS = frozenset({"500", "503", "reset", "slow"})  # what a presigned storage URL can do
 JOB_FAULT_KINDS = frozenset({"errored", "failed"})
 
 
@@ -1632,9 +1634,13 @@ def _normalise_fault(fault: dict[str, Any]) -> dict[str, Any]:
         if out["error_count"] < 0:
             raise ValueError("error_count must not be negative")
         return out
-    if endpoint != "*" and endpoint not in API_TEMPLATES:
-        raise ValueError(f"unknown endpoint {endpoint!r}: use '*', 'job' or one of {sorted(API_TEMPLATES)}")
-    if kind not in HTTP_FAULT_KINDS:
+    if endpoint == UPLOAD_TEMPLATE:
+        if kind not in UPLOAD_FAULT_KINDS:
+            raise ValueError(f"upload fault kind must be one of {sorted(UPLOAD_FAULT_KINDS)}")
+    elif endpoint != "*" and endpoint not in API_TEMPLATES:
+        raise ValueError(f"unknown endpoint {endpoint!r}: use '*', 'job', {UPLOAD_TEMPLATE!r} or one of "
+                         f"{sorted(API_TEMPLATES)}")
+    elif kind not in HTTP_FAULT_KINDS:
         raise ValueError(f"fault kind must be one of {sorted(HTTP_FAULT_KINDS)}")
     out["reset_after"] = float(fault.get("reset_after", 1.0))
     out["retry_after"] = fault.get("retry_after")
@@ -1644,8 +1650,10 @@ def _normalise_fault(fault: dict[str, Any]) -> dict[str, Any]:
 
 
 def _take(faults: list[dict[str, Any]], template: str, stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The first fault armed for this endpoint, counted as fired. "*" means every API endpoint, never the upload URL
+    (another host in SendGrid's case)."""
     for f in faults:
-        if f["endpoint"] in ("*", template):
+        if f["endpoint"] == template or (f["endpoint"] == "*" and template != UPLOAD_TEMPLATE):
             f["times"] -= 1
             if f["times"] <= 0:
                 faults.remove(f)
@@ -1967,6 +1975,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(status, payload, headers)
         return status
 
+    def _reset(self) -> int:
+        """Drop the connection without an answer (a reset: RST, not FIN). Returns 0, the stats' "no answer"."""
+        self.sandbox.pause()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return 0
+
     def _fault(self, fault: dict[str, Any], api_key: str, key: str) -> int | None:
         """Serve an injected fault. None = go on handling the request (slow, or reset after processing)."""
         kind = fault["kind"]
@@ -1974,13 +1990,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(fault["delay"])
             return None
         if kind == "reset":
-            if fault["processed"]:
-                return None
-            self.sandbox.pause()
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            return 0
+            return None if fault["processed"] else self._reset()
         _, headers = self.sandbox._rate(api_key, key, count=False)
         if kind == "429":
             limit = headers[0][1]
@@ -2000,7 +2010,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _control(self, path: str) -> None:
         parts, method = path.strip("/").split("/"), self.command
         if method == "PUT" and len(parts) == 3 and parts[1] == "uploads":
-            self._pending_stat = "PUT /_sandbox/uploads/{job_id}"
+            self._pending_stat = UPLOAD_TEMPLATE
             self._record_pending(self._upload(parts[2]))
             return
         body, _ = self._read_body(MAX_SMALL_BODY_BYTES)
@@ -2046,22 +2056,42 @@ class _Handler(BaseHTTPRequestHandler):
         return 404, _err("resource not found"), _JSON
 
     def _upload(self, job_id: str) -> int:
-        """The presigned-URL upload of a CSV import: streamed, gzip when declared or recognised."""
+        """The presigned-URL upload of a CSV import, with the faults armed for UPLOAD_TEMPLATE: "slow" answers late,
+        "500"/"503" refuse it (nothing kept: it may be sent again), "reset" drops the connection before reading it
+        or, with processed, after the upload was stored (the answer is lost; sending it again gets 409)."""
+        fault = self.sandbox._take_fault(UPLOAD_TEMPLATE) or {}
+        kind = fault.get("kind")
+        if kind == "slow":
+            time.sleep(fault["delay"])
+        elif kind == "reset" and not fault["processed"]:
+            return self._reset()
+        wire = self._wire(self.sandbox.max_import_bytes)
+        if kind in ("500", "503"):
+            self.close_connection = not wire.drain(MAX_DRAIN_BYTES)
+            self._body_bytes = wire.count
+            reason = b"InternalError: please try again" if kind == "500" else b"SlowDown: please reduce your rate"
+            self._answer(int(kind), reason, content_type="text/plain")
+            return int(kind)
+        status, body, headers = self._receive_upload(job_id, wire)
+        if kind == "reset":  # processed: the upload is kept, its answer lost
+            return self._reset()
+        self._answer(status, body, headers, content_type="text/plain")
+        return status
+
+    def _receive_upload(self, job_id: str, wire: _WireReader) -> tuple[int, bytes | None, list[tuple[str, str]]]:
+        """Read, parse and register an upload: streamed, gzip when declared or recognised. (status, body, headers)."""
         sandbox = self.sandbox
-        wire = self._wire(sandbox.max_import_bytes)
         if not self.headers.get("Content-Length") and not wire.chunked:
             wire.drain(MAX_DRAIN_BYTES)
             self._body_bytes = wire.count
-            self._answer(411, b"Length Required", content_type="text/plain")
-            return 411
+            return 411, b"Length Required", []
         verdict = sandbox.upload_headers_ok(job_id, self.headers)
         if verdict != 200:
             self.close_connection = self.close_connection or not wire.drain(MAX_DRAIN_BYTES)
             self._body_bytes = wire.count
             reasons = {404: b"NoSuchUpload", 403: b"SignatureDoesNotMatch: send every upload header",
                        409: b"UploadAlreadyReceived"}
-            self._answer(verdict, reasons[verdict], content_type="text/plain")
-            return verdict
+            return verdict, reasons[verdict], []
         with sandbox._lock:
             mappings, fields = sandbox._imports[job_id].mappings, sandbox._fields
         too_large = False
@@ -2080,10 +2110,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._body_bytes = wire.count
         sandbox.finish_upload(job_id, parsed)
         if too_large:  # like S3: refused, and the connection is closed rather than read to the end
-            self._answer(400, b"EntityTooLarge", content_type="text/plain")
-            return 400
-        self._answer(200, None, [("ETag", f'"{job_id}"')])
-        return 200
+            return 400, b"EntityTooLarge", []
+        return 200, None, [("ETag", f'"{job_id}"')]
 
     def _parse_upload(self, wire: _WireReader, mappings: list[str | None],
                       fields: dict[str, tuple[str, str]]) -> _ParsedImport:

@@ -1469,3 +1469,53 @@ def test_bandwidth_cap_carries_every_body_byte_over_the_link() -> None:
     for bad in (0.0, -1.0, math.inf):
         with pytest.raises(ValueError, match="bandwidth_mbit"):
             Sandbox([KEY], bandwidth_mbit=bad)
+
+
+# ------------------------------------------------------------------------------------------- upload URL faults
+
+UPLOAD = sandbox_module.UPLOAD_TEMPLATE
+CSV_BODY = b"email\nann@example.com\nbob@example.com\n"
+
+
+@pytest.mark.parametrize(("kind", "status"), [("500", 500), ("503", 503)])
+def test_upload_fault_5xx_keeps_nothing_and_the_upload_can_be_sent_again(api: Api, box: Sandbox, kind: str,
+                                                                         status: int) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": UPLOAD, "kind": kind})
+    refused = _upload(start, CSV_BODY)
+    assert refused.status_code == status and refused.headers["Content-Type"] == "text/plain"
+    assert api.job(start["job_id"])["status"] == "pending" and box.stats["import_rows_received"] == 0
+    assert _upload(start, CSV_BODY).status_code == 200
+    assert api.wait_job(start["job_id"])["results"]["created_count"] == 2
+    assert box.stats["faults_fired"] == 1 and box.stats["status_counts"][str(status)] == 1
+
+
+def test_upload_fault_reset_after_storing_loses_the_answer_and_a_resend_gets_409(api: Api, box: Sandbox) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": UPLOAD, "kind": "reset", "processed": True})
+    with pytest.raises(requests.ConnectionError):
+        _upload(start, CSV_BODY)
+    assert _upload(start, CSV_BODY).status_code == 409  # the file is there: sending it again is refused
+    assert api.wait_job(start["job_id"])["results"]["created_count"] == 2
+    assert box.stats["import_rows_received"] == 2
+
+
+def test_upload_fault_reset_before_reading_keeps_nothing(api: Api, box: Sandbox) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": UPLOAD, "kind": "reset"})
+    with pytest.raises(requests.ConnectionError):
+        _upload(start, CSV_BODY * 20_000)  # large enough that the client is still sending when the reset comes
+    assert api.job(start["job_id"])["status"] == "pending" and box.stats["import_rows_received"] == 0
+    assert _upload(start, CSV_BODY).status_code == 200
+
+
+def test_upload_faults_are_armed_only_by_name_and_only_with_storage_kinds(api: Api, box: Sandbox) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": "*", "kind": "500"})  # every API endpoint; the upload URL is another host
+    assert _upload(start, CSV_BODY).status_code == 200
+    assert api("GET", "/v3/marketing/contacts/count").status_code == 500  # the fault was still armed
+    box.inject({"endpoint": UPLOAD, "kind": "slow", "delay": 0.01})
+    assert _upload(start, CSV_BODY).status_code == 409 and box.stats["faults_fired"] == 2
+    for bad in ("429", "401", "403"):
+        with pytest.raises(ValueError, match="upload fault kind"):
+            box.inject({"endpoint": UPLOAD, "kind": bad})
