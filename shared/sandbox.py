@@ -3,24 +3,62 @@
 Same paths, shapes, status codes and limits as the official OpenAPI files (tests/contracts/) on everything the engine
 uses; in-memory, thread-safe state; stdlib HTTP/1.1 server with keep-alive. Compact storage (per contact: the email,
 one JSON text of the other fields, two timestamps; ids are derived from the row number) keeps 5 million contacts at
-about 2-3 GB. Jobs stay `pending` for `job_delay` seconds and are applied lazily by the next request that looks.
+about 2-3 GB. Every job (upsert, CSV import, list removal, contact deletion) stays `pending` until it is due and
+changes nothing before: it is applied lazily by the next request that looks. By default a job is due `job_delay`
+seconds after it was accepted (an import: after its upload).
 
 CPU per upserted contact is kept low (about 5-7 us on a small VM, for parsing, checking, storing and applying) so a
 benchmark's client keeps the cores: a request whose contacts are all valid is checked in blocks, a field at a time,
 with C-level passes, and serialised for the store in one go; any other request is checked contact by contact, which
 names every problem. A contact re-sent unchanged costs one comparison of its stored text.
 
-Latency model: `Sandbox(latency=seconds)` (`--latency SECONDS` on the command line, default 0) makes the server wait
-that long before answering every request (API, uploads, control API; also before dropping the connection for a reset
-fault). It stands for the WAN round trip and SendGrid's front-end handling that a real deployment pays per request.
-The wait holds no lock and each connection has its own thread, so concurrent clients wait in parallel, each once.
+Realistic profile (`Profile`, `REALISTIC`; `--realistic` on the command line). SendGrid applies jobs minutes after it
+accepted them (sendgrid-go#366, sendgrid-nodejs#1004), which a fixed 0.3 s hides. What the profile does, and why:
+- Job times: each job takes a random time in `job_seconds` (`--job-seconds MIN:MAX`, default 2 to 10 s), drawn from a
+  `random.Random(seed)` (`--seed`; printed when not given), and never finishes before the job scheduled before it:
+  an account's jobs apply in the order they were accepted (imports: uploaded). Until then a contact is invisible to
+  search, list membership and counts, and has no id to remove or delete it by; removals and deletions change nothing
+  until their own job completes. `complete_jobs()` still finishes everything at once; `pending_jobs()`,
+  `jobs_final()`, `wait_for_jobs(timeout)` and GET /_sandbox/jobs show what is pending.
+- Job status: GET /v3/marketing/contacts/imports/{id} is documented for the job ids of imports, upserts and contact
+  deletions. For list removals (DELETE /v3/marketing/lists/{id}/contacts, "job_id of the async job") it is not
+  documented; the sandbox serves them too, the same way, so a client can wait for one, and a client must still
+  treat a 404 there as "unknown", not as "failed".
+- Identifiers (`strict_identifiers`): "to update a contact, all of its existing identifiers must be present" (PUT
+  /v3/marketing/contacts). The API answers 202 before it looks at stored contacts, so the check can only happen in
+  the job: such a contact is an errored row in the job's errors file (the job `failed` when every row was), and the
+  stored contact is left as it was. So is a contact whose identifiers name two different stored contacts, and one
+  whose identifier differs from the stored one (identifiers cannot be changed by an upsert). What SendGrid does
+  there is not documented; an errored row is the conservative reading (nothing changes, the client is told).
+- Plan cap (`contact_limit`, `--contact-limit N`, any profile): plans cap stored contacts and an export past the cap
+  fails inside SendGrid's job, not at the PUT. A job that would take the account past the cap fails whole, every
+  row errored with "you have hit your contact limit", the wording users reported (sendgrid-go#413; the API
+  documents none). Updates of stored contacts still pass. (SendGrid also counts contacts added in a month, deleted
+  or not; the sandbox counts stored ones.)
+Error bodies (every profile): 400s are `{"errors": [{"field", "message"}]}` as SendGrid's errors page and the
+contracts' ContactsError show (error_id and parameter are optional there and never sent); an invalid address is
+`{"field": "contacts[i].identifier", "message": "email '...' is not valid"}`, the shape Segment's SendGrid Audiences
+tests use, and unknown custom field ids are listed after "invalid custom field ids supplied - " as the live API does
+(sendgrid-nodejs#953). tests/test_sandbox.py holds every 400 the Sandbox class can send to that shape.
+
+Network profile: `Sandbox(latency=seconds)` (`--latency SECONDS`, default 0) makes the server wait that long before
+answering every request (API, uploads, control API; also before dropping the connection for a reset fault): the WAN
+round trip and SendGrid's front-end handling. `Sandbox(bandwidth_mbit=N)` (`--bandwidth-mbit N`) reads request bodies
+(upserts, import uploads, any other) no faster than N Mbit/s in all: each chunk read books its time on one shared
+link, first come first served, so concurrent uploads share it as one link would. Neither wait holds a lock, and each
+connection has its own thread, so concurrent clients wait in parallel.
 
 Where the real API is silent the sandbox is strict, so client bugs show: unknown contact fields, non-string values,
 the same email twice in one request and unknown list ids are refused.
 
-Control and inspection (no bearer; loopback clients only) live under /_sandbox/: GET stats, POST faults, POST reset,
-POST keys, GET lists/{id}/emails, GET contacts/{email}. Upload URLs (/_sandbox/uploads/{job}) and error files
-(/_sandbox/errors/{job}.csv) are unguessable capability URLs, like presigned S3 URLs, and need no auth either.
+Faults (`inject`, POST /_sandbox/faults): HTTP faults on an API endpoint ("*": every API endpoint), job faults
+("job"), and faults on an import's upload URL ("PUT /_sandbox/uploads/{job_id}", never armed by "*"): 500/503
+(nothing kept), a reset before the upload is read, or after it was stored (`processed`: the answer is lost and a
+resend gets 409), a slow answer.
+
+Control and inspection (no bearer; loopback clients only) live under /_sandbox/: GET stats, GET jobs, POST faults,
+POST reset, POST keys, GET lists/{id}/emails, GET contacts/{email}. Upload URLs (/_sandbox/uploads/{job}) and error
+files (/_sandbox/errors/{job}.csv) are unguessable capability URLs, like presigned S3 URLs, and need no auth either.
 """
 
 from __future__ import annotations
