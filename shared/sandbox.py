@@ -191,7 +191,8 @@ class Profile:
                 raise ValueError(f"job_seconds must be MIN:MAX with 0 <= MIN <= MAX, got {low}:{high}")
 
 
-REALISTIC = Profile(job_seconds=(2.0, 10.0), strict_identifiers=True)
+REALISTIC_JOB_SECONDS = (2.0, 10.0)
+REALISTIC = Profile(job_seconds=REALISTIC_JOB_SECONDS, strict_identifiers=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -2252,8 +2253,7 @@ def _profile_of(args: argparse.Namespace) -> Profile:
     return dataclasses.replace(base, job_seconds=args.job_seconds or base.job_seconds, seed=args.seed)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m shared sandbox`: serve a sandbox until SIGINT/SIGTERM. The accepted key comes from the environment."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared sandbox", description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -2263,9 +2263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long before answering every request (models the WAN round trip; default 0)")
     parser.add_argument("--realistic", action="store_true",
-                        help=f"SendGrid's timing and rules: each job (upsert, import, list removal, deletion) takes "
-                             f"{REALISTIC.job_seconds[0]:g} to {REALISTIC.job_seconds[1]:g} s (see --job-seconds) and "
-                             "jobs apply in order; an update must carry all of the contact's existing identifiers")
+                        help="SendGrid's timing and rules: each job (upsert, import, list removal, deletion) takes "
+                             "{:g} to {:g} s (see --job-seconds) and jobs apply in order; an update must carry all of "
+                             "the contact's existing identifiers".format(*REALISTIC_JOB_SECONDS))
     parser.add_argument("--job-seconds", type=_range_arg, metavar="MIN:MAX",
                         help="each job takes a random time in this range, jobs applying in order (instead of "
                              "--job-delay)")
@@ -2281,7 +2281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-name", help="create a list with this name")
     parser.add_argument("--field", action="append", type=_field_arg, default=[], metavar="NAME:TYPE",
                         help="create a custom field (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m shared sandbox`: serve a sandbox until SIGINT/SIGTERM. The accepted key comes from the environment."""
+    args = _parser().parse_args(argv)
     key = os.environ.get(args.api_key_env)
     if not key:
         print(f"sandbox: environment variable {args.api_key_env} is not set (it holds the accepted API key)",
