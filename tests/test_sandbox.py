@@ -1265,6 +1265,16 @@ def test_realistic_fixture_jobs_finish_by_themselves_in_order(realistic_sg: Any)
     assert box.contact("ann@example.com")["first_name"] == "C"  # type: ignore[index]
 
 
+def test_realistic_fixture_holds_updates_to_the_identifier_rule(realistic_sg: Any) -> None:
+    box, api = realistic_sg.box, Api(realistic_sg.url, realistic_sg.key)
+    api.upsert([{"email": "ann@example.com", "external_id": "crm-1"}])
+    box.wait_for_jobs(timeout=30)
+    job_id = api.upsert([{"email": "ann@example.com", "first_name": "Ann"}]).json()["job_id"]
+    box.wait_for_jobs(timeout=30)
+    job = api.job(job_id)
+    assert job["status"] == "failed" and "external_id" in _error_rows(job)[0]["error"]
+
+
 def test_wait_for_jobs_names_what_is_still_pending() -> None:
     box = Sandbox([KEY], profile=Profile(job_seconds=(3600.0, 3600.0)))
     with serve(box) as server:
