@@ -457,11 +457,10 @@ class _Store:
 
     def rows_of(self, email: str | None, ids: dict[str, str]) -> set[int]:
         """The stored contacts an upsert with these identifiers names (one, none, or several that disagree)."""
-        rows = {self.by_ident[key].get(value) for key, value in ids.items()}
-        if email is not None:
-            rows.add(self.by_email.get(email))
-        rows.discard(None)
-        return rows  # type: ignore[return-value]
+        rows = {row for key, value in ids.items() if (row := self.by_ident[key].get(value)) is not None}
+        if email is not None and (row := self.by_email.get(email)) is not None:
+            rows.add(row)
+        return rows
 
     def count_new(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
                   skipped: Callable[[int], bool]) -> int:
@@ -953,7 +952,8 @@ class Sandbox:
         def apply(job: _Job) -> None:
             count = len(batch.emails)
             skip = _fault_skip(job, fault, count)
-            refused = {} if job.status == "failed" else self._refused(batch.emails, batch.secondary_ids(), skip)
+            refused = self._refused(batch.emails, batch.secondary_ids(), skip) \
+                if self._job_rules and job.status != "failed" else {}
             if refused:
                 skip |= refused
                 job.errored = len(skip)
@@ -964,6 +964,11 @@ class Sandbox:
                                              ([i, batch.emails[i] or "", reason] for i, reason in sorted(skip.items())))
             self._apply_contacts(job, [batch.without(skip) if skip else batch], lists)
         return apply
+
+    @property
+    def _job_rules(self) -> bool:
+        """Whether any rule refuses contacts when their job runs (see _refused)."""
+        return self.profile.strict_identifiers or self.contact_limit is not None
 
     def _refused(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
                  skip: Container[int]) -> dict[int, str]:
@@ -1110,7 +1115,7 @@ class Sandbox:
                 job.errors_csv = _errors_csv(["line", "email", "error"], [*errors, [0, "", parsed.failure]])
                 return
             skip = _fault_skip(job, imp.fault, len(parsed.valid))
-            if job.status != "failed":  # CSV imports carry no identifier but email (see _IMPORTABLE)
+            if self._job_rules and job.status != "failed":  # imports carry no identifier but email (_IMPORTABLE)
                 skip |= self._refused([row[1] for row in parsed.valid], None, skip)
             errors += [[parsed.valid[i][0], parsed.valid[i][1] or "", reason] for i, reason in skip.items()]
             lists = [self._lists[x] for x in imp.list_ids if x in self._lists]
