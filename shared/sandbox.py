@@ -3,24 +3,62 @@
 Same paths, shapes, status codes and limits as the official OpenAPI files (tests/contracts/) on everything the engine
 uses; in-memory, thread-safe state; stdlib HTTP/1.1 server with keep-alive. Compact storage (per contact: the email,
 one JSON text of the other fields, two timestamps; ids are derived from the row number) keeps 5 million contacts at
-about 2-3 GB. Jobs stay `pending` for `job_delay` seconds and are applied lazily by the next request that looks.
+about 2-3 GB. Every job (upsert, CSV import, list removal, contact deletion) stays `pending` until it is due and
+changes nothing before: it is applied lazily by the next request that looks. By default a job is due `job_delay`
+seconds after it was accepted (an import: after its upload).
 
 CPU per upserted contact is kept low (about 5-7 us on a small VM, for parsing, checking, storing and applying) so a
 benchmark's client keeps the cores: a request whose contacts are all valid is checked in blocks, a field at a time,
 with C-level passes, and serialised for the store in one go; any other request is checked contact by contact, which
 names every problem. A contact re-sent unchanged costs one comparison of its stored text.
 
-Latency model: `Sandbox(latency=seconds)` (`--latency SECONDS` on the command line, default 0) makes the server wait
-that long before answering every request (API, uploads, control API; also before dropping the connection for a reset
-fault). It stands for the WAN round trip and SendGrid's front-end handling that a real deployment pays per request.
-The wait holds no lock and each connection has its own thread, so concurrent clients wait in parallel, each once.
+Realistic profile (`Profile`, `REALISTIC`; `--realistic` on the command line). SendGrid applies jobs minutes after it
+accepted them (sendgrid-go#366, sendgrid-nodejs#1004), which a fixed 0.3 s hides. What the profile does, and why:
+- Job times: each job takes a random time in `job_seconds` (`--job-seconds MIN:MAX`, default 2 to 10 s), drawn from a
+  `random.Random(seed)` (`--seed`; printed when not given), and never finishes before the job scheduled before it:
+  an account's jobs apply in the order they were accepted (imports: uploaded). Until then a contact is invisible to
+  search, list membership and counts, and has no id to remove or delete it by; removals and deletions change nothing
+  until their own job completes. `complete_jobs()` still finishes everything at once; `pending_jobs()`,
+  `jobs_final()`, `wait_for_jobs(timeout)` and GET /_sandbox/jobs show what is pending.
+- Job status: GET /v3/marketing/contacts/imports/{id} is documented for the job ids of imports, upserts and contact
+  deletions. For list removals (DELETE /v3/marketing/lists/{id}/contacts, "job_id of the async job") it is not
+  documented; the sandbox serves them too, the same way, so a client can wait for one, and a client must still
+  treat a 404 there as "unknown", not as "failed".
+- Identifiers (`strict_identifiers`): "to update a contact, all of its existing identifiers must be present" (PUT
+  /v3/marketing/contacts). The API answers 202 before it looks at stored contacts, so the check can only happen in
+  the job: such a contact is an errored row in the job's errors file (the job `failed` when every row was), and the
+  stored contact is left as it was. So is a contact whose identifiers name two different stored contacts, and one
+  whose identifier differs from the stored one (identifiers cannot be changed by an upsert). What SendGrid does
+  there is not documented; an errored row is the conservative reading (nothing changes, the client is told).
+- Plan cap (`contact_limit`, `--contact-limit N`, any profile): plans cap stored contacts and an export past the cap
+  fails inside SendGrid's job, not at the PUT. A job that would take the account past the cap fails whole, every
+  row errored with "you have hit your contact limit", the wording users reported (sendgrid-go#413; the API
+  documents none). Updates of stored contacts still pass. (SendGrid also counts contacts added in a month, deleted
+  or not; the sandbox counts stored ones.)
+Error bodies (every profile): 400s are `{"errors": [{"field", "message"}]}` as SendGrid's errors page and the
+contracts' ContactsError show (error_id and parameter are optional there and never sent); an invalid address is
+`{"field": "contacts[i].identifier", "message": "email '...' is not valid"}`, the shape Segment's SendGrid Audiences
+tests use, and unknown custom field ids are listed after "invalid custom field ids supplied - " as the live API does
+(sendgrid-nodejs#953). tests/test_sandbox.py holds every 400 the Sandbox class can send to that shape.
+
+Network profile: `Sandbox(latency=seconds)` (`--latency SECONDS`, default 0) makes the server wait that long before
+answering every request (API, uploads, control API; also before dropping the connection for a reset fault): the WAN
+round trip and SendGrid's front-end handling. `Sandbox(bandwidth_mbit=N)` (`--bandwidth-mbit N`) reads request bodies
+(upserts, import uploads, any other) no faster than N Mbit/s in all: each chunk read books its time on one shared
+link, first come first served, so concurrent uploads share it as one link would. Neither wait holds a lock, and each
+connection has its own thread, so concurrent clients wait in parallel.
 
 Where the real API is silent the sandbox is strict, so client bugs show: unknown contact fields, non-string values,
 the same email twice in one request and unknown list ids are refused.
 
-Control and inspection (no bearer; loopback clients only) live under /_sandbox/: GET stats, POST faults, POST reset,
-POST keys, GET lists/{id}/emails, GET contacts/{email}. Upload URLs (/_sandbox/uploads/{job}) and error files
-(/_sandbox/errors/{job}.csv) are unguessable capability URLs, like presigned S3 URLs, and need no auth either.
+Faults (`inject`, POST /_sandbox/faults): HTTP faults on an API endpoint ("*": every API endpoint), job faults
+("job"), and faults on an import's upload URL ("PUT /_sandbox/uploads/{job_id}", never armed by "*"): 500/503
+(nothing kept), a reset before the upload is read, or after it was stored (`processed`: the answer is lost and a
+resend gets 409), a slow answer.
+
+Control and inspection (no bearer; loopback clients only) live under /_sandbox/: GET stats, GET jobs, POST faults,
+POST reset, POST keys, GET lists/{id}/emails, GET contacts/{email}. Upload URLs (/_sandbox/uploads/{job}) and error
+files (/_sandbox/errors/{job}.csv) are unguessable capability URLs, like presigned S3 URLs, and need no auth either.
 """
 
 from __future__ import annotations
@@ -28,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -36,6 +75,7 @@ import itertools
 import math
 import operator
 import os
+import random
 import re
 import secrets
 import signal
@@ -53,7 +93,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -124,8 +164,35 @@ _ASCII_LOCAL_CHARS = bytes(c for c in range(128) if re.fullmatch(_LOCAL_CHAR, ch
 _DATE_RE = re.compile(r"(\d{2})/(\d{2})/(\d{4})")
 _FIELD_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# What a job past the plan's contact cap says (sendgrid-go#413: "uploading contact info returns failed and 'you have
+# hit your contact limit'"); the API documents no wording of its own.
+CONTACT_LIMIT_MESSAGE = "you have hit your contact limit"
+
 HTTP_FAULT_KINDS = frozenset({"429", "500", "503", "reset", "slow", "401", "403"})
+UPLOAD_TEMPLATE = "PUT /_sandbox/uploads/{job_id}"  # an import's upload_uri: its stats key and fault endpoint
+UPLOAD_FAULT_KINDS = frozenset({"500", "503", "reset", "slow"})  # what a presigned storage URL can do
 JOB_FAULT_KINDS = frozenset({"errored", "failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How close to SendGrid's own timing and rules a sandbox behaves (see "Realistic profile" in the module docstring).
+
+    The default (every field off) is the fast sandbox the tests were written against: each job takes `job_delay`."""
+
+    job_seconds: tuple[float, float] | None = None  # each job's duration, uniform in [min, max]; None: job_delay
+    seed: int | None = None  # for job_seconds; None: a random seed (see Sandbox.seed)
+    strict_identifiers: bool = False  # an update must carry all of the contact's existing identifiers
+
+    def __post_init__(self) -> None:
+        if self.job_seconds is not None:
+            low, high = self.job_seconds
+            if not 0 <= low <= high < math.inf:
+                raise ValueError(f"job_seconds must be MIN:MAX with 0 <= MIN <= MAX, got {low}:{high}")
+
+
+REALISTIC_JOB_SECONDS = (2.0, 10.0)
+REALISTIC = Profile(job_seconds=REALISTIC_JOB_SECONDS, strict_identifiers=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -254,6 +321,7 @@ class _Store:
         self.by_email: dict[str, int] = {}
         self.by_ident: dict[str, dict[str, int]] = {k: {} for k in _SECONDARY_IDS}
         self.by_alt: dict[str, int] = {}
+        self.secondary_rows: set[int] = set()  # live rows holding an identifier other than email
 
     def id_of(self, idx: int) -> str:
         return f"{self.id_prefix}{idx:012x}"
@@ -365,6 +433,7 @@ class _Store:
             if (prev := old.get(key)) is not None:
                 self.by_ident[key].pop(prev, None)
             self.by_ident[key][new[key]] = idx
+            self.secondary_rows.add(idx)
         if "alternate_emails" in new:
             for alt in old.get("alternate_emails", ()):
                 self.by_alt.pop(alt, None)
@@ -384,6 +453,46 @@ class _Store:
         self.data[idx] = _EMPTY
         self.live[idx] = 0
         self.alive -= 1
+        self.secondary_rows.discard(idx)
+
+    def rows_of(self, email: str | None, ids: dict[str, str]) -> set[int]:
+        """The stored contacts an upsert with these identifiers names (one, none, or several that disagree)."""
+        rows = {row for key, value in ids.items() if (row := self.by_ident[key].get(value)) is not None}
+        if email is not None and (row := self.by_email.get(email)) is not None:
+            rows.add(row)
+        return rows
+
+    def count_new(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
+                  skipped: Callable[[int], bool]) -> int:
+        """How many contacts an upsert of these would create (distinct ones no stored contact answers to)."""
+        if secondary is None:
+            return len({e for i, e in enumerate(emails) if e not in self.by_email and not skipped(i)})
+        fresh: set[Any] = set()
+        for i, email in enumerate(emails):
+            if not skipped(i) and not self.rows_of(email, secondary[i]):
+                fresh.add(email if email is not None else tuple(sorted(secondary[i].items())))
+        return len(fresh)
+
+    def identifier_problem(self, email: str | None, ids: dict[str, str]) -> str | None:
+        """Why an upsert with these identifiers may not update the contact they name (SendGrid: "to update a contact,
+        all of its existing identifiers must be present"), or None. `ids`: its identifiers other than email."""
+        rows = self.rows_of(email, ids)
+        if len(rows) > 1:
+            return "the identifiers name different contacts: " + ", ".join(["email", *ids] if email else ids)
+        if not rows:
+            return None
+        (row,) = rows
+        if row not in self.secondary_rows and email is not None:
+            return None  # an email-only contact named by its email
+        stored = {key: value for key, value in self.fields(row).items() if key in _SECONDARY_IDS}
+        if (stored_email := self.emails[row]) is not None:
+            stored["email"] = stored_email
+        given = {**ids, "email": email}
+        missing = [key for key in _IDENTIFIERS if key in stored and given.get(key) != stored[key]]
+        if not missing:
+            return None
+        return ("to update a contact, all of its existing identifiers must be present: missing or different: "
+                + ", ".join(missing))
 
     def fields(self, idx: int) -> dict[str, Any]:
         return _object(self.data[idx])
@@ -411,6 +520,7 @@ class _Job:
     errored: int = 0
     finished_at: float | None = None
     errors_csv: bytes | None = None
+    order: int = 0  # when its due time was set: ties in due time apply in this order
 
 
 @dataclass(slots=True)
@@ -442,6 +552,13 @@ class _Contacts:
                 all(f.keys().isdisjoint(_INDEXED_FIELDS) for f in fields)
         return cls(emails, _members_each(fields) if plain else fields, plain)
 
+    def secondary_ids(self) -> list[dict[str, str]] | None:
+        """Each contact's identifiers other than email, or None when no contact has any (a plain batch never does)."""
+        if self.plain:
+            return None
+        ids = [{key: f[key] for key in _SECONDARY_IDS if key in f} for f in self.fields]  # type: ignore[union-attr]
+        return ids if any(ids) else None
+
     def without(self, skip: Container[int]) -> _Contacts:
         keep = [i for i in range(len(self.emails)) if i not in skip]
         return _Contacts([self.emails[i] for i in keep], [self.fields[i] for i in keep], self.plain)
@@ -471,17 +588,29 @@ class Sandbox:
 
     max_import_rows: int = limits.MAX_CONTACTS_PER_IMPORT_FILE  # instance-overridable for tests
     max_import_bytes: int = limits.MAX_IMPORT_FILE_BYTES
+    default_profile: ClassVar[Profile] = Profile()  # for sandboxes made without one (tests/conftest.py can switch it)
 
     def __init__(self, api_keys: Iterable[str], job_delay: float = 0.3, rate_limit: int | None = None,
                  rate_window: float = 1.0, invalid_email_pattern: str = r"@[^@]*\.invalid$",
-                 count_sends: bool = False, latency: float = 0.0) -> None:
+                 count_sends: bool = False, latency: float = 0.0, profile: Profile | None = None,
+                 contact_limit: int | None = None, bandwidth_mbit: float | None = None) -> None:
         if rate_limit is not None and rate_limit < 1:
             raise ValueError("rate_limit must be at least 1 (or None for no limit)")
         if rate_window <= 0:
             raise ValueError("rate_window must be positive")
         if not 0 <= latency < math.inf:
             raise ValueError("latency must be a finite number of seconds, 0 or more")
-        self.job_delay = job_delay
+        if contact_limit is not None and contact_limit < 0:
+            raise ValueError("contact_limit must be 0 or more (or None for no limit)")
+        if bandwidth_mbit is not None and not 0 < bandwidth_mbit < math.inf:
+            raise ValueError("bandwidth_mbit must be a positive number of megabits per second (or None)")
+        # One upload link every request body crosses (see the module docstring); None: loopback speed.
+        self.link = _Link(bandwidth_mbit * 125_000) if bandwidth_mbit is not None else None
+        self.contact_limit = contact_limit  # the plan's cap on stored contacts: a job that would pass it fails
+        self.job_delay = job_delay  # seconds each job takes, unless the profile sets job_seconds
+        self.profile = profile if profile is not None else Sandbox.default_profile
+        self.seed = self.profile.seed if self.profile.seed is not None else secrets.randbits(32)
+        self._rng = random.Random(self.seed)
         self.latency = latency  # seconds every answer waits (see the module docstring)
         self.count_sends = count_sends  # keep per-email send counts (see send_counts); off: it costs memory
         self.rate_limit = rate_limit
@@ -504,6 +633,8 @@ class Sandbox:
             self._field_seq = 0
             self._jobs: dict[str, _Job] = {}
             self._pending: list[_Job] = []
+            self._job_seq = 0
+            self._last_due = 0.0  # the latest due time given under job_seconds: jobs finish in order
             self._imports: dict[str, _Import] = {}
             self._faults: list[dict[str, Any]] = []
             self._job_faults: list[dict[str, Any]] = []
@@ -586,6 +717,34 @@ class Sandbox:
             job = self._jobs.get(job_id)
             return None if job is None else self._job_view(job, "")
 
+    def pending_jobs(self) -> list[dict[str, Any]]:
+        """The jobs not final yet, oldest first, as job() shows them (an import waiting for its upload among them)."""
+        with self._lock:
+            self._settle()
+            return [self._job_view(job, "") for job in self._pending]
+
+    def jobs_final(self) -> bool:
+        """True when every job is final (completed, errored or failed): nothing the API accepted is still to apply."""
+        return not self.pending_jobs()
+
+    def wait_for_jobs(self, timeout: float) -> None:
+        """Wait until every job is final, as time passes (nothing is forced: see complete_jobs for that). Sleeps until
+        the next job is due, not in fixed steps; TimeoutError naming the pending jobs when `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._settle()
+                dues = [job.due for job in self._pending]
+            if not dues:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pending = ", ".join(f"{j['id']} ({j['job_type']})" for j in self.pending_jobs()[:10])
+                raise TimeoutError(f"{len(dues)} job(s) still pending after {timeout} s: {pending}")
+            known = [due for due in dues if due is not None]  # None: an import still waiting for its upload
+            wait = min(known) - time.time() if known else left
+            time.sleep(min(max(wait, 0.005), left))
+
     @property
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -617,7 +776,7 @@ class Sandbox:
             return 0
         now = time.time()
         due = sorted((j for j in self._pending if j.due is not None and (force or j.due <= now)),
-                     key=lambda j: j.due or 0.0)
+                     key=lambda j: (j.due or 0.0, j.order))
         with gcpolicy.pause:
             for job in due:
                 self._finish(job, now)
@@ -641,12 +800,24 @@ class Sandbox:
     def _new_job(self, job_type: str, apply: Callable[[_Job], None] | None, requested: int,
                  waits_for_upload: bool = False) -> _Job:
         now = time.time()
-        job = _Job(str(uuid.uuid4()), job_type, now, None if waits_for_upload else now + self.job_delay, apply,
-                   requested=requested)
+        job = _Job(str(uuid.uuid4()), job_type, now, None, apply, requested=requested)
+        if not waits_for_upload:
+            self._schedule(job, now)
         self._jobs[job.id] = job
         self._pending.append(job)
         self._stats["jobs_created"] += 1
         return job
+
+    def _schedule(self, job: _Job, now: float) -> None:
+        """Set when a job finishes (callers hold the lock): `job_delay` from now, or under the profile's job_seconds a
+        random duration, never before the job scheduled before it (an account's jobs are applied in order)."""
+        timing = self.profile.job_seconds
+        if timing is None:
+            job.due = now + self.job_delay
+        else:
+            job.due = self._last_due = max(now + self._rng.uniform(*timing), self._last_due)
+        self._job_seq += 1
+        job.order = self._job_seq
 
     def _take_fault(self, template: str) -> dict[str, Any] | None:
         with self._lock:
@@ -779,12 +950,43 @@ class Sandbox:
     def _upsert_applier(self, batch: _Contacts, lists: list[_List],
                         fault: dict[str, Any] | None) -> Callable[[_Job], None]:
         def apply(job: _Job) -> None:
-            skip = _fault_skip(job, fault, len(batch.emails))
+            count = len(batch.emails)
+            skip = _fault_skip(job, fault, count)
+            refused = self._refused(batch.emails, batch.secondary_ids(), skip) \
+                if self._job_rules and job.status != "failed" else {}
+            if refused:
+                skip |= refused
+                job.errored = len(skip)
+                if len(skip) == count:
+                    job.status = "failed"
             if skip:
                 job.errors_csv = _errors_csv(["index", "email", "error"],
-                                             ([i, batch.emails[i] or "", reason] for i, reason in skip.items()))
+                                             ([i, batch.emails[i] or "", reason] for i, reason in sorted(skip.items())))
             self._apply_contacts(job, [batch.without(skip) if skip else batch], lists)
         return apply
+
+    @property
+    def _job_rules(self) -> bool:
+        """Whether any rule refuses contacts when their job runs (see _refused)."""
+        return self.profile.strict_identifiers or self.contact_limit is not None
+
+    def _refused(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
+                 skip: Container[int]) -> dict[int, str]:
+        """{index: reason} for the contacts of a job (callers hold the lock) that SendGrid's rules refuse when the job
+        runs, not when the request arrives: under strict_identifiers, an update that leaves out one of the contact's
+        existing identifiers; past contact_limit, every contact of the job that would pass it. `secondary`: each
+        contact's identifiers other than email (None: email only)."""
+        store = self._store
+        out: dict[int, str] = {}
+        if self.profile.strict_identifiers and (secondary is not None or store.secondary_rows):
+            for i, email in enumerate(emails):  # (email-only contacts named by email only have nothing to refuse)
+                if i not in skip and (problem := store.identifier_problem(email, secondary[i] if secondary else {})):
+                    out[i] = problem
+        if self.contact_limit is not None:
+            new = store.count_new(emails, secondary, lambda i: i in skip or i in out)
+            if new and store.alive + new > self.contact_limit:
+                return {i: CONTACT_LIMIT_MESSAGE for i in range(len(emails)) if i not in skip}
+        return out
 
     def _apply_contacts(self, job: _Job, batches: Iterable[_Contacts], lists: list[_List]) -> None:
         """Store contacts and add them to lists; counts only contacts that changed (as the API does)."""
@@ -903,7 +1105,7 @@ class Sandbox:
                 self._send_counts.update(row[1] for row in parsed.valid if row[1] is not None)
             job.requested = parsed.rows
             job.apply = self._import_applier(imp, parsed)
-            job.due = time.time() + self.job_delay
+            self._schedule(job, time.time())
 
     def _import_applier(self, imp: _Import, parsed: _ParsedImport) -> Callable[[_Job], None]:
         def apply(job: _Job) -> None:
@@ -913,6 +1115,8 @@ class Sandbox:
                 job.errors_csv = _errors_csv(["line", "email", "error"], [*errors, [0, "", parsed.failure]])
                 return
             skip = _fault_skip(job, imp.fault, len(parsed.valid))
+            if self._job_rules and job.status != "failed":  # imports carry no identifier but email (_IMPORTABLE)
+                skip |= self._refused([row[1] for row in parsed.valid], None, skip)
             errors += [[parsed.valid[i][0], parsed.valid[i][1] or "", reason] for i, reason in skip.items()]
             lists = [self._lists[x] for x in imp.list_ids if x in self._lists]
             items = (_row_contact(row, parsed.columns, self._fields) for i, row in enumerate(parsed.valid)
@@ -1197,7 +1401,7 @@ def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
     errors: list[dict[str, str]] = []
     items: list[tuple[str | None, dict]] = []
     append, lows, where = items.append, [], []
-    bad_custom = False
+    unknown_ids: dict[str, None] = {}  # custom field ids no field has, in the order met
     limit_of, email_match = _STRING_LIMITS.get, _EMAIL_RE.fullmatch
     kind_of = {fid: ftype[0] for fid, (_, ftype) in field_types.items()}.get
     dates = _DATE_CACHE
@@ -1223,7 +1427,7 @@ def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
                         continue
                 problem = _check_custom(value, field_types)
                 if problem == "ids":
-                    bad_custom = True
+                    unknown_ids.update(dict.fromkeys(fid for fid in value if fid not in field_types))
                 elif problem:
                     errors.append({"field": f"contacts[{i}].custom_fields", "message": problem})
             elif key == "alternate_emails":
@@ -1243,15 +1447,16 @@ def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
             continue  # reported above
         low = email.lower()
         if email_match(email) is None or ".." in email or is_invalid(low):
-            errors.append({"field": f"contacts[{i}].email", "message": f"email '{email}' is not valid"})
+            errors.append({"field": f"contacts[{i}].identifier", "message": f"email '{email}' is not valid"})
             continue
         lows.append(low)
         where.append(i)
         append((low, c))
     if len(set(lows)) != len(lows):
         errors += _duplicate_errors(lows, where)
-    if bad_custom:
-        errors.append({"field": "custom_fields", "message": "invalid custom field ids supplied"})
+    if unknown_ids:  # the live API's wording (sendgrid-nodejs#953), which names them
+        errors.append({"field": "custom_fields",
+                       "message": f"invalid custom field ids supplied - {','.join(unknown_ids)}"})
     return errors, _Contacts.of([e for e, _ in items], [f for _, f in items])
 
 
@@ -1473,9 +1678,13 @@ def _normalise_fault(fault: dict[str, Any]) -> dict[str, Any]:
         if out["error_count"] < 0:
             raise ValueError("error_count must not be negative")
         return out
-    if endpoint != "*" and endpoint not in API_TEMPLATES:
-        raise ValueError(f"unknown endpoint {endpoint!r}: use '*', 'job' or one of {sorted(API_TEMPLATES)}")
-    if kind not in HTTP_FAULT_KINDS:
+    if endpoint == UPLOAD_TEMPLATE:
+        if kind not in UPLOAD_FAULT_KINDS:
+            raise ValueError(f"upload fault kind must be one of {sorted(UPLOAD_FAULT_KINDS)}")
+    elif endpoint != "*" and endpoint not in API_TEMPLATES:
+        raise ValueError(f"unknown endpoint {endpoint!r}: use '*', 'job', {UPLOAD_TEMPLATE!r} or one of "
+                         f"{sorted(API_TEMPLATES)}")
+    elif kind not in HTTP_FAULT_KINDS:
         raise ValueError(f"fault kind must be one of {sorted(HTTP_FAULT_KINDS)}")
     out["reset_after"] = float(fault.get("reset_after", 1.0))
     out["retry_after"] = fault.get("retry_after")
@@ -1485,8 +1694,10 @@ def _normalise_fault(fault: dict[str, Any]) -> dict[str, Any]:
 
 
 def _take(faults: list[dict[str, Any]], template: str, stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The first fault armed for this endpoint, counted as fired. "*" means every API endpoint, never the upload URL
+    (another host in SendGrid's case)."""
     for f in faults:
-        if f["endpoint"] in ("*", template):
+        if f["endpoint"] == template or (f["endpoint"] == "*" and template != UPLOAD_TEMPLATE):
             f["times"] -= 1
             if f["times"] <= 0:
                 faults.remove(f)
@@ -1539,13 +1750,40 @@ class BodyTooLarge(Exception):
     """More body bytes than the endpoint accepts."""
 
 
+class _Link:
+    """An upload link of `bytes_per_s` that every request body crosses: each chunk read books its transmission time
+    on the link, first come first served, so concurrent bodies share the rate as they would share one link. The
+    lock guards the booking (a few arithmetic operations); the wait for the booked time holds no lock."""
+
+    def __init__(self, bytes_per_s: float, clock: Callable[[], float] | None = None) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._clock = clock or time.monotonic
+        self._free_at = 0.0  # when the link has carried everything booked so far
+        self._lock = threading.Lock()
+        self.bytes = 0  # booked in all
+
+    def book(self, nbytes: int) -> float:
+        """Book nbytes on the link; returns the clock time their transmission ends."""
+        with self._lock:
+            self._free_at = max(self._clock(), self._free_at) + nbytes / self.bytes_per_s
+            self.bytes += nbytes
+            return self._free_at
+
+    def carry(self, nbytes: int) -> None:
+        """Return once nbytes, read just now, would have crossed the link."""
+        wait = self.book(nbytes) - self._clock()
+        if wait > 0:
+            time.sleep(wait)
+
+
 class _WireReader(io.RawIOBase):
     """A request body as a stream (Content-Length or chunked), counting bytes and refusing more than `cap`."""
 
-    def __init__(self, rfile: Any, length: int | None, cap: int | None) -> None:
+    def __init__(self, rfile: Any, length: int | None, cap: int | None, link: _Link | None = None) -> None:
         super().__init__()
         self._rfile, self._remaining, self._chunk_left = rfile, length, 0
         self._chunked, self._eof, self.count, self.cap = length is None, length == 0, 0, cap
+        self._link = link
 
     def readable(self) -> bool:
         return True
@@ -1568,6 +1806,8 @@ class _WireReader(io.RawIOBase):
         if not got:
             raise ConnectionError("the client closed the connection mid-body")
         self.count += got
+        if self._link is not None:
+            self._link.carry(got)
         if self._chunked:
             self._chunk_left -= got
             if self._chunk_left == 0:
@@ -1600,6 +1840,11 @@ class _WireReader(io.RawIOBase):
         length = self._remaining or 0
         if self.cap is not None and length > self.cap:
             raise BodyTooLarge
+        if self._link is not None:  # 64 KB at a time, each crossing the link
+            out, chunk = bytearray(), memoryview(bytearray(1 << 16))
+            while got := self.readinto(chunk):
+                out += chunk[:got]
+            return bytes(out)
         data = self._rfile.read(length) if length else b""
         if len(data) < length:
             raise ConnectionError("the client closed the connection mid-body")
@@ -1659,13 +1904,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.sandbox
 
     def _wire(self, cap: int | None) -> _WireReader:
+        link = self.sandbox.link
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return _WireReader(self.rfile, None, cap)
+            return _WireReader(self.rfile, None, cap, link)
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = 0
-        return _WireReader(self.rfile, max(0, length), cap)
+        return _WireReader(self.rfile, max(0, length), cap, link)
 
     def _read_body(self, cap: int) -> tuple[bytes, bool]:
         """(body, too_large). A too-large body is drained (so the client reads our answer) or the connection closed."""
@@ -1773,6 +2019,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(status, payload, headers)
         return status
 
+    def _reset(self) -> int:
+        """Drop the connection without an answer (a reset: RST, not FIN). Returns 0, the stats' "no answer"."""
+        self.sandbox.pause()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return 0
+
     def _fault(self, fault: dict[str, Any], api_key: str, key: str) -> int | None:
         """Serve an injected fault. None = go on handling the request (slow, or reset after processing)."""
         kind = fault["kind"]
@@ -1780,13 +2034,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(fault["delay"])
             return None
         if kind == "reset":
-            if fault["processed"]:
-                return None
-            self.sandbox.pause()
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            return 0
+            return None if fault["processed"] else self._reset()
         _, headers = self.sandbox._rate(api_key, key, count=False)
         if kind == "429":
             limit = headers[0][1]
@@ -1806,7 +2054,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _control(self, path: str) -> None:
         parts, method = path.strip("/").split("/"), self.command
         if method == "PUT" and len(parts) == 3 and parts[1] == "uploads":
-            self._pending_stat = "PUT /_sandbox/uploads/{job_id}"
+            self._pending_stat = UPLOAD_TEMPLATE
             self._record_pending(self._upload(parts[2]))
             return
         body, _ = self._read_body(MAX_SMALL_BODY_BYTES)
@@ -1825,6 +2073,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if route_key == ("GET", "stats"):
                 return 200, sandbox.stats, _JSON
+            if route_key == ("GET", "jobs"):
+                return 200, {"pending": sandbox.pending_jobs()}, _JSON
             if route_key == ("POST", "reset"):
                 sandbox.reset()
                 return 200, {"reset": True}, _JSON
@@ -1850,22 +2100,42 @@ class _Handler(BaseHTTPRequestHandler):
         return 404, _err("resource not found"), _JSON
 
     def _upload(self, job_id: str) -> int:
-        """The presigned-URL upload of a CSV import: streamed, gzip when declared or recognised."""
+        """The presigned-URL upload of a CSV import, with the faults armed for UPLOAD_TEMPLATE: "slow" answers late,
+        "500"/"503" refuse it (nothing kept: it may be sent again), "reset" drops the connection before reading it
+        or, with processed, after the upload was stored (the answer is lost; sending it again gets 409)."""
+        fault = self.sandbox._take_fault(UPLOAD_TEMPLATE) or {}
+        kind = fault.get("kind")
+        if kind == "slow":
+            time.sleep(fault["delay"])
+        elif kind == "reset" and not fault["processed"]:
+            return self._reset()
+        wire = self._wire(self.sandbox.max_import_bytes)
+        if kind in ("500", "503"):
+            self.close_connection = not wire.drain(MAX_DRAIN_BYTES)
+            self._body_bytes = wire.count
+            reason = b"InternalError: please try again" if kind == "500" else b"SlowDown: please reduce your rate"
+            self._answer(int(kind), reason, content_type="text/plain")
+            return int(kind)
+        status, body, headers = self._receive_upload(job_id, wire)
+        if kind == "reset":  # processed: the upload is kept, its answer lost
+            return self._reset()
+        self._answer(status, body, headers, content_type="text/plain")
+        return status
+
+    def _receive_upload(self, job_id: str, wire: _WireReader) -> tuple[int, bytes | None, list[tuple[str, str]]]:
+        """Read, parse and register an upload: streamed, gzip when declared or recognised. (status, body, headers)."""
         sandbox = self.sandbox
-        wire = self._wire(sandbox.max_import_bytes)
         if not self.headers.get("Content-Length") and not wire.chunked:
             wire.drain(MAX_DRAIN_BYTES)
             self._body_bytes = wire.count
-            self._answer(411, b"Length Required", content_type="text/plain")
-            return 411
+            return 411, b"Length Required", []
         verdict = sandbox.upload_headers_ok(job_id, self.headers)
         if verdict != 200:
             self.close_connection = self.close_connection or not wire.drain(MAX_DRAIN_BYTES)
             self._body_bytes = wire.count
             reasons = {404: b"NoSuchUpload", 403: b"SignatureDoesNotMatch: send every upload header",
                        409: b"UploadAlreadyReceived"}
-            self._answer(verdict, reasons[verdict], content_type="text/plain")
-            return verdict
+            return verdict, reasons[verdict], []
         with sandbox._lock:
             mappings, fields = sandbox._imports[job_id].mappings, sandbox._fields
         too_large = False
@@ -1884,10 +2154,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._body_bytes = wire.count
         sandbox.finish_upload(job_id, parsed)
         if too_large:  # like S3: refused, and the connection is closed rather than read to the end
-            self._answer(400, b"EntityTooLarge", content_type="text/plain")
-            return 400
-        self._answer(200, None, [("ETag", f'"{job_id}"')])
-        return 200
+            return 400, b"EntityTooLarge", []
+        return 200, None, [("ETag", f'"{job_id}"')]
 
     def _parse_upload(self, wire: _WireReader, mappings: list[str | None],
                       fields: dict[str, tuple[str, str]]) -> _ParsedImport:
@@ -1975,8 +2243,22 @@ def _field_arg(text: str) -> tuple[str, str]:
     return name, ftype
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m shared sandbox`: serve a sandbox until SIGINT/SIGTERM. The accepted key comes from the environment."""
+def _range_arg(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        if sep:
+            return float(low), float(high)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected MIN:MAX in seconds, got {text!r}")
+
+
+def _profile_of(args: argparse.Namespace) -> Profile:
+    base = REALISTIC if args.realistic else Profile()
+    return dataclasses.replace(base, job_seconds=args.job_seconds or base.job_seconds, seed=args.seed)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared sandbox", description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -1985,12 +2267,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-window", type=float, default=1.0)
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long before answering every request (models the WAN round trip; default 0)")
+    parser.add_argument("--realistic", action="store_true",
+                        help="SendGrid's timing and rules: each job (upsert, import, list removal, deletion) takes "
+                             "{:g} to {:g} s (see --job-seconds) and jobs apply in order; an update must carry all of "
+                             "the contact's existing identifiers".format(*REALISTIC_JOB_SECONDS))
+    parser.add_argument("--job-seconds", type=_range_arg, metavar="MIN:MAX",
+                        help="each job takes a random time in this range, jobs applying in order (instead of "
+                             "--job-delay)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the job times (printed at start as 'seed N', so a run can be replayed)")
+    parser.add_argument("--contact-limit", type=int, metavar="N",
+                        help="the plan's cap on stored contacts: a job that would pass it fails")
+    parser.add_argument("--bandwidth-mbit", type=float, metavar="N",
+                        help="read request bodies (upserts, import uploads) no faster than N Mbit/s in all, "
+                             "concurrent ones sharing it as one link (default: loopback speed)")
     parser.add_argument("--api-key-env", default="SENDGRID_API_KEY", help="environment variable holding the key")
     parser.add_argument("--list-id", help="create a list with this id")
     parser.add_argument("--list-name", help="create a list with this name")
     parser.add_argument("--field", action="append", type=_field_arg, default=[], metavar="NAME:TYPE",
                         help="create a custom field (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m shared sandbox`: serve a sandbox until SIGINT/SIGTERM. The accepted key comes from the environment."""
+    args = _parser().parse_args(argv)
     key = os.environ.get(args.api_key_env)
     if not key:
         print(f"sandbox: environment variable {args.api_key_env} is not set (it holds the accepted API key)",
@@ -1998,7 +2299,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sandbox = Sandbox([key], job_delay=args.job_delay, rate_limit=args.rate_limit, rate_window=args.rate_window,
-                          latency=args.latency)
+                          latency=args.latency, profile=_profile_of(args), contact_limit=args.contact_limit,
+                          bandwidth_mbit=args.bandwidth_mbit)
         list_id = None
         if args.list_id or args.list_name:
             list_id = sandbox.create_list(args.list_name or "sandbox", args.list_id)
@@ -2015,6 +2317,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"list_id {list_id}", flush=True)
         for name, fid in field_ids.items():
             print(f"field {name} {fid}", flush=True)
+        if sandbox.profile.job_seconds is not None:
+            print(f"seed {sandbox.seed}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from shared.sandbox import Sandbox, serve
+from shared.sandbox import REALISTIC, Sandbox, serve
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fault_report"]  # the fault suite's tally and its summary table
@@ -116,6 +117,30 @@ def blob_container(azurite: Azurite) -> Iterator[ContainerClient]:
         service.close()
 
 
+# The realistic profile with short but non-trivial jobs (0.5 to 2 s each, in order), seeded: the same run of a test
+# gets the same job times. `--sandbox-profile realistic` runs every sandbox of a test session under it.
+REALISTIC_TEST_PROFILE = dataclasses.replace(REALISTIC, job_seconds=(0.5, 2.0), seed=20261130)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--sandbox-profile", choices=("default", "realistic"), default="default",
+                     help="the profile of every SendGrid sandbox the tests start (realistic: slow jobs applied in "
+                          "order, SendGrid's identifier rule; see shared/sandbox.py)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sandbox_profile(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under `--sandbox-profile realistic`, every Sandbox made without a profile gets REALISTIC_TEST_PROFILE."""
+    if request.config.getoption("--sandbox-profile") != "realistic":
+        yield
+        return
+    previous, Sandbox.default_profile = Sandbox.default_profile, REALISTIC_TEST_PROFILE
+    try:
+        yield
+    finally:
+        Sandbox.default_profile = previous
+
+
 @dataclass
 class RunningSandbox:
     box: Sandbox
@@ -128,5 +153,17 @@ def sandbox() -> Iterator[RunningSandbox]:
     """A fresh SendGrid sandbox on a free loopback port, with a recognisable fake API key."""
     key = "SG.test-" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(32)
     box = Sandbox(api_keys=[key], job_delay=0.05)
+    with serve(box) as server:
+        yield RunningSandbox(box, server.url, key)
+
+
+@pytest.fixture
+def realistic_sg() -> Iterator[RunningSandbox]:
+    """A fresh sandbox under the realistic profile (REALISTIC_TEST_PROFILE): every job (upsert, import, list removal,
+    deletion) stays pending 0.5 to 2 s and jobs apply in order, so search, list membership and counts lag behind them;
+    an update must carry the contact's existing identifiers. `box.jobs_final()` says whether every job is final,
+    `box.wait_for_jobs(timeout)` waits for that, `box.complete_jobs()` forces it."""
+    key = "SG.test-" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(32)
+    box = Sandbox(api_keys=[key], profile=REALISTIC_TEST_PROFILE)
     with serve(box) as server:
         yield RunningSandbox(box, server.url, key)

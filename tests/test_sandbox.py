@@ -4,6 +4,7 @@ OpenAPI files in tests/contracts/."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import csv
 import functools
@@ -13,6 +14,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -34,7 +36,7 @@ from referencing.jsonschema import DRAFT202012
 
 from shared import limits
 from shared import sandbox as sandbox_module
-from shared.sandbox import Sandbox, SandboxServer, main, serve
+from shared.sandbox import Profile, Sandbox, SandboxServer, main, serve
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACTS = Path(__file__).resolve().parent / "contracts"
@@ -66,6 +68,17 @@ SANDBOX_ERROR = {
     "properties": {"errors": {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["field", "message"], "additionalProperties": False,
         "properties": {"field": {"type": ["string", "null"]}, "message": {"type": "string", "minLength": 1}}}}},
+}
+
+# Every 400 the sandbox sends, whatever its endpoint's documented schema lets through (most are loose: no required
+# "errors", any items), has the shape of SendGrid's errors page and of the contracts' ContactsError / Error items:
+# {"errors": [{"field": "...", "message": "..."}]}, error_id and parameter optional, nothing else.
+SENDGRID_400 = {
+    "type": "object", "required": ["errors"], "additionalProperties": False,
+    "properties": {"errors": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["field", "message"], "additionalProperties": False,
+        "properties": {"field": {"type": "string", "minLength": 1}, "message": {"type": "string", "minLength": 1},
+                       "error_id": {"type": "string"}, "parameter": {"type": "string"}}}}},
 }
 
 
@@ -183,6 +196,10 @@ def check_response(method: str, path: str, resp: requests.Response) -> None:
         schema = SANDBOX_ERROR
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator(name, schema).iter_errors(body)]
     assert not errors, f"{method} {template} {status} breaks the contract: {errors[:5]}"
+    if resp.status_code == 400:
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in Draft202012Validator(SENDGRID_400).iter_errors(body)]
+        assert not errors, f"{method} {template} 400 is not in SendGrid's error shape: {errors[:5]}"
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -206,6 +223,11 @@ class Api:
         resp = self.session.request(method, self.url + path, timeout=60, **kwargs)
         check_response(method, path, resp)
         return resp
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        resp = self("GET", f"/v3/marketing/contacts/imports/{job_id}")
+        assert resp.status_code == 200, resp.text
+        return resp.json()
 
     def wait_job(self, job_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + JOB_WAIT_S
@@ -313,6 +335,11 @@ def test_contract_helpers_reject_what_the_spec_forbids() -> None:
     bad.status_code, bad._content = 201, b"{}"
     with pytest.raises(AssertionError, match="undocumented success"):
         check_response("GET", "/v3/marketing/field_definitions", bad)
+    for loose in (b'{"errors": [{"field": "x", "message": "m", "help": {}}]}',  # the documented schema allows these
+                  b'{"errors": [{"message": "m"}]}', b'{"errors": []}', b'{"error": "m"}'):
+        bad.status_code, bad._content = 400, loose
+        with pytest.raises(AssertionError, match="SendGrid's error shape"):
+            check_response("PUT", "/v3/marketing/contacts", bad)
 
 
 # ------------------------------------------------------------------------------------ auth, headers, HTTP limits
@@ -509,7 +536,7 @@ def test_custom_fields_must_exist_and_match_their_type(api: Api, box: Sandbox) -
         box.create_field("note", "Text")
     resp = api.upsert([{"email": "a@example.com", "custom_fields": {"e99_T": "x"}}])
     assert resp.status_code == 400
-    assert {"field": "custom_fields", "message": "invalid custom field ids supplied"} in resp.json()["errors"]
+    assert {"field": "custom_fields", "message": "invalid custom field ids supplied - e99_T"} in resp.json()["errors"]
     assert api.upsert([{"email": "a@example.com", "custom_fields": {"tier": "x"}}]).status_code == 400  # a name
     for bad in ({score: "42"}, {score: True}, {born: "1990-01-31"}, {born: "02/30/1990"}, {note: 5}):
         resp = api.upsert([{"email": "a@example.com", "custom_fields": bad}])
@@ -525,9 +552,9 @@ def test_invalid_emails_refuse_the_whole_request_with_one_error_each(api: Api, b
     resp = api.upsert(contacts)
     assert resp.status_code == 400
     assert resp.json() == {"errors": [
-        {"field": "contacts[1].email", "message": "email 'not-an-email' is not valid"},
-        {"field": "contacts[2].email", "message": "email 'two@@example.com' is not valid"},
-        {"field": "contacts[3].email", "message": "email 'someone@host.invalid' is not valid"},
+        {"field": "contacts[1].identifier", "message": "email 'not-an-email' is not valid"},
+        {"field": "contacts[2].identifier", "message": "email 'two@@example.com' is not valid"},
+        {"field": "contacts[3].identifier", "message": "email 'someone@host.invalid' is not valid"},
     ]}
     assert box.stats["jobs_created"] == 0 and box.contact_count() == 0
 
@@ -537,7 +564,7 @@ def test_custom_invalid_email_pattern() -> None:
     with serve(box) as server:
         resp = Api(server.url).upsert([{"email": "Bounce1@example.com"}, {"email": "x@a.invalid"}])
     assert resp.status_code == 400
-    assert [e["field"] for e in resp.json()["errors"]] == ["contacts[0].email"]
+    assert [e["field"] for e in resp.json()["errors"]] == ["contacts[0].identifier"]
 
 
 def test_same_email_twice_in_one_request_is_refused(api: Api) -> None:
@@ -596,16 +623,16 @@ def put_raw(api: Api, contacts: list[Any], list_ids: list[str] | None = None) ->
 
 
 @pytest.mark.parametrize(("patch", "field", "message"), [
-    ({"email": "x..y@example.com"}, "email", "email 'x..y@example.com' is not valid"),
-    ({"email": "x.@example.com"}, "email", "email 'x.@example.com' is not valid"),
-    ({"email": "@example.com"}, "email", "email '@example.com' is not valid"),
-    ({"email": "a" * 65 + "@example.com"}, "email", "is not valid"),
-    ({"email": "x y@example.com"}, "email", "email 'x y@example.com' is not valid"),
-    ({"email": "x\x1c@example.com"}, "email", "is not valid"),
-    ({"email": "x@example"}, "email", "email 'x@example' is not valid"),
-    ({"email": "x@_example.com"}, "email", "email 'x@_example.com' is not valid"),
-    ({"email": "ü@exämple.c"}, "email", "email 'ü@exämple.c' is not valid"),
-    ({"email": "Someone@Host.INVALID"}, "email", "email 'Someone@Host.INVALID' is not valid"),
+    ({"email": "x..y@example.com"}, "identifier", "email 'x..y@example.com' is not valid"),
+    ({"email": "x.@example.com"}, "identifier", "email 'x.@example.com' is not valid"),
+    ({"email": "@example.com"}, "identifier", "email '@example.com' is not valid"),
+    ({"email": "a" * 65 + "@example.com"}, "identifier", "is not valid"),
+    ({"email": "x y@example.com"}, "identifier", "email 'x y@example.com' is not valid"),
+    ({"email": "x\x1c@example.com"}, "identifier", "is not valid"),
+    ({"email": "x@example"}, "identifier", "email 'x@example' is not valid"),
+    ({"email": "x@_example.com"}, "identifier", "email 'x@_example.com' is not valid"),
+    ({"email": "ü@exämple.c"}, "identifier", "email 'ü@exämple.c' is not valid"),
+    ({"email": "Someone@Host.INVALID"}, "identifier", "email 'Someone@Host.INVALID' is not valid"),
     ({"email": 5}, "email", "email must be a string"),
     ({"first_name": "x" * 51}, "first_name", "first_name must be at most 50 characters"),
     ({"city": "y" * 61}, "city", "city must be at most 60 characters"),
@@ -645,8 +672,10 @@ def test_large_request_repeats_unknown_ids_and_non_objects_are_refused(api: Api,
                                       "contacts[5])"}]
     contacts = big_contacts(number_id, date_id)
     contacts[BAD_AT]["custom_fields"]["e99_T"] = "x"
+    contacts[BAD_AT + 1]["custom_fields"]["e98_N"] = 1
+    contacts[BAD_AT + 2]["custom_fields"]["e99_T"] = "again"
     assert put_raw(api, contacts).json()["errors"] == [{"field": "custom_fields",
-                                                        "message": "invalid custom field ids supplied"}]
+                                                        "message": "invalid custom field ids supplied - e99_T,e98_N"}]
     contacts = big_contacts(number_id, date_id)
     contacts[BAD_AT] = "not a contact"
     assert put_raw(api, contacts).json()["errors"] == [{"field": f"contacts[{BAD_AT}]",
@@ -1143,3 +1172,360 @@ def test_every_documented_answer_the_tests_saw_matches_the_contract(api: Api, bo
     assert contact["custom_fields"] == {"ltv": 0}  # the API shows custom fields by name
     job_id = api("DELETE", f"/v3/marketing/contacts?ids={contact['id']}").json()["job_id"]
     assert api.wait_job(job_id)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------- realistic profile
+
+
+class FakeClock:
+    """The time module as the sandbox module sees it, with time() set by the test: jobs come due when it says."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_realistic_jobs_take_seeded_random_times_and_apply_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    low, high = 10.0, 20.0
+    # A seed whose second draw is the shorter: without ordering, the second job would apply before the first.
+    seed = next(s for s in range(1000) if (r := random.Random(s)).uniform(low, high) > r.uniform(low, high))
+    draws = random.Random(seed)
+    first, second = draws.uniform(low, high), draws.uniform(low, high)
+    clock = FakeClock()
+    monkeypatch.setattr(sandbox_module, "time", clock)
+    box = Sandbox([KEY], job_delay=0.0, profile=Profile(job_seconds=(low, high), seed=seed))
+    assert box.seed == seed
+    with serve(box) as server:
+        api = Api(server.url)
+        jobs = [api.upsert([{"email": "ann@example.com", "first_name": name}]).json()["job_id"] for name in "AB"]
+        clock.now += second + 0.01  # the second job's own time is up, the first one's is not
+        assert [api.job(j)["status"] for j in jobs] == ["pending", "pending"]
+        assert box.contact("ann@example.com") is None
+        clock.now += first - second
+        assert [api.job(j)["status"] for j in jobs] == ["completed", "completed"]
+        ann = box.contact("ann@example.com")
+        assert ann is not None and ann["first_name"] == "B"  # applied in the order they were accepted
+
+
+def test_realistic_profile_refuses_a_bad_range_and_records_its_seed() -> None:
+    for bad in ((2.0, 1.0), (-1.0, 1.0), (0.0, math.inf)):
+        with pytest.raises(ValueError, match="job_seconds"):
+            Profile(job_seconds=bad)
+    unseeded = Sandbox([KEY], profile=Profile(job_seconds=(1.0, 2.0)))
+    replay = Sandbox([KEY], profile=Profile(job_seconds=(1.0, 2.0), seed=unseeded.seed))
+    assert [unseeded._rng.random() for _ in range(3)] == [replay._rng.random() for _ in range(3)]
+
+
+def test_realistic_search_lists_and_counts_lag_until_each_job_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upserts, list removals and deletions all stay pending (visible through imports/{id}) and change nothing a
+    client can see until they complete: the races of issue 11 (an erasure or a mirror lookup during a pending
+    upsert finds nobody)."""
+    clock = FakeClock()
+    monkeypatch.setattr(sandbox_module, "time", clock)
+    box = Sandbox([KEY], profile=Profile(job_seconds=(5.0, 5.0)))
+    with serve(box) as server:
+        api = Api(server.url)
+        list_id = box.create_list("L")
+        counts = (f"/v3/marketing/lists/{list_id}/contacts/count", "/v3/marketing/contacts/count")
+        upsert = api.upsert(contacts_of(2), [list_id]).json()["job_id"]
+        search = {"emails": ["user0@example.com", "user1@example.com"]}
+        assert api("POST", "/v3/marketing/contacts/search/emails", search).status_code == 404
+        assert [api("GET", path).json()["contact_count"] for path in counts] == [0, 0]
+        assert api.job(upsert)["status"] == "pending" and not box.jobs_final()
+        clock.now += 5.0
+        assert api.job(upsert)["status"] == "completed" and box.jobs_final()
+        assert [api("GET", path).json()["contact_count"] for path in counts] == [2, 2]
+        kept, deleted = _ids(api, ["user0@example.com", "user1@example.com"])
+        removal = api("DELETE", f"/v3/marketing/lists/{list_id}/contacts?contact_ids={kept}").json()["job_id"]
+        deletion = api("DELETE", f"/v3/marketing/contacts?ids={deleted}").json()["job_id"]
+        assert [api.job(j)["status"] for j in (removal, deletion)] == ["pending", "pending"]
+        assert [j["id"] for j in box.pending_jobs()] == [removal, deletion]
+        assert requests.get(f"{server.url}/_sandbox/jobs", timeout=10).json()["pending"] == box.pending_jobs()
+        assert box.list_emails(list_id) == ["user0@example.com", "user1@example.com"]  # nothing applied yet
+        assert api("POST", "/v3/marketing/contacts/search/emails", search).status_code == 200
+        clock.now += 5.0
+        assert [api.job(j)["results"]["deleted_count"] for j in (removal, deletion)] == [1, 1]
+        assert box.list_emails(list_id) == [] and box.contact_count() == 1 and box.jobs_final()
+
+
+def test_realistic_fixture_jobs_finish_by_themselves_in_order(realistic_sg: Any) -> None:
+    box, api = realistic_sg.box, Api(realistic_sg.url, realistic_sg.key)
+    list_id = box.create_list("L")
+    jobs = [api.upsert([{"email": "ann@example.com", "first_name": name}], [list_id]).json()["job_id"]
+            for name in "ABC"]
+    box.wait_for_jobs(timeout=30)
+    assert box.jobs_final() and [api.job(j)["status"] for j in jobs] == ["completed"] * 3
+    finished = [api.job(j)["finished_at"] for j in jobs]
+    assert finished == sorted(finished)
+    assert box.contact("ann@example.com")["first_name"] == "C"  # type: ignore[index]
+
+
+def test_realistic_fixture_holds_updates_to_the_identifier_rule(realistic_sg: Any) -> None:
+    box, api = realistic_sg.box, Api(realistic_sg.url, realistic_sg.key)
+    api.upsert([{"email": "ann@example.com", "external_id": "crm-1"}])
+    box.wait_for_jobs(timeout=30)
+    job_id = api.upsert([{"email": "ann@example.com", "first_name": "Ann"}]).json()["job_id"]
+    box.wait_for_jobs(timeout=30)
+    job = api.job(job_id)
+    assert job["status"] == "failed" and "external_id" in _error_rows(job)[0]["error"]
+
+
+def test_wait_for_jobs_names_what_is_still_pending() -> None:
+    box = Sandbox([KEY], profile=Profile(job_seconds=(3600.0, 3600.0)))
+    with serve(box) as server:
+        job_id = Api(server.url).upsert(contacts_of(1)).json()["job_id"]
+        with pytest.raises(TimeoutError, match=f"1 job.*{job_id}"):
+            box.wait_for_jobs(timeout=0.05)
+    assert box.complete_jobs() == 1 and box.jobs_final()
+
+
+def _error_rows(job: dict[str, Any]) -> list[dict[str, str]]:
+    errors = requests.get(job["results"]["errors_url"], timeout=10)
+    assert errors.status_code == 200
+    return list(csv.DictReader(io.StringIO(errors.text)))
+
+
+def test_strict_identifiers_an_update_must_carry_every_existing_identifier() -> None:
+    box = Sandbox([KEY], job_delay=0.0, profile=Profile(strict_identifiers=True))
+    with serve(box) as server:
+        api = Api(server.url)
+        upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1", "first_name": "Ann"},
+                          {"email": "bob@example.com"}, {"external_id": "ext-9"}])
+        job = upsert_done(api, [{"email": "ann@example.com", "first_name": "Changed"},
+                                {"email": "bob@example.com", "first_name": "Bob"}])
+        assert (job["status"], job["results"]["errored_count"], job["results"]["updated_count"]) == ("errored", 1, 1)
+        [row] = _error_rows(job)
+        assert (row["index"], row["email"]) == ("0", "ann@example.com")
+        assert "all of its existing identifiers must be present" in row["error"] and "external_id" in row["error"]
+        assert box.contact("ann@example.com")["first_name"] == "Ann"  # type: ignore[index]
+        assert upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1", "first_name": "Changed"}]
+                           )["results"]["updated_count"] == 1
+        only_ext = upsert_done(api, [{"external_id": "ext-1", "first_name": "X"}])
+        assert only_ext["status"] == "failed" and "email" in _error_rows(only_ext)[0]["error"]
+        two = upsert_done(api, [{"email": "bob@example.com", "external_id": "ext-9"}])
+        assert two["status"] == "failed" and "name different contacts" in _error_rows(two)[0]["error"]
+        added = upsert_done(api, [{"email": "bob@example.com", "anonymous_id": "anon-2"}])  # a new identifier
+        assert added["status"] == "completed" and added["results"]["updated_count"] == 1
+        plain = upsert_done(api, [{"email": "ann@example.com"}, {"email": "new@example.com"}])  # the batch path
+        assert (plain["status"], plain["results"]["errored_count"], plain["results"]["created_count"]) == (
+            "errored", 1, 1)
+        start = _start_import(api, [_reserved_ids(api)["email"]], [])
+        assert _upload(start, b"email\nann@example.com\ncat@example.com\n").status_code == 200
+        imported = api.wait_job(start["job_id"])
+        assert (imported["status"], imported["results"]["created_count"]) == ("errored", 1)
+        assert [(r["line"], r["email"]) for r in _error_rows(imported)] == [("2", "ann@example.com")]
+        assert box.contact("ann@example.com")["first_name"] == "Changed"  # type: ignore[index]
+
+
+def test_default_profile_still_lets_an_update_leave_out_an_identifier(api: Api, box: Sandbox) -> None:
+    upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1"}])
+    assert upsert_done(api, [{"email": "ann@example.com", "first_name": "Ann"}])["status"] == "completed"
+
+
+def test_contact_limit_fails_the_job_that_would_pass_it_with_sendgrids_message() -> None:
+    box = Sandbox([KEY], job_delay=0.0, contact_limit=3)
+    with serve(box) as server:
+        api = Api(server.url)
+        assert upsert_done(api, contacts_of(2))["status"] == "completed"
+        at_cap = upsert_done(api, contacts_of(2, start=1))  # one of them exists: 3 stored, the cap itself
+        assert (at_cap["status"], at_cap["results"]["created_count"]) == ("completed", 1)
+        over = upsert_done(api, [{"email": "user0@example.com", "first_name": "Zero"}, *contacts_of(2, start=3)])
+        assert (over["status"], over["results"]["errored_count"], over["results"]["created_count"]) == (
+            "failed", 3, 0)
+        assert {r["error"] for r in _error_rows(over)} == {sandbox_module.CONTACT_LIMIT_MESSAGE}
+        assert box.contact_count() == 3 and "first_name" not in box.contact("user0@example.com")  # type: ignore[operator]
+        assert upsert_done(api, [{"email": "user0@example.com", "first_name": "Zero"}])["status"] == "completed"
+        start = _start_import(api, [_reserved_ids(api)["email"]], [])
+        assert _upload(start, b"email\nuser1@example.com\nuser7@example.com\n").status_code == 200
+        imported = api.wait_job(start["job_id"])
+        assert (imported["status"], imported["results"]["errored_count"]) == ("failed", 2)
+        [gone] = _ids(api, ["user2@example.com"])
+        api.wait_job(api("DELETE", f"/v3/marketing/contacts?ids={gone}").json()["job_id"])
+        assert upsert_done(api, contacts_of(1, start=9))["status"] == "completed"  # a stored-contact cap: room again
+    with pytest.raises(ValueError, match="contact_limit"):
+        Sandbox([KEY], contact_limit=-1)
+
+
+
+# ------------------------------------------------------------------------------------------- every 400, by census
+
+IMPORTS = "/v3/marketing/contacts/imports"
+SEARCH = "/v3/marketing/contacts/search/emails"
+# One request per place the Sandbox class answers 400 (test_the_400_census_covers_every_400_site counts them), with
+# a piece of the message it must carry. Bodies go raw: several break the request schema on purpose.
+CENSUS_400: list[tuple[str, str, Any, str]] = [
+    ("PUT", "/v3/marketing/contacts", [], "must be a JSON object"),
+    ("PUT", "/v3/marketing/contacts", {"contacts": []}, "contacts must be an array of 1 to 30000"),
+    ("PUT", "/v3/marketing/contacts", {"contacts": [{"email": "a@example.com"}], "list_ids": "L"}, "list_ids"),
+    ("PUT", "/v3/marketing/contacts", {"contacts": [{"email": "nope"}]}, "email 'nope' is not valid"),
+    ("PUT", IMPORTS, 5, "must be a JSON object"),
+    ("PUT", IMPORTS, {"file_type": "json", "field_mappings": ["_rf2_T"]}, "file_type must be 'csv'"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": "_rf2_T"}, "field_mappings must be"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf2_T"], "list_ids": [1]}, "list_ids"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf2_T", "_rf21_D"]}, "'_rf21_D' is not a writable"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf2_T", "_rf2_T"]}, "mapped to one column only"),
+    ("PUT", IMPORTS, {"file_type": "csv", "field_mappings": ["_rf0_T"]}, "at least one identifier"),
+    ("POST", "/v3/marketing/field_definitions", None, "must be a JSON object"),
+    ("POST", "/v3/marketing/field_definitions", {"name": "email", "field_type": "Text"}, "reserved field name"),
+    ("GET", "/v3/marketing/lists?page_size=ten", None, "page_size must be a number"),
+    ("GET", "/v3/marketing/lists?page_size=1001", None, "page_size must be a number from 1 to 1000"),
+    ("POST", "/v3/marketing/lists", [], "must be a JSON object"),
+    ("POST", "/v3/marketing/lists", {"name": ""}, "name must be a string of 1 to 100"),
+    ("DELETE", "/v3/marketing/lists/{list_id}/contacts", None, "contact_ids is required"),
+    ("DELETE", "/v3/marketing/contacts", None, "set either ids"),
+    ("POST", SEARCH, {"emails": "a@example.com"}, "emails must be an array"),
+    ("POST", SEARCH, {"emails": [f"u{i}@example.com" for i in range(101)]}, "at most 100 emails"),
+    ("POST", SEARCH, {"emails": [""]}, "at least one email address"),
+    ("POST", SEARCH, {"emails": ["nope"]}, "email 'nope' is not valid"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needle"), CENSUS_400)
+def test_every_400_the_sandbox_sends_has_sendgrids_error_shape(api: Api, box: Sandbox, method: str, path: str,
+                                                               body: Any, needle: str) -> None:
+    path = path.format(list_id=box.create_list("L"))
+    data = None if body is None else orjson.dumps(body)
+    resp = api(method, path, data=data, headers={"Content-Type": "application/json"})  # checks SENDGRID_400 too
+    assert resp.status_code == 400, resp.text
+    assert any(needle in error["message"] for error in resp.json()["errors"]), resp.text
+
+
+def test_the_400_census_covers_every_400_site() -> None:
+    """A new `return 400, ...` in the Sandbox class must get its row in CENSUS_400 (and so its shape checked)."""
+    tree = ast.parse(Path(sandbox_module.__file__).read_text(encoding="utf-8"))
+    [cls] = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Sandbox"]
+    sites = [node.lineno for node in ast.walk(cls) if isinstance(node, ast.Tuple) and node.elts
+             and isinstance(node.elts[0], ast.Constant) and node.elts[0].value == 400]
+    assert len(sites) == len(CENSUS_400), f"400 answers at lines {sites}: one CENSUS_400 row each"
+
+
+def test_main_realistic_options_reach_the_server() -> None:
+    env = {**os.environ, "SENDGRID_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "shared.sandbox", "--realistic", "--job-seconds", "0.05:0.1",
+                             "--seed", "5", "--contact-limit", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert proc.stdout.readline().strip() == "seed 5"
+        api = Api(url)
+        assert upsert_done(api, [{"email": "ann@example.com", "external_id": "ext-1"}])["status"] == "completed"
+        assert upsert_done(api, [{"email": "ann@example.com"}])["status"] == "failed"  # the identifier rule
+        assert upsert_done(api, contacts_of(2))["status"] == "failed"  # 3 contacts would pass the limit of 2
+        assert requests.get(f"{url}/_sandbox/jobs", timeout=10).json() == {"pending": []}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["--job-seconds", "3:1"], "job_seconds"),
+                                              (["--job-seconds", "fast"], "MIN:MAX"),
+                                              (["--contact-limit", "-1"], "contact_limit")])
+def test_main_refuses_bad_realistic_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            args: list[str], needle: str) -> None:
+    monkeypatch.setenv("SANDBOX_TEST_KEY", KEY)
+    try:
+        code = main(["--api-key-env", "SANDBOX_TEST_KEY", *args])
+    except SystemExit as exc:  # argparse's usage error
+        code = exc.code
+    assert code == 2 and needle in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ network profile
+
+
+def test_bandwidth_link_books_chunks_first_come_first_served() -> None:
+    now = 100.0
+    link = sandbox_module._Link(1_000.0, clock=lambda: now)
+    assert link.book(500) == 100.5
+    assert link.book(500) == 101.0  # a second body at the same moment waits behind the first: one shared link
+    now = 200.0
+    assert link.book(100) == pytest.approx(200.1)  # an idle link carries at once
+    assert link.bytes == 1_100
+
+
+def test_bandwidth_link_is_shared_by_concurrent_readers_without_double_booking() -> None:
+    link = sandbox_module._Link(1_000_000.0, clock=lambda: 0.0)
+    start = threading.Barrier(8)
+
+    def reader(_: int) -> list[float]:
+        start.wait(timeout=30)
+        return [link.book(1_000) for _ in range(125)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ends = [end for booked in pool.map(reader, range(8)) for end in booked]
+    # 8 readers x 125 chunks of 1,000 bytes at 1 MB/s: every chunk has its own millisecond, the last ends at 1 s.
+    assert sorted(ends) == pytest.approx([(i + 1) / 1_000 for i in range(1_000)])
+
+
+def test_bandwidth_cap_carries_every_body_byte_over_the_link() -> None:
+    """Every body byte (upsert, chunked upload) is booked on the link; how long that takes is the schedule's business
+    (above) and the benchmarks' to measure, never asserted here."""
+    box = Sandbox([KEY], job_delay=0.0, bandwidth_mbit=80.0)  # 10 MB/s
+    assert box.link is not None and box.link.bytes_per_s == 10_000_000
+    with serve(box) as server:
+        api = Api(server.url)
+        assert put_raw(api, contacts_of(2_000)).status_code == 202
+        start = _start_import(api, [_reserved_ids(api)["email"]], [])
+        body = ("email\n" + "".join(f"u{i}@example.com\n" for i in range(5_000))).encode()
+        assert _upload(start, iter([body[:70_000], body[70_000:]])).status_code == 200  # chunked
+    assert box.link.bytes == box.stats["bytes_received"] > len(body)
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="bandwidth_mbit"):
+            Sandbox([KEY], bandwidth_mbit=bad)
+
+
+# ------------------------------------------------------------------------------------------- upload URL faults
+
+UPLOAD = sandbox_module.UPLOAD_TEMPLATE
+CSV_BODY = b"email\nann@example.com\nbob@example.com\n"
+
+
+@pytest.mark.parametrize(("kind", "status"), [("500", 500), ("503", 503)])
+def test_upload_fault_5xx_keeps_nothing_and_the_upload_can_be_sent_again(api: Api, box: Sandbox, kind: str,
+                                                                         status: int) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": UPLOAD, "kind": kind})
+    refused = _upload(start, CSV_BODY)
+    assert refused.status_code == status and refused.headers["Content-Type"] == "text/plain"
+    assert api.job(start["job_id"])["status"] == "pending" and box.stats["import_rows_received"] == 0
+    assert _upload(start, CSV_BODY).status_code == 200
+    assert api.wait_job(start["job_id"])["results"]["created_count"] == 2
+    assert box.stats["faults_fired"] == 1 and box.stats["status_counts"][str(status)] == 1
+
+
+def test_upload_fault_reset_after_storing_loses_the_answer_and_a_resend_gets_409(api: Api, box: Sandbox) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": UPLOAD, "kind": "reset", "processed": True})
+    with pytest.raises(requests.ConnectionError):
+        _upload(start, CSV_BODY)
+    assert _upload(start, CSV_BODY).status_code == 409  # the file is there: sending it again is refused
+    assert api.wait_job(start["job_id"])["results"]["created_count"] == 2
+    assert box.stats["import_rows_received"] == 2
+
+
+def test_upload_fault_reset_before_reading_keeps_nothing(api: Api, box: Sandbox) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": UPLOAD, "kind": "reset"})
+    with pytest.raises(requests.ConnectionError):
+        _upload(start, CSV_BODY * 20_000)  # large enough that the client is still sending when the reset comes
+    assert api.job(start["job_id"])["status"] == "pending" and box.stats["import_rows_received"] == 0
+    assert _upload(start, CSV_BODY).status_code == 200
+
+
+def test_upload_faults_are_armed_only_by_name_and_only_with_storage_kinds(api: Api, box: Sandbox) -> None:
+    start = _start_import(api, [_reserved_ids(api)["email"]], [])
+    box.inject({"endpoint": "*", "kind": "500"})  # every API endpoint; the upload URL is another host
+    assert _upload(start, CSV_BODY).status_code == 200
+    assert api("GET", "/v3/marketing/contacts/count").status_code == 500  # the fault was still armed
+    box.inject({"endpoint": UPLOAD, "kind": "slow", "delay": 0.01})
+    assert _upload(start, CSV_BODY).status_code == 409 and box.stats["faults_fired"] == 2
+    for bad in ("429", "401", "403"):
+        with pytest.raises(ValueError, match="upload fault kind"):
+            box.inject({"endpoint": UPLOAD, "kind": bad})
