@@ -70,6 +70,13 @@ def summary(report: dict[str, Any]) -> str:
         for job in report["jobs"]:
             states[job["status"]] = states.get(job["status"], 0) + 1
         lines.append(f"  SendGrid jobs: {states}")
+    if mirror := report.get("mirror"):
+        if mirror.get("guard_rail") == "refused":
+            lines.append(f"  mirror: removed nobody ({mirror.get('reason')})")
+        elif "to_remove" in mirror:
+            lines.append(f"  mirror: {mirror.get('removed', 0):,} of {mirror['to_remove']:,} leaver(s) removed from "
+                         f"the list, {mirror.get('not_found', 0):,} not in SendGrid; {mirror.get('previous', 0):,} "
+                         f"held before, {mirror.get('current', 0):,} now")
     for w in report.get("warnings", []) + report.get("file_errors", []):
         lines.append(f"  warning: {w}")
     for rej in report.get("rejections", [])[:5]:

@@ -227,7 +227,7 @@ def _stage_leavers(sync: Sync) -> bool:
         held.fold(closed | {sync.run_id}, extra=snapshots.read_snapshot(store, sync.staged("current")),
                   written_by=sync.run_id)
         sync.state.drop_staging(dest.name, sync.run_id)
-        log.warning("%s: run %s removed nobody: %s", dest.name, sync.run_id, reason)
+        log.info("%s: run %s removed nobody: %s", dest.name, sync.run_id, reason)
         _end(sync, "completed_with_errors" if incomplete else "failed", reason)
         return False
     # the leavers stay held until their removal is confirmed; what open runs are sending stays in their parts
