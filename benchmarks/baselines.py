@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 NAIVE_BATCH = 1_000
-# The same mapping the engine's benchmark destination uses (shared.samplegen.demo_destinations).
+# The same mapping the engine's benchmark destination uses (sandbox.samplegen.demo_destinations).
 NAIVE_MAPPING = {"email": "EmailAddress", "first_name": "FirstName", "last_name": "LastName", "country": "Country",
                  "state_province_region": "State", "city": "City", "postal_code": "PostalCode"}
 NAIVE_NUMBER_FIELDS = {"lifetime_value": "LifetimeValue"}

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import samplegen
+from sandbox import samplegen
 
 from .baselines import export_layout
 

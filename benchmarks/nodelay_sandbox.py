@@ -9,7 +9,7 @@ on the sandbox's request handler and changes nothing else.
 
 from __future__ import annotations
 
-from shared import sandbox
+from sandbox import server as sandbox
 
 if __name__ == "__main__":
     sandbox._Handler.disable_nagle_algorithm = True

@@ -34,7 +34,8 @@ from .run import FIELDS, REPO, child_env, engine_config, export_args, start_sand
 
 
 def _mapper() -> Any:
-    from shared import contacts, samplegen
+    from sandbox import samplegen
+    from shared import contacts
 
     dest = samplegen.demo_destinations("00000000-0000-0000-0000-000000000000")["destinations"][0]
     custom = [contacts.CustomField(name, f"e{k}_{ftype[0]}", ftype, dest["custom_fields"][name])

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from shared import limits, samplegen
+from sandbox import samplegen
+from shared import limits
 
 from . import children
 from .exports import Export, ensure_export, warm

@@ -170,14 +170,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_USAGE if config.errors else EXIT_OK
 
 
-def cmd_sandbox(argv: Sequence[str]) -> int:
-    from . import sandbox
+def _dev_tools() -> Any:
+    """The development tools (top-level `sandbox` package): in a checkout only, never in the deployed app."""
+    try:
+        import sandbox.samplegen
+        import sandbox.server
+    except ImportError:
+        raise ConfigError("the demo and the sandbox are development tools: run them from a checkout of the project "
+                          "(the deployed app does not hold them)") from None
+    return sandbox
 
-    return sandbox.main(list(argv))
+
+def cmd_sandbox(argv: Sequence[str]) -> int:
+    return int(_dev_tools().server.main(list(argv)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import samplegen, sandbox
+    tools = _dev_tools()
+    samplegen, sandbox = tools.samplegen, tools.server
 
     work = Path(args.dir).resolve()
     export_root = work / "export"

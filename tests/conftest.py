@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from shared.sandbox import REALISTIC, Sandbox, serve
+from sandbox.server import REALISTIC, Sandbox, serve
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fault_report"]  # the fault suite's tally and its summary table

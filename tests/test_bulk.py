@@ -9,7 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shared import engine, samplegen
+from sandbox import samplegen
+from shared import engine
 from shared.bulk import Importer
 from shared.config import parse_config
 from shared.contacts import CustomField

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import samplegen
-from shared.sandbox import Sandbox, serve
+from sandbox import samplegen
+from sandbox.server import Sandbox, serve
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -55,10 +55,11 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import contacts, engine, limits, samplegen, sources
+from sandbox import samplegen
+from sandbox.server import Sandbox, serve
+from shared import contacts, engine, limits, sources
 from shared.config import parse_config
 from shared.errors import SourceError
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets, Secret
 from shared.sendgrid import RetryPolicy, SendGridClient
 from shared.state import StateStore

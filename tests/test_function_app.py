@@ -11,7 +11,7 @@ import orjson
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from shared import samplegen
+from sandbox import samplegen
 
 pytestmark = pytest.mark.azurite
 

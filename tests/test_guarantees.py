@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 import pytest
 
+from sandbox.server import Sandbox, serve
 from shared import app, batching, engine, held, purge
 from shared.app import AppContext, Settings
 from shared.config import Destination, load_config
 from shared.errors import AuthError
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
 from shared.state import StateStore

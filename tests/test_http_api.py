@@ -14,7 +14,8 @@ import orjson
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from shared import http_api, samplegen
+from sandbox import samplegen
+from shared import http_api
 from shared.app import AppContext
 from shared.errors import LeaseUnavailable
 from shared.state import RUN_ID_PATTERN

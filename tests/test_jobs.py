@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
+from sandbox.server import Sandbox, serve
 from shared import jobs
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets
 from shared.sendgrid import SendGridClient
 

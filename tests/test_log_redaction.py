@@ -16,9 +16,9 @@ import pytest
 from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 
-from shared import samplegen
+from sandbox import samplegen
+from sandbox.server import Sandbox, serve
 from shared.errors import SendGridError
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets
 from shared.state import StateStore
 from shared.storage import LocalFolderStore

@@ -14,6 +14,7 @@ import orjson
 import pytest
 import requests
 
+from sandbox.server import Sandbox, serve
 from shared import limits
 from shared.mirror import (
     JOBS_KEPT,
@@ -23,7 +24,6 @@ from shared.mirror import (
     plan_removal,
     remove_emails,
 )
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
 from shared.snapshots import (

@@ -16,10 +16,11 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import app, engine, http_api, purge, samplegen
+from sandbox import samplegen
+from sandbox.server import Sandbox, serve
+from shared import app, engine, http_api, purge
 from shared.app import AppContext, Settings
 from shared.errors import DeadlineReached, RunRefused
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets
 from shared.state import StateStore
 from shared.storage import LocalFolderStore

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import contacts, engine, pipeline, samplegen, sources
+from sandbox import samplegen
+from shared import contacts, engine, pipeline, sources
 from shared.config import parse_config
 from shared.errors import SourceError
 from shared.secrets import EnvSecrets

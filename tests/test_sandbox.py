@@ -34,9 +34,9 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from sandbox import server as sandbox_module
+from sandbox.server import Profile, Sandbox, SandboxServer, main, serve
 from shared import limits
-from shared import sandbox as sandbox_module
-from shared.sandbox import Profile, Sandbox, SandboxServer, main, serve
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACTS = Path(__file__).resolve().parent / "contracts"
@@ -1132,7 +1132,7 @@ def test_main_refuses_a_negative_latency(monkeypatch: pytest.MonkeyPatch,
 def test_main_serves_until_sigterm_and_never_prints_the_key() -> None:
     list_id = str(uuid.uuid4())
     env = {**os.environ, "SENDGRID_API_KEY": KEY, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.sandbox", "--list-id", list_id, "--list-name", "Demo",
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "--list-id", list_id, "--list-name", "Demo",
                              "--field", "tier:Text", "--job-delay", "0", "--latency", "0.05"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -1406,7 +1406,7 @@ def test_the_400_census_covers_every_400_site() -> None:
 
 def test_main_realistic_options_reach_the_server() -> None:
     env = {**os.environ, "SENDGRID_API_KEY": KEY, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.sandbox", "--realistic", "--job-seconds", "0.05:0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "--realistic", "--job-seconds", "0.05:0.1",
                              "--seed", "5", "--contact-limit", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -29,6 +29,7 @@ import orjson
 import pytest
 import requests
 
+from sandbox.server import Sandbox, serve
 from shared import USER_AGENT, limits
 from shared import sendgrid as sendgrid_module
 from shared.errors import (
@@ -39,7 +40,6 @@ from shared.errors import (
     RateLimited,
     TransientError,
 )
-from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets, Secret
 from shared.sendgrid import InvalidContacts, RetryPolicy, SendGridClient, base_url_for
 

@@ -26,7 +26,7 @@ def python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    from shared import samplegen
+    from sandbox import samplegen
 
     path = tmp_path / "destinations.json"
     path.write_bytes(orjson.dumps(samplegen.demo_destinations("0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10")))

@@ -98,7 +98,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
-from . import gcpolicy, limits
+from shared import gcpolicy, limits
 
 MAX_REQUEST_TARGET_BYTES = 8_192  # the API's front proxy answers 414 above this (limits.MAX_URL_BYTES is our margin)
 MAX_SMALL_BODY_BYTES = 1_000_000  # any JSON body other than an upsert
