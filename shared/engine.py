@@ -546,15 +546,13 @@ def _finish_counts(state: _Run) -> None:
 
 def _execute(state: _Run) -> None:
     req, svc, dest, record = state.req, state.svc, state.dest, state.record
-    state.partitions = sources.discover(svc.sources, req.source, dest.segments)
+    found = sources.find(svc.sources, req.source, dest.segments)  # SourceError when it holds none of them
+    state.partitions = found.partitions
     record["sources"] = [{"segment": p.segment, "key": p.key} for p in state.partitions]
-    found = {p.segment for p in state.partitions}
-    missing = [s for s in dest.segments if s not in found]
-    if missing and req.source.endswith("model.json"):  # a plain file is one segment whatever its name
-        record["warnings"].append(f"segments not in this export: {', '.join(missing)}")
-    if not state.partitions:
-        raise SourceError(f"none of the destination's segments ({', '.join(dest.segments)}) is in this export",
-                          file=req.source)
+    record["warnings"] += found.notes  # segments not in the export or empty, snapshots a folder cannot tell apart
+    mapped = {f"mapping {f}": c for f, c in dest.mapping.items()}
+    sources.check_columns(svc.sources, state.partitions, mapped | {f"custom field {n}": c
+                                                                   for n, c in dest.custom_fields.items()})
     client: SendGridClient | None = None
     custom: list[contacts.CustomField] = []
     try:

@@ -27,6 +27,11 @@ class SourceError(ConnectorError):
         self.file, self.line = file, line
 
 
+class ExportIncomplete(SourceError):
+    """The export is incomplete or still being written (an empty model.json, or one that is not complete JSON).
+    Nothing of it was read; the same export read again later may be whole."""
+
+
 class SecretError(ConnectorError):
     """The API key cannot be obtained (missing, unresolved Key Vault reference, vault refused)."""
 
