@@ -8,6 +8,7 @@ docs/schema/examples/OrdersProducts*, samples/4-read-local-save-adls): the same 
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -530,3 +531,89 @@ def test_the_caps_bound_what_the_fault_suite_s_bomb_holds(root: Path, store: Loc
     put(root, f"{EXPORT}/model.json", b" " * (cdm.CAPS.bytes + 1))
     with pytest.raises(SourceError, match=r"is larger than 8,388,608 bytes"):
         discover(store, EXPORT)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def cdm_export(root: Path) -> Path:
+    """A Customer Insights-like export that needs every rule above: a header and ',' only the trait declares, an
+    ISO-8859-1 partition, a UTF-16 one, a hidden QuoteStyle.None one, a header-only one, an empty segment and a
+    linked (ReferenceEntity) segment in a sibling model.json."""
+    base = f"{URL}/HighValue/2026/11/28/0130"
+    put(root, f"{EXPORT}/HighValue/2026/11/28/0130/HighValue_1.csv",
+        "CustomerId,EmailAddress,FirstName,LastName\r\n1,ann@x.com,\"Ann, Jr.\",Lee\r\n")
+    put(root, f"{EXPORT}/HighValue/2026/11/28/0130/HighValue_2.csv",
+        '"2","jurgen@x.com","Jürgen","Müller"\r\n"3","not-an-email","X","Y"\r\n'.encode("latin-1"))
+    put(root, f"{EXPORT}/HighValue/2026/11/28/0130/HighValue_3.csv",
+        '"4","zoe@x.com","Zoë","Núñez"\r\n'.encode("utf-16"))
+    put(root, f"{EXPORT}/HighValue/2026/11/28/0130/HighValue_4.csv", '5;obrien@x.com;"Pat";O"Brien\n')
+    put(root, f"{EXPORT}/HighValue/2026/11/28/0130/HighValue_5.csv", "CustomerId,EmailAddress,FirstName,LastName\n")
+    legacy = {"columnHeaders": False, "delimiter": ";", "quoteStyle": "QuoteStyle.None", "encoding": "ASCII"}
+    high = entity("HighValue", [
+        partition("HighValue_1", f"{base}/HighValue_1.csv", legacy,
+                  [csv_trait(columnHeaders="true", delimiter=",", quoteStyle="QuoteStyle.Csv", encoding="UTF-8")]),
+        partition("HighValue_2", f"{base}/HighValue_2.csv", {"columnHeaders": "false", "encoding": "ISO-8859-1"}),
+        partition("HighValue_3", f"{base}/HighValue_3.csv", {"encoding": "UTF-16"}),
+        partition("HighValue_4", f"{base}/HighValue_4.csv", legacy, isHidden=True),
+        partition("HighValue_5", f"{base}/HighValue_5.csv", {"columnHeaders": "true"}),
+    ])
+    put(root, f"{EXPORT}/Shared/Loyal/l.csv", '"6","loyal@x.com","Lou","Yale"\r\n')
+    put(root, f"{EXPORT}/Shared/model.json", model([entity("Loyal", [partition("l", "Loyal/l.csv")])]))
+    linked = {"$type": "ReferenceEntity", "name": "Loyalty", "source": "Loyal", "modelId": "shared"}
+    put(root, f"{EXPORT}/model.json", model([high, entity("Lapsed", []), linked],
+                                            referenceModels=[{"id": "shared", "location": "Shared/model.json"}]))
+    return root / EXPORT / "model.json"
+
+
+def _cli(env: dict[str, str], config: Path, source: Path, state: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared", "export", "--config", str(config), "--destination", "vip",
+                           "--source", str(source), "--state-dir", str(state), "--quiet", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _config(path: Path, list_id: str, **mapping: str) -> Path:
+    path.write_bytes(orjson.dumps({"destinations": [{
+        "name": "vip", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": list_id,
+        "segments": ["HighValue", "Lapsed", "Loyalty", "Gone"], "max_profiles": 1000,
+        "mapping": {"email": "EmailAddress", "first_name": "FirstName", "last_name": "LastName", **mapping}}]}))
+    return path
+
+
+def test_a_cdm_export_reaches_the_list_as_the_sdk_reads_it(sandbox: Any, tmp_path: Path) -> None:
+    source = cdm_export(tmp_path / "exports")
+    list_id = sandbox.box.create_list("VIP")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDGRID", "KEY_VAULT"))}
+    env.update(SENDGRID_API_KEY=sandbox.key, SENDGRID_API_URL=sandbox.url)
+    report_path = tmp_path / "report.json"
+    res = _cli(env, _config(tmp_path / "d.json", list_id), source, tmp_path / "state", "--wait",
+               "--report", str(report_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(sandbox.box.list_emails(list_id)) == ["ann@x.com", "jurgen@x.com", "loyal@x.com", "obrien@x.com",
+                                                        "zoe@x.com"]
+    people = {e: (c["first_name"], c["last_name"]) for e in sandbox.box.list_emails(list_id)
+              if (c := sandbox.box.contact(e))}
+    assert people["ann@x.com"] == ("Ann, Jr.", "Lee") and people["jurgen@x.com"] == ("Jürgen", "Müller")
+    assert people["zoe@x.com"] == ("Zoë", "Núñez") and people["obrien@x.com"] == ('"Pat"', 'O"Brien')
+    report = orjson.loads(report_path.read_bytes())
+    assert report["status"] == "completed" and report["counts"]["rejected"] == {"invalid_email": 1}
+    hv5 = "HighValue/2026/11/28/0130/HighValue_5.csv"  # the CLI's folder is the model.json's
+    assert report["warnings"] == ["segments not in this export: Gone",
+                                  "segment 'Lapsed' is in the export without partitions (an empty segment): no "
+                                  "contacts come from it",
+                                  f"0 rows in {hv5}"]  # once, though max_profiles reads the export twice
+    assert [s["segment"] for s in report["sources"]] == ["HighValue"] * 5 + ["Loyalty"]
+
+
+def test_a_mapped_column_no_file_has_refuses_even_a_dry_run(sandbox: Any, tmp_path: Path) -> None:
+    source = cdm_export(tmp_path / "exports")
+    list_id = sandbox.box.create_list("VIP")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDGRID", "KEY_VAULT"))}
+    env.update(SENDGRID_API_KEY=sandbox.key, SENDGRID_API_URL=sandbox.url)
+    config = _config(tmp_path / "d.json", list_id, city="City")
+    for extra in (["--dry-run"], []):
+        res = _cli(env, config, source, tmp_path / "state", *extra)
+        assert res.returncode == 1 and "refused" in res.stdout, res.stdout + res.stderr
+        assert "'City' (mapping city) are in none of the export's files" in res.stdout
+        assert "'CustomerId', 'EmailAddress', 'FirstName', 'LastName'" in res.stdout
+    assert sandbox.box.stats["requests"].get("PUT /v3/marketing/contacts", 0) == 0
