@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 from .errors import ExportIncomplete, SourceError, StateError
-from .sources import _BOM, Partition, _info, _json_type, _read_exactly
+from .sources import _BOM, Partition, _info, _json_type, _read_exactly, open_version
 from .storage import NotFound, ObjectStore, check_key
 
 __all__ = ["CAPS", "Caps", "CsvSettings", "Found", "encoding_for", "find", "load_model", "resolve_location"]
@@ -140,21 +140,13 @@ def _read_capped(store: ObjectStore, key: str, snapshot: str | None, caps: Caps)
         if info.size > caps.bytes:
             raise too_big
     try:
-        with contextlib.closing(open_snapshot(store, key, snapshot)) as fh:
+        with contextlib.closing(open_version(store, key, snapshot)) as fh:
             data = _read_exactly(fh, caps.bytes + 1)
     except NotFound:
         raise SourceError(f"was not found in {store.label}", file=key) from None
     if len(data) > caps.bytes:
         raise too_big
     return data
-
-
-def open_snapshot(store: ObjectStore, key: str, snapshot: str | None) -> Any:
-    """store.open_read of the key, or of its snapshot where the store keeps snapshots (a folder keeps one version
-    of each file: discovery notes when it reads that one instead)."""
-    if snapshot is not None and getattr(store, "reads_snapshots", False):
-        return store.open_read(key, snapshot=snapshot)  # type: ignore[call-arg]
-    return store.open_read(key)
 
 
 # ---------------------------------------------------------------------------------------------------------------

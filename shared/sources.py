@@ -24,12 +24,15 @@ import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import orjson
 
 from .errors import RunRefused, SourceError, StateError
 from .storage import NotFound, ObjectStore, check_key
+
+if TYPE_CHECKING:
+    from .cdm import Found
 
 __all__ = [
     "MAX_CSV_LINE_BYTES",
@@ -112,7 +115,7 @@ def discover(store: ObjectStore, key: str, segments: Sequence[str] | None = None
     return find(store, key, segments).partitions
 
 
-def find(store: ObjectStore, key: str, segments: Sequence[str] | None = None) -> Any:
+def find(store: ObjectStore, key: str, segments: Sequence[str] | None = None) -> Found:
     """What the export behind `key` holds for `segments`: a cdm.Found with its partitions, the segments it lacks or
     holds empty, and notes for the run's warnings (which name those segments too)."""
     from . import cdm  # cdm builds Partitions: imported when used, not at this module's import
@@ -287,22 +290,27 @@ _TRANSCODE_ERRORS = "sgconnector-sources-flagged-transcoding"
 codecs.register_error(_TRANSCODE_ERRORS, _flag_transcoding)
 
 
-class _Transcoder(io.RawIOBase):
-    """A stream in another encoding as UTF-8, one read1() of the source at a time. Every reader after it (the line
-    guard, csv, the chunker for worker processes) sees UTF-8 only."""
+class _Stream(io.RawIOBase):
+    """A readable stream of this module's pipeline."""
 
+    # TextIOWrapper checks `buffer.closed` on every line; a class attribute is much cheaper than IOBase's property.
     closed = False
-
-    def __init__(self, src: Any, encoding: str) -> None:
-        self._read = getattr(src, "read1", src.read)
-        self._decoder = codecs.getincrementaldecoder(encoding)(errors=_TRANSCODE_ERRORS)
-        self._eof = False
 
     def readable(self) -> bool:
         return True
 
     def close(self) -> None:
         self.closed = True
+
+
+class _Transcoder(_Stream):
+    """A stream in another encoding as UTF-8, one read1() of the source at a time. Every reader after it (the line
+    guard, csv, the chunker for worker processes) sees UTF-8 only."""
+
+    def __init__(self, src: Any, encoding: str) -> None:
+        self._read = getattr(src, "read1", src.read)
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors=_TRANSCODE_ERRORS)
+        self._eof = False
 
     def read1(self, n: int = -1) -> bytes:
         while not self._eof:
@@ -328,14 +336,11 @@ def _decoded(src: Any, encoding: str) -> Any:
     return src if codec == "utf-8" else _Transcoder(src, codec)
 
 
-class _LineGuard(io.RawIOBase):
+class _LineGuard(_Stream):
     """Hands on whole lines only. A line longer than `max_line` bytes is dropped (never held whole: the bytes are
     discarded as they arrive) and replaced by _MARKER, keeping its line break so line numbers stay right.
 
     TextIOWrapper reads it directly through read1(); BufferedReader through readinto()."""
-
-    # TextIOWrapper checks `buffer.closed` on every line; a class attribute is much cheaper than IOBase's property.
-    closed = False
 
     def __init__(self, src: Any, max_line: int, newlines: bytes, cut: bytes = b"") -> None:
         self._read = getattr(src, "read1", src.read)  # read1: a truncated gzip loses no data read before the damage
@@ -347,12 +352,6 @@ class _LineGuard(io.RawIOBase):
         self._skipping = False
         self._buf, self._pos = b"", 0  # whole lines ready to hand on
         self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
 
     def read1(self, n: int = -1) -> bytes:
         while self._pos >= len(self._buf):
@@ -432,11 +431,12 @@ class _LineGuard(io.RawIOBase):
         _TAINT[0] += 1
 
 
-def _open(store: ObjectStore, part: Partition) -> BinaryIO:
-    """The partition's bytes: its blob snapshot when it names one and the store keeps snapshots."""
-    if part.snapshot is not None and getattr(store, "reads_snapshots", False):
-        return store.open_read(part.key, snapshot=part.snapshot)  # type: ignore[call-arg]
-    return store.open_read(part.key)
+def open_version(store: ObjectStore, key: str, snapshot: str | None) -> BinaryIO:
+    """store.open_read(key), or of its blob snapshot where the store keeps snapshots (a folder keeps one version of
+    each file: discovery notes when it reads that one instead)."""
+    if snapshot is not None and getattr(store, "reads_snapshots", False):
+        return store.open_read(key, snapshot=snapshot)  # type: ignore[call-arg]
+    return store.open_read(key)
 
 
 @contextlib.contextmanager
@@ -445,7 +445,7 @@ def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: by
     """The partition as whole UTF-8 lines: store -> gzip (by its magic bytes) -> the declared encoding or the byte
     order mark's, as UTF-8 -> _LineGuard (with `cut` after a last line that has no line break)."""
     try:
-        raw = _open(store, part)
+        raw = open_version(store, part.key, part.snapshot)
     except NotFound:
         raise SourceError(f"was not found in {store.label}; it may have been deleted or the export run is still "
                           "being written", file=part.key) from None
