@@ -362,3 +362,18 @@ def test_a_file_without_rows_is_noted_once(tmp_path: Path, data: bytes, header: 
     got = outcome(store, part_of("seg.csv", header=header, columns=None if header else COLS), workers=0)
     assert got["error"] is None
     assert got["warnings"] == (["0 rows in seg.csv"] if note else [])
+
+
+@pytest.mark.parametrize(("encoding", "quoting"), [("latin-1", True), ("utf-16-le", True), ("utf-8", False)])
+def test_workers_read_other_encodings_and_quote_styles_as_a_serial_read(tmp_path: Path, encoding: str,
+                                                                        quoting: bool) -> None:
+    """Other encodings reach the chunker as UTF-8; QuoteStyle.None partitions are read in this process."""
+    lines = [line.replace("Ann", "Zoë Müller") for line in GOOD]
+    if not quoting:  # quotes are data: an unquoted file, and a row with a lone quote that swallows nothing
+        lines = [line.replace('"', "") for line in lines] + ['99,q@example.com,O"Brien,NL,1']
+    data = ("\r\n".join(lines) + "\r\n").encode(encoding)
+    store = put(tmp_path, "seg.csv", data)
+    part = Partition("seg", "seg.csv", "csv", False, COLS, False, quoting=quoting, encoding=encoding)
+    serial = outcome(store, part, workers=0)
+    assert len(serial["contacts"]) == 40 + (not quoting) and "Zoë Müller" in serial["contacts"][0][1].decode()
+    assert outcome(store, part, workers=2, chunk_bytes=200) == serial
