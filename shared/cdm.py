@@ -34,7 +34,8 @@ from .errors import ExportIncomplete, SourceError, StateError
 from .sources import _BOM, Partition, _info, _json_type, _read_exactly, open_version
 from .storage import NotFound, ObjectStore, check_key
 
-__all__ = ["CAPS", "Caps", "CsvSettings", "Found", "encoding_for", "find", "load_model", "resolve_location"]
+__all__ = ["CAPS", "Caps", "CsvSettings", "Found", "encoding_for", "entity_names", "find", "load_model",
+           "resolve_location"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,11 @@ def find(store: ObjectStore, model_key: str, segments: Sequence[str] | None, cap
             found.empty.append(name)
     found.notes = walk.notes
     return found
+
+
+def entity_names(store: ObjectStore, model_key: str, caps: Caps | None = None) -> list[str]:
+    """The names of a model.json's entities, in its order, within the caps; nothing else is read."""
+    return list(_entities(_Walk(store, caps or CAPS).load(model_key, None), model_key))
 
 
 class _Walk:

@@ -48,6 +48,7 @@ __all__ = [
     "find",
     "parse_csv_chunk",
     "read_rows",
+    "segment_names",
 ]
 
 # Caps on what one export file may contain (our choices; the exporters document none).
@@ -120,18 +121,9 @@ def find(store: ObjectStore, key: str, segments: Sequence[str] | None = None) ->
     holds empty, and notes for the run's warnings (which name those segments too)."""
     from . import cdm  # cdm builds Partitions: imported when used, not at this module's import
 
-    k = key.strip("/")
-    model_key = None
-    if k.rsplit("/", 1)[-1].lower() == "model.json":
-        model_key = k
-    elif k and _info(store, k) is not None:
-        return cdm.Found(partitions=[_plain_partition(store, k)])
-    elif _info(store, f"{k}/model.json" if k else "model.json") is not None:
-        model_key = f"{k}/model.json" if k else "model.json"
-    if model_key is None:
-        folder = k and next(iter(store.list(k + "/")), None) is not None
-        what = "is a folder without a model.json" if folder else f"was not found in {store.label}"
-        raise SourceError(f"{what}; point the source at a {ACCEPTED_FILES}", file=key or "/")
+    model_key, plain_file = _source(store, key)
+    if plain_file is not None:
+        return cdm.Found(partitions=[plain_file])
     found = cdm.find(store, model_key, segments)
     if found.missing:
         found.notes.insert(0, f"segments not in this export: {', '.join(found.missing)}")
@@ -141,6 +133,31 @@ def find(store: ObjectStore, key: str, segments: Sequence[str] | None = None) ->
     if segments is not None and not found.partitions and not found.empty:
         raise SourceError(f"none of the segments ({', '.join(segments)}) is in this export", file=model_key)
     return found
+
+
+def segment_names(store: ObjectStore, key: str) -> list[str]:
+    """The segments the export behind `key` holds, by name only: model.json's entities (hidden, empty and
+    referenced ones too) or a plain file's one segment. Reads model.json alone: no partition is resolved and no
+    reference followed, so a broken entity fails only the destinations that name it."""
+    from . import cdm
+
+    model_key, plain_file = _source(store, key)
+    return [plain_file.segment] if plain_file is not None else cdm.entity_names(store, model_key)
+
+
+def _source(store: ObjectStore, key: str) -> tuple[str, Partition | None]:
+    """(model.json key, None) for a CDM export, ("", partition) for a plain file."""
+    k = key.strip("/")
+    if k.rsplit("/", 1)[-1].lower() == "model.json":
+        return k, None
+    if k and _info(store, k) is not None:
+        return "", _plain_partition(store, k)
+    model_key = f"{k}/model.json" if k else "model.json"
+    if _info(store, model_key) is not None:
+        return model_key, None
+    folder = k and next(iter(store.list(k + "/")), None) is not None
+    what = "is a folder without a model.json" if folder else f"was not found in {store.label}"
+    raise SourceError(f"{what}; point the source at a {ACCEPTED_FILES}", file=key or "/")
 
 
 def _info(store: ObjectStore, key: str) -> Any:

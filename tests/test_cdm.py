@@ -407,6 +407,14 @@ def test_a_reference_that_cannot_be_followed_names_the_entity_and_the_reference(
     assert [p.segment for p in discover(store, EXPORT, ["Local"])] == ["Local"]  # other segments are unaffected
 
 
+def test_segment_names_read_only_the_model_json(root: Path, store: LocalFolderStore) -> None:
+    """What a trigger needs to pick destinations: every entity's name, without following a (here broken)
+    reference or resolving a partition, so a broken entity cannot stop the destinations that do not name it."""
+    linked_export(root, "https://other.blob.core.windows.net/x/model.json")
+    assert sources.segment_names(store, EXPORT) == ["VIP", "Local"]
+    assert sources.segment_names(store, put(root, "drop/people.csv.gz", gzip.compress(b"email\n"))) == ["people"]
+
+
 def test_an_unknown_model_id_and_a_reference_loop_are_refused(root: Path, store: LocalFolderStore) -> None:
     put(root, f"{EXPORT}/model.json", model([{"$type": "ReferenceEntity", "name": "X", "source": "X",
                                               "modelId": "missing"}]))
