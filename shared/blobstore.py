@@ -15,7 +15,6 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from typing import BinaryIO
-from urllib.parse import unquote, urlsplit
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
@@ -29,7 +28,7 @@ from azure.storage.blob import (
 )
 
 from .errors import ConfigError, LeaseUnavailable, StateError
-from .storage import Lease, NotFound, ObjectInfo, PreconditionFailed, check_key
+from .storage import Lease, NotFound, ObjectInfo, PreconditionFailed, check_key, key_below, url_endpoint
 
 # One ranged GET of open_read. azure-storage-blob 12.x collects a response with list(stream), and the stream's len()
 # is its byte count, so every download briefly allocates a list of 8 bytes per byte of the range (a 4 MiB range costs
@@ -37,7 +36,6 @@ from .storage import Lease, NotFound, ObjectInfo, PreconditionFailed, check_key
 READ_CHUNK_BYTES = 1024 * 1024
 BLOCK_BYTES = 4 * 1024 * 1024  # one staged block in write_stream (50,000 blocks a blob: 200 GB)
 LEASE_MIN_SECONDS, LEASE_MAX_SECONDS = 15, 60  # what Blob Storage accepts for a finite lease
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAS_SIG = re.compile(r"(sig|se|sv|sp|skoid|sktid)=[^&\s]+", re.IGNORECASE)
 
 
@@ -79,31 +77,10 @@ def _is_folder(metadata: Mapping[str, str] | None) -> bool:
     return bool(metadata) and str(metadata.get("hdi_isfolder", "")).lower() == "true"
 
 
-def _service_host(hostname: str) -> str:
-    """acct.dfs.core.windows.net and acct.blob.core.windows.net name the same storage (Event Grid reports the
-    endpoint the writer used)."""
-    labels = hostname.lower().split(".")
-    if len(labels) > 2 and labels[1] == "dfs":
-        labels[1] = "blob"
-    return ".".join(labels)
-
-
-def _endpoint(url: str) -> tuple[str, int, str] | None:
-    """(host, port, unquoted path) of an http(s) URL, or None when it is not one."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname:
-        return None
-    return _service_host(parts.hostname), port or _DEFAULT_PORTS[parts.scheme.lower()], unquote(parts.path)
-
-
 class _BlobReader(io.RawIOBase):
     """A seekable read-only view of one blob version, fetched in ranged GETs of `chunk` bytes."""
 
-    def __init__(self, blob: BlobClient, key: str, size: int, etag: str, chunk: int, label: str) -> None:
+    def __init__(self, blob: BlobClient, key: str, size: int, etag: str | None, chunk: int, label: str) -> None:
         super().__init__()
         self.name, self.etag, self.size = key, etag, size
         self._blob, self._chunk, self._label = blob, chunk, label
@@ -130,9 +107,11 @@ class _BlobReader(io.RawIOBase):
     def _fetch(self) -> None:
         length = min(self._chunk, self.size - self._pos)
         self._buf = b""  # drop the old chunk before the new one arrives
+        pinned: dict[str, object] = {}  # a snapshot cannot change: no condition
+        if self.etag is not None:
+            pinned = {"etag": _quoted(self.etag), "match_condition": MatchConditions.IfNotModified}
         try:
-            data = self._blob.download_blob(offset=self._pos, length=length, etag=_quoted(self.etag),
-                                            match_condition=MatchConditions.IfNotModified, max_concurrency=1).readall()
+            data = self._blob.download_blob(offset=self._pos, length=length, max_concurrency=1, **pinned).readall()
         except ResourceNotFoundError:
             raise NotFound(f"{self.name} was deleted from {self._label} while being read") from None
         except HttpResponseError as e:
@@ -190,12 +169,14 @@ class _BlobLease:
 class BlobContainerStore:
     """One Blob Storage container as an ObjectStore. Thread-safe as the SDK client is; share one per container."""
 
+    reads_snapshots = True
+
     def __init__(self, container: ContainerClient, *, read_chunk: int = READ_CHUNK_BYTES,
                  block_size: int = BLOCK_BYTES) -> None:
         self.container = container
         self.label = f"container {container.account_name}/{container.container_name}"
         self._read_chunk, self._block_size = read_chunk, block_size
-        base = _endpoint(container.url)
+        base = url_endpoint(container.url)
         if base is None:
             raise ConfigError(f"{self.label}: unexpected container URL scheme")
         self._host, self._port, path = base
@@ -218,19 +199,23 @@ class BlobContainerStore:
         """A missing blob, as opposed to a missing container (a configuration error)."""
         return _code(e) != "ContainerNotFound"
 
-    def open_read(self, key: str) -> BinaryIO:
-        blob = self._blob(key)
+    def open_read(self, key: str, snapshot: str | None = None) -> BinaryIO:
+        """The blob, or with `snapshot` (its time, as a model.json's `?snapshot=` gives it) that snapshot of it."""
+        blob = self._blob(key) if snapshot is None else self.container.get_blob_client(check_key(key),
+                                                                                        snapshot=snapshot)
+        what = key if snapshot is None else f"{key} (snapshot {snapshot})"
         try:
             props = blob.get_blob_properties()
         except ResourceNotFoundError as e:
             if self._not_found(e):
-                raise NotFound(f"{key} not found in {self.label}") from None
-            raise self._error("reading", key, e) from None
+                raise NotFound(f"{what} not found in {self.label}") from None
+            raise self._error("reading", what, e) from None
         except AzureError as e:
-            raise self._error("reading", key, e) from None
+            raise self._error("reading", what, e) from None
         if _is_folder(props.metadata):
-            raise NotFound(f"{key} is a folder in {self.label}")
-        raw = _BlobReader(blob, key, props.size, _etag(props.etag), self._read_chunk, self.label)
+            raise NotFound(f"{what} is a folder in {self.label}")
+        etag = _etag(props.etag) if snapshot is None else None
+        raw = _BlobReader(blob, what, props.size, etag, self._read_chunk, self.label)
         return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[return-value]
 
     def read_bytes(self, key: str) -> bytes | None:
@@ -366,17 +351,11 @@ class BlobContainerStore:
 
     def key_for_url(self, url: str) -> str | None:
         """The key when url names a blob in this account and container (blob or dfs endpoint, query ignored)."""
-        endpoint = _endpoint(url)
+        endpoint = url_endpoint(url)
         if endpoint is None:
             return None
         host, port, path = endpoint
-        if (host, port) != (self._host, self._port) or not path.startswith(self._prefix):
-            return None
-        key = path[len(self._prefix) :]
-        try:
-            return check_key(key)
-        except StateError:
-            return None
+        return key_below(path, self._prefix) if (host, port) == (self._host, self._port) else None
 
 
 def container_store(service: BlobServiceClient, container: str, create: bool = False) -> BlobContainerStore:
@@ -420,7 +399,7 @@ def blob_service_from_settings(name: str, environ: Mapping[str, str]) -> BlobSer
     if not uri:
         raise ConfigError(f"storage connection {name!r} is not configured: set {name} to a connection string, or "
                           f"{name}__blobServiceUri (plus {name}__clientId for a user-assigned managed identity)")
-    if _endpoint(uri) is None:
+    if url_endpoint(uri) is None:
         raise ConfigError(f"app setting {name}__blobServiceUri must be a URL like https://<account>.blob.core.windows.net")
     from azure.identity import DefaultAzureCredential  # only identity-based connections need it
 

@@ -658,22 +658,20 @@ def _execute(state: _Run) -> None:
         finally:
             client.close()
         return
-    state.partitions = sources.discover(svc.sources, req.source, dest.segments)
+    found = sources.find(svc.sources, req.source, dest.segments)  # SourceError when it holds none of them
+    state.partitions = found.partitions
+    state.missing = list(found.missing)
     record["sources"] = [{"segment": p.segment, "key": p.key} for p in state.partitions]
-    found = {p.segment for p in state.partitions}
-    missing = [s for s in dest.segments if s not in found]
-    if missing and req.source.endswith("model.json"):  # a plain file is one segment whatever its name
-        record["warnings"].append(f"segments not in this export: {', '.join(missing)}")
-        state.missing = missing
+    record["warnings"] += found.notes  # segments not in the export or empty, snapshots a folder cannot tell apart
     if req.settle:
         absent = [p.key for p in state.partitions if svc.sources.info(p.key) is None]
         if absent:
             raise ExportIncomplete(f"{len(absent)} partition(s) it names are not there yet ({', '.join(absent[:3])}"
                                    f"{', ...' if len(absent) > 3 else ''}): the export is incomplete or still being "
                                    "written", file=req.source)
-    if not state.partitions:
-        raise SourceError(f"none of the destination's segments ({', '.join(dest.segments)}) is in this export",
-                          file=req.source)
+    mapped = {f"mapping {f}": c for f, c in dest.mapping.items()}
+    sources.check_columns(svc.sources, state.partitions, mapped | {f"custom field {n}": c
+                                                                   for n, c in dest.custom_fields.items()})
     client: SendGridClient | None = None
     custom: list[contacts.CustomField] = []
     try:

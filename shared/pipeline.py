@@ -37,6 +37,7 @@ ROWS_PER_CHUNK = 4096  # rows mapped at a time in this process
 PARALLEL_MIN_BYTES = 2 * 1024 * 1024  # a smaller partition is not worth shipping to workers
 MAX_WORKERS = 8
 WORKERS_SETTING = "EXPORT_WORKERS"
+MISSING_EMAIL = "missing email"  # how ContactMapper's reason for a row without an email begins
 
 
 @dataclass(frozen=True)
@@ -246,12 +247,63 @@ def mapped_chunks(store: ObjectStore, part: sources.Partition, mapper: contacts.
                   chunk_bytes: int | None = None) -> Iterator[MappedChunk]:
     """The partition's rows as MappedChunks, in source order; mapper maps in this process, spec in workers (for CSV
     partitions of at least min_bytes, default PARALLEL_MIN_BYTES, cut into chunks of about chunk_bytes). Raises
-    SourceError as read_rows does, after the chunks before the problem."""
+    SourceError as read_rows does, after the chunks before the problem, and when the file is stopped (`Stop`). A file
+    that gives no row at all is noted in warnings ("0 rows in <file>")."""
+    stop = Stop(part.key)
+    for chunk in _mapped(store, part, mapper, spec, required, warnings, workers, min_bytes, chunk_bytes):
+        yield chunk
+        stop.check(chunk)
+    if not stop.read:
+        warnings.append(f"0 rows in {part.key}")
+
+
+@dataclass
+class Stop:
+    """The rule that stops a file which is mostly junk, so one hostile file cannot cost without bound (100 MiB of
+    junk rows gzip to ~100 KB). A file is stopped, as a file error naming it, once
+
+    - at least JUNK_MIN_ROWS of its rows were read and more than JUNK_SHARE of them could not be read (wrong number
+      of fields, broken quoting, bad bytes, over-long lines) or had an email that is not usable (invalid or too long);
+    - or at least NOTHING_MIN_ROWS were read and not one gave a contact.
+
+    A row without an email does not count as junk: a segment where most profiles lack an email is legitimate, and one
+    usable row in the first NOTHING_MIN_ROWS keeps such a file going. The rows before the stop were exported."""
+
+    key: str
+    read: int = 0
+    rejected: int = 0
+    junk: int = 0
+
+    JUNK_MIN_ROWS = 10_000
+    JUNK_SHARE = 0.9
+    NOTHING_MIN_ROWS = 100_000
+
+    def check(self, chunk: MappedChunk) -> None:
+        self.read += chunk.read
+        if not chunk.rejects:
+            return
+        self.rejected += len(chunk.rejects)
+        self.junk += sum(1 for _, reason in chunk.rejects if not reason.startswith(MISSING_EMAIL))
+        if self.read >= self.JUNK_MIN_ROWS and self.junk > self.JUNK_SHARE * self.read:
+            raise SourceError(
+                f"stopped after {self.read:,} rows: {self.junk:,} of them ({self.junk / self.read:.0%}) could not be "
+                "read or had no usable email, so the file is probably damaged or not an export with these columns "
+                "(check its delimiter, encoding and column mapping); the rest of it was not read", file=self.key)
+        if self.read >= self.NOTHING_MIN_ROWS and self.rejected == self.read:
+            raise SourceError(
+                f"stopped after {self.read:,} rows: not one of them gave a contact (every row was rejected), so the "
+                "file is probably damaged or mapped to the wrong columns; the rest of it was not read", file=self.key)
+
+
+def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
+            required: Collection[str], warnings: list[str], workers: int, min_bytes: int | None,
+            chunk_bytes: int | None) -> Iterator[MappedChunk]:
     wanted = mapper.columns
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     line = 1
-    if workers > 0 and _cannot_start is None and part.fmt == "csv" and _big(store, part, min_bytes):
+    if (workers > 0 and _cannot_start is None and part.fmt == "csv" and part.quoting
+            and _big(store, part, min_bytes)):
         noted = len(warnings)
         line = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes)
         if line is None:

@@ -20,36 +20,38 @@ import csv
 import gzip
 import io
 import itertools
-import posixpath
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, BinaryIO, Literal
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import orjson
 
-from .errors import SourceError, StateError
+from .errors import RunRefused, SourceError, StateError
 from .storage import NotFound, ObjectStore, check_key
+
+if TYPE_CHECKING:
+    from .cdm import Found
 
 __all__ = [
     "MAX_CSV_LINE_BYTES",
     "MAX_FIELD_CHARS",
     "MAX_JSONL_LINE_BYTES",
-    "MAX_MODEL_JSON_BYTES",
     "CsvChunk",
     "CsvLayout",
     "Partition",
     "ReadOn",
+    "check_columns",
     "csv_chunks",
     "discover",
+    "find",
     "parse_csv_chunk",
     "read_rows",
+    "segment_names",
 ]
 
 # Caps on what one export file may contain (our choices; the exporters document none).
-MAX_MODEL_JSON_BYTES = 64 * 1024 * 1024
 MAX_FIELD_CHARS = 1024 * 1024  # one CSV field (csv.field_size_limit counts characters)
 MAX_CSV_LINE_BYTES = 4 * 1024 * 1024  # one physical CSV line; bounds the cost of a line with millions of fields
 MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024
@@ -62,6 +64,13 @@ _READ_CHUNK = 1024 * 1024
 # Replaces an over-long line; NUL bytes and letters only, so no delimiter or quote can split it.
 _MARKER = b"\x00\x00LINETOOLONG\x00\x00"
 _MARKER_STR = _MARKER.decode("ascii")
+# Ends the last line of a CSV file that has no line break, as a field of its own, so the reader can tell a complete
+# last record from one cut short. Made of NUL bytes and letters: no delimiter, quote or line break.
+_CUT = b"\x00\x00CUTSHORT\x00\x00"
+_CUT_STR = _CUT.decode("ascii")
+# Byte order marks that decide a file's encoding whatever model.json declares (as .NET's StreamReader does).
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"), (_BOM, "utf-8"))
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,11 @@ class Partition:
     fmt: Literal["csv", "jsonl"]
     compressed: bool  # gzip
     columns: tuple[str, ...] | None  # from model.json attributes; None = from the header row / object keys
-    header: bool  # CSV has a header row (CDM: fileFormatSettings.columnHeaders; plain CSV: always True)
+    header: bool  # CSV has a header row (CDM: columnHeaders; plain CSV: always True)
     delimiter: str = ","
+    quoting: bool = True  # CDM QuoteStyle.Csv (RFC 4180 quotes); False: QuoteStyle.None, quotes are data
+    encoding: str = "utf-8"  # the declared encoding (a Python codec); a byte order mark in the file wins
+    snapshot: str | None = None  # a blob snapshot's time: that snapshot is read, not the blob
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,15 +112,49 @@ codecs.register_error(_DECODE_ERRORS, _flag_undecodable)
 def discover(store: ObjectStore, key: str, segments: Sequence[str] | None = None) -> list[Partition]:
     """The partitions behind `key`: a model.json, a folder holding one, or a plain file (one segment; `segments`
     does not filter a plain file). CDM entities come in the order of `segments` (None = model.json order); an entity
-    named in `segments` but absent is left out for the caller to report."""
+    named in `segments` but absent, or without partitions, gives none (`find` says which)."""
+    return find(store, key, segments).partitions
+
+
+def find(store: ObjectStore, key: str, segments: Sequence[str] | None = None) -> Found:
+    """What the export behind `key` holds for `segments`: a cdm.Found with its partitions, the segments it lacks or
+    holds empty, and notes for the run's warnings (which name those segments too)."""
+    from . import cdm  # cdm builds Partitions: imported when used, not at this module's import
+
+    model_key, plain_file = _source(store, key)
+    if plain_file is not None:
+        return cdm.Found(partitions=[plain_file])
+    found = cdm.find(store, model_key, segments)
+    if found.missing:
+        found.notes.insert(0, f"segments not in this export: {', '.join(found.missing)}")
+    for name in found.empty:
+        found.notes.append(f"segment '{name}' is in the export without partitions (an empty segment): no contacts "
+                           "come from it")
+    if segments is not None and not found.partitions and not found.empty:
+        raise SourceError(f"none of the segments ({', '.join(segments)}) is in this export", file=model_key)
+    return found
+
+
+def segment_names(store: ObjectStore, key: str) -> list[str]:
+    """The segments the export behind `key` holds, by name only: model.json's entities (hidden, empty and
+    referenced ones too) or a plain file's one segment. Reads model.json alone: no partition is resolved and no
+    reference followed, so a broken entity fails only the destinations that name it."""
+    from . import cdm
+
+    model_key, plain_file = _source(store, key)
+    return [plain_file.segment] if plain_file is not None else cdm.entity_names(store, model_key)
+
+
+def _source(store: ObjectStore, key: str) -> tuple[str, Partition | None]:
+    """(model.json key, None) for a CDM export, ("", partition) for a plain file."""
     k = key.strip("/")
     if k.rsplit("/", 1)[-1].lower() == "model.json":
-        return _discover_cdm(store, k, segments)
+        return k, None
     if k and _info(store, k) is not None:
-        return [_plain_partition(store, k)]
+        return "", _plain_partition(store, k)
     model_key = f"{k}/model.json" if k else "model.json"
     if _info(store, model_key) is not None:
-        return _discover_cdm(store, model_key, segments)
+        return model_key, None
     folder = k and next(iter(store.list(k + "/")), None) is not None
     what = "is a folder without a model.json" if folder else f"was not found in {store.label}"
     raise SourceError(f"{what}; point the source at a {ACCEPTED_FILES}", file=key or "/")
@@ -156,113 +202,39 @@ def _read_exactly(fh: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _discover_cdm(store: ObjectStore, model_key: str, segments: Sequence[str] | None) -> list[Partition]:
-    model = _load_model(store, model_key)
-    entities = model.get("entities")
-    if not isinstance(entities, list):
-        raise SourceError("has no 'entities' list; it is not a CDM model.json from an export", file=model_key)
-    by_name: dict[str, dict[str, Any]] = {}
-    for i, ent in enumerate(entities):
-        if not isinstance(ent, dict) or not isinstance(ent.get("name"), str) or not ent["name"]:
-            raise SourceError(f"entity #{i + 1} is not an object with a 'name'; re-run the export", file=model_key)
-        by_name.setdefault(ent["name"], ent)
-    if segments is None:
-        chosen = list(by_name.values())
-    else:
-        chosen = [by_name[s] for s in dict.fromkeys(segments) if s in by_name]  # exact names, as callers compare
-    folder = posixpath.dirname(model_key)
-    return [p for ent in chosen for p in _entity_partitions(store, model_key, folder, ent)]
+def check_columns(store: ObjectStore, partitions: Sequence[Partition], wanted: Mapping[str, str]) -> None:
+    """Refuse the run (RunRefused) when a mapped column (wanted: what maps it -> column) is in none of the export's
+    files, matched as read_rows matches columns. A file's columns come from model.json, or from a plain CSV file's
+    header row (one small read). JSON Lines files are not checked: their keys are only known object by object (a
+    missing email key rejects each object naming the key; an optional key no object has is warned about)."""
+    known: dict[tuple[str, ...], None] = {}
+    for part in partitions:
+        columns = part.columns if part.columns is not None else _header_of(store, part)
+        if columns:
+            known[columns] = None
+    if not known:
+        return
+    absent = [(what, col) for what, col in wanted.items() if all(_resolve(c, [col])[0] is None for c in known)]
+    if absent:
+        have = list(dict.fromkeys(c for columns in known for c in columns))
+        hint = _delimiter_hint(have, partitions[0].delimiter) if len(known) == 1 else ""
+        raise RunRefused(f"column(s) {', '.join(f'{c!r} ({w})' for w, c in absent)} are in none of the export's "
+                         f"files; the files have columns: {_show_columns(have)}{hint}. Fix the mapping or "
+                         "custom_fields, or the export: nothing was sent")
 
 
-def _load_model(store: ObjectStore, key: str) -> dict[str, Any]:
-    info = _info(store, key)
-    if info is None:
-        raise SourceError(f"was not found in {store.label}; the export run may not have finished", file=key)
-    too_big = SourceError(f"is larger than {MAX_MODEL_JSON_BYTES} bytes, the limit for a model.json; "
-                          "export fewer tables per folder", file=key)
-    if info.size > MAX_MODEL_JSON_BYTES:
-        raise too_big
+def _header_of(store: ObjectStore, part: Partition) -> tuple[str, ...] | None:
+    """The header row of a plain CSV file, or None when it has none or it cannot be read (the reading says why)."""
+    if part.fmt != "csv" or not part.header:
+        return None
+    cut = part.delimiter.encode("utf-8") + _CUT + b"\n"
     try:
-        with contextlib.closing(store.open_read(key)) as fh:
-            data = _read_exactly(fh, MAX_MODEL_JSON_BYTES + 1)
-    except NotFound:
-        raise SourceError(f"was not found in {store.label}", file=key) from None
-    if len(data) > MAX_MODEL_JSON_BYTES:
-        raise too_big
-    try:
-        model = orjson.loads(data.removeprefix(_BOM))
-    except orjson.JSONDecodeError as e:
-        raise SourceError(f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); it may have been "
-                          "read while the export was writing it: wait for the run to finish or re-run the export",
-                          file=key) from None
-    if not isinstance(model, dict):
-        raise SourceError(f"is a JSON {_json_type(model)}, not an object; point the source at the export's "
-                          "model.json", file=key)
-    return model
-
-
-def _entity_partitions(store: ObjectStore, model_key: str, folder: str, ent: dict[str, Any]) -> list[Partition]:
-    name = ent["name"]
-    attrs = ent.get("attributes")
-    if not isinstance(attrs, list) or not attrs:
-        raise SourceError(f"entity '{name}' has no attributes (column names); re-run the export", file=model_key)
-    columns = []
-    for i, a in enumerate(attrs):
-        if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not a["name"]:
-            raise SourceError(f"entity '{name}': attribute #{i + 1} has no name; re-run the export", file=model_key)
-        columns.append(a["name"])
-    parts = ent.get("partitions")
-    if not isinstance(parts, list):
-        raise SourceError(f"entity '{name}' has no 'partitions' list; the export run may be incomplete: "
-                          "wait for it to finish or re-run it", file=model_key)
-    out = []
-    for i, p in enumerate(parts):
-        pname = p.get("name") if isinstance(p, dict) and isinstance(p.get("name"), str) else f"#{i + 1}"
-        where = f"entity '{name}', partition '{pname}'"
-        loc = p.get("location") if isinstance(p, dict) else None
-        if not isinstance(loc, str) or not loc.strip():
-            raise SourceError(f"{where} has no location; re-run the export", file=model_key)
-        key = _partition_key(store, model_key, folder, where, loc.strip())
-        settings = p.get("fileFormatSettings") or {}
-        if not isinstance(settings, dict):
-            settings = {}
-        delimiter = settings.get("delimiter", ",")
-        if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\"\r\n":
-            raise SourceError(f"{where}: unsupported delimiter {delimiter!r}; use a single character", file=model_key)
-        out.append(Partition(segment=name, key=key, fmt="csv", compressed=key.lower().endswith(".gz"),
-                             columns=tuple(columns), header=settings.get("columnHeaders") is True,
-                             delimiter=delimiter))
-    return out
-
-
-def _partition_key(store: ObjectStore, model_key: str, folder: str, where: str, loc: str) -> str:
-    if "://" in loc:
-        try:
-            key = store.key_for_url(loc)
-        except StateError:
-            key = None
-        if key is None:
-            try:  # the query string may hold a SAS token: show only the host and the container
-                u = urlsplit(loc)
-                host, container = u.hostname or "?", next((s for s in u.path.split("/") if s), "")
-            except ValueError:
-                host, container = "?", ""
-            raise SourceError(f"{where} points outside {store.label} (to {host}/{container}), or to a file that is "
-                              "not there, and was refused; export to the storage account and container this "
-                              "connector reads", file=model_key)
-        return key
-    path = loc.split("?", 1)[0].split("#", 1)[0]
-    rel = unquote(path)
-    while rel.startswith("./"):
-        rel = rel[2:]
-    if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
-        raise SourceError(f"{where} has location {path!r}, which leaves the export folder and was refused; "
-                          "locations must be absolute blob URLs or paths below the model.json folder", file=model_key)
-    key = f"{folder}/{rel}" if folder else rel
-    try:
-        return check_key(key)
-    except StateError:
-        raise SourceError(f"{where} has an unusable location {path!r}; re-run the export", file=model_key) from None
+        with _open_lines(store, part, MAX_CSV_LINE_BYTES, b"\r\n", [], cut) as guard:
+            text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
+            header = _csv_header(_csv_reader(text, part.delimiter, part.quoting), part, MAX_CSV_LINE_BYTES)
+    except (SourceError, StateError, *_DAMAGED):
+        return None
+    return tuple(header) if header else None
 
 
 def _json_type(v: object) -> str:
@@ -311,36 +283,92 @@ class _Chain(io.RawIOBase):
             return out
         return self._rest.read(n)
 
+    def read1(self, n: int = -1) -> bytes:
+        """As read, but one read1 of the rest (a damaged gzip stream gives the data before the damage first)."""
+        if self._head:
+            return self.read(n)
+        return getattr(self._rest, "read1", self._rest.read)(n)
+
     def readinto(self, b: Any) -> int:
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
 
-class _LineGuard(io.RawIOBase):
-    """Hands on whole lines only. A line longer than `max_line` bytes is dropped (never held whole: the bytes are
-    discarded as they arrive) and replaced by _MARKER, keeping its line break so line numbers stay right.
+def _flag_transcoding(exc: UnicodeError) -> tuple[str, int]:
+    """Undecodable bytes in a file of another encoding: surrogate escapes (0xFF for a byte below 0x80) that turn
+    back into invalid UTF-8, which the UTF-8 reading then flags on the row."""
+    _TAINT[0] += 1
+    bad = exc.object[exc.start : exc.end]  # type: ignore[attr-defined]
+    return "".join(chr(0xDC00 + b) if b >= 0x80 else "\udcff" for b in bad) or "\udcff", exc.end  # type: ignore[attr-defined]
 
-    TextIOWrapper reads it directly through read1(); BufferedReader through readinto()."""
+
+_TRANSCODE_ERRORS = "sgconnector-sources-flagged-transcoding"
+codecs.register_error(_TRANSCODE_ERRORS, _flag_transcoding)
+
+
+class _Stream(io.RawIOBase):
+    """A readable stream of this module's pipeline."""
 
     # TextIOWrapper checks `buffer.closed` on every line; a class attribute is much cheaper than IOBase's property.
     closed = False
-
-    def __init__(self, src: Any, max_line: int, newlines: bytes) -> None:
-        self._read = getattr(src, "read1", src.read)  # read1: a truncated gzip loses no data read before the damage
-        self._max, self._cr = max_line, b"\r" in newlines
-        self._chunk = min(_READ_CHUNK, max_line)
-        self._tail: list[bytes] = []  # bytes after the last line break, not handed on yet
-        self._tail_len = 0
-        self._skipping = False
-        self._buf, self._pos = b"", 0  # whole lines ready to hand on
-        self._eof = False
 
     def readable(self) -> bool:
         return True
 
     def close(self) -> None:
         self.closed = True
+
+
+class _Transcoder(_Stream):
+    """A stream in another encoding as UTF-8, one read1() of the source at a time. Every reader after it (the line
+    guard, csv, the chunker for worker processes) sees UTF-8 only."""
+
+    def __init__(self, src: Any, encoding: str) -> None:
+        self._read = getattr(src, "read1", src.read)
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors=_TRANSCODE_ERRORS)
+        self._eof = False
+
+    def read1(self, n: int = -1) -> bytes:
+        while not self._eof:
+            data = self._read(_READ_CHUNK)
+            self._eof = not data
+            text = self._decoder.decode(data, self._eof)
+            if text:
+                return text.encode("utf-8", "surrogateescape")
+        return b""
+
+    read = read1
+
+    def readinto(self, b: Any) -> int:
+        raise io.UnsupportedOperation("read1 only")  # BufferedReader is never put on top of this
+
+
+def _decoded(src: Any, encoding: str) -> Any:
+    """src as UTF-8: as it is when it is UTF-8 (or ASCII), else through a _Transcoder. A byte order mark at the start
+    decides the encoding whatever was declared; the UTF-16/32 decoders drop theirs, UTF-8 readers drop theirs."""
+    head = _read_exactly(src, 4)
+    src = _Chain(head, src)
+    codec = next((c for bom, c in _BOMS if head.startswith(bom)), encoding)
+    return src if codec == "utf-8" else _Transcoder(src, codec)
+
+
+class _LineGuard(_Stream):
+    """Hands on whole lines only. A line longer than `max_line` bytes is dropped (never held whole: the bytes are
+    discarded as they arrive) and replaced by _MARKER, keeping its line break so line numbers stay right.
+
+    TextIOWrapper reads it directly through read1(); BufferedReader through readinto()."""
+
+    def __init__(self, src: Any, max_line: int, newlines: bytes, cut: bytes = b"") -> None:
+        self._read = getattr(src, "read1", src.read)  # read1: a truncated gzip loses no data read before the damage
+        self._max, self._cr = max_line, b"\r" in newlines
+        self._cut = cut  # appended, with a line break, to a last line that has none (CSV: the delimiter + _CUT)
+        self._chunk = min(_READ_CHUNK, max_line)
+        self._tail: list[bytes] = []  # bytes after the last line break, not handed on yet
+        self._tail_len = 0
+        self._skipping = False
+        self._buf, self._pos = b"", 0  # whole lines ready to hand on
+        self._eof = False
 
     def read1(self, n: int = -1) -> bytes:
         while self._pos >= len(self._buf):
@@ -377,6 +405,9 @@ class _LineGuard(io.RawIOBase):
         if not data:
             self._eof = True
             self._buf = _MARKER if self._skipping else b"".join(self._tail)
+            if self._buf and self._cut and not self._skipping:
+                self._buf += self._cut
+                _TAINT[0] += 1  # the rows read from here on take the slow path, which knows the marker
             self._tail, self._tail_len, self._skipping = [], 0, False
             return
         if b"\x00" in data:
@@ -417,11 +448,21 @@ class _LineGuard(io.RawIOBase):
         _TAINT[0] += 1
 
 
+def open_version(store: ObjectStore, key: str, snapshot: str | None) -> BinaryIO:
+    """store.open_read(key), or of its blob snapshot where the store keeps snapshots (a folder keeps one version of
+    each file: discovery notes when it reads that one instead)."""
+    if snapshot is not None and getattr(store, "reads_snapshots", False):
+        return store.open_read(key, snapshot=snapshot)  # type: ignore[call-arg]
+    return store.open_read(key)
+
+
 @contextlib.contextmanager
-def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: bytes,
-                warns: list[str]) -> Iterator[_LineGuard]:
+def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: bytes, warns: list[str],
+                cut: bytes = b"") -> Iterator[_LineGuard]:
+    """The partition as whole UTF-8 lines: store -> gzip (by its magic bytes) -> the declared encoding or the byte
+    order mark's, as UTF-8 -> _LineGuard (with `cut` after a last line that has no line break)."""
     try:
-        raw = store.open_read(part.key)
+        raw = open_version(store, part.key, part.snapshot)
     except NotFound:
         raise SourceError(f"was not found in {store.label}; it may have been deleted or the export run is still "
                           "being written", file=part.key) from None
@@ -432,7 +473,11 @@ def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: by
             src = gzip.GzipFile(fileobj=src, mode="rb")
         elif part.compressed and head:
             warns.append(f"{part.key}: named as gzip but is not gzip data; read as plain text")
-        yield _LineGuard(src, max_line, newlines)
+        try:
+            src = _decoded(src, part.encoding)
+        except _DAMAGED as e:
+            raise _io_error(part, 1, e) from e
+        yield _LineGuard(src, max_line, newlines, cut)
     finally:
         raw.close()
 
@@ -533,19 +578,37 @@ def _csv_error_reason(e: csv.Error, start: int, end: int, max_field: int) -> str
     return f"malformed CSV on {span} ({msg}); fix the export"
 
 
+class _CutShort(Exception):
+    """The file's last record is incomplete: it ends inside a quoted field, or its last line has too few fields and
+    no line break."""
+
+    def __init__(self, line: int, detail: str) -> None:
+        super().__init__(detail)
+        self.line, self.detail = line, detail
+
+
+def _cut_short(part: Partition, e: _CutShort) -> SourceError:
+    return SourceError(f"the file is cut short: its last record (from line {e.line}) {e.detail}; the rows before it "
+                       "were read. The export may still be being written, or the file is damaged: re-run the export "
+                       "or re-upload the file", file=part.key, line=e.line)
+
+
 def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], required: frozenset[str],
               warns: list[str], max_field: int, max_line: int) -> Iterator[Row]:
     csv.field_size_limit(max_field)
     taint = _TAINT
     mark = taint[0]
-    with _open_lines(store, part, max_line, b"\r\n", warns) as guard:
+    cut = part.delimiter.encode("utf-8") + _CUT + b"\n"
+    with _open_lines(store, part, max_line, b"\r\n", warns, cut) as guard:
         text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
         text._CHUNK_SIZE = _READ_CHUNK  # type: ignore[attr-defined]  # one read1() per guard chunk, no copies
-        rd = _csv_reader(text, part.delimiter)
+        rd = _csv_reader(text, part.delimiter, part.quoting)
         try:
             header = _csv_header(rd, part, max_line) if part.header else None
         except _DAMAGED as e:
             raise _io_error(part, rd.line_num + 1, e) from e
+        if header is None and part.header and part.columns is None:
+            return  # an empty file: no header, no rows (the caller notes "0 rows")
         columns, idx = _csv_columns(part, header, wanted, required, warns)
         n = len(columns)
         get = _picker(n, idx)
@@ -557,26 +620,36 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
                     return
                 except csv.Error as e:
                     start, end = at[0] + base, rd.line_num + base - 1
+                    if "unexpected end of data" in str(e):
+                        raise _CutShort(start, "ends inside a quoted field (a quote is never closed)") from None
                     if end > start and "field larger than field limit" in str(e):
                         # Inside an over-long quoted field: resuming at the next line would read the rest of the
                         # field as rows. Skip to where the field closes and restart the reader there.
                         skipped, closed = _skip_quoted_field(text)
+                        if not closed:
+                            raise _CutShort(start, f"ends inside a quoted field longer than {max_field} characters "
+                                                   "(a quote is never closed)") from None
                         end += skipped
                         yield start, None, _overflow_reason(start, end, closed, max_field)
-                        rd = _csv_reader(text, part.delimiter)
+                        rd = _csv_reader(text, part.delimiter, part.quoting)
                         at[0], base = 0, end + 1
                     else:
                         yield start, None, _csv_error_reason(e, start, end, max_field)
                         at[0] = rd.line_num
         except _DAMAGED as e:
             raise _io_error(part, at[0] + base, e) from e
+        except _CutShort as e:
+            raise _cut_short(part, e) from None
 
 
 _UNTAINTED = [0]
 
 
-def _csv_reader(lines: Iterable[str], delimiter: str) -> Any:
-    """The CSV dialect of every read: RFC 4180 quoting, strict (a stray quote is a csv.Error, not a guess)."""
+def _csv_reader(lines: Iterable[str], delimiter: str, quoting: bool = True) -> Any:
+    """The CSV dialect of every read: RFC 4180 quoting, strict (a stray quote is a csv.Error, not a guess); or, for
+    QuoteStyle.None, no quoting at all (a quote is a character like any other)."""
+    if not quoting:
+        return csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
     return csv.reader(lines, delimiter=delimiter, quotechar='"', doublequote=True, strict=True)
 
 
@@ -644,6 +717,8 @@ def _csv_header(rd: Any, part: Partition, max_line: int) -> list[str] | None:
     except csv.Error as e:
         raise SourceError(f"the header row cannot be read ({e}); fix the quoting or the delimiter in the export",
                           file=part.key, line=rd.line_num) from None
+    if header and header[-1] == _CUT_STR:  # a header without a line break: the file holds nothing else
+        header.pop()
     if header is not None and any(_MARKER_STR in h for h in header):
         raise SourceError(f"the header row is longer than {_fmt_bytes(max_line)}; the file probably lacks line "
                           "breaks: fix the export", file=part.key, line=rd.line_num)
@@ -668,6 +743,10 @@ def _check_columns(part: Partition, columns: Sequence[str], wanted: Sequence[str
 
 def _csv_slow(row: list[str], n: int, get: Callable[[list[str]], Sequence[str | None]], wanted: Sequence[str],
               tainted: bool, line: int, max_line: int) -> Row:
+    if tainted and row[-1] == _CUT_STR:  # the file's last line, which has no line break
+        row.pop()
+        if len(row) < n:
+            raise _CutShort(line, f"has {len(row)} of {n} fields and no line break")
     if len(row) != n:
         if tainted and _MARKER_STR in "".join(row):
             return line, None, _long_line_reason(line, max_line)
@@ -775,6 +854,8 @@ def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], requi
                 if len(buf) < len(_BOM) and not eof:
                     continue
                 buf = buf.removeprefix(_BOM)
+                if eof and not buf:
+                    return  # an empty file: no rows (read_rows gives none either)
                 if not part.header:
                     layout = _layout(part, None, wanted, required, warns, max_field, max_line)
                 else:
@@ -798,10 +879,12 @@ def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], requi
                                      max_line)
                     line += _line_breaks(head)
             if eof:
-                if len(buf) > max_line:  # it may hold a line read_rows would refuse as too long
+                # a line read_rows would refuse as too long, or a last line without a line break (read_rows tells a
+                # complete one from one cut short)
+                if len(buf) > max_line or (buf and not buf.endswith((b"\n", b"\r"))):
                     yield ReadOn(line)
                 elif buf:
-                    yield CsvChunk(layout, buf if buf.endswith((b"\n", b"\r")) else buf + b"\n", line)
+                    yield CsvChunk(layout, buf, line)
                 return
             if len(buf) < chunk_bytes:
                 continue
@@ -872,6 +955,9 @@ def _read_jsonl(store: ObjectStore, part: Partition, wanted: tuple[str, ...], re
                 except decode_error as e:
                     if raw.startswith(_MARKER):
                         yield line, None, _long_line_reason(line, max_line)
+                    elif raw.strip() and not raw.endswith(b"\n"):  # the last line, without a line break
+                        raise _cut_short(part, _CutShort(line, f"is not complete JSON ({e.msg} at column {e.colno}) "
+                                                               "and has no line break")) from None
                     elif raw.strip():
                         yield line, None, (f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one "
                                            "JSON object")

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlsplit
 
 from .errors import LeaseUnavailable, StateError
 
@@ -40,6 +40,41 @@ class ObjectInfo:
     last_modified: float  # Unix seconds
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _service_host(hostname: str) -> str:
+    """acct.dfs.core.windows.net and acct.blob.core.windows.net name the same storage (Event Grid reports the
+    endpoint the writer used, and model.json files name either)."""
+    labels = hostname.lower().split(".")
+    if len(labels) > 2 and labels[1] == "dfs":
+        labels[1] = "blob"
+    return ".".join(labels)
+
+
+def url_endpoint(url: str) -> tuple[str, int, str] | None:
+    """(host, port, unquoted path) of an http(s) URL, or None when it is not one. The dfs endpoint of an account
+    counts as its blob endpoint; the query and fragment are left out."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return _service_host(parts.hostname), port or _DEFAULT_PORTS[parts.scheme.lower()], unquote(parts.path)
+
+
+def key_below(path: str, prefix: str) -> str | None:
+    """The store key of a URL path inside a store whose keys start after `prefix` ('/container/'), or None."""
+    if not path.startswith(prefix):
+        return None
+    try:
+        return check_key(path[len(prefix):])
+    except StateError:
+        return None
+
+
 def check_key(key: str) -> str:
     """Refuse keys that could leave the store. Returns the key unchanged."""
     parts = key.split("/")
@@ -58,7 +93,8 @@ class ObjectStore(Protocol):
     label: str  # for messages: "folder /x/y" or "container exports"
 
     def open_read(self, key: str) -> BinaryIO:
-        """A streaming, read-only binary file object. Raises NotFound."""
+        """A streaming, read-only binary file object. Raises NotFound. A store that keeps blob snapshots
+        (`reads_snapshots = True`) also takes `snapshot=<time>`: that snapshot of the object, not the object."""
 
     def read_bytes(self, key: str) -> bytes | None:
         """The whole object (small objects only), or None when it does not exist."""
@@ -81,7 +117,8 @@ class ObjectStore(Protocol):
         """Exclusive lease on key for a run; raises LeaseUnavailable at once when someone else holds it."""
 
     def key_for_url(self, url: str) -> str | None:
-        """The key an absolute URL names inside this store, or None when it points elsewhere."""
+        """The key an absolute URL names inside this store, or None when it points elsewhere: another account,
+        container or (for a folder) another origin than the one the folder stands for."""
 
 
 class _FileLease:
@@ -94,11 +131,15 @@ class _FileLease:
 
 class LocalFolderStore:
     """A folder on disk. Writes go to a temporary file and are renamed into place; leases are flock()s, so a killed
-    process releases its lease at once. ETags are content hashes of size and modification time."""
+    process releases its lease at once. ETags are content hashes of size and modification time. A folder keeps one
+    version of each file: it reads no blob snapshots (`reads_snapshots`)."""
+
+    reads_snapshots = False
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         self.label = f"folder {self.root}"
+        self._origin: tuple[str, int, str] | None = None  # (host, port, path prefix) the folder stands for
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -213,9 +254,19 @@ class LocalFolderStore:
             os.close(fd)
 
     def key_for_url(self, url: str) -> str | None:
-        """Absolute URLs name blobs in some account; a local folder holds a copy of one export. The URL maps into
-        this folder when its path, after some prefix, is an existing file below the root (longest such suffix)."""
-        parts = [unquote(p) for p in urlparse(url).path.split("/") if p]
+        """A folder holds a copy of one place in one storage container, and a URL maps into it by the rule
+        BlobContainerStore applies to its own container: same host and port (blob or dfs endpoint), path under the
+        folder's origin, the rest of the path is the key. The folder cannot know its origin, so the first URL whose
+        path ends with the key of a file in the folder sets it (that path less the key); from then on every URL must
+        share it (another host, account or container is refused) and need not name an existing file."""
+        endpoint = url_endpoint(url)
+        if endpoint is None:
+            return None
+        host, port, path = endpoint
+        if self._origin is not None:
+            o_host, o_port, prefix = self._origin
+            return key_below(path, prefix) if (host, port) == (o_host, o_port) else None
+        parts = [p for p in path.split("/") if p]
         for i in range(len(parts)):
             key = "/".join(parts[i:])
             try:
@@ -223,6 +274,7 @@ class LocalFolderStore:
             except StateError:
                 continue
             if (self.root / key).is_file():
+                self._origin = (host, port, "/" + "".join(p + "/" for p in parts[:i]))
                 return key
         return None
 

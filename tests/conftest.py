@@ -125,7 +125,7 @@ REALISTIC_TEST_PROFILE = dataclasses.replace(REALISTIC, job_seconds=(0.5, 2.0), 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--sandbox-profile", choices=("default", "realistic"), default="default",
                      help="the profile of every SendGrid sandbox the tests start (realistic: slow jobs applied in "
-                          "order, SendGrid's identifier rule; see shared/sandbox.py)")
+                          "order, SendGrid's identifier rule; see sandbox/server.py)")
 
 
 @pytest.fixture(scope="session", autouse=True)

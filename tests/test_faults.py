@@ -729,11 +729,12 @@ def _write_bad_inputs(root: Path) -> dict[str, tuple[str, tuple[int, ...], list[
     return {
         "empty file": ("empty.csv", (0, 1), ["empty.csv", "empty"]),
         "header only": ("header_only.csv", (0,), ["valid distinct 0"]),
-        "no email column": ("no_email.csv", (0, 1), ["no_email.csv", "'email' not found"]),
+        "no email column": ("no_email.csv", (1,), ["refused", "'email' (mapping email) are in none of the export's "
+                                                   "files", "'name', 'first'"]),
         "invalid UTF-8": ("bad_utf8.csv", (0,), ["bad_utf8.csv line 2", "UTF-8"]),
         "NUL byte": ("nul.csv", (0,), ["nul.csv line 2", "NUL"]),
         "truncated gzip": ("truncated.csv.gz", (0, 1), ["truncated.csv.gz", "truncated"]),
-        "malformed model.json": ("cdm/model.json", (1,), ["model.json", "not valid JSON"]),
+        "malformed model.json": ("cdm/model.json", (1,), ["model.json", "not valid JSON", "incomplete"]),
         "every row invalid": ("all_invalid.csv", (0,), ["rejected 3", "invalid email"]),
         "JSON Lines garbage": ("garbage.jsonl", (0,), ["garbage.jsonl line 1", "JSON object"]),
     }
@@ -780,6 +781,80 @@ def test_rows_before_a_truncation_reach_the_list(sg: Box, tmp_path: Path, leaks:
     record = Engine(sg, export, tmp_path / "state", leaks).run()
     assert record["status"] == "completed_with_errors" and "truncated" in record["file_errors"][0]
     assert sg.settled_list() == export.expected
+
+
+def _bad_inputs_config(path: Path, list_id: str, segments: Sequence[str] = ("people",)) -> Path:
+    path.write_bytes(orjson.dumps({"destinations": [{
+        "name": "bad-inputs", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": list_id,
+        "segments": list(segments), "mapping": {"email": "email", "first_name": "first"}, "max_profiles": None,
+        "bulk_threshold": None}]}))
+    return path
+
+
+def test_a_rejection_bomb_is_stopped_with_a_file_error(sg: Box, tmp_path: Path, leaks: Leaks,
+                                                       fault_tally: Any) -> None:
+    """Issue 12 §6: ~100 KB of .csv.gz holding 100 MiB of junk rows made 52M rejections and a 2.4 GB rejections CSV.
+    The file is stopped after its good rows and a few thousand junk ones; the run ends, naming it."""
+    good = [f"bomb{i}@example.com" for i in range(300)]
+    path = tmp_path / "drop" / "people.csv.gz"
+    path.parent.mkdir()
+    junk = b"\x01junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk;junk\n" * 16_384
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        fh.write(("email,first\r\n" + "".join(f"{e},B\r\n" for e in good)).encode())
+        for _ in range(100 * 1024 * 1024 // len(junk)):  # 100 MiB of junk rows
+            fh.write(junk)
+    assert path.stat().st_size < 400_000
+    config = _bad_inputs_config(tmp_path / "d.json", sg.list_id)
+    res = run_cli(leaks, cli_env(sg.url), cli_args(config, "bad-inputs", path, tmp_path / "state", "--wait"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "people.csv.gz: stopped after" in res.stdout and "completed_with_errors" in res.stdout
+    [record] = read_runs(tmp_path / "state", "bad-inputs")
+    assert record["counts"]["read"] < 20_000 and record["counts"]["rejected_total"] < 20_000
+    in_list = sg.settled_list()
+    assert in_list == set(good)
+    fault_tally.record(faults=1, runs=1, bad_inputs=1, expected=len(good), in_list=len(in_list),
+                       lost=len(set(good) - in_list))
+
+
+def _attribute_bomb(path: Path) -> None:
+    """Issue 12 §6: a 62.9 MB model.json with 3.2M attributes (1.2 GB RSS when parsed whole)."""
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as fh:
+        fh.write(b'{"name": "BlobExport", "entities": [{"$type": "LocalEntity", "name": "people", "attributes": [')
+        block = b"".join(b'{"name":"c%07d"},' % i for i in range(100_000))
+        for _ in range(32):
+            fh.write(block)
+        fh.write(b'{"name":"email"}], "partitions": []}]}')
+
+
+# The CLI, then its own peak RSS: VmHWM starts afresh at exec (ru_maxrss, which the CLI's summary shows, would start
+# at the forking test process's).
+_CLI_THEN_PEAK = ("import sys\nfrom shared.cli import main\ncode = main(sys.argv[1:])\n"
+                  "print('VmHWM', next(int(line.split()[1]) for line in open('/proc/self/status')"
+                  " if line.startswith('VmHWM:')) // 1024)\nsys.exit(code)\n")
+
+
+def test_a_model_json_bomb_is_refused_before_it_is_parsed(sg: Box, tmp_path: Path, leaks: Leaks,
+                                                          fault_tally: Any) -> None:
+    """The attribute bomb is refused by its size before it is read; a file under the size cap made of tiny objects
+    by its count of objects: each run ends at once, in little memory, naming the file and the limit."""
+    big = tmp_path / "big" / "model.json"
+    _attribute_bomb(big)
+    assert big.stat().st_size > 60_000_000
+    dense = tmp_path / "dense" / "model.json"
+    dense.parent.mkdir()
+    dense.write_bytes(b'{"name": "x", "entities": [' + b"{}," * 2_000_000 + b"{}]}")  # 6 MB, 2M objects
+    config = _bad_inputs_config(tmp_path / "d.json", sg.list_id)
+    for bomb, words in ((big, "model.json: is larger than 8,388,608 bytes, the limit for a model.json"),
+                        (dense, "model.json: holds 2,000,003 JSON objects and arrays, over the limit of 100,000")):
+        args = cli_args(config, "bad-inputs", bomb, tmp_path / f"s-{bomb.parent.name}")
+        res = run_cli(leaks, cli_env(sg.url), [sys.executable, "-c", _CLI_THEN_PEAK, *args[3:]])
+        assert res.returncode == 1 and words in res.stdout, res.stdout + res.stderr
+        peak = int(res.stdout.rsplit("VmHWM ", 1)[1])
+        assert peak < 200, f"{bomb}: peak RSS {peak} MB"
+    in_list = sg.settled_list()
+    assert in_list == set()
+    fault_tally.record(faults=2, runs=2, bad_inputs=2, expected=0, in_list=len(in_list), lost=0)
 
 
 # ------------------------------------------------------------------------------------------------ secrets

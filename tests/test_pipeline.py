@@ -313,3 +313,68 @@ def test_an_export_through_workers_matches_one_read_in_process(sandbox, tmp_path
     assert parallel_rejections == serial_rejections and serial["counts"]["rejected_total"] > 0
     emails = sandbox.box.list_emails(serial_list)
     assert sandbox.box.list_emails(parallel_list) == emails and len(emails) == info.valid_distinct
+
+
+# ------------------------------------------------------------------------------------------------ hostile files
+
+
+def junk_bomb(valid: int, junk_rows: int) -> bytes:
+    """A gzip CSV partition: `valid` good rows, then junk lines (issue 12 §6: 100 MiB of junk rows in ~100 KB)."""
+    body = rows(*GOOD[:valid]) + b"this is not a row of this export\r\n" * junk_rows
+    return gzip.compress(body, mtime=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_of_junk_rows_is_stopped_after_its_good_rows(tmp_path: Path, workers: int) -> None:
+    (tmp_path / "seg.csv.gz").write_bytes(junk_bomb(40, 2_000_000))  # 66 MB of rows, 200 KB of gzip
+    store, part = LocalFolderStore(tmp_path), part_of("seg.csv.gz")
+    got = outcome(store, part, workers=workers, chunk_bytes=256 * 1024)
+    assert len(got["contacts"]) == 40  # every good row before the junk was mapped
+    assert got["error"].startswith("seg.csv.gz: stopped after ")
+    assert "could not be read or had no usable email" in got["error"] and "not read" in got["error"]
+    assert pipeline.Stop.JUNK_MIN_ROWS <= got["read"] < 100_000  # it stopped early, after a chunk or two
+    assert len(got["rejects"]) == got["read"] - 40
+
+
+def test_a_file_where_most_rows_lack_an_email_is_not_stopped(tmp_path: Path) -> None:
+    """A legitimate segment: 95% of the profiles have no email. Rows without an email are not junk."""
+    lines = [f'"{i}","","No Email","NL","1"' if i % 20 else GOOD[i % 40].replace('"person.', f'"p{i}.')
+             for i in range(30_000)]
+    store = put(tmp_path, "seg.csv", rows(*lines))
+    got = outcome(store, part_of("seg.csv"), workers=0)
+    assert got["error"] is None and got["read"] == 30_000 and len(got["contacts"]) == 1_500
+
+
+def test_a_file_without_one_usable_row_is_stopped_at_the_second_threshold(tmp_path: Path) -> None:
+    (tmp_path / "seg.csv.gz").write_bytes(gzip.compress(rows('"1","","No Email","NL","1"') * 250_000, mtime=0))
+    got = outcome(LocalFolderStore(tmp_path), part_of("seg.csv.gz"), workers=0)
+    assert got["error"].startswith("seg.csv.gz: stopped after ") and "not one of them gave a contact" in got["error"]
+    assert pipeline.Stop.NOTHING_MIN_ROWS <= got["read"] < pipeline.Stop.NOTHING_MIN_ROWS + pipeline.ROWS_PER_CHUNK
+
+
+@pytest.mark.parametrize(("data", "header", "note"), [
+    (b"", False, True),  # a 0-byte CDM partition
+    (b"", True, True),  # a 0-byte plain file
+    (rows('"Id","Email","First","Country","Value"'), True, True),  # a header and no rows
+    (rows('"x","not an email","A","NL","1"'), False, False),  # a row, rejected: not "0 rows"
+])
+def test_a_file_without_rows_is_noted_once(tmp_path: Path, data: bytes, header: bool, note: bool) -> None:
+    store = put(tmp_path, "seg.csv", data)
+    got = outcome(store, part_of("seg.csv", header=header, columns=None if header else COLS), workers=0)
+    assert got["error"] is None
+    assert got["warnings"] == (["0 rows in seg.csv"] if note else [])
+
+
+@pytest.mark.parametrize(("encoding", "quoting"), [("latin-1", True), ("utf-16-le", True), ("utf-8", False)])
+def test_workers_read_other_encodings_and_quote_styles_as_a_serial_read(tmp_path: Path, encoding: str,
+                                                                        quoting: bool) -> None:
+    """Other encodings reach the chunker as UTF-8; QuoteStyle.None partitions are read in this process."""
+    lines = [line.replace("Ann", "Zoë Müller") for line in GOOD]
+    if not quoting:  # quotes are data: an unquoted file, and a row with a lone quote that swallows nothing
+        lines = [line.replace('"', "") for line in lines] + ['99,q@example.com,O"Brien,NL,1']
+    data = ("\r\n".join(lines) + "\r\n").encode(encoding)
+    store = put(tmp_path, "seg.csv", data)
+    part = Partition("seg", "seg.csv", "csv", False, COLS, False, quoting=quoting, encoding=encoding)
+    serial = outcome(store, part, workers=0)
+    assert len(serial["contacts"]) == 40 + (not quoting) and "Zoë Müller" in serial["contacts"][0][1].decode()
+    assert outcome(store, part, workers=2, chunk_bytes=200) == serial

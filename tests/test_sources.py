@@ -129,7 +129,8 @@ def test_segments_filter_and_order(root: Path, store: LocalFolderStore) -> None:
     picked = discover(store, EXPORT, ["C", "Missing", "a", "A", "C"])
     assert [(p.segment, p.key.rsplit("/", 1)[1]) for p in picked] == [("C", "C_1.csv"), ("C", "C_2.csv"),
                                                                        ("A", "A_1.csv")]
-    assert discover(store, EXPORT, ["Missing"]) == []
+    with pytest.raises(SourceError, match=r"model\.json: none of the segments \(Missing\) is in this export"):
+        discover(store, EXPORT, ["Missing"])
 
 
 def test_partition_url_outside_the_store_is_refused_without_sas(root: Path, store: LocalFolderStore) -> None:
@@ -168,13 +169,13 @@ def _model_with(**changes: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("content", "expected"), [
-    (b'{"name": "x", "entities": [', r"not valid JSON \(.* line 1, column \d+\).*re-run the export"),
+    (b'{"name": "x", "entities": [}', r"not valid JSON \(.* line 1, column \d+\).*re-run the export"),
     (b"[1, 2]", r"is a JSON array, not an object"),
     (b'{"name": "x"}', r"no 'entities' list"),
     (b'{"entities": [{"attributes": []}]}', r"entity #1 is not an object with a 'name'"),
     (orjson.dumps(_model_with(attributes=[])), r"entity 'S' has no attributes"),
     (orjson.dumps(_model_with(attributes=[{"dataType": "string"}])), r"attribute #1 has no name"),
-    (orjson.dumps(_model_with(partitions=None)), r"entity 'S' has no 'partitions' list.*incomplete"),
+    (orjson.dumps(_model_with(partitions={})), r"entity 'S': 'partitions' is not a list"),
     (orjson.dumps(_model_with(partitions=[{"name": "p1"}])), r"partition 'p1' has no location"),
     (orjson.dumps(_model_with(partitions=[{"name": "p1", "location": "S/p.csv",
                                            "fileFormatSettings": {"delimiter": ";;"}}])), r"unsupported delimiter"),
@@ -184,14 +185,6 @@ def test_malformed_model_json(root: Path, store: LocalFolderStore, content: byte
     with pytest.raises(SourceError, match=expected) as e:
         discover(store, EXPORT)
     assert str(e.value).startswith(f"{EXPORT}/model.json: ")
-
-
-def test_model_json_over_the_cap_is_refused(root: Path, store: LocalFolderStore,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    put_model(root, [entity("S", ["S/p.csv"])])
-    monkeypatch.setattr(sources, "MAX_MODEL_JSON_BYTES", 100)
-    with pytest.raises(SourceError, match=r"model\.json: is larger than 100 bytes"):
-        discover(store, EXPORT)
 
 
 def test_empty_partition_list_returns_nothing_for_that_entity(root: Path, store: LocalFolderStore) -> None:
@@ -277,12 +270,10 @@ def test_csv_gzip(root: Path, store: LocalFolderStore) -> None:
 # ------------------------------------------------------------------------------------------------ the bad-input corpus
 
 
-def test_empty_file(root: Path, store: LocalFolderStore) -> None:
-    part = plain(store, put(root, "bad/empty.csv", b""))
-    with pytest.raises(SourceError, match=r"^bad/empty\.csv, line 1: no header row: the file is empty"):
-        rows(store, part, ["email"], ("email",))
-    # A headerless CDM partition that is empty is simply an empty segment.
-    put(root, f"{EXPORT}/S/p.csv", b"")
+def test_empty_file_gives_no_rows_and_no_error(root: Path, store: LocalFolderStore) -> None:
+    """A 0-byte plain file is an empty segment (the pipeline notes "0 rows in <file>"), not a file error."""
+    assert rows(store, plain(store, put(root, "bad/empty.csv", b"")), ["email"], ("email",)) == []
+    put(root, f"{EXPORT}/S/p.csv", b"")  # a headerless CDM partition too
     put_model(root, [entity("S", ["S/p.csv"])])
     assert rows(store, discover(store, EXPORT)[0], ["EmailAddress"], ("EmailAddress",)) == []
 
@@ -338,20 +329,68 @@ def test_nul_bytes(root: Path, store: LocalFolderStore) -> None:
     assert "column 'email' contains a NUL byte" in bad(got)[0][1]
 
 
-def test_unterminated_quote(root: Path, store: LocalFolderStore) -> None:
+def until_error(store: LocalFolderStore, part: Partition, wanted: list[str], required: tuple[str, ...] = (),
+                **kw: Any) -> tuple[list[tuple[int, Any, Any]], SourceError]:
+    """The rows yielded before the SourceError that must end the read, and that error."""
+    got: list[tuple[int, Any, Any]] = []
+    with pytest.raises(SourceError) as e:
+        got.extend(read_rows(store, part, wanted, required, **kw))
+    return got, e.value
+
+
+def test_unterminated_quote_at_the_end_is_a_file_cut_short(root: Path, store: LocalFolderStore) -> None:
     data = 'email,first\na@x.com,Ann\nb@x.com,"Bo\nc@x.com,Cy\nd@x.com,Di\n'
-    got = rows(store, plain(store, put(root, "bad/quote.csv", data)), ["email", "first"], ("email",))
-    assert good(got) == [(2, ["a@x.com", "Ann"])]
-    [(line, reason)] = bad(got)
-    assert line == 3 and "starts on line 3 is never closed" in reason and "lines 3-5" in reason
+    got, err = until_error(store, plain(store, put(root, "bad/quote.csv", data)), ["email", "first"], ("email",))
+    assert got == [(2, ["a@x.com", "Ann"], None)]
+    assert str(err).startswith("bad/quote.csv, line 3: the file is cut short: its last record (from line 3) ends "
+                               "inside a quoted field") and "rows before it were read" in str(err)
 
 
-def test_unterminated_quote_in_a_large_file_rejects_the_rest_as_one_row(root: Path, store: LocalFolderStore) -> None:
+def test_unterminated_quote_in_a_large_file_is_a_file_cut_short(root: Path, store: LocalFolderStore) -> None:
     data = 'email,first\na@x.com,Ann\nb@x.com,"Bo\n' + "".join(f"u{i}@x.com,N{i}\n" for i in range(100_000))
-    got = rows(store, plain(store, put(root, "bad/quote.csv", data.encode())), ["email"], ("email",))
-    assert good(got) == [(2, ["a@x.com"])]
-    assert bad(got) == [(3, "a quoted field that starts on line 3 is never closed (it ran past 1048576 characters), "
-                            "so the rest of the file (lines 3-100003) was skipped; fix the quoting in the export")]
+    got, err = until_error(store, plain(store, put(root, "bad/quote.csv", data.encode())), ["email"], ("email",))
+    assert got == [(2, ["a@x.com"], None)]
+    assert "line 3: the file is cut short" in str(err) and "longer than 1048576 characters" in str(err)
+
+
+@pytest.mark.parametrize(("tail", "kept"), [
+    ("c@x.com,Cy,Lee\n", 3),  # whole
+    ("c@x.com,Cy,Lee", 3),  # whole, only without a line break
+    ("c@x.com,Cy,", 3),  # the last field empty: still three fields
+    ('c@x.com,"Cy",Lee', 3),
+])
+def test_a_complete_last_line_without_a_line_break_is_a_row(root: Path, store: LocalFolderStore, tail: str,
+                                                             kept: int) -> None:
+    part = plain(store, put(root, "p.csv", "email,first,last\na@x.com,Ann,Lee\nb@x.com,Bo,Ng\n" + tail))
+    got = rows(store, part, ["email", "last"], ("email",))
+    assert [ln for ln, _, _ in got] == [2, 3, 4][:kept] and not bad(got)
+
+
+@pytest.mark.parametrize("tail", ["c@x.com,Cy", "c@x.co", 'c@x.com,"Cy', 'c@x.com,"Cy,\n'])
+def test_a_last_record_cut_short_is_a_file_error_after_the_rows_before(root: Path, store: LocalFolderStore,
+                                                                        tail: str) -> None:
+    part = plain(store, put(root, "p.csv", "email,first,last\na@x.com,Ann,Lee\nb@x.com,Bo,Ng\n" + tail))
+    got, err = until_error(store, part, ["email", "last"], ("email",))
+    assert got == [(2, ["a@x.com", "Lee"], None), (3, ["b@x.com", "Ng"], None)]
+    assert str(err).startswith("p.csv, line 4: the file is cut short: its last record (from line 4)")
+
+
+def test_a_short_line_in_the_middle_is_only_a_rejected_row(root: Path, store: LocalFolderStore) -> None:
+    part = plain(store, put(root, "p.csv", "email,first,last\na@x.com,Ann\nb@x.com,Bo,Ng"))
+    got = rows(store, part, ["email"], ("email",))
+    assert good(got) == [(3, ["b@x.com"])] and bad(got)[0][0] == 2 and "expected 3 fields, found 2" in bad(got)[0][1]
+
+
+def test_a_cut_short_cdm_partition_and_json_lines(root: Path, store: LocalFolderStore) -> None:
+    put(root, f"{EXPORT}/S/p.csv.gz", gzip.compress(b'"1","a@x.com","Ann","Lee","US"\n"2","b@x.com","Bo"'))
+    put_model(root, [entity("S", ["S/p.csv.gz"])])
+    got, err = until_error(store, discover(store, EXPORT)[0], ["EmailAddress"], ("EmailAddress",))
+    assert got == [(1, ["a@x.com"], None)] and "line 2: the file is cut short" in str(err)
+    assert "has 3 of 5 fields and no line break" in str(err)
+    part = plain(store, put(root, "j.jsonl", b'{"email": "a@x.com"}\nnot json\n{"email": "b@x.c'))
+    got, err = until_error(store, part, ["email"], ("email",))
+    assert good(got) == [(1, ["a@x.com"])] and bad(got)[0][0] == 2  # a bad line in the middle stays a rejection
+    assert str(err).startswith("j.jsonl, line 3: the file is cut short") and "not complete JSON" in str(err)
 
 
 def test_malformed_quoting_rejects_the_row_and_goes_on(root: Path, store: LocalFolderStore) -> None:

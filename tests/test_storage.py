@@ -318,8 +318,16 @@ def test_local_key_for_url(tmp_path: Path) -> None:
     store = LocalFolderStore(tmp_path)
     store.write_bytes("exports/seg one/part.csv", b"x")
     url = "https://acct.blob.core.windows.net/cdm/exports/seg%20one/part.csv?sv=2024&sig=abc"
-    assert store.key_for_url(url) == "exports/seg one/part.csv"
-    assert store.key_for_url("https://acct.blob.core.windows.net/cdm/exports/missing.csv") is None
+    assert LocalFolderStore(tmp_path).key_for_url("https://acct.blob.core.windows.net/cdm/exports/missing.csv") is None
+    assert store.key_for_url(url) == "exports/seg one/part.csv"  # the folder stands for https://acct.../cdm/ now
+    assert store.key_for_url("https://acct.blob.core.windows.net/cdm/exports/missing.csv") == "exports/missing.csv"
+    for other in ["https://evil.blob.core.windows.net/cdm/exports/seg%20one/part.csv",  # another account
+                  "https://acct.blob.core.windows.net/other/exports/seg%20one/part.csv",  # another container
+                  "http://acct.blob.core.windows.net/cdm/exports/seg%20one/part.csv",  # another port
+                  "ftp://acct.blob.core.windows.net/cdm/exports/seg%20one/part.csv"]:
+        assert store.key_for_url(other) is None, other
+    dfs = "https://ACCT.dfs.core.windows.net/cdm/exports/seg%20one/part.csv"  # the same account's dfs endpoint
+    assert store.key_for_url(dfs) == "exports/seg one/part.csv"
 
 
 @pytest.mark.azurite
