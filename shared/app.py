@@ -102,7 +102,7 @@ def destinations_for_blob(ctx: AppContext, config: Config, key: str) -> list[str
     """Which enabled destinations a new blob runs: a model.json runs every destination whose segments it holds; a plain
     file under <destination name>/ runs that destination; anything else runs nothing."""
     if key.endswith("model.json"):
-        held = {p.segment for p in sources.discover(ctx.exports, key, None)}
+        held = set(sources.segment_names(ctx.exports, key))  # model.json alone: a broken entity fails only its own
         return [d.name for d in config.destinations.values() if d.enabled and held & set(d.segments)]
     head = key.split("/", 1)[0]
     if "/" in key and head in config.destinations and not key.endswith("/"):

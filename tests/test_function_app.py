@@ -161,11 +161,22 @@ def test_blobs_that_are_not_exports_are_ignored(deployed, sandbox) -> None:
 def test_a_broken_export_is_reported_once_and_not_retried(deployed, sandbox) -> None:
     import function_app
 
-    deployed["exports"].upload_blob("CustomerInsights_y/BlobExport/model.json", b'{"entities": [')
+    deployed["exports"].upload_blob("CustomerInsights_y/BlobExport/model.json", b'{"entities": "none"}')
     function_app.on_export(deployed["exports"].get_blob_client("CustomerInsights_y/BlobExport/model.json"))  # no raise
     (error,) = [b.name for b in deployed["state"].list_blobs(name_starts_with="blob-errors/")]
     report = orjson.loads(deployed["state"].download_blob(error).readall())
     assert report["source"] == "CustomerInsights_y/BlobExport/model.json" and "model.json" in report["error"]
+    assert _runs(deployed["state"]) == []
+
+
+def test_a_model_json_cut_short_is_looked_at_again_not_reported_broken(deployed, sandbox) -> None:
+    """Being written, or seen before its flush: no error report, no claim; the timer looks again (issue 11 §5)."""
+    import function_app
+
+    deployed["exports"].upload_blob("CustomerInsights_y/BlobExport/model.json", b'{"entities": [')
+    function_app.on_export(deployed["exports"].get_blob_client("CustomerInsights_y/BlobExport/model.json"))
+    assert list(deployed["state"].list_blobs(name_starts_with="blob-errors/")) == []
+    assert len(list(deployed["state"].list_blobs(name_starts_with="pending-exports/"))) == 1
     assert _runs(deployed["state"]) == []
 
 
