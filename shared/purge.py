@@ -25,7 +25,7 @@ from .engine import Services, destination, now_iso
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, RunRefused
 from .secrets import redact
 from .state import StateStore, new_run_id
-from .storage import LeaseKeeper, ObjectStore, PreconditionFailed
+from .storage import LeaseKeeper, LeaseLost, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
     if record is None:
         record = queued_purge(svc.state, dest, what, by=by)
     try:
-        lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
+        lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS, svc.lease_seconds)
     except LeaseUnavailable:
         # Whoever holds the destination may be running this very purge: its record is theirs to save.
         log.warning("%s: busy with another run; purge %s left as it is", name, record["run_id"])
@@ -141,18 +141,19 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
         record.update(status="queued")
         svc.state.save_run(record)
         return record
-    with lease:
+    with lease, LeaseKeeper(lease, what=f"the lease on '{name}'") as keeper:
+        svc = svc.holding(keeper)  # renewed on its own clock; every write and request checks it first
         # Re-read under the lease: another caller may have finished or moved this purge on while we waited.
         current = svc.state.load_run(record["run_id"]) or record
         if current.get("status") not in PURGE_OPEN_STATUSES:
             return current
-        return _run_purge(svc, dest, current, LeaseKeeper(lease))
+        return _run_purge(svc, dest, current)
 
 
-def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_lease: LeaseKeeper) -> dict[str, Any]:
-    """Work on an open purge record from its checkpoint; the caller holds the destination's lease, renewed here as
-    the checkpoints pass (a blob lease lapses after 60 s, and the timer would start the same purge beside this one).
-    The snapshot outlives a list purge (a later purge=contacts needs it); a completed deletion removes it."""
+def _run_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> dict[str, Any]:
+    """Work on an open purge record from its checkpoint; the caller holds the destination's lease (svc.holding: a
+    blob lease lapses after 60 s unrenewed, and the timer would start the same purge beside this one). The snapshot
+    outlives a list purge (a later purge=contacts needs it); a completed deletion removes it."""
     what: PurgeWhat = record["purge"]
     record.update(status="running", error=None, started_at=record.get("started_at") or now_iso())
     svc.state.save_run(record)
@@ -168,7 +169,6 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_le
             record["checkpoint"]["done"] = done
             record["counts"] = dict(counts)
             svc.state.save_run(record)
-            keep_lease()
 
         start, carried = record["checkpoint"]["done"], record.get("counts") or None
         if what == "list":
@@ -184,7 +184,8 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_le
         record.update(status="interrupted", error=redact(str(exc)) + "; run the removal again to resume")
     finally:
         client.close()
-        svc.state.save_run(record)
+        if svc.keeper is None or svc.keeper.lost is None:  # lost: the purge's new holder owns the record
+            svc.state.save_run(record)
     return record
 
 
@@ -207,11 +208,15 @@ def _holds(store: ObjectStore, key: str, address: str) -> bool:
 def _forget(svc: Services, dest: Destination, address: str) -> bool:
     """Filter the address out of a destination's snapshot under its lease; False when a run holds it too long."""
     try:
-        lease = svc.state.wait_lease(dest.name, LEASE_WAIT_SECONDS)
+        lease = svc.state.wait_lease(dest.name, LEASE_WAIT_SECONDS, svc.lease_seconds)
     except LeaseUnavailable:
         return False
-    with lease:
-        snapshots.filter_out(svc.state.store, svc.state.snapshot_key(dest.name, dest.list_id), address)
+    try:
+        with lease, LeaseKeeper(lease, what=f"the lease on '{dest.name}'") as keeper:
+            held = svc.holding(keeper).state  # the rewritten snapshot is committed only while the lease is held
+            snapshots.filter_out(held.store, held.snapshot_key(dest.name, dest.list_id), address)
+    except LeaseLost:  # a run has the destination now: the snapshot is left as it was, the erasure says so
+        return False
     return True
 
 
@@ -231,7 +236,7 @@ def erase(svc: Services, email: str, *, by: str = "cli") -> dict[str, Any]:
     accounts: dict[tuple[str, str], list[Destination]] = {}
     for name, dest in sorted(svc.config.destinations.items()):
         try:
-            lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
+            lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS, svc.lease_seconds)
         except LeaseUnavailable:
             report["errors"].append(f"{name}: busy with a run; erase again to finish")
             continue

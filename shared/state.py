@@ -33,7 +33,15 @@ from typing import Any
 import orjson
 
 from .errors import StateError
-from .storage import HeldLease, Lease, ObjectStore, PreconditionFailed, wait_for_lease
+from .storage import (
+    HeldLease,
+    Lease,
+    LeasedStore,
+    LeaseKeeper,
+    ObjectStore,
+    PreconditionFailed,
+    wait_for_lease,
+)
 
 DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -90,6 +98,14 @@ class StateStore:
         # one that picks a run up reads it first (load_run, open_runs), which forgets what was cached for it.
         self._indexed: dict[str, str] = {}
         self._marked: dict[str, str] = {}
+        self.failed_save: StateError | None = None  # the first save_run of this instance that raised
+
+    def held(self, keeper: LeaseKeeper) -> StateStore:
+        """This state store for the holder of a lease: every write first checks that the lease is still held
+        (LeaseLost otherwise). It shares this instance's caches."""
+        view = StateStore(LeasedStore(self.store, keeper), clock=self._clock)
+        view._indexed, view._marked = self._indexed, self._marked
+        return view
 
     def __repr__(self) -> str:
         return f"StateStore({self.store.label})"
@@ -97,8 +113,9 @@ class StateStore:
     # -- JSON helpers ------------------------------------------------------------------------------------------------
     def _read_json(self, key: str) -> dict[str, Any] | None:
         data = self.store.read_bytes(key)
-        if data is None:
-            return None
+        return None if data is None else self._parse(key, data)
+
+    def _parse(self, key: str, data: bytes) -> dict[str, Any]:
         try:
             value = orjson.loads(data)
         except orjson.JSONDecodeError as e:
@@ -118,7 +135,15 @@ class StateStore:
     def save_run(self, record: dict[str, Any]) -> None:
         """Write the run record, plus its index entry and open marker (present for queued, running, interrupted and
         submitted runs; deleted once the run is final) when they differ from what this instance last wrote. Index
-        and a new marker are written before the record, a marker delete comes after it (see the module docstring)."""
+        and a new marker are written before the record, a marker delete comes after it (see the module docstring).
+        """
+        try:
+            self._save_run(record)
+        except StateError as exc:
+            self.failed_save = self.failed_save or exc
+            raise
+
+    def _save_run(self, record: dict[str, Any]) -> None:
         run_id = check_run_id(record.get("run_id"))
         destination = check_destination(record.get("destination"))
         status = record.get("status")
@@ -143,6 +168,10 @@ class StateStore:
         self._indexed.pop(run_id, None)
         self._marked.pop(run_id, None)
 
+    def _read_record(self, run_id: str, destination: str) -> dict[str, Any] | None:
+        self._forget(run_id)
+        return self._read_json(f"runs/{destination}/{run_id}.json")
+
     def load_run(self, run_id: str) -> dict[str, Any] | None:
         """The run's record, or None. Forgets this instance's cache for the run (another process may have saved it)."""
         check_run_id(run_id)
@@ -151,7 +180,7 @@ class StateStore:
         if raw is None:
             return None
         destination = check_destination(raw.decode("utf-8", "replace").strip())
-        return self._read_json(f"runs/{destination}/{run_id}.json")
+        return self._read_record(run_id, destination)
 
     def list_runs(self, destination: str, limit: int = 50) -> list[dict[str, Any]]:
         """The newest `limit` runs of a destination, newest first."""
@@ -178,8 +207,7 @@ class StateStore:
                 found.append((parts[2], parts[1]))
         runs = []
         for run_id, destination in sorted(found):
-            self._forget(run_id)  # the caller may resume or poll it: its next save rewrites index and marker
-            record = self._read_json(f"runs/{destination}/{run_id}.json")
+            record = self._read_record(run_id, destination)  # the caller may resume or poll it
             if record is not None and record.get("status") in OPEN_STATUSES:
                 runs.append(record)
         return runs
@@ -249,7 +277,8 @@ class StateStore:
 
     # -- leases and snapshots ----------------------------------------------------------------------------------------
     def lease(self, destination: str, seconds: int = 60) -> contextlib.AbstractContextManager[Lease]:
-        """One run per destination at a time; LeaseUnavailable at once when another run holds it."""
+        """One run per destination at a time; LeaseUnavailable at once when another run holds it. Work that may
+        outlast the lease holds it with a storage.LeaseKeeper."""
         return self.store.lease(f"leases/{check_destination(destination)}", seconds)
 
     def wait_lease(self, destination: str, timeout: float, seconds: int = 60) -> HeldLease:
