@@ -37,6 +37,7 @@ shared.contacts, not the engine), and per-email send counts show nothing was sen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import logging
 import os
@@ -54,8 +55,9 @@ from typing import Any
 
 import orjson
 import pytest
+from azure.storage.blob import BlobLeaseClient
 
-from shared import contacts, engine, limits, samplegen, sources
+from shared import app, blobstore, contacts, engine, limits, samplegen, sources
 from shared.config import parse_config
 from shared.errors import SourceError
 from shared.sandbox import Sandbox, serve
@@ -63,6 +65,7 @@ from shared.secrets import EnvSecrets, Secret
 from shared.sendgrid import RetryPolicy, SendGridClient
 from shared.state import StateStore
 from shared.storage import LocalFolderStore
+from tests.storage_faults import DiskAzurite, StorageProxy
 
 REPO = Path(__file__).resolve().parent.parent
 PUT = "PUT /v3/marketing/contacts"
@@ -662,6 +665,228 @@ def test_resume_after_everything_was_accepted_reports_what_was_sent(sg: Box, sma
     second = runner.run(resume=first["run_id"])
     assert second["status"] == "completed" and second["requests"]["count"] == 1
     assert second["counts"]["sent"] == len(small_export.expected) == len(sg.settled_list())
+
+
+# ------------------------------------------------------------------------------------------------ storage and leases
+
+
+LEASE_S = 15  # the shortest blob lease: the lease tests below outwait it
+
+
+class AppWorld:
+    """The Functions app's doors (app.on_blob, app.on_timer) on Blob Storage: the export and the state in two
+    containers of one account, reached through `connection_string` (Azurite, maybe behind the 503 proxy), as in
+    Azure; SendGrid is the sandbox. Each ctx() is a fresh context, as every invocation builds one."""
+
+    def __init__(self, connection_string: str, sg: Box, export: Export, tmp: Path, lease_seconds: int) -> None:
+        self.connection_string, self.sg, self.export, self.lease_seconds = connection_string, sg, export, lease_seconds
+        self.name = export.destination["name"]
+        self.key = f"{self.name}/{export.key}"  # a plain file under <destination>/ runs that destination
+        self.config = tmp / "destinations.json"
+        self.config.write_bytes(orjson.dumps(export.config(sg.list_id)))
+        self.environ = {"SENDGRID_API_URL": sg.url, "SENDGRID_API_KEY": KEY}
+        self.suffix = secrets.token_hex(4)
+
+    def ctx(self) -> app.AppContext:
+        world = self
+
+        class Context(app.AppContext):
+            def services(self, config: Any) -> engine.Services:
+                return dataclasses.replace(super().services(config), lease_seconds=world.lease_seconds)
+
+        settings = app.Settings(f"exports-{self.suffix}", f"state-{self.suffix}", str(self.config), 600.0,
+                                self.environ)
+        return Context(settings, blobstore.from_connection_string(self.connection_string, settings.exports_container,
+                                                                  create=True),
+                       StateStore(blobstore.from_connection_string(self.connection_string, settings.state_container,
+                                                                   create=True)),
+                       EnvSecrets(self.environ))
+
+    def upload(self) -> None:
+        with open(self.export.root / self.export.key, "rb") as fh:
+            self.ctx().exports.write_stream(self.key, iter(lambda: fh.read(1 << 20), b""))
+
+    def record(self, run_id: str) -> dict[str, Any]:
+        record = self.ctx().state.load_run(run_id)
+        assert record is not None
+        return record
+
+    def tick_until_final(self, run_id: str, leaks: Leaks, patience: float = 90) -> dict[str, Any]:
+        """Timer ticks until the run is final (the first may find its lease still held: it lapses in LEASE_S)."""
+        give_up = time.monotonic() + patience
+        while True:
+            for report in app.on_timer(self.ctx()):
+                leaks.add("timer report", orjson.dumps(report))
+            record = self.record(run_id)
+            if record["status"] not in ("running", "interrupted", "submitted"):
+                return record
+            assert time.monotonic() < give_up, f"the timer never finished run {run_id}: {record['status']}"
+            time.sleep(1.0)  # the timer's period, shortened
+
+    def tally(self, fault_tally: Any, scenario: str, *, faults: int, runs: int, in_flight: int) -> None:
+        """Check and record: the list holds the export, nothing sent beyond `in_flight` contacts twice."""
+        in_list = self.sg.settled_list()
+        excess, most = excess_sends(self.sg.box)
+        assert in_list == self.export.expected
+        assert most <= 2 and excess <= in_flight, (excess, in_flight)
+        fault_tally.record(scenario=scenario, faults=faults, runs=runs, expected=len(self.export.expected),
+                           in_list=len(in_list), lost=len(self.export.expected - in_list),
+                           dup_beyond=max(0, excess - in_flight))
+
+
+@pytest.fixture
+def disk_azurite(tmp_path: Path) -> Iterator[DiskAzurite]:
+    azurite = DiskAzurite(tmp_path / "azurite-data")
+    azurite.start()
+    try:
+        yield azurite
+    finally:
+        azurite.stop()
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_storage_answering_503_for_25_s_after_a_checkpoint_leaves_the_run_resumable(
+        azurite: Any, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    """Issue 12 §1: Blob Storage answers 503 for 25 s right after the first request was accepted, longer than the
+    storage retry budget. The run stops `interrupted` (resumable, the budget named), never `failed`, and the timer
+    finishes it."""
+    proxy = StorageProxy(azurite.blob_url)
+    try:
+        world = AppWorld(proxy.connection_string, sg, wide_export, tmp_path, engine.LEASE_SECONDS)
+        world.upload()
+        with after_accepted_put(sg.box, 1, lambda: proxy.outage(seconds=25)):
+            [first] = app.on_blob(world.ctx(), world.key)
+        leaks.add("first run", orjson.dumps(first))
+        assert first["status"] == "interrupted" and first["resumable"] is True, first["error"]
+        assert blobstore.RETRY_BUDGET in first["error"] and "503" in first["error"]
+        assert proxy.refused >= blobstore.STORAGE_ATTEMPTS
+        stored = world.record(first["run_id"])
+        assert stored["status"] in ("running", "interrupted")  # never final after a failed checkpoint save
+        final = world.tick_until_final(first["run_id"], leaks)
+    finally:
+        proxy.close()
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 1, final["error"]
+    assert final["counts"]["sent"] == len(wide_export.expected)
+    # the accepted request is stored with the interrupted record; only if even that save failed is it sent again
+    world.tally(fault_tally, "storage: 503 for 25 s after a checkpoint", faults=1, runs=2,
+                in_flight=sg.box.stats["max_contacts_per_request"] if stored["checkpoint"]["contacts_done"] == 0 else 0)
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_azurite_stopped_for_25_s_after_a_checkpoint_then_the_timer_resumes_the_run(
+        disk_azurite: DiskAzurite, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks,
+        fault_tally: Any) -> None:
+    """Issue 12 §1: the storage process is gone (every connection refused) from right after the first accepted
+    request until the run gave up, and 25 s at least. Even the run's last save fails: the stored record stays at its
+    last good checkpoint, `running`, and the timer resumes it once its lease has lapsed."""
+    world = AppWorld(disk_azurite.connection_string, sg, wide_export, tmp_path, LEASE_S)
+    world.upload()
+    stopped: list[float] = []
+
+    def stop() -> None:
+        stopped.append(time.monotonic())
+        disk_azurite.stop()
+
+    with after_accepted_put(sg.box, 1, stop):
+        [first] = app.on_blob(world.ctx(), world.key)
+    leaks.add("first run", orjson.dumps(first))
+    assert first["status"] == "interrupted" and first["resumable"] is True, first["error"]
+    assert "could not be stored" in first["error"] or "nothing more was stored" in first["error"], first["error"]
+    time.sleep(max(0.0, stopped[0] + 25 - time.monotonic()))  # the outage lasts 25 s at least
+    disk_azurite.start()
+    stored = world.record(first["run_id"])
+    assert stored["status"] == "running" and stored["checkpoint"]["contacts_done"] == 0  # its last good save
+    final = world.tick_until_final(first["run_id"], leaks)
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 1, final["error"]
+    assert final["counts"]["sent"] == len(wide_export.expected)
+    # the request accepted while storage was gone had no checkpoint: it is the one request sent twice
+    world.tally(fault_tally, "storage: Azurite stopped for 25 s after a checkpoint", faults=1, runs=2,
+                in_flight=sg.box.stats["max_contacts_per_request"])
+
+
+LONG_WAITS = {
+    "429 with Retry-After beyond the lease": {"endpoint": PUT, "kind": "429", "retry_after": LEASE_S + 5},
+    "answer slower than the lease": {"endpoint": PUT, "kind": "slow", "delay": LEASE_S + 5},
+}
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(LONG_WAITS.values()), ids=list(LONG_WAITS))
+def test_the_lease_outlives_a_long_wait_on_sendgrid_and_the_timer_keeps_off(
+        fault: dict[str, Any], azurite: Any, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks,
+        fault_tally: Any) -> None:
+    """Issue 12 §2: the run waits on SendGrid longer than its lease lasts unrenewed (here 20 s against 15 s). The
+    keeper renews it meanwhile, so every timer tick during the wait finds the destination busy: nothing is resumed
+    beside the run, every contact is sent once, and the record is the run's own (resumed 0)."""
+    world = AppWorld(azurite.connection_string, sg, wide_export, tmp_path, LEASE_S)
+    world.upload()
+    armed: list[float] = []
+    outcome: list[Any] = []
+
+    def arm() -> None:
+        armed.append(time.monotonic())
+        sg.box.inject(fault)
+
+    def first_run() -> None:
+        with after_accepted_put(sg.box, 1, arm):
+            outcome.extend(app.on_blob(world.ctx(), world.key))
+
+    runner = threading.Thread(target=first_run)
+    runner.start()
+    ticks_after_lapse = 0
+    while runner.is_alive():
+        for report in app.on_timer(world.ctx()):  # each finds the destination busy
+            leaks.add("timer report", orjson.dumps(report))
+        ticks_after_lapse += bool(armed) and time.monotonic() > armed[0] + LEASE_S + 1
+        runner.join(timeout=1.0)  # the timer's period, shortened
+    [first] = outcome
+    leaks.add("first run", orjson.dumps(first))
+    assert ticks_after_lapse >= 1, "no tick came after an unrenewed lease would have lapsed"
+    assert first["status"] in ("submitted", "completed") and first["checkpoint"]["resumed"] == 0, first["error"]
+    final = world.tick_until_final(first["run_id"], leaks)  # a blob-triggered run leaves its jobs to the timer
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 0, final["error"]
+    world.tally(fault_tally, f"lease: {fault['kind']} wait of {LEASE_S + 5} s (lease {LEASE_S} s)", faults=1,
+                runs=1, in_flight=0)
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_a_run_whose_lease_is_lost_during_a_long_wait_stops_and_writes_nothing(
+        azurite: Any, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    """Issue 12 §2 and §5: while the run waits on a 429 (Retry-After 20 s), its lease is broken and the timer's run
+    takes the destination over and finishes the export. The first run stops at once as `interrupted` and writes
+    nothing: it sends no request again and cannot overwrite the record of the run that finished."""
+    world = AppWorld(azurite.connection_string, sg, wide_export, tmp_path, LEASE_S)
+    world.upload()
+    outcome: list[Any] = []
+
+    def first_run() -> None:
+        with after_accepted_put(sg.box, 1, _arm(sg.box, {"endpoint": PUT, "kind": "429",
+                                                         "retry_after": LEASE_S + 5})):
+            outcome.extend(app.on_blob(world.ctx(), world.key))
+
+    runner = threading.Thread(target=first_run)
+    runner.start()
+    give_up = time.monotonic() + 60
+    while sg.statuses().get("429", 0) < 1:  # the first run is waiting on the 429
+        assert time.monotonic() < give_up and runner.is_alive(), "the 429 was never served"
+        time.sleep(0.02)
+    state_container = world.ctx().state.store.container  # type: ignore[attr-defined]
+    BlobLeaseClient(state_container.get_blob_client(f"leases/{world.name}")).break_lease(lease_break_period=0)
+    run_id = world.ctx().state.open_runs()[0]["run_id"]
+    final = world.tick_until_final(run_id, leaks)  # the timer's run takes the lease and finishes the export
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the first run did not stop"
+    [first] = outcome
+    leaks.add("first run", orjson.dumps(first))
+    assert first["status"] == "interrupted" and "lost" in first["error"], first["error"]
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 1, final["error"]
+    assert world.record(run_id) == final  # the first run's last save never happened
+    world.tally(fault_tally, "lease: lost during a 429 wait, taken over by the timer", faults=1, runs=2,
+                in_flight=0)
 
 
 # ------------------------------------------------------------------------------------------------ two runs at once
