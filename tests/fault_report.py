@@ -11,7 +11,6 @@ beyond the requests in flight at a fault.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,13 +62,15 @@ class FaultTally:
 
     path: Path
     test: str
+    order: int = 0  # the test's place in the session (the same in every xdist worker): the table's row order
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, *, scenario: str | None = None, **figures: int) -> None:
         unknown = set(figures) - KEYS
         if unknown:
             raise ValueError(f"unknown tally figure(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(KEYS))}")
-        self.records.append({"test": self.test, "scenario": scenario or default_scenario(self.test),
+        self.records.append({"test": self.test, "order": self.order,
+                             "scenario": scenario or default_scenario(self.test),
                              **{k: int(v) for k, v in figures.items()}})
 
     def flush(self, passed: bool) -> None:
@@ -94,7 +95,9 @@ def fault_tally(request: pytest.FixtureRequest) -> Iterator[FaultTally]:
     folder = tally_dir(request.config)
     folder.mkdir(parents=True, exist_ok=True)
     worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
-    tally = FaultTally(folder / f"{worker}-{os.getpid()}.jsonl", request.node.nodeid)
+    items = request.session.items
+    order = items.index(request.node) if request.node in items else len(items)
+    tally = FaultTally(folder / f"{worker}-{os.getpid()}.jsonl", request.node.nodeid, order)
     yield tally
     tally.flush(passed=request.node.stash.get(_PASSED, False))
 
@@ -115,9 +118,9 @@ class Row:
 
 
 def read_tally(folder: Path) -> list[Row]:
-    """One row per scenario (records of one scenario summed), in test order."""
+    """One row per scenario (records of one scenario summed), in the session's test order."""
     rows: dict[str, Row] = {}
-    order: dict[str, str] = {}
+    order: dict[str, int] = {}
     for path in sorted(folder.glob("*.jsonl")):
         for line in path.read_bytes().splitlines():
             if not line.strip():
@@ -125,22 +128,18 @@ def read_tally(folder: Path) -> list[Row]:
             entry: dict[str, Any] = orjson.loads(line)
             scenario = entry.get("scenario") or default_scenario(entry.get("test", "?"))
             row = rows.setdefault(scenario, Row(scenario, dict.fromkeys(KEYS, 0)))
-            order.setdefault(scenario, entry.get("test", ""))
+            order[scenario] = min(order.get(scenario, 1 << 30), int(entry.get("order", 1 << 30)))
             passed = bool(entry.get("passed", True))
             for key in KEYS:
                 if key != "runs" or passed:
                     row.figures[key] += int(entry.get(key, 0))
             row.runs_all += int(entry.get("runs", 0))
             row.failed |= not passed
-    return sorted(rows.values(), key=lambda r: (_natural(order[r.scenario]), r.scenario))
-
-
-def _natural(text: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+    return sorted(rows.values(), key=lambda r: (order[r.scenario], r.scenario))
 
 
 def format_table(rows: list[Row]) -> list[str]:
-    width = min(max([len(r.scenario) for r in rows] + [len("scenario")]), 60)
+    width = min(max([len(r.scenario) for r in rows] + [len("scenario")]), 64)
     cols = [max(len(label), 8) for _, label, _ in FIGURES]
     head = f"{'scenario':<{width}}" + "".join(f"  {label:>{w}}" for (_, label, _), w in zip(FIGURES, cols, strict=True))
     lines = [head, "-" * len(head)]

@@ -26,7 +26,11 @@ list holds exactly `counts.sent` contacts; "resume": `--resume RUN_ID` then comp
 | key rotated mid-run (SendGrid and key source) | new key used (re-read each call, or after one 401 if cached) | - |
 | 401 after the re-read (revoked key) | `failed`: typed error "update the secret", no blind retries | fix key, resume |
 | 403 "temporary block" | `failed`: typed error naming scopes / the block, no retries | resume later |
-| SIGKILL at random points (4-5 times) | record and checkpoint saved after each accepted request | resume each time |
+| SIGKILL at 5 seeded points (see Killer) | checkpoint saved after each accepted request | resume each time |
+| storage answers 503 for 25 s after a checkpoint | `interrupted`, resumable, the retry budget named | timer |
+| storage stopped for 25 s after a checkpoint | `interrupted`; stored record at its last checkpoint | timer |
+| 429 / slow answer outlasting the lease | the lease is renewed meanwhile; timer ticks find it busy | - |
+| lease broken during a long wait | the run stops at once, writes nothing | the timer's run finishes |
 | two runs of one export at once | the second refused at once: "being exported by another run", exit 1 | - |
 | bad files (see `_write_bad_inputs`) | exit 0/1, a clear message naming file and line, never a traceback | - |
 
@@ -577,27 +581,54 @@ def _checkpoint(state: Path, destination: str) -> tuple[str | None, int]:
     return runs[0]["run_id"], runs[0]["checkpoint"]["contacts_done"]
 
 
-def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 90) -> bool:
-    """Poll until predicate holds (True) or the process ended (False)."""
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    raise AssertionError("the run made no progress")
+class Killer:
+    """SIGKILLs the CLI from inside the sandbox at planned points, in order, observed through the sandbox's calls and
+    the state store, never the clock: ("fields", _) on its field definitions call (while it starts, before its run
+    record exists); ("put", "before"|"after") on a request, before SendGrid applies it or after (applied, its answer
+    lost), once the run's stored checkpoint has passed the previous request kill's (so no request is in flight at two
+    kills); ("poll", _) on a job-status call (everything accepted)."""
+
+    def __init__(self, box: Sandbox, state: Path, destination: str, plan: list[tuple[str, str]]) -> None:
+        self.box, self.state, self.destination, self.plan = box, state, destination, list(plan)
+        self.proc: subprocess.Popen[str] | None = None
+        self.floor = -1  # the stored checkpoint at the last request kill
+        self.kills: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        for where, op in (("fields", "op_fields_get"), ("put", "op_upsert"), ("poll", "op_job_status")):
+            original = getattr(box, op)
+            setattr(box, op, lambda req, where=where, original=original: self._at(where, req, original))
+
+    def _at(self, where: str, req: Any, original: Callable[[Any], tuple[int, Any]]) -> tuple[int, Any]:
+        with self._lock:
+            due = bool(self.plan) and self.plan[0][0] == where and self.proc is not None
+            if due and where == "put":
+                done = _checkpoint(self.state, self.destination)[1]
+                due = done > self.floor
+                self.floor = done if due else self.floor
+            if not due:
+                return original(req)
+            _, phase = self.plan.pop(0)
+            proc = self.proc
+        answer = original(req) if phase == "after" else (503, {"errors": [{"message": "the client was killed"}]})
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        self.kills.append((where, phase))
+        return answer
+
+    def close(self) -> None:
+        for op in ("op_fields_get", "op_upsert", "op_job_status"):
+            delattr(self.box, op)
 
 
-def test_sigkill_at_random_points_then_resume_loses_nothing(sg: Box, tmp_path: Path, leaks: Leaks,
+def test_sigkill_at_seeded_points_then_resume_loses_nothing(sg: Box, tmp_path: Path, leaks: Leaks,
                                                             fault_tally: Any) -> None:
-    """The CLI is killed (SIGKILL) at seeded random points and resumed with --resume each time: first while it
-    starts (maybe before its run record exists: then a fresh run starts), then while it reads the export or sends
-    its first request, then each time after the checkpoint passed the previous kill's (so no request is in flight at
-    two kills, and no contact may go out more than twice) but before the last request is accepted (a crash while
-    the jobs are polled: see test_resume_after_everything_was_accepted_reports_what_was_sent)."""
+    """The CLI is killed (SIGKILL) five times at points a seeded generator picks (see Killer) and resumed with
+    --resume each time: while it starts, on three requests (each before or after SendGrid applied it), and while it
+    polls the jobs. The list always holds what the stored checkpoint says plus at most the request in flight; in the
+    end every contact is there, none sent more than twice, and only the requests applied at a kill went twice."""
     rng = random.Random(20261128)
-    info = samplegen.write_cdm_export(tmp_path / "export", 150_000, seed=3, partitions=4)  # 6 requests
+    plan = [("fields", "-"), *(("put", rng.choice(("before", "after"))) for _ in range(3)), ("poll", "-")]
+    info = samplegen.write_cdm_export(tmp_path / "export", 150_000, seed=3, partitions=4)  # 5 requests
     expected = reference_emails(tmp_path / "export", info.model_key, "EmailAddress", [info.segment])
     assert len(expected) == info.valid_distinct
     config = tmp_path / "destinations.json"
@@ -605,55 +636,42 @@ def test_sigkill_at_random_points_then_resume_loses_nothing(sg: Box, tmp_path: P
     config.write_bytes(orjson.dumps({"destinations": [dest]}))
     state = tmp_path / "state"
     base = cli_args(config, "vip-newsletter", tmp_path / "export" / info.model_key, state, "--wait")
-
     per_request = limits.MAX_CONTACTS_PER_REQUEST
-    kills, runs, last_kill_done, run_id = 0, 0, -1, None
-    outputs: list[str] = []
-    def setups() -> int:  # the call a run makes right before it saves its record and starts reading
-        return sg.box.stats["requests"].get("GET /v3/marketing/field_definitions", 0)
-
-    while True:
-        args = [*base, "--resume", run_id] if run_id else base
-        seen = setups()
-        proc = subprocess.Popen(args, cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        runs += 1
-        if kills < 5:
-            if kills == 0:  # starting up
-                time.sleep(rng.uniform(0.1, 0.4))
-            elif kills == 1:  # reading the export, or the first request in flight
-                if _wait_for(lambda n=seen: setups() > n, proc):
-                    time.sleep(rng.uniform(0.0, 0.3))
-            elif _wait_for(lambda floor=last_kill_done: _checkpoint(state, "vip-newsletter")[1] > floor, proc):
-                time.sleep(rng.uniform(0.0, 0.35))  # the next request in flight, or the batch after being read
-            if proc.poll() is None and _checkpoint(state, "vip-newsletter")[1] < len(expected):
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-        out, err = proc.communicate(timeout=120)
-        outputs += [out, err]
-        if proc.returncode == 0:
-            break
-        assert proc.returncode == -signal.SIGKILL, out + err
-        run_id, last_kill_done = _checkpoint(state, "vip-newsletter")
-        if run_id is not None:  # the list holds what the report says was sent, plus at most the request in flight
-            assert 0 <= len(sg.settled_list()) - last_kill_done <= per_request
-    for text in outputs:
-        leaks.add("cli output", text)
-        assert "Traceback" not in text
-
+    killer = Killer(sg.box, state, "vip-newsletter", plan)
+    runs, run_id = 0, None
+    try:
+        while True:
+            args = [*base, "--resume", run_id] if run_id else base
+            killer.proc = subprocess.Popen(args, cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+            runs += 1
+            out, err = killer.proc.communicate(timeout=180)
+            for text in (out, err):
+                leaks.add("cli output", text)
+                assert "Traceback" not in text
+            if killer.proc.returncode == 0:
+                break
+            assert killer.proc.returncode == -signal.SIGKILL, out + err
+            run_id, done = _checkpoint(state, "vip-newsletter")
+            if run_id is not None:  # the list holds what the record says was sent, plus at most the request in flight
+                assert 0 <= len(sg.settled_list()) - done <= per_request
+    finally:
+        killer.close()
+    assert killer.kills == [(w, p) for w, p in plan] and runs == len(plan) + 1
     [final] = read_runs(state, "vip-newsletter")
-    assert kills >= 4
     assert final["status"] == "completed" and final["counts"]["sent"] == len(expected), final["error"]
+    assert final["checkpoint"]["resumed"] == len(plan) - 1  # the kill at start-up left no record to resume
     in_list = sg.settled_list()
     assert in_list == expected and len(in_list) == info.valid_distinct
     assert set(sg.box.send_counts()) == expected
     excess, most = excess_sends(sg.box)
-    allowance = kills * sg.box.stats["max_contacts_per_request"]  # one request in flight per kill
+    allowance = sum(phase == "after" for _, phase in plan) * sg.box.stats["max_contacts_per_request"]
     assert most <= 2, "a contact was sent more than twice"
     assert excess <= allowance
     beyond = sum(c - 2 for c in sg.box.send_counts().values() if c > 2) + max(0, excess - allowance)
-    fault_tally.record(faults=kills, runs=runs, expected=len(expected), in_list=len(in_list),
-                       lost=len(expected - in_list), dup_beyond=beyond)
+    fault_tally.record(scenario="SIGKILL at 5 seeded points, resumed each time", faults=len(killer.kills),
+                       runs=runs, expected=len(expected), in_list=len(in_list), lost=len(expected - in_list),
+                       dup_beyond=beyond)
 
 
 def test_resume_after_everything_was_accepted_reports_what_was_sent(sg: Box, small_export: Export, tmp_path: Path,
