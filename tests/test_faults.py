@@ -31,6 +31,7 @@ list holds exactly `counts.sent` contacts; "resume": `--resume RUN_ID` then comp
 | storage stopped for 25 s after a checkpoint | `interrupted`; stored record at its last checkpoint | timer |
 | 429 / slow answer outlasting the lease | the lease is renewed meanwhile; timer ticks find it busy | - |
 | lease broken during a long wait | the run stops at once, writes nothing | the timer's run finishes |
+| mirror removal waiting past its lease, a newer export lands | the newer export waits for the timer | list = latest |
 | two runs of one export at once | the second refused at once: "being exported by another run", exit 1 | - |
 | bad files (see `_write_bad_inputs`) | exit 0/1, a clear message naming file and line, never a traceback | - |
 
@@ -905,6 +906,60 @@ def test_a_run_whose_lease_is_lost_during_a_long_wait_stops_and_writes_nothing(
     assert world.record(run_id) == final  # the first run's last save never happened
     world.tally(fault_tally, "lease: lost during a 429 wait, taken over by the timer", faults=1, runs=2,
                 in_flight=0)
+
+
+def _people(numbers: range) -> bytes:
+    return ("email,first\r\n" + "".join(f"person.{i}@example.com,P{i}\r\n" for i in numbers)).encode()
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_a_mirror_removal_waiting_past_its_lease_keeps_a_newer_export_out_until_it_is_done(
+        azurite: Any, sg: Box, tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    """Issue 12 §5: a mirror run's removal waits on a 429 longer than its lease lasts unrenewed while a newer export
+    arrives. Before, the newer export ran beside it (the lease had lapsed), re-added the people the old run was about
+    to remove, and the old run's late removal took them out again: the list ended 100 short of the latest export.
+    Now the lease is kept, the newer export waits for the timer, and the list follows the latest export."""
+    dest = {"name": "mirrored", "consent": True, "api_key_secret": "sendgrid-api-key", "segments": ["people"],
+            "mapping": {"email": "email", "first_name": "first"}, "mode": "mirror", "max_profiles": None,
+            "bulk_threshold": None}
+    latest = frozenset(f"person.{i}@example.com" for i in range(1_000))
+    world = AppWorld(azurite.connection_string, sg, Export(tmp_path, "e.csv", dest, latest), tmp_path, LEASE_S)
+    exports = world.ctx().exports
+    for version, numbers in (("e0", range(1_000)), ("e1", range(100, 1_100)), ("e2", range(1_000))):
+        exports.write_bytes(f"mirrored/{version}.csv", _people(numbers))
+    [first] = app.on_blob(world.ctx(), "mirrored/e0.csv")
+    world.tick_until_final(first["run_id"], leaks)
+    sg.box.inject({"endpoint": "DELETE /v3/marketing/lists/{id}/contacts", "kind": "429", "retry_after": LEASE_S + 5})
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.extend(app.on_blob(world.ctx(), "mirrored/e1.csv")))
+    runner.start()  # e1 leaves 100 people out: its removal meets the 429
+    give_up = time.monotonic() + 60
+    while sg.statuses().get("429", 0) < 1:
+        assert time.monotonic() < give_up and runner.is_alive(), "the removal never met the 429"
+        time.sleep(0.02)
+    assert [r["status"] for r in app.on_blob(world.ctx(), "mirrored/e2.csv")] == ["deferred"]  # e2 lands meanwhile
+    while runner.is_alive():
+        for report in app.on_timer(world.ctx()):
+            leaks.add("timer report", orjson.dumps(report))
+        runner.join(timeout=1.0)  # the timer's period, shortened
+    [older] = outcome
+    assert older["status"] in ("submitted", "completed") and older["mirror"]["removed"] == 100, older["error"]
+    give_up = time.monotonic() + 90
+    while True:  # the timer syncs the latest export, e2, once the older run is done
+        for report in app.on_timer(world.ctx()):
+            leaks.add("timer report", orjson.dumps(report))
+        state = world.ctx().state
+        claim = state.export_claim("mirrored", "mirrored/e2.csv", exports.info("mirrored/e2.csv").etag)
+        if claim and not state.open_runs():
+            break
+        assert time.monotonic() < give_up, "the latest export was never synced"
+        time.sleep(1.0)
+    assert world.record(claim["run_id"])["status"] == "completed"
+    in_list = sg.settled_list()
+    assert in_list == latest, f"{len(in_list)} in the list against {len(latest)} in the latest export"
+    fault_tally.record(scenario="lease: mirror removal waiting past its lease, newer export", faults=1, runs=3,
+                       expected=len(latest), in_list=len(in_list & latest), lost=len(latest - in_list))
 
 
 # ------------------------------------------------------------------------------------------------ two runs at once
