@@ -64,12 +64,12 @@ from azure.storage.blob import BlobLeaseClient
 
 from shared import app, blobstore, contacts, engine, limits, samplegen, sources
 from shared.config import parse_config
-from shared.errors import SourceError
+from shared.errors import SourceError, StateError
 from shared.sandbox import Sandbox, serve
 from shared.secrets import EnvSecrets, Secret
 from shared.sendgrid import RetryPolicy, SendGridClient
 from shared.state import StateStore
-from shared.storage import LocalFolderStore
+from shared.storage import LocalFolderStore, ObjectStore
 from tests.storage_faults import DiskAzurite, StorageProxy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -295,6 +295,7 @@ class Engine:
     policy: RetryPolicy = FAST
     environ: dict[str, str] = field(default_factory=lambda: {"SENDGRID_API_KEY": KEY})
     cached_key: bool = False
+    state_store: Callable[[Path], ObjectStore] = LocalFolderStore
 
     def __post_init__(self) -> None:
         self.secrets = CachedSecrets(self.environ) if self.cached_key else EnvSecrets(self.environ)
@@ -305,7 +306,7 @@ class Engine:
         return SendGridClient(self.sg.url, self.secrets, dest.api_key_secret, policy=self.policy)
 
     def run(self, resume: str | None = None) -> dict[str, Any]:
-        state = StateStore(LocalFolderStore(self.state_dir))
+        state = StateStore(self.state_store(self.state_dir))
         svc = engine.Services(config=self.config, secrets=self.secrets, state=state,
                               sources=LocalFolderStore(self.export.root), client_factory=self.client,
                               poll_interval=0.05, wait_timeout=60.0)
@@ -906,6 +907,52 @@ def test_a_run_whose_lease_is_lost_during_a_long_wait_stops_and_writes_nothing(
     assert world.record(run_id) == final  # the first run's last save never happened
     world.tally(fault_tally, "lease: lost during a 429 wait, taken over by the timer", faults=1, runs=2,
                 in_flight=0)
+
+
+class FailingRecordWrites(LocalFolderStore):
+    """A state folder whose run record writes fail from the `first`-th one on (`count` of them): a store that stopped
+    answering, as the state store sees it (a StateError)."""
+
+    def __init__(self, root: Path, first: int, count: int) -> None:
+        super().__init__(root)
+        self.first, self.count, self.seen = first, count, 0
+
+    def write_bytes(self, key: str, data: bytes, **kwargs: Any) -> str:
+        if key.startswith("runs/") and key.endswith(".json"):
+            self.seen += 1
+            if self.first <= self.seen < self.first + self.count:
+                raise StateError(f"writing {key!r} failed: storage unreachable (injected)")
+        return super().write_bytes(key, data, **kwargs)
+
+
+# (record write that fails first, how many fail, what the store holds after the run)
+FAILED_SAVES = {
+    "a checkpoint save": (3, 1, "interrupted"),  # after the second request; the run's last save goes through
+    "every save from the last checkpoint on": (4, 99, "running"),  # the record stays at the second request's
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_SAVES.values()), ids=list(FAILED_SAVES))
+def test_a_failed_state_write_never_leaves_a_final_status_and_the_resume_completes(
+        case: tuple[int, int, str], sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks) -> None:
+    """Issue 12 §1: a run whose record cannot be written stops `interrupted` and resumable (it was saved `failed`,
+    final, before), and no final status is stored after a failed save. The resume sends only what no stored
+    checkpoint covers."""
+    first, count, stored_status = case
+    state = tmp_path / "state"
+    runner = Engine(sg, wide_export, state, leaks, state_store=lambda root: FailingRecordWrites(root, first, count))
+    stopped = runner.run()
+    assert stopped["status"] == "interrupted" and stopped["resumable"] is True, stopped["error"]
+    assert "storage unreachable (injected)" in stopped["error"]
+    [stored] = read_runs(state, runner.name)
+    assert stored["status"] == stored_status
+    done = stored["checkpoint"]["contacts_done"]
+    assert 0 < done < len(wide_export.expected)
+    resumed = Engine(sg, wide_export, state, leaks).run(resume=stopped["run_id"])
+    assert resumed["status"] == "completed" and resumed["counts"]["sent"] == len(wide_export.expected)
+    assert sg.settled_list() == wide_export.expected
+    excess, _ = excess_sends(sg.box)
+    assert excess == stopped["checkpoint"]["contacts_done"] - done  # only what no stored checkpoint covered
 
 
 def _people(numbers: range) -> bytes:
