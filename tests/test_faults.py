@@ -955,6 +955,26 @@ def test_a_failed_state_write_never_leaves_a_final_status_and_the_resume_complet
     assert excess == stopped["checkpoint"]["contacts_done"] - done  # only what no stored checkpoint covered
 
 
+def test_a_step_that_swallows_a_failed_save_cannot_make_the_run_final(
+        sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a step does with a failed checkpoint save (here: goes on as if it had worked), the run's end does not
+    store a final status: what SendGrid holds is not known to the store."""
+    original = engine._Run._accepted
+
+    def swallowing(self: Any, *args: Any) -> None:
+        with contextlib.suppress(StateError):
+            original(self, *args)
+
+    monkeypatch.setattr(engine._Run, "_accepted", swallowing)
+    state = tmp_path / "state"
+    runner = Engine(sg, wide_export, state, leaks, state_store=lambda root: FailingRecordWrites(root, 2, 1))
+    stopped = runner.run()
+    assert stopped["status"] == "interrupted" and "storage unreachable (injected)" in stopped["error"]
+    assert read_runs(state, runner.name)[0]["status"] == "interrupted"
+    monkeypatch.undo()
+    assert Engine(sg, wide_export, state, leaks).run(resume=stopped["run_id"])["status"] == "completed"
+
+
 def _people(numbers: range) -> bytes:
     return ("email,first\r\n" + "".join(f"person.{i}@example.com,P{i}\r\n" for i in numbers)).encode()
 
