@@ -160,6 +160,7 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> dict
     key = svc.state.snapshot_key(dest.name, dest.list_id)
     store = svc.state.store
     client = svc.client(dest)
+    lost = False  # the lease (or the record) went to another holder: nothing more is written
     try:
         emails = snapshots.subtract_sorted(snapshots.read_snapshot(store, key),
                                            *(snapshots.read_snapshot(store, k)
@@ -182,9 +183,10 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> dict
         record.update(status="completed", finished_at=now_iso())
     except (DeadlineReached, ConnectorError) as exc:
         record.update(status="interrupted", error=redact(str(exc)) + "; run the removal again to resume")
+        lost = isinstance(exc, LeaseLost)
     finally:
         client.close()
-        if svc.keeper is None or svc.keeper.lost is None:  # lost: the purge's new holder owns the record
+        if not lost:
             svc.state.save_run(record)
     return record
 
