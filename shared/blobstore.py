@@ -261,14 +261,8 @@ class BlobContainerStore:
         return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[return-value]
 
     def read_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._blob(key).download_blob(max_concurrency=1).readall()
-        except ResourceNotFoundError as e:
-            if self._not_found(e):
-                return None
-            raise self._error("reading", key, e) from None
-        except AzureError as e:
-            raise self._error("reading", key, e) from None
+        found = self.read_with_etag(key)
+        return None if found is None else found[0]
 
     def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
         try:

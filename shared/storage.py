@@ -129,10 +129,8 @@ class LocalFolderStore:
             raise NotFound(f"{key} not found in {self.label}") from None
 
     def read_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
+        found = self.read_with_etag(key)
+        return None if found is None else found[0]
 
     def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
         try:
