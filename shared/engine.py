@@ -533,7 +533,8 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
 
 def _stopped_by_storage(exc: StateError) -> str:
     if isinstance(exc, LeaseLost):
-        return f"{redact(str(exc))}. The run that holds the lease now goes on; this one is resumable"
+        return (f"{redact(str(exc))}. Whoever holds the destination now goes on; otherwise the timer resumes this run "
+                "once its lease is free")
     return (f"the state store failed: {redact(str(exc))}. The run stopped resumable at its last checkpoint; the timer "
             "(or --resume) goes on from there")
 
