@@ -327,9 +327,12 @@ class LeaseKeeper:
             try:
                 self._lease.renew()
             except LeaseUnavailable as exc:  # another holder has it
-                self._lose(f"renewing it failed ({exc})")
+                if not self._stop.is_set():  # (a renewal that ends after the work is over says nothing)
+                    self._lose(f"renewing it failed ({exc})")
                 return
             except Exception as exc:  # storage unreachable past its retry budget: the lease may still be ours
+                if self._stop.is_set():
+                    return
                 if self._clock() - self._renewed_at > self.trusted_for:
                     self._lose(f"renewing it failed for too long ({exc})")
                     return
