@@ -4,6 +4,8 @@ Reads stream in ranged GETs pinned to the ETag seen at open, so a blob replaced 
 versions. Large writes stage blocks and commit them at the end, so nothing big sits in memory and readers never see
 a half-written object. Leases are blob leases (15-60 s, renewable) on the object at the lease key, which serves only
 as a lock: a killed holder's lease lapses when its duration runs out.
+
+Every call retries within one storage retry budget (STORAGE_ATTEMPTS, retry_policy); an error after it says so.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from azure.storage.blob import (
 )
 
 from .errors import ConfigError, LeaseUnavailable, StateError
-from .storage import Lease, NotFound, ObjectInfo, PreconditionFailed, check_key, key_below, url_endpoint
+from .storage import Lease, LeaseLost, NotFound, ObjectInfo, PreconditionFailed, check_key, key_below, url_endpoint
 
 # One ranged GET of open_read. azure-storage-blob 12.x collects a response with list(stream), and the stream's len()
 # is its byte count, so every download briefly allocates a list of 8 bytes per byte of the range (a 4 MiB range costs
@@ -39,10 +41,24 @@ LEASE_MIN_SECONDS, LEASE_MAX_SECONDS = 15, 60  # what Blob Storage accepts for a
 _SAS_SIG = re.compile(r"(sig|se|sv|sp|skoid|sktid)=[^&\s]+", re.IGNORECASE)
 
 
+# The storage retry budget of every call (state and exports): STORAGE_ATTEMPTS attempts of a call that meets 5xx,
+# 408, timeouts or refused connections, waiting 1 + 2**n s (+-1 s of jitter) before attempt n + 1: 3, 5 and 9 s, so a
+# call gives up after about 17 s (14-20 s) of waiting plus its attempts. The SDK default (15, 18 and 24 s: over a
+# minute) is too long for a run with a deadline or an HTTP answer due in 230 s. A run whose state cannot be written
+# within the budget stops `interrupted` (resumable) and the timer resumes it from its checkpoint.
+STORAGE_ATTEMPTS = 4
+_BACKOFF_INITIAL, _BACKOFF_BASE, _BACKOFF_JITTER = 1, 2, 1
+STORAGE_RETRY_WAIT_S = sum(_BACKOFF_INITIAL + _BACKOFF_BASE**n for n in range(1, STORAGE_ATTEMPTS))
+RETRY_BUDGET = f"{STORAGE_ATTEMPTS} attempts over about {STORAGE_RETRY_WAIT_S} s, the storage retry budget"
+
+
 def retry_policy() -> ExponentialRetry:
-    """The SDK default waits 15 s, then 18 s, then 24 s (about a minute and a half when storage is unreachable),
-    too long for a run with a deadline or an HTTP answer due in 230 s: 4 retries over about 20 s instead."""
-    return ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=4)
+    """The storage retry budget as the SDK's policy. Every kind of failure (status, connection, read) counts against
+    the same STORAGE_ATTEMPTS (the SDK's own counters would allow one more of some kinds than of others)."""
+    retries = STORAGE_ATTEMPTS - 1
+    return ExponentialRetry(initial_backoff=_BACKOFF_INITIAL, increment_base=_BACKOFF_BASE,
+                            random_jitter_range=_BACKOFF_JITTER, retry_total=retries, retry_connect=retries,
+                            retry_read=retries, retry_status=retries)
 
 
 def _etag(raw: str | None) -> str:
@@ -60,12 +76,22 @@ def _code(e: HttpResponseError) -> str:
     return str(getattr(code, "value", code) or "")
 
 
-def _describe(e: AzureError) -> str:
-    """A short, secret-free account of an SDK error (no response bodies, no URLs with SAS tokens)."""
+def _retried(e: AzureError) -> bool:
+    """Whether the SDK retried the call within the budget before this error (see retry_policy)."""
     if isinstance(e, HttpResponseError):
-        return f"HTTP {e.status_code} {_code(e) or e.reason or ''}".strip()
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {_SAS_SIG.sub(_redact, first)}"[:300]
+        return e.status_code is not None and (e.status_code == 408 or e.status_code >= 500)
+    return True  # no answer at all: refused or dropped connections, timeouts
+
+
+def _describe(e: AzureError) -> str:
+    """A short, secret-free account of an SDK error (no response bodies, no URLs with SAS tokens), naming the retry
+    budget when the call was retried."""
+    if isinstance(e, HttpResponseError):
+        text = f"HTTP {e.status_code} {_code(e) or e.reason or ''}".strip()
+    else:
+        first = str(e).splitlines()[0] if str(e) else ""
+        text = f"{type(e).__name__}: {_SAS_SIG.sub(_redact, first)}"[:300]
+    return f"{text} (gave up after {RETRY_BUDGET})" if _retried(e) else text
 
 
 def _redact(m: re.Match[str]) -> str:
@@ -143,20 +169,21 @@ class _BlobReader(io.RawIOBase):
 
 
 class _BlobLease:
-    def __init__(self, client: BlobLeaseClient, key: str, label: str) -> None:
-        self._client, self._key, self._label = client, key, label
+    def __init__(self, client: BlobLeaseClient, key: str, label: str, seconds: int) -> None:
+        self._client, self._key, self._label, self.seconds = client, key, label, float(seconds)
 
     @property
     def id(self) -> str:
         return str(self._client.id)
 
     def renew(self) -> None:
-        """Extend the lease by its duration. LeaseUnavailable when it lapsed and another run took the key."""
+        """Extend the lease by its duration (also once it lapsed, if nobody leased the key since). LeaseLost when
+        another holder took it or it was broken; StateError when storage cannot be reached."""
         try:
             self._client.renew()
         except HttpResponseError as e:
             if e.status_code in (404, 409, 412):
-                raise LeaseUnavailable(f"the lease on {self._key} in {self._label} was lost ({_code(e)})") from None
+                raise LeaseLost(f"the lease on {self._key} in {self._label} was lost ({_code(e)})") from None
             raise StateError(f"renewing the lease on {self._key!r} in {self._label} failed: {_describe(e)}") from None
         except AzureError as e:
             raise StateError(f"renewing the lease on {self._key!r} in {self._label} failed: {_describe(e)}") from None
@@ -219,8 +246,13 @@ class BlobContainerStore:
         return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[return-value]
 
     def read_bytes(self, key: str) -> bytes | None:
+        found = self.read_with_etag(key)
+        return None if found is None else found[0]
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
         try:
-            return self._blob(key).download_blob(max_concurrency=1).readall()
+            download = self._blob(key).download_blob(max_concurrency=1)
+            return download.readall(), _etag(download.properties.etag)
         except ResourceNotFoundError as e:
             if self._not_found(e):
                 return None
@@ -341,7 +373,7 @@ class BlobContainerStore:
         blob = self._blob(key)
         duration = min(max(int(seconds), LEASE_MIN_SECONDS), LEASE_MAX_SECONDS)
         try:
-            held = _BlobLease(self._acquire(blob, key, duration), key, self.label)
+            held = _BlobLease(self._acquire(blob, key, duration), key, self.label, duration)
         except AzureError as e:
             raise self._error("leasing", key, e) from None
         try:

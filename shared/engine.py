@@ -8,7 +8,6 @@ idempotent). Parsing and sending overlap: a sender thread sends one request whil
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -40,17 +39,19 @@ from .errors import (
     SecretError,
     SendGridError,
     SourceError,
+    StateError,
     TransientError,
 )
 from .held import Held
 from .secrets import SecretProvider, redact
 from .sendgrid import InvalidContacts, SendGridClient, base_url_for
-from .state import StateStore, new_run_id, now_iso
-from .storage import LeaseKeeper, ObjectStore
+from .state import OPEN_STATUSES, StateStore, new_run_id, now_iso
+from .storage import LeaseKeeper, LeaseLost, ObjectStore
 
 log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
+LEASE_SECONDS = 60  # a run's lease on its destination; its keeper renews it every 15 s
 MAX_REJECTION_ROWS = 100_000  # rows in a run's rejections CSV; the rest are counted (counts.rejections_omitted)
 EXPORT_WAIT_HOURS = 6  # how long an incomplete export is waited for before its run fails
 EXPORT_RETRY_FIRST_S, EXPORT_RETRY_MAX_S = 300.0, 3600.0  # the backoff between tries (the timer ticks every 5 min)
@@ -86,11 +87,23 @@ class Services:
     progress: Callable[[dict[str, Any]], None] | None = None
     poll_interval: float = 2.0
     wait_timeout: float = 900.0
+    lease_seconds: int = LEASE_SECONDS  # the destination's lease (a blob lease: 15-60 s), kept by a LeaseKeeper
+    keeper: LeaseKeeper | None = None  # set by holding(): the lease the work holds
+
+    def holding(self, keeper: LeaseKeeper) -> Services:
+        """These services for work that holds a destination's lease: state writes check first that it is still held
+        (LeaseLost), and SendGrid clients made from them check before each request and stop waiting once it is lost.
+        keeper.check() is the check for any other step (a removal batch, a checkpoint)."""
+        return dataclasses.replace(self, state=self.state.held(keeper), keeper=keeper)
 
     def client(self, dest: Destination) -> SendGridClient:
         if self.client_factory is not None:
-            return self.client_factory(dest)
-        return SendGridClient(base_url_for(dest.region, self.environ), self.secrets, dest.api_key_secret)
+            client = self.client_factory(dest)
+        else:
+            client = SendGridClient(base_url_for(dest.region, self.environ), self.secrets, dest.api_key_secret)
+        if self.keeper is not None:
+            client.guard = self.keeper.sleep
+        return client
 
 
 def _reason_key(reason: str) -> str:
@@ -173,7 +186,6 @@ class _Run:
         self.importer: bulk.Importer | None = None
         self.run_warnings = 0  # warnings about the run as a whole come first; the reading's follow
         self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
-        self.keep_lease: LeaseKeeper | None = None  # renews the destination's lease as the run goes
         self.held = Held(svc.state, dest.name, dest.list_id)  # where accepted contacts are recorded as sent
         self.account = jobs.account_of(dest)
         self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
@@ -249,9 +261,8 @@ class _Run:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self.keep_lease is not None:
-            with contextlib.suppress(Exception):
-                self.keep_lease()
+        if self.svc.keeper is not None:  # the reading stops at once when the lease is lost
+            self.svc.keeper.check()
         if self.svc.progress and now - self._last_progress >= 2.0:
             self._last_progress = now
             elapsed = now - self._started
@@ -499,7 +510,9 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                                     '"consent": true (agreeing to the data privacy and compliance terms) to run it')
     if not req.source:
         return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
-    with svc.state.lease(dest.name) as lease:
+    with (svc.state.lease(dest.name, svc.lease_seconds) as lease,
+          LeaseKeeper(lease, what=f"the lease on '{dest.name}'") as keeper):
+        svc = svc.holding(keeper)  # from here every state write and SendGrid request checks the lease first
         disabled = svc.state.disabled(dest.name)  # under the lease: a purge that held it has disabled it for good
         if not dest.enabled or disabled:
             why = ("disabled in the destinations file" if not dest.enabled
@@ -540,7 +553,6 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
             if holder is not None:
                 return {"destination": dest.name, "status": "skipped", "run_id": holder.get("run_id")}
         state = _Run(req, svc, dest, record)
-        state.keep_lease = LeaseKeeper(lease)
         started_at = record["checkpoint"]["contacts_done"]
         try:
             with gcpolicy.sparse:  # millions of short-lived rows and contacts: see gcpolicy
@@ -557,23 +569,54 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                           resumable=isinstance(exc, SendGridError))
         except RunRefused as exc:
             record.update(status="refused", error=redact(str(exc)))
+        except StateError as exc:  # storage unreachable past its retry budget, or the lease lost: the timer goes on
+            record.update(status="interrupted", error=_stopped_by_storage(exc), resumable=True)
         except ConnectorError as exc:
             record.update(status="failed", error=redact(str(exc)))
         finally:
             if state.read:
                 _finish_counts(state)
             record["timings"]["seconds"] = round(time.monotonic() - state._started, 3)
+            if svc.state.failed_save is not None and record["status"] not in OPEN_STATUSES:
+                # a checkpoint save failed: what SendGrid holds is not known to the store, so nothing is final yet
+                record.update(status="interrupted", error=_stopped_by_storage(svc.state.failed_save), resumable=True)
             if record["status"] != "running" or req.dry_run:
                 record["finished_at"] = now_iso()
-            if record["status"] != "refused" and state.read:
-                key = f"runs/{dest.name}/{record['run_id']}.rejections.csv"
-                svc.state.store.write_stream(key, state.rejections.chunks())
-                record["rejections_file"] = key
-            state.rejections.close()
-            svc.state.save_run(record)
-            if (claim or req.resume) and record["status"] == "refused" and req.source_etag:  # it runs once fixed
-                svc.state.release_export(dest.name, req.source, req.source_etag, run_id=record["run_id"])
+            _store_outcome(state, release_claim=bool(claim or req.resume))
     return record
+
+
+def _stopped_by_storage(exc: StateError) -> str:
+    if isinstance(exc, LeaseLost):
+        return (f"{redact(str(exc))}. Whoever holds the destination now goes on; otherwise the timer resumes this run "
+                "once its lease is free")
+    return (f"the state store failed: {redact(str(exc))}. The run stopped resumable at its last checkpoint; the timer "
+            "(or --resume) goes on from there")
+
+
+def _store_outcome(state: _Run, *, release_claim: bool) -> None:
+    """The run's last writes: its rejections file and its record (and, refused, its export claim back). A run whose
+    lease is lost writes nothing (another run may hold the record now); when storage fails, the stored record stays
+    at its last checkpoint (`running` or `interrupted`), which the timer resumes once the lease is free."""
+    req, svc, dest, record = state.req, state.svc, state.dest, state.record
+    try:
+        if record["status"] != "refused" and state.read:  # a run resumed past its sending read nothing: keep its file
+            key = f"runs/{dest.name}/{record['run_id']}.rejections.csv"
+            svc.state.store.write_stream(key, state.rejections.chunks())
+            record["rejections_file"] = key
+        svc.state.save_run(record)
+        if release_claim and record["status"] == "refused" and req.source_etag:  # it runs once fixed
+            svc.state.release_export(dest.name, str(req.source), req.source_etag, run_id=record["run_id"])
+    except StateError as exc:
+        if record["status"] not in OPEN_STATUSES:
+            record.update(status="interrupted", resumable=True)
+        record["error"] = (f"{record.get('error') or ''}; " if record.get("error") else "") + (
+            f"nothing more was stored ({redact(str(exc))})" if isinstance(exc, LeaseLost) else
+            f"the record could not be stored ({redact(str(exc))}): the stored one stays at its last checkpoint and "
+            "the timer resumes it")
+        log.error("%s: run %s: %s", dest.name, record["run_id"], record["error"])
+    finally:
+        state.rejections.close()
 
 
 def _stopped_at_deadline(record: dict[str, Any], started_at: int, why: str) -> None:
@@ -611,15 +654,19 @@ def finish_submitted(record: dict[str, Any], svc: Services, *, deadline: float |
     """Bring a run left `submitted` to its end under the destination's lease: poll its jobs and, in mirror mode, go
     on with its removals. LeaseUnavailable when another run holds the destination (the next tick tries again)."""
     dest = destination(svc.config, record["destination"])
-    with svc.state.lease(dest.name) as lease:
+    with (svc.state.lease(dest.name, svc.lease_seconds) as lease,
+          LeaseKeeper(lease, what=f"the lease on '{dest.name}'") as keeper):
+        svc = svc.holding(keeper)
         current = svc.state.load_run(record["run_id"])  # under the lease: another process may have moved it on
         if current is None or current.get("status") != "submitted":
             return current or record
         client = svc.client(dest)
         try:
-            listsync.finish_submitted(_sync(current, dest, svc, client, deadline=deadline, lease=LeaseKeeper(lease)))
+            listsync.finish_submitted(_sync(current, dest, svc, client, deadline=deadline))
         except (DeadlineReached, ConnectorError) as exc:
             log.warning("%s: run %s could not be finished: %s", dest.name, current["run_id"], exc)
+            if isinstance(exc, LeaseLost):
+                return current
             removing = current["checkpoint"].get("phase") in listsync.AFTER_SENDING  # resumed from its phase
             current.update(status="interrupted" if removing else "submitted", error=redact(str(exc)))
             svc.state.save_run(current)
@@ -629,9 +676,10 @@ def finish_submitted(record: dict[str, Any], svc: Services, *, deadline: float |
 
 
 def _sync(record: dict[str, Any], dest: Destination, svc: Services, client: SendGridClient, *,
-          wait: bool = False, deadline: float | None = None, lease: LeaseKeeper | None = None) -> listsync.Sync:
+          wait: bool = False, deadline: float | None = None) -> listsync.Sync:
+    keeper = svc.keeper
     return listsync.Sync(record, dest, svc.state, client, svc, lambda: svc.state.save_run(record), wait=wait,
-                         deadline=deadline, keep_lease=lease or (lambda: None))
+                         deadline=deadline, keep_lease=keeper.check if keeper is not None else (lambda: None))
 
 
 def _finish_counts(state: _Run) -> None:
@@ -653,8 +701,7 @@ def _execute(state: _Run) -> None:
         state.read = False
         client = svc.client(dest)
         try:
-            listsync.resume_mirror(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline,
-                                         lease=state.keep_lease))
+            listsync.resume_mirror(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline))
         finally:
             client.close()
         return
@@ -712,8 +759,8 @@ def _execute(state: _Run) -> None:
         assert client is not None
         state.sorter = snapshots.EmailSorter()
         state.send_all(client)
-        listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline,
-                                  lease=state.keep_lease), state.sorter.sorted_unique())
+        listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline),
+                            state.sorter.sorted_unique())
     finally:
         if state.sorter is not None:
             state.sorter.close()

@@ -29,7 +29,7 @@ from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailab
 from .held import Held
 from .secrets import redact
 from .state import StateStore, new_run_id, now_iso
-from .storage import LeaseKeeper, PreconditionFailed
+from .storage import LeaseKeeper, LeaseLost, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
     if record is None:
         record = queued_purge(svc.state, dest, what, by=by)
     try:
-        lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
+        lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS, svc.lease_seconds)
     except LeaseUnavailable:
         # Whoever holds the destination may be running this very purge: its record is theirs to save.
         log.warning("%s: busy with another run; purge %s left as it is", name, record["run_id"])
@@ -145,17 +145,18 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
         record.update(status="queued")
         svc.state.save_run(record)
         return record
-    with lease:
+    with lease, LeaseKeeper(lease, what=f"the lease on '{name}'") as keeper:
+        svc = svc.holding(keeper)  # renewed on its own clock; every write and request checks it first
         # Re-read under the lease: another caller may have finished or moved this purge on while we waited.
         current = svc.state.load_run(record["run_id"]) or record
         if current.get("status") not in PURGE_OPEN_STATUSES:
             return current
-        return _run_purge(svc, dest, current, LeaseKeeper(lease))
+        return _run_purge(svc, dest, current)
 
 
-def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_lease: LeaseKeeper) -> dict[str, Any]:
-    """Work on an open purge record from its checkpoint; the caller holds the destination's lease, renewed here as
-    the checkpoints pass (a blob lease lapses after 60 s, and the timer would start the same purge beside this one).
+def _run_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> dict[str, Any]:
+    """Work on an open purge record from its checkpoint; the caller holds the destination's lease (svc.holding: a
+    blob lease lapses after 60 s unrenewed, and the timer would start the same purge beside this one).
 
     First every job the product knows of in the account must be final (a contact whose upsert is pending is
     invisible to search); then what the destination holds and no other destination does is staged, and passes
@@ -166,10 +167,11 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_le
     svc.state.save_run(record)
     client = svc.client(dest)
     ck, until = record["checkpoint"], time.monotonic() + svc.wait_timeout
+    lost = False  # the lease (or the record) went to another holder: nothing more is written
     try:
         if not ck.get("staged"):
             waiting = jobs.settle_account(svc.state, client, jobs.account_of(dest), svc, until=until,
-                                          on_wait=keep_lease)
+                                          on_wait=svc.keeper.check if svc.keeper else None)
             if waiting:
                 raise NotYet(f"SendGrid's jobs of run(s) {', '.join(waiting)} are not final yet; the purge waits "
                                  "for them (a contact whose upsert is pending cannot be found)")
@@ -179,7 +181,6 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_le
         def checkpoint() -> None:
             record["counts"] = dict((ck.get("first") or ck.get("counts") or {}), passes=ck["pass"])
             svc.state.save_run(record)
-            keep_lease()
 
         act = (functools.partial(mirror.remove_emails, client, dest.list_id) if what == "list"
                else functools.partial(mirror.delete_emails, client))
@@ -193,9 +194,11 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any], keep_le
         record.update(status="completed", finished_at=now_iso())
     except (DeadlineReached, ConnectorError) as exc:
         record.update(status="interrupted", error=redact(str(exc)) + "; the timer goes on (or run the removal again)")
+        lost = isinstance(exc, LeaseLost)
     finally:
         client.close()
-        svc.state.save_run(record)
+        if not lost:
+            svc.state.save_run(record)
     return record
 
 
@@ -290,16 +293,19 @@ def _forget_everywhere(svc: Services, address: str, report: dict[str, Any]) -> N
     """The address out of every destination's held set (under each one's lease), once SendGrid confirmed."""
     for name, dest in sorted(svc.config.destinations.items()):
         try:
-            lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS)
+            lease = svc.state.wait_lease(name, LEASE_WAIT_SECONDS, svc.lease_seconds)
         except LeaseUnavailable:
             report["errors"].append(f"{name}: busy with a run; the contact is deleted, erase again to remove the "
                                     "person from this destination's records")
             continue
-        with lease:
-            held = Held(svc.state, name, dest.list_id)
-            if held.holds(address):
-                report["destinations"].append(name)
-                held.forget(address)
+        try:
+            with lease, LeaseKeeper(lease, what=f"the lease on '{name}'") as keeper:
+                held = Held(svc.holding(keeper).state, name, dest.list_id)  # written only while the lease is held
+                if held.holds(address):
+                    report["destinations"].append(name)
+                    held.forget(address)
+        except LeaseLost:  # a run has the destination now: its records are left as they were, the erasure says so
+            report["errors"].append(f"{name}: a run took the destination over; erase again to finish")
 
 
 def _keep_open(svc: Services, person: str, address: str, still_open: bool) -> None:

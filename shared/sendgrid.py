@@ -172,6 +172,9 @@ class SendGridClient:
         self._rng = rng or random.Random()
         self._pacer = _Pacer()
         self.deadline: float | None = None  # time.monotonic() value; waits that would pass it raise DeadlineReached
+        # The engine's lease keeper (LeaseKeeper.sleep): every wait goes through it and it is asked (with 0) before
+        # each attempt, so a run whose lease is lost sends nothing more and stops waiting at once.
+        self.guard: Callable[[float], None] | None = None
         self.stats = {"requests": 0, "retries": 0, "rate_limited": 0, "bytes_sent": 0, "waited_seconds": 0.0}
 
     def __repr__(self) -> str:
@@ -184,11 +187,13 @@ class SendGridClient:
 
     def _wait(self, seconds: float) -> None:
         if seconds <= 0:
+            if self.guard is not None:
+                self.guard(0)
             return
         if self.deadline is not None and time.monotonic() + seconds > self.deadline:
             raise DeadlineReached(f"waiting {seconds:.0f} s for SendGrid would pass the run's deadline")
         self.stats["waited_seconds"] += seconds
-        self._sleep(seconds)
+        (self.guard or self._sleep)(seconds)
 
     def request(
         self,

@@ -22,6 +22,10 @@ always, the index entry and the open marker only when their content changes (the
 none). Write order keeps a crash safe: index and a new marker go before the record, a marker delete after it, so a
 stored record is always reachable by its run id and an open record always has its marker. A marker without an open
 record (a crash in between) is skipped by readers.
+
+Records are written conditionally, as a chain of ETags: a new record only if none exists, every later save only if
+the record is still what this instance last read or wrote (If-Match). A process whose lease lapsed, and whose run the
+timer has resumed meanwhile, therefore cannot overwrite the resumed run's record: its save raises LeaseLost.
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ from typing import Any
 import orjson
 
 from .errors import StateError
-from .storage import HeldLease, Lease, ObjectStore, PreconditionFailed, wait_for_lease
+from .storage import (
+    HeldLease,
+    Lease,
+    LeasedStore,
+    LeaseKeeper,
+    LeaseLost,
+    ObjectStore,
+    PreconditionFailed,
+    wait_for_lease,
+)
 
 DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -101,6 +114,16 @@ class StateStore:
         # one that picks a run up reads it first (load_run, open_runs), which forgets what was cached for it.
         self._indexed: dict[str, str] = {}
         self._marked: dict[str, str] = {}
+        # The ETag of each run record as this instance last read or wrote it: the condition of its next save.
+        self._etags: dict[str, str] = {}
+        self.failed_save: StateError | None = None  # the first save_run of this instance that raised
+
+    def held(self, keeper: LeaseKeeper) -> StateStore:
+        """This state store for the holder of a lease: every write first checks that the lease is still held
+        (LeaseLost otherwise). It shares this instance's caches, so the ETag chain of a record goes on across both."""
+        view = StateStore(LeasedStore(self.store, keeper), clock=self._clock)
+        view._indexed, view._marked, view._etags = self._indexed, self._marked, self._etags
+        return view
 
     def __repr__(self) -> str:
         return f"StateStore({self.store.label})"
@@ -108,8 +131,9 @@ class StateStore:
     # -- JSON helpers ------------------------------------------------------------------------------------------------
     def _read_json(self, key: str) -> dict[str, Any] | None:
         data = self.store.read_bytes(key)
-        if data is None:
-            return None
+        return None if data is None else self._parse(key, data)
+
+    def _parse(self, key: str, data: bytes) -> dict[str, Any]:
         try:
             value = orjson.loads(data)
         except orjson.JSONDecodeError as e:
@@ -129,7 +153,16 @@ class StateStore:
     def save_run(self, record: dict[str, Any]) -> None:
         """Write the run record, plus its index entry and open marker (present for queued, running, interrupted and
         submitted runs; deleted once the run is final) when they differ from what this instance last wrote. Index
-        and a new marker are written before the record, a marker delete comes after it (see the module docstring)."""
+        and a new marker are written before the record, a marker delete comes after it (see the module docstring).
+        The record is written only if it is still what this instance last read or wrote (a new one: only if there
+        is none); LeaseLost otherwise, and nothing more is written."""
+        try:
+            self._save_run(record)
+        except StateError as exc:
+            self.failed_save = self.failed_save or exc
+            raise
+
+    def _save_run(self, record: dict[str, Any]) -> None:
         run_id = check_run_id(record.get("run_id"))
         destination = check_destination(record.get("destination"))
         status = record.get("status")
@@ -144,7 +177,14 @@ class StateStore:
         if is_open and self._marked.get(run_id) != status:
             self.store.write_bytes(marker, status.encode())
             self._marked[run_id] = status
-        self.store.write_bytes(f"runs/{destination}/{run_id}.json", data)
+        etag = self._etags.get(run_id)
+        try:
+            self._etags[run_id] = self.store.write_bytes(f"runs/{destination}/{run_id}.json", data, if_match=etag,
+                                                         if_none_match=etag is None)
+        except PreconditionFailed:
+            raise LeaseLost(f"run {run_id}: its record in {self.store.label} was saved by another process since this "
+                            f"one {'read or saved it' if etag else 'started it'} (did its lease lapse?); this process "
+                            "stops without overwriting it") from None
         if not is_open:
             self.store.delete(marker)
             self._forget(run_id)  # final: saved once or twice, so the cache holds open runs only
@@ -163,15 +203,28 @@ class StateStore:
         destination = check_destination(raw.decode("utf-8", "replace").strip())
         return self._read_json(f"runs/{destination}/{run_id}.json")
 
+    def _read_record(self, run_id: str, destination: str) -> dict[str, Any] | None:
+        """A run record as stored now; its ETag becomes the condition of this instance's next save of it."""
+        self._forget(run_id)
+        self._etags.pop(run_id, None)
+        key = f"runs/{destination}/{run_id}.json"
+        found = self.store.read_with_etag(key)
+        if found is None:
+            return None
+        record = self._parse(key, found[0])
+        self._etags[run_id] = found[1]
+        return record
+
     def load_run(self, run_id: str) -> dict[str, Any] | None:
-        """The run's record, or None. Forgets this instance's cache for the run (another process may have saved it)."""
+        """The run's record, or None. Forgets this instance's cache for the run (another process may have saved it)
+        and remembers the record's ETag: this instance's next save of it is conditional on it."""
         check_run_id(run_id)
         self._forget(run_id)
         raw = self.store.read_bytes(f"run-index/{run_id}")
         if raw is None:
             return None
         destination = check_destination(raw.decode("utf-8", "replace").strip())
-        return self._read_json(f"runs/{destination}/{run_id}.json")
+        return self._read_record(run_id, destination)
 
     def list_runs(self, destination: str, limit: int = 50) -> list[dict[str, Any]]:
         """The newest `limit` runs of a destination, newest first."""
@@ -198,8 +251,7 @@ class StateStore:
                 found.append((parts[2], parts[1]))
         runs = []
         for run_id, destination in sorted(found):
-            self._forget(run_id)  # the caller may resume or poll it: its next save rewrites index and marker
-            record = self._read_json(f"runs/{destination}/{run_id}.json")
+            record = self._read_record(run_id, destination)  # the caller may resume or poll it
             if record is not None and record.get("status") in OPEN_STATUSES:
                 runs.append(record)
         return runs
@@ -289,7 +341,8 @@ class StateStore:
 
     # -- leases and snapshots ----------------------------------------------------------------------------------------
     def lease(self, destination: str, seconds: int = 60) -> contextlib.AbstractContextManager[Lease]:
-        """One run per destination at a time; LeaseUnavailable at once when another run holds it."""
+        """One run per destination at a time; LeaseUnavailable at once when another run holds it. Work that may
+        outlast the lease holds it with a storage.LeaseKeeper."""
         return self.store.lease(f"leases/{check_destination(destination)}", seconds)
 
     def wait_lease(self, destination: str, timeout: float, seconds: int = 60) -> HeldLease:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -21,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import LeaseUnavailable, StateError
 
+log = logging.getLogger(__name__)
 _KEY_PART = re.compile(r"^[^/\\\x00]+$")
 
 
@@ -30,6 +33,11 @@ class NotFound(StateError):
 
 class PreconditionFailed(StateError):
     """A conditional write lost a race (the object changed, or already exists)."""
+
+
+class LeaseLost(LeaseUnavailable):
+    """A lease this process held is gone (another holder took it, or it went unrenewed too long to be trusted): the
+    work stops at once and writes nothing more, since the new holder may be working on the same state."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,11 @@ def check_key(key: str) -> str:
 
 
 class Lease(Protocol):
-    def renew(self) -> None: ...
+    seconds: float  # how long the lease lasts unrenewed (a blob lease: 15-60 s)
+
+    def renew(self) -> None:
+        """Extend the lease by its duration. LeaseUnavailable (LeaseLost) when another holder has it; StateError when
+        storage cannot be reached (the lease may still be ours)."""
 
 
 class ObjectStore(Protocol):
@@ -98,6 +110,9 @@ class ObjectStore(Protocol):
 
     def read_bytes(self, key: str) -> bytes | None:
         """The whole object (small objects only), or None when it does not exist."""
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        """The whole object and the ETag of exactly that content (for a later write_bytes(if_match=...)), or None."""
 
     def info(self, key: str) -> ObjectInfo | None: ...
 
@@ -122,8 +137,8 @@ class ObjectStore(Protocol):
 
 
 class _FileLease:
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, fd: int, seconds: float) -> None:
+        self._fd, self.seconds = fd, float(seconds)
 
     def renew(self) -> None:  # a flock lasts until released or the process dies
         pass
@@ -155,8 +170,13 @@ class LocalFolderStore:
             raise NotFound(f"{key} not found in {self.label}") from None
 
     def read_bytes(self, key: str) -> bytes | None:
+        found = self.read_with_etag(key)
+        return None if found is None else found[0]
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as fh:  # the ETag of the open file: writes replace it with a new inode
+                return fh.read(), self._etag(os.fstat(fh.fileno()))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
@@ -249,7 +269,7 @@ class LocalFolderStore:
             os.close(fd)
             raise LeaseUnavailable(f"{key} is held by another run") from None
         try:
-            yield _FileLease(fd)
+            yield _FileLease(fd, seconds)
         finally:
             os.close(fd)
 
@@ -279,21 +299,150 @@ class LocalFolderStore:
         return None
 
 
-LEASE_RENEW_SECONDS = 15.0  # well inside a 60 s blob lease
-
-
 class LeaseKeeper:
-    """Renews a lease at most every LEASE_RENEW_SECONDS however often it is called (per chunk, per checkpoint):
-    work that outlasts a blob lease (at most 60 s) keeps its destination."""
+    """Holds a lease for work that outlasts it (runs, purges, erasure). A background thread renews it every quarter
+    of its duration on its own clock, whatever the work is doing (reading, sending, waiting on SendGrid, polling).
 
-    def __init__(self, lease: Lease) -> None:
-        self._lease, self._last = lease, time.monotonic()
+    The work asks check() before each write and each request: it raises LeaseLost once a renewal was refused (another
+    holder took the lease) or none succeeded for three quarters of the duration (storage unreachable: the lease may
+    lapse before the next renewal could land), and the keeper stays lost. sleep() is time.sleep that ends at once
+    with LeaseLost. Use it as a context manager: the thread starts on entry and stops on exit (before the lease is
+    released)."""
 
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= LEASE_RENEW_SECONDS:
-            self._last = now
-            self._lease.renew()
+    def __init__(self, lease: Lease, *, what: str = "the lease", clock: Callable[[], float] = time.monotonic) -> None:
+        self._lease, self.what, self._clock = lease, what, clock
+        self.seconds = float(lease.seconds)
+        self.renew_every = self.seconds / 4
+        self.trusted_for = self.seconds - self.renew_every  # unrenewed longer than this, the lease is not relied on
+        self._renewed_at = clock()  # taken (or renewed) just before the keeper was made
+        self._lost: str | None = None
+        self._lock = threading.Lock()
+        self._lost_event = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"LeaseKeeper({self.what}, {self.seconds:.0f} s, {'lost' if self._lost else 'held'})"
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread = threading.Thread(target=self._renew_loop, name="lease-keeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop renewing. A renewal in progress (storage slow) is not waited for long: the lease is released next."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lease is lost, or None while it is held."""
+        return self._lost
+
+    def check(self) -> None:
+        """Raise LeaseLost unless the lease is still held (and renewed recently enough to be trusted)."""
+        if self._lost is None:
+            quiet = self._clock() - self._renewed_at
+            if quiet > self.trusted_for:
+                self._lose(f"not renewed for {quiet:.0f} s (storage unreachable?); a {self.seconds:.0f} s lease may "
+                           "lapse before the next renewal")
+        if self._lost is not None:
+            raise LeaseLost(f"{self.what} was lost: {self._lost}; this process stopped without writing more")
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, raising LeaseLost as soon as the lease is lost (at the latest when it stops being
+        trusted), and when it was lost already."""
+        end = self._clock() + seconds
+        while True:
+            self.check()
+            left = end - self._clock()
+            if left <= 0:
+                return
+            trust_left = self._renewed_at + self.trusted_for - self._clock()
+            self._lost_event.wait(min(left, max(trust_left, 0.01)))
+
+    def _lose(self, why: str) -> None:
+        with self._lock:
+            if self._lost is None:
+                self._lost = why
+                log.warning("%s lost: %s", self.what, why)
+        self._lost_event.set()
+
+    def _renew_loop(self) -> None:
+        delay = self.renew_every
+        while not self._stop.wait(delay):
+            started = self._clock()
+            try:
+                self._lease.renew()
+            except LeaseUnavailable as exc:  # another holder has it
+                if not self._stop.is_set():  # (a renewal that ends after the work is over says nothing)
+                    self._lose(f"renewing it failed ({exc})")
+                return
+            except Exception as exc:  # storage unreachable past its retry budget: the lease may still be ours
+                if self._stop.is_set():
+                    return
+                if self._clock() - self._renewed_at > self.trusted_for:
+                    self._lose(f"renewing it failed for too long ({exc})")
+                    return
+                log.warning("renewing %s failed (%s); trying again", self.what, exc)
+                delay = min(self.renew_every, 1.0)
+                continue
+            with self._lock:
+                self._renewed_at = max(self._renewed_at, started)
+            delay = self.renew_every
+
+
+class LeasedStore:
+    """An ObjectStore whose writes and deletes first ask a LeaseKeeper whether the lease is still held (LeaseLost
+    otherwise): a process whose lease lapsed cannot change state a new holder works on. A streamed write is checked
+    again right before it is committed. Reads pass through."""
+
+    def __init__(self, store: ObjectStore, keeper: LeaseKeeper) -> None:
+        self.inner, self.keeper, self.label = store, keeper, store.label
+
+    def __repr__(self) -> str:
+        return f"LeasedStore({self.label})"
+
+    def open_read(self, key: str) -> BinaryIO:
+        return self.inner.open_read(key)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        return self.inner.read_bytes(key)
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        return self.inner.read_with_etag(key)
+
+    def info(self, key: str) -> ObjectInfo | None:
+        return self.inner.info(key)
+
+    def write_bytes(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        self.keeper.check()
+        return self.inner.write_bytes(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    def write_stream(self, key: str, chunks: Iterable[bytes]) -> str:
+        self.keeper.check()
+        return self.inner.write_stream(key, self._checked(chunks))
+
+    def _checked(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        yield from chunks
+        self.keeper.check()  # the last chunk is taken; the store commits next
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.keeper.check()
+        self.inner.delete(key)
+
+    def lease(self, key: str, seconds: int = 60) -> contextlib.AbstractContextManager[Lease]:
+        return self.inner.lease(key, seconds)
+
+    def key_for_url(self, url: str) -> str | None:
+        return self.inner.key_for_url(url)
 
 
 class HeldLease:
@@ -301,6 +450,7 @@ class HeldLease:
 
     def __init__(self, cm: contextlib.AbstractContextManager[Lease], lease: Lease) -> None:
         self._cm, self._lease = cm, lease
+        self.seconds = lease.seconds
 
     def renew(self) -> None:
         self._lease.renew()

@@ -26,7 +26,12 @@ list holds exactly `counts.sent` contacts; "resume": `--resume RUN_ID` then comp
 | key rotated mid-run (SendGrid and key source) | new key used (re-read each call, or after one 401 if cached) | - |
 | 401 after the re-read (revoked key) | `failed`: typed error "update the secret", no blind retries | fix key, resume |
 | 403 "temporary block" | `failed`: typed error naming scopes / the block, no retries | resume later |
-| SIGKILL at random points (4-5 times) | record and checkpoint saved after each accepted request | resume each time |
+| SIGKILL at 5 seeded points (see Killer) | checkpoint saved after each accepted request | resume each time |
+| storage answers 503 for 25 s after a checkpoint | `interrupted`, resumable, the retry budget named | timer |
+| storage stopped for 25 s after a checkpoint | `interrupted`; stored record at its last checkpoint | timer |
+| 429 / slow answer outlasting the lease | the lease is renewed meanwhile; timer ticks find it busy | - |
+| lease broken during a long wait | the run stops at once, writes nothing | the timer's run finishes |
+| mirror removal waiting past its lease, a newer export lands | the newer export waits for the timer | list = latest |
 | two runs of one export at once | the second refused at once: "being exported by another run", exit 1 | - |
 | bad files (see `_write_bad_inputs`) | exit 0/1, a clear message naming file and line, never a traceback | - |
 
@@ -37,6 +42,7 @@ shared.contacts, not the engine), and per-email send counts show nothing was sen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import logging
 import os
@@ -54,16 +60,18 @@ from typing import Any
 
 import orjson
 import pytest
+from azure.storage.blob import BlobLeaseClient
 
 from sandbox import samplegen
 from sandbox.server import Sandbox, serve
-from shared import contacts, engine, limits, sources
+from shared import app, blobstore, contacts, engine, limits, sources
 from shared.config import parse_config
-from shared.errors import SourceError
+from shared.errors import SourceError, StateError
 from shared.secrets import EnvSecrets, Secret
 from shared.sendgrid import RetryPolicy, SendGridClient
 from shared.state import StateStore
-from shared.storage import LocalFolderStore
+from shared.storage import LocalFolderStore, ObjectStore
+from tests.storage_faults import DiskAzurite, StorageProxy
 
 REPO = Path(__file__).resolve().parent.parent
 PUT = "PUT /v3/marketing/contacts"
@@ -288,6 +296,7 @@ class Engine:
     policy: RetryPolicy = FAST
     environ: dict[str, str] = field(default_factory=lambda: {"SENDGRID_API_KEY": KEY})
     cached_key: bool = False
+    state_store: Callable[[Path], ObjectStore] = LocalFolderStore
 
     def __post_init__(self) -> None:
         self.secrets = CachedSecrets(self.environ) if self.cached_key else EnvSecrets(self.environ)
@@ -298,7 +307,7 @@ class Engine:
         return SendGridClient(self.sg.url, self.secrets, dest.api_key_secret, policy=self.policy)
 
     def run(self, resume: str | None = None) -> dict[str, Any]:
-        state = StateStore(LocalFolderStore(self.state_dir))
+        state = StateStore(self.state_store(self.state_dir))
         svc = engine.Services(config=self.config, secrets=self.secrets, state=state,
                               sources=LocalFolderStore(self.export.root), client_factory=self.client,
                               poll_interval=0.05, wait_timeout=60.0)
@@ -575,27 +584,54 @@ def _checkpoint(state: Path, destination: str) -> tuple[str | None, int]:
     return runs[0]["run_id"], runs[0]["checkpoint"]["contacts_done"]
 
 
-def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 90) -> bool:
-    """Poll until predicate holds (True) or the process ended (False)."""
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    raise AssertionError("the run made no progress")
+class Killer:
+    """SIGKILLs the CLI from inside the sandbox at planned points, in order, observed through the sandbox's calls and
+    the state store, never the clock: ("fields", _) on its field definitions call (while it starts, before its run
+    record exists); ("put", "before"|"after") on a request, before SendGrid applies it or after (applied, its answer
+    lost), once the run's stored checkpoint has passed the previous request kill's (so no request is in flight at two
+    kills); ("poll", _) on a job-status call (everything accepted)."""
+
+    def __init__(self, box: Sandbox, state: Path, destination: str, plan: list[tuple[str, str]]) -> None:
+        self.box, self.state, self.destination, self.plan = box, state, destination, list(plan)
+        self.proc: subprocess.Popen[str] | None = None
+        self.floor = -1  # the stored checkpoint at the last request kill
+        self.kills: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        for where, op in (("fields", "op_fields_get"), ("put", "op_upsert"), ("poll", "op_job_status")):
+            original = getattr(box, op)
+            setattr(box, op, lambda req, where=where, original=original: self._at(where, req, original))
+
+    def _at(self, where: str, req: Any, original: Callable[[Any], tuple[int, Any]]) -> tuple[int, Any]:
+        with self._lock:
+            due = bool(self.plan) and self.plan[0][0] == where and self.proc is not None
+            if due and where == "put":
+                done = _checkpoint(self.state, self.destination)[1]
+                due = done > self.floor
+                self.floor = done if due else self.floor
+            if not due:
+                return original(req)
+            _, phase = self.plan.pop(0)
+            proc = self.proc
+        answer = original(req) if phase == "after" else (503, {"errors": [{"message": "the client was killed"}]})
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        self.kills.append((where, phase))
+        return answer
+
+    def close(self) -> None:
+        for op in ("op_fields_get", "op_upsert", "op_job_status"):
+            delattr(self.box, op)
 
 
-def test_sigkill_at_random_points_then_resume_loses_nothing(sg: Box, tmp_path: Path, leaks: Leaks,
+def test_sigkill_at_seeded_points_then_resume_loses_nothing(sg: Box, tmp_path: Path, leaks: Leaks,
                                                             fault_tally: Any) -> None:
-    """The CLI is killed (SIGKILL) at seeded random points and resumed with --resume each time: first while it
-    starts (maybe before its run record exists: then a fresh run starts), then while it reads the export or sends
-    its first request, then each time after the checkpoint passed the previous kill's (so no request is in flight at
-    two kills, and no contact may go out more than twice) but before the last request is accepted (a crash while
-    the jobs are polled: see test_resume_after_everything_was_accepted_reports_what_was_sent)."""
+    """The CLI is killed (SIGKILL) five times at points a seeded generator picks (see Killer) and resumed with
+    --resume each time: while it starts, on three requests (each before or after SendGrid applied it), and while it
+    polls the jobs. The list always holds what the stored checkpoint says plus at most the request in flight; in the
+    end every contact is there, none sent more than twice, and only the requests applied at a kill went twice."""
     rng = random.Random(20261128)
-    info = samplegen.write_cdm_export(tmp_path / "export", 150_000, seed=3, partitions=4)  # 6 requests
+    plan = [("fields", "-"), *(("put", rng.choice(("before", "after"))) for _ in range(3)), ("poll", "-")]
+    info = samplegen.write_cdm_export(tmp_path / "export", 150_000, seed=3, partitions=4)  # 5 requests
     expected = reference_emails(tmp_path / "export", info.model_key, "EmailAddress", [info.segment])
     assert len(expected) == info.valid_distinct
     config = tmp_path / "destinations.json"
@@ -603,55 +639,42 @@ def test_sigkill_at_random_points_then_resume_loses_nothing(sg: Box, tmp_path: P
     config.write_bytes(orjson.dumps({"destinations": [dest]}))
     state = tmp_path / "state"
     base = cli_args(config, "vip-newsletter", tmp_path / "export" / info.model_key, state, "--wait")
-
     per_request = limits.MAX_CONTACTS_PER_REQUEST
-    kills, runs, last_kill_done, run_id = 0, 0, -1, None
-    outputs: list[str] = []
-    def setups() -> int:  # the call a run makes right before it saves its record and starts reading
-        return sg.box.stats["requests"].get("GET /v3/marketing/field_definitions", 0)
-
-    while True:
-        args = [*base, "--resume", run_id] if run_id else base
-        seen = setups()
-        proc = subprocess.Popen(args, cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        runs += 1
-        if kills < 5:
-            if kills == 0:  # starting up
-                time.sleep(rng.uniform(0.1, 0.4))
-            elif kills == 1:  # reading the export, or the first request in flight
-                if _wait_for(lambda n=seen: setups() > n, proc):
-                    time.sleep(rng.uniform(0.0, 0.3))
-            elif _wait_for(lambda floor=last_kill_done: _checkpoint(state, "vip-newsletter")[1] > floor, proc):
-                time.sleep(rng.uniform(0.0, 0.35))  # the next request in flight, or the batch after being read
-            if proc.poll() is None and _checkpoint(state, "vip-newsletter")[1] < len(expected):
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-        out, err = proc.communicate(timeout=120)
-        outputs += [out, err]
-        if proc.returncode == 0:
-            break
-        assert proc.returncode == -signal.SIGKILL, out + err
-        run_id, last_kill_done = _checkpoint(state, "vip-newsletter")
-        if run_id is not None:  # the list holds what the report says was sent, plus at most the request in flight
-            assert 0 <= len(sg.settled_list()) - last_kill_done <= per_request
-    for text in outputs:
-        leaks.add("cli output", text)
-        assert "Traceback" not in text
-
+    killer = Killer(sg.box, state, "vip-newsletter", plan)
+    runs, run_id = 0, None
+    try:
+        while True:
+            args = [*base, "--resume", run_id] if run_id else base
+            killer.proc = subprocess.Popen(args, cwd=REPO, env=cli_env(sg.url), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+            runs += 1
+            out, err = killer.proc.communicate(timeout=180)
+            for text in (out, err):
+                leaks.add("cli output", text)
+                assert "Traceback" not in text
+            if killer.proc.returncode == 0:
+                break
+            assert killer.proc.returncode == -signal.SIGKILL, out + err
+            run_id, done = _checkpoint(state, "vip-newsletter")
+            if run_id is not None:  # the list holds what the record says was sent, plus at most the request in flight
+                assert 0 <= len(sg.settled_list()) - done <= per_request
+    finally:
+        killer.close()
+    assert killer.kills == [(w, p) for w, p in plan] and runs == len(plan) + 1
     [final] = read_runs(state, "vip-newsletter")
-    assert kills >= 4
     assert final["status"] == "completed" and final["counts"]["sent"] == len(expected), final["error"]
+    assert final["checkpoint"]["resumed"] == len(plan) - 1  # the kill at start-up left no record to resume
     in_list = sg.settled_list()
     assert in_list == expected and len(in_list) == info.valid_distinct
     assert set(sg.box.send_counts()) == expected
     excess, most = excess_sends(sg.box)
-    allowance = kills * sg.box.stats["max_contacts_per_request"]  # one request in flight per kill
+    allowance = sum(phase == "after" for _, phase in plan) * sg.box.stats["max_contacts_per_request"]
     assert most <= 2, "a contact was sent more than twice"
     assert excess <= allowance
     beyond = sum(c - 2 for c in sg.box.send_counts().values() if c > 2) + max(0, excess - allowance)
-    fault_tally.record(faults=kills, runs=runs, expected=len(expected), in_list=len(in_list),
-                       lost=len(expected - in_list), dup_beyond=beyond)
+    fault_tally.record(scenario="SIGKILL at 5 seeded points, resumed each time", faults=len(killer.kills),
+                       runs=runs, expected=len(expected), in_list=len(in_list), lost=len(expected - in_list),
+                       dup_beyond=beyond)
 
 
 def test_resume_after_everything_was_accepted_reports_what_was_sent(sg: Box, small_export: Export, tmp_path: Path,
@@ -663,6 +686,348 @@ def test_resume_after_everything_was_accepted_reports_what_was_sent(sg: Box, sma
     second = runner.run(resume=first["run_id"])
     assert second["status"] == "completed" and second["requests"]["count"] == 1
     assert second["counts"]["sent"] == len(small_export.expected) == len(sg.settled_list())
+
+
+# ------------------------------------------------------------------------------------------------ storage and leases
+
+
+LEASE_S = 15  # the shortest blob lease: the lease tests below outwait it
+
+
+class AppWorld:
+    """The Functions app's doors (app.on_blob, app.on_timer) on Blob Storage: the export and the state in two
+    containers of one account, reached through `connection_string` (Azurite, maybe behind the 503 proxy), as in
+    Azure; SendGrid is the sandbox. Each ctx() is a fresh context, as every invocation builds one."""
+
+    def __init__(self, connection_string: str, sg: Box, export: Export, tmp: Path, lease_seconds: int) -> None:
+        self.connection_string, self.sg, self.export, self.lease_seconds = connection_string, sg, export, lease_seconds
+        self.name = export.destination["name"]
+        self.key = f"{self.name}/{export.key}"  # a plain file under <destination>/ runs that destination
+        self.config = tmp / "destinations.json"
+        self.config.write_bytes(orjson.dumps(export.config(sg.list_id)))
+        self.environ = {"SENDGRID_API_URL": sg.url, "SENDGRID_API_KEY": KEY}
+        self.suffix = secrets.token_hex(4)
+
+    def ctx(self) -> app.AppContext:
+        world = self
+
+        class Context(app.AppContext):
+            def services(self, config: Any) -> engine.Services:
+                return dataclasses.replace(super().services(config), lease_seconds=world.lease_seconds)
+
+        settings = app.Settings(f"exports-{self.suffix}", f"state-{self.suffix}", str(self.config), 600.0,
+                                self.environ)
+        return Context(settings, blobstore.from_connection_string(self.connection_string, settings.exports_container,
+                                                                  create=True),
+                       StateStore(blobstore.from_connection_string(self.connection_string, settings.state_container,
+                                                                   create=True)),
+                       EnvSecrets(self.environ))
+
+    def upload(self) -> None:
+        with open(self.export.root / self.export.key, "rb") as fh:
+            self.ctx().exports.write_stream(self.key, iter(lambda: fh.read(1 << 20), b""))
+
+    def record(self, run_id: str) -> dict[str, Any]:
+        record = self.ctx().state.load_run(run_id)
+        assert record is not None
+        return record
+
+    def tick_until_final(self, run_id: str, leaks: Leaks, patience: float = 90) -> dict[str, Any]:
+        """Timer ticks until the run is final (the first may find its lease still held: it lapses in LEASE_S)."""
+        give_up = time.monotonic() + patience
+        while True:
+            for report in app.on_timer(self.ctx()):
+                leaks.add("timer report", orjson.dumps(report))
+            record = self.record(run_id)
+            if record["status"] not in ("running", "interrupted", "submitted"):
+                return record
+            assert time.monotonic() < give_up, f"the timer never finished run {run_id}: {record['status']}"
+            time.sleep(1.0)  # the timer's period, shortened
+
+    def tally(self, fault_tally: Any, scenario: str, *, faults: int, runs: int, in_flight: int) -> None:
+        """Check and record: the list holds the export, nothing sent beyond `in_flight` contacts twice."""
+        in_list = self.sg.settled_list()
+        excess, most = excess_sends(self.sg.box)
+        assert in_list == self.export.expected
+        assert most <= 2 and excess <= in_flight, (excess, in_flight)
+        fault_tally.record(scenario=scenario, faults=faults, runs=runs, expected=len(self.export.expected),
+                           in_list=len(in_list), lost=len(self.export.expected - in_list),
+                           dup_beyond=max(0, excess - in_flight))
+
+
+@pytest.fixture
+def disk_azurite(tmp_path: Path) -> Iterator[DiskAzurite]:
+    azurite = DiskAzurite(tmp_path / "azurite-data")
+    azurite.start()
+    try:
+        yield azurite
+    finally:
+        azurite.stop()
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_storage_answering_503_for_25_s_after_a_checkpoint_leaves_the_run_resumable(
+        azurite: Any, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    """Issue 12 §1: Blob Storage answers 503 for 25 s right after the first request was accepted, longer than the
+    storage retry budget. The run stops `interrupted` (resumable, the budget named), never `failed`, and the timer
+    finishes it."""
+    proxy = StorageProxy(azurite.blob_url)
+    try:
+        world = AppWorld(proxy.connection_string, sg, wide_export, tmp_path, engine.LEASE_SECONDS)
+        world.upload()
+        with after_accepted_put(sg.box, 1, lambda: proxy.outage(seconds=25)):
+            [first] = app.on_blob(world.ctx(), world.key)
+        leaks.add("first run", orjson.dumps(first))
+        assert first["status"] == "interrupted" and first["resumable"] is True, first["error"]
+        assert blobstore.RETRY_BUDGET in first["error"] and "503" in first["error"]
+        assert proxy.refused >= blobstore.STORAGE_ATTEMPTS
+        stored = world.record(first["run_id"])
+        assert stored["status"] in ("running", "interrupted")  # never final after a failed checkpoint save
+        final = world.tick_until_final(first["run_id"], leaks)
+    finally:
+        proxy.close()
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 1, final["error"]
+    assert final["counts"]["sent"] == len(wide_export.expected)
+    # the accepted request is stored with the interrupted record; only if even that save failed is it sent again
+    world.tally(fault_tally, "storage: 503 for 25 s after a checkpoint", faults=1, runs=2,
+                in_flight=sg.box.stats["max_contacts_per_request"] if stored["checkpoint"]["contacts_done"] == 0 else 0)
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_azurite_stopped_for_25_s_after_a_checkpoint_then_the_timer_resumes_the_run(
+        disk_azurite: DiskAzurite, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks,
+        fault_tally: Any) -> None:
+    """Issue 12 §1: the storage process is gone (every connection refused) from right after the first accepted
+    request until the run gave up, and 25 s at least. Even the run's last save fails: the stored record stays at its
+    last good checkpoint, `running`, and the timer resumes it once its lease has lapsed."""
+    world = AppWorld(disk_azurite.connection_string, sg, wide_export, tmp_path, LEASE_S)
+    world.upload()
+    stopped: list[float] = []
+
+    def stop() -> None:
+        stopped.append(time.monotonic())
+        disk_azurite.stop()
+
+    with after_accepted_put(sg.box, 1, stop):
+        [first] = app.on_blob(world.ctx(), world.key)
+    leaks.add("first run", orjson.dumps(first))
+    assert first["status"] == "interrupted" and first["resumable"] is True, first["error"]
+    assert "could not be stored" in first["error"] or "nothing more was stored" in first["error"], first["error"]
+    time.sleep(max(0.0, stopped[0] + 25 - time.monotonic()))  # the outage lasts 25 s at least
+    disk_azurite.start()
+    stored = world.record(first["run_id"])
+    assert stored["status"] == "running" and stored["checkpoint"]["contacts_done"] == 0  # its last good save
+    final = world.tick_until_final(first["run_id"], leaks)
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 1, final["error"]
+    assert final["counts"]["sent"] == len(wide_export.expected)
+    # the request accepted while storage was gone had no checkpoint: it is the one request sent twice
+    world.tally(fault_tally, "storage: Azurite stopped for 25 s after a checkpoint", faults=1, runs=2,
+                in_flight=sg.box.stats["max_contacts_per_request"])
+
+
+LONG_WAITS = {
+    "429 with Retry-After beyond the lease": {"endpoint": PUT, "kind": "429", "retry_after": LEASE_S + 5},
+    "answer slower than the lease": {"endpoint": PUT, "kind": "slow", "delay": LEASE_S + 5},
+}
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(LONG_WAITS.values()), ids=list(LONG_WAITS))
+def test_the_lease_outlives_a_long_wait_on_sendgrid_and_the_timer_keeps_off(
+        fault: dict[str, Any], azurite: Any, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks,
+        fault_tally: Any) -> None:
+    """Issue 12 §2: the run waits on SendGrid longer than its lease lasts unrenewed (here 20 s against 15 s). The
+    keeper renews it meanwhile, so every timer tick during the wait finds the destination busy: nothing is resumed
+    beside the run, every contact is sent once, and the record is the run's own (resumed 0)."""
+    world = AppWorld(azurite.connection_string, sg, wide_export, tmp_path, LEASE_S)
+    world.upload()
+    armed: list[float] = []
+    outcome: list[Any] = []
+
+    def arm() -> None:
+        armed.append(time.monotonic())
+        sg.box.inject(fault)
+
+    def first_run() -> None:
+        with after_accepted_put(sg.box, 1, arm):
+            outcome.extend(app.on_blob(world.ctx(), world.key))
+
+    runner = threading.Thread(target=first_run)
+    runner.start()
+    ticks_after_lapse = 0
+    while runner.is_alive():
+        for report in app.on_timer(world.ctx()):  # each finds the destination busy
+            leaks.add("timer report", orjson.dumps(report))
+        ticks_after_lapse += bool(armed) and time.monotonic() > armed[0] + LEASE_S + 1
+        runner.join(timeout=1.0)  # the timer's period, shortened
+    [first] = outcome
+    leaks.add("first run", orjson.dumps(first))
+    assert ticks_after_lapse >= 1, "no tick came after an unrenewed lease would have lapsed"
+    assert first["status"] in ("submitted", "completed") and first["checkpoint"]["resumed"] == 0, first["error"]
+    final = world.tick_until_final(first["run_id"], leaks)  # a blob-triggered run leaves its jobs to the timer
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 0, final["error"]
+    world.tally(fault_tally, f"lease: {fault['kind']} wait of {LEASE_S + 5} s (lease {LEASE_S} s)", faults=1,
+                runs=1, in_flight=0)
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_a_run_whose_lease_is_lost_during_a_long_wait_stops_and_writes_nothing(
+        azurite: Any, sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    """Issue 12 §2 and §5: while the run waits on a 429 (Retry-After 20 s), its lease is broken and the timer's run
+    takes the destination over and finishes the export. The first run stops at once as `interrupted` and writes
+    nothing: it sends no request again and cannot overwrite the record of the run that finished."""
+    world = AppWorld(azurite.connection_string, sg, wide_export, tmp_path, LEASE_S)
+    world.upload()
+    outcome: list[Any] = []
+
+    def first_run() -> None:
+        with after_accepted_put(sg.box, 1, _arm(sg.box, {"endpoint": PUT, "kind": "429",
+                                                         "retry_after": LEASE_S + 5})):
+            outcome.extend(app.on_blob(world.ctx(), world.key))
+
+    runner = threading.Thread(target=first_run)
+    runner.start()
+    give_up = time.monotonic() + 60
+    while sg.statuses().get("429", 0) < 1:  # the first run is waiting on the 429
+        assert time.monotonic() < give_up and runner.is_alive(), "the 429 was never served"
+        time.sleep(0.02)
+    state_container = world.ctx().state.store.container  # type: ignore[attr-defined]
+    BlobLeaseClient(state_container.get_blob_client(f"leases/{world.name}")).break_lease(lease_break_period=0)
+    run_id = world.ctx().state.open_runs()[0]["run_id"]
+    final = world.tick_until_final(run_id, leaks)  # the timer's run takes the lease and finishes the export
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the first run did not stop"
+    [first] = outcome
+    leaks.add("first run", orjson.dumps(first))
+    assert first["status"] == "interrupted" and "lost" in first["error"], first["error"]
+    assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 1, final["error"]
+    assert world.record(run_id) == final  # the first run's last save never happened
+    world.tally(fault_tally, "lease: lost during a 429 wait, taken over by the timer", faults=1, runs=2,
+                in_flight=0)
+
+
+class FailingRecordWrites(LocalFolderStore):
+    """A state folder whose run record writes fail from the `first`-th one on (`count` of them): a store that stopped
+    answering, as the state store sees it (a StateError)."""
+
+    def __init__(self, root: Path, first: int, count: int) -> None:
+        super().__init__(root)
+        self.first, self.count, self.seen = first, count, 0
+
+    def write_bytes(self, key: str, data: bytes, **kwargs: Any) -> str:
+        if key.startswith("runs/") and key.endswith(".json"):
+            self.seen += 1
+            if self.first <= self.seen < self.first + self.count:
+                raise StateError(f"writing {key!r} failed: storage unreachable (injected)")
+        return super().write_bytes(key, data, **kwargs)
+
+
+# (record write that fails first, how many fail, what the store holds after the run)
+FAILED_SAVES = {
+    "a checkpoint save": (3, 1, "interrupted"),  # after the second request; the run's last save goes through
+    "every save from the last checkpoint on": (4, 99, "running"),  # the record stays at the second request's
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_SAVES.values()), ids=list(FAILED_SAVES))
+def test_a_failed_state_write_never_leaves_a_final_status_and_the_resume_completes(
+        case: tuple[int, int, str], sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks) -> None:
+    """Issue 12 §1: a run whose record cannot be written stops `interrupted` and resumable (it was saved `failed`,
+    final, before), and no final status is stored after a failed save. The resume sends only what no stored
+    checkpoint covers."""
+    first, count, stored_status = case
+    state = tmp_path / "state"
+    runner = Engine(sg, wide_export, state, leaks, state_store=lambda root: FailingRecordWrites(root, first, count))
+    stopped = runner.run()
+    assert stopped["status"] == "interrupted" and stopped["resumable"] is True, stopped["error"]
+    assert "storage unreachable (injected)" in stopped["error"]
+    [stored] = read_runs(state, runner.name)
+    assert stored["status"] == stored_status
+    done = stored["checkpoint"]["contacts_done"]
+    assert 0 < done < len(wide_export.expected)
+    resumed = Engine(sg, wide_export, state, leaks).run(resume=stopped["run_id"])
+    assert resumed["status"] == "completed" and resumed["counts"]["sent"] == len(wide_export.expected)
+    assert sg.settled_list() == wide_export.expected
+    excess, _ = excess_sends(sg.box)
+    assert excess == stopped["checkpoint"]["contacts_done"] - done  # only what no stored checkpoint covered
+
+
+def test_a_step_that_swallows_a_failed_save_cannot_make_the_run_final(
+        sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a step does with a failed checkpoint save (here: goes on as if it had worked), the run's end does not
+    store a final status: what SendGrid holds is not known to the store."""
+    original = engine._Run._accepted
+
+    def swallowing(self: Any, *args: Any) -> None:
+        with contextlib.suppress(StateError):
+            original(self, *args)
+
+    monkeypatch.setattr(engine._Run, "_accepted", swallowing)
+    state = tmp_path / "state"
+    runner = Engine(sg, wide_export, state, leaks, state_store=lambda root: FailingRecordWrites(root, 2, 1))
+    stopped = runner.run()
+    assert stopped["status"] == "interrupted" and "storage unreachable (injected)" in stopped["error"]
+    assert read_runs(state, runner.name)[0]["status"] == "interrupted"
+    monkeypatch.undo()
+    assert Engine(sg, wide_export, state, leaks).run(resume=stopped["run_id"])["status"] == "completed"
+
+
+def _people(numbers: range) -> bytes:
+    return ("email,first\r\n" + "".join(f"person.{i}@example.com,P{i}\r\n" for i in numbers)).encode()
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_a_mirror_removal_waiting_past_its_lease_keeps_a_newer_export_out_until_it_is_done(
+        azurite: Any, sg: Box, tmp_path: Path, leaks: Leaks, fault_tally: Any) -> None:
+    """Issue 12 §5: a mirror run's removal waits on a 429 longer than its lease lasts unrenewed while a newer export
+    arrives. Before, the newer export ran beside it (the lease had lapsed), re-added the people the old run was about
+    to remove, and the old run's late removal took them out again: the list ended 100 short of the latest export.
+    Now the lease is kept, the newer export waits for the timer, and the list follows the latest export."""
+    dest = {"name": "mirrored", "consent": True, "api_key_secret": "sendgrid-api-key", "segments": ["people"],
+            "mapping": {"email": "email", "first_name": "first"}, "mode": "mirror", "max_profiles": None,
+            "bulk_threshold": None}
+    latest = frozenset(f"person.{i}@example.com" for i in range(1_000))
+    world = AppWorld(azurite.connection_string, sg, Export(tmp_path, "e.csv", dest, latest), tmp_path, LEASE_S)
+    exports = world.ctx().exports
+    for version, numbers in (("e0", range(1_000)), ("e1", range(100, 1_100)), ("e2", range(1_000))):
+        exports.write_bytes(f"mirrored/{version}.csv", _people(numbers))
+    [first] = app.on_blob(world.ctx(), "mirrored/e0.csv")
+    world.tick_until_final(first["run_id"], leaks)
+    sg.box.inject({"endpoint": "DELETE /v3/marketing/lists/{id}/contacts", "kind": "429", "retry_after": LEASE_S + 5})
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.extend(app.on_blob(world.ctx(), "mirrored/e1.csv")))
+    runner.start()  # e1 leaves 100 people out: its removal meets the 429
+    give_up = time.monotonic() + 60
+    while sg.statuses().get("429", 0) < 1:
+        assert time.monotonic() < give_up and runner.is_alive(), "the removal never met the 429"
+        time.sleep(0.02)
+    assert [r["status"] for r in app.on_blob(world.ctx(), "mirrored/e2.csv")] == ["deferred"]  # e2 lands meanwhile
+    while runner.is_alive():
+        for report in app.on_timer(world.ctx()):
+            leaks.add("timer report", orjson.dumps(report))
+        runner.join(timeout=1.0)  # the timer's period, shortened
+    [older] = outcome
+    assert older["status"] in ("submitted", "completed") and older["mirror"]["removed"] == 100, older["error"]
+    give_up = time.monotonic() + 90
+    while True:  # the timer syncs the latest export, e2, once the older run is done
+        for report in app.on_timer(world.ctx()):
+            leaks.add("timer report", orjson.dumps(report))
+        state = world.ctx().state
+        claim = state.export_claim("mirrored", "mirrored/e2.csv", exports.info("mirrored/e2.csv").etag)
+        if claim and not state.open_runs():
+            break
+        assert time.monotonic() < give_up, "the latest export was never synced"
+        time.sleep(1.0)
+    assert world.record(claim["run_id"])["status"] == "completed"
+    in_list = sg.settled_list()
+    assert in_list == latest, f"{len(in_list)} in the list against {len(latest)} in the latest export"
+    fault_tally.record(scenario="lease: mirror removal waiting past its lease, newer export", faults=1, runs=3,
+                       expected=len(latest), in_list=len(in_list & latest), lost=len(latest - in_list))
 
 
 # ------------------------------------------------------------------------------------------------ two runs at once

@@ -4,6 +4,7 @@ that failed half-way."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -249,15 +250,52 @@ def test_an_erasure_that_failed_in_sendgrid_finishes_when_run_again(world: World
     assert "bob@example.com" not in orjson.dumps([first, again]).decode().lower()
 
 
-def test_a_long_purge_renews_the_destinations_lease(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A blob lease lapses after 60 s: a purge renews it as its checkpoints pass (every 100 emails), as a run does."""
+def test_a_purge_keeps_its_lease_while_sendgrid_answers_slowly(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob lease lapses unrenewed (60 s at most): a purge's lease keeper renews it on its own clock, also while
+    one SendGrid call hangs (here a 2.5 s answer against a 2 s lease, renewed every 0.5 s)."""
     from shared import storage
 
     renewals: list[float] = []
     monkeypatch.setattr(storage._FileLease, "renew", lambda self: renewals.append(time.monotonic()))
-    monkeypatch.setattr(storage, "LEASE_RENEW_SECONDS", 0.0)
     world.destination("alpha")
     world.export("alpha", many(350))
-    record = purge.remove_destination(world.services(), "alpha", "list")
+    world.box.inject({"endpoint": "DELETE /v3/marketing/lists/{id}/contacts", "kind": "slow", "delay": 2.5})
+    record = purge.remove_destination(dataclasses.replace(world.services(), lease_seconds=2), "alpha", "list")
     assert record["status"] == "completed" and record["counts"]["removed"] == 350
-    assert len(renewals) >= 3  # one per checkpoint once the interval has passed
+    assert len(renewals) >= 3  # at least the renewals due during the slow answer
+
+
+def test_a_purge_whose_record_was_taken_over_stops_and_leaves_it_alone(world: World) -> None:
+    """Another process saved the purge's record while this one waited on SendGrid (its lease lapsed, the timer
+    resumed the purge): this one stops `interrupted` at its next checkpoint and writes nothing more."""
+    world.destination("alpha")
+    world.export("alpha", many(350))
+    arrived, release = threading.Event(), threading.Event()
+    original = world.box.op_list_remove
+
+    def held(req: Any) -> Any:  # the first removal stays in flight until the record was taken over
+        arrived.set()
+        release.wait(30)
+        return original(req)
+
+    world.box.op_list_remove = held  # type: ignore[method-assign]
+    queued = purge.queued_purge(world.services().state, world.services().config.destinations["alpha"], "list",
+                                by="test")
+    outcome: list[dict[str, Any]] = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        purge.remove_destination(world.services(), "alpha", "list", run_id=queued["run_id"])))
+    worker.start()
+    try:
+        assert arrived.wait(30), "the purge never removed anything"
+        other = world.services().state  # the process that took the purge over
+        taken = other.load_run(queued["run_id"])
+        assert taken is not None
+        taken["note"] = "taken over"
+        other.save_run(taken)
+    finally:
+        release.set()
+        worker.join(timeout=30)
+        del world.box.op_list_remove
+    [stopped] = outcome
+    assert stopped["status"] == "interrupted" and "saved by another process" in stopped["error"]
+    assert world.stored(queued["run_id"]) == taken

@@ -22,7 +22,7 @@ from shared.state import (
     StateStore,
     new_run_id,
 )
-from shared.storage import LocalFolderStore, ObjectStore
+from shared.storage import LeaseKeeper, LeaseLost, LocalFolderStore, ObjectStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,6 +153,63 @@ def test_index_and_marker_follow_status_changes_for_other_instances(state: State
     state.save_run(stopped)
     assert _seen(_fresh(state), stopped) == ("interrupted", "interrupted", b"interrupted")
     assert [r["run_id"] for r in _fresh(state).open_runs()] == [stopped["run_id"]]
+
+
+def test_a_holder_whose_run_was_resumed_elsewhere_cannot_overwrite_its_record(state: StateStore) -> None:
+    """The ETag chain: a save goes through only if the record is still what this instance last read or wrote. The
+    first holder's lease lapsed and another process resumed the run; the first holder's next save must not turn
+    the resumed record back."""
+    run = _run("news", T0, status="running", checkpoint={"contacts_done": 1000, "resumed": 0})
+    state.save_run(run)
+    state.save_run(run)
+    other = _fresh(state)
+    resumed = other.load_run(run["run_id"])
+    assert resumed is not None
+    resumed["checkpoint"].update(contacts_done=2000, resumed=1)
+    other.save_run(resumed)
+
+    run["checkpoint"]["contacts_done"] = 1500
+    run["status"] = "completed"
+    with pytest.raises(LeaseLost, match="saved by another process"):
+        state.save_run(run)
+    assert isinstance(state.failed_save, LeaseLost)
+    stored = _fresh(state).load_run(run["run_id"])
+    assert stored is not None and stored["status"] == "running" and stored["checkpoint"]["resumed"] == 1
+    assert [r["run_id"] for r in _fresh(state).open_runs()] == [run["run_id"]]  # its marker stays
+    resumed["status"] = "completed"
+    other.save_run(resumed)  # the new holder's chain goes on
+    assert _fresh(state).load_run(run["run_id"])["status"] == "completed"  # type: ignore[index]
+
+
+def test_a_record_is_created_once(state: StateStore) -> None:
+    run = _run("news", T0, status="queued")
+    state.save_run(run)
+    twin = dict(run, status="running")
+    with pytest.raises(LeaseLost):
+        _fresh(state).save_run(twin)  # it never read the record: it may not replace it
+    assert state.load_run(run["run_id"])["status"] == "queued"  # type: ignore[index]
+
+
+def test_the_lease_holders_state_store_writes_nothing_once_the_lease_is_lost(tmp_path: Path) -> None:
+    recording = Recording(LocalFolderStore(tmp_path))
+    state = StateStore(recording)
+    now = [0.0]
+    with state.lease("news", 60) as lease:
+        keeper = LeaseKeeper(lease, clock=lambda: now[0])  # not started: nothing renews it
+        held = state.held(keeper)
+        run = _run("news", T0, status="running")
+        held.save_run(run)
+        state.save_run(run)  # the door's instance shares the ETag chain with the holder's view
+        held.save_run(run)
+        recording.ops.clear()
+        now[0] += 3600  # unrenewed for an hour: not to be relied on
+        run["status"] = "completed"
+        for write in (lambda: held.save_run(run), lambda: held.set_latest_export("news", "x.csv", "e1"),
+                      lambda: held.store.write_stream(f"runs/news/{run['run_id']}.rejections.csv", iter([b"x"]))):
+            with pytest.raises(LeaseLost):
+                write()
+    assert recording.ops == []
+    assert state.load_run(run["run_id"])["status"] == "running"  # type: ignore[index]
 
 
 def test_a_checkpoint_save_writes_only_the_record(tmp_path: Path) -> None:

@@ -17,9 +17,26 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobLeaseClient, BlobServiceClient, ContainerClient
 
-from shared.blobstore import BlobContainerStore, blob_service_from_settings, container_store, from_connection_string
+from shared.blobstore import (
+    RETRY_BUDGET,
+    STORAGE_ATTEMPTS,
+    BlobContainerStore,
+    blob_service_from_settings,
+    container_store,
+    from_connection_string,
+)
 from shared.errors import ConfigError, LeaseUnavailable, StateError
-from shared.storage import LocalFolderStore, NotFound, ObjectStore, PreconditionFailed, wait_for_lease
+from shared.storage import (
+    LeasedStore,
+    LeaseKeeper,
+    LeaseLost,
+    LocalFolderStore,
+    NotFound,
+    ObjectStore,
+    PreconditionFailed,
+    wait_for_lease,
+)
+from tests.storage_faults import StorageProxy
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -99,6 +116,17 @@ def test_conditional_writes(store: ObjectStore) -> None:
     with pytest.raises(PreconditionFailed):
         store.write_bytes("missing", b"5", if_match=second)
     assert store.read_bytes("missing") is None
+
+
+def test_read_with_etag_gives_the_etag_of_that_content(store: ObjectStore) -> None:
+    assert store.read_with_etag("v/missing") is None
+    written = store.write_bytes("v/x", b"one")
+    data, etag = store.read_with_etag("v/x")  # type: ignore[misc]
+    assert (data, etag) == (b"one", written) and store.info("v/x").etag == etag  # type: ignore[union-attr]
+    store.write_bytes("v/x", b"two", if_match=etag)  # the ETag read is the one a conditional write needs
+    with pytest.raises(PreconditionFailed):
+        store.write_bytes("v/x", b"three", if_match=etag)
+    assert store.read_with_etag("v/x")[0] == b"two"  # type: ignore[index]
 
 
 def test_conditional_writers_race(store: ObjectStore) -> None:
@@ -309,6 +337,114 @@ def test_blob_lease_of_a_killed_holder_lapses(azurite: Any, blob_container: Cont
     proc.wait()
     cm = wait_for_lease(store, "leases/dest", 15, timeout=40, poll=0.5)  # 15 s lease: lapses within ~15 s
     cm.__exit__(None, None, None)
+
+
+# -- lease keeper ------------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _RecordingLease:
+    """A lease whose renewals are recorded (and can be made to fail): the keeper's own logic, apart from storage."""
+
+    def __init__(self, seconds: float, fail: Exception | None = None) -> None:
+        self.seconds, self.fail = seconds, fail
+        self.renewals = threading.Semaphore(0)
+
+    def renew(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.renewals.release()
+
+
+def test_keeper_renews_on_its_own_clock_while_the_work_does_nothing() -> None:
+    lease = _RecordingLease(0.4)  # renewed every 0.1 s
+    with LeaseKeeper(lease) as keeper:
+        for _ in range(3):  # three renewals while this thread only waits
+            assert lease.renewals.acquire(timeout=30), "the keeper stopped renewing"
+        keeper.check()
+    assert keeper.lost is None
+
+
+def test_keeper_stops_trusting_a_lease_it_cannot_renew() -> None:
+    """Storage unreachable: the lease may lapse before a renewal lands, so past three quarters of its duration
+    without one the work stops, and stays stopped even if a renewal gets through later."""
+    clock = _Clock()
+    keeper = LeaseKeeper(_RecordingLease(60, fail=StateError("HTTP 503")), clock=clock)  # never started: no renewals
+    clock.now += 44.9
+    keeper.check()  # still inside the 45 s it is trusted for
+    clock.now += 0.2
+    with pytest.raises(LeaseLost, match="not renewed for 45 s"):
+        keeper.check()
+    with pytest.raises(LeaseLost):
+        keeper.sleep(1)
+    assert keeper.lost is not None
+
+
+def test_a_refused_renewal_loses_the_lease_and_ends_a_wait_at_once() -> None:
+    lease = _RecordingLease(0.4, fail=LeaseLost("leases/d was taken over (LeaseIdMismatchWithLeaseOperation)"))
+    with LeaseKeeper(lease) as keeper, pytest.raises(LeaseLost, match="taken over") as lost:
+        keeper.sleep(3600)  # a long wait on SendGrid ends when the renewal is refused, not when it is over
+    assert "stopped without writing" in str(lost.value)
+
+
+@pytest.mark.azurite
+def test_keeper_notices_a_blob_lease_taken_over(blob_container: ContainerClient) -> None:
+    store = BlobContainerStore(blob_container)
+    with store.lease("leases/d", 15) as lease, LeaseKeeper(lease) as keeper:
+        keeper.check()
+        BlobLeaseClient(blob_container.get_blob_client("leases/d")).break_lease(lease_break_period=0)
+        with store.lease("leases/d", 15), pytest.raises(LeaseLost, match="was lost"):  # another holder has it now
+            keeper.sleep(60)  # the next renewal (within 3.75 s) is refused
+    assert keeper.lost is not None
+
+
+def test_leased_store_writes_only_while_the_lease_is_held(store: ObjectStore) -> None:
+    clock = _Clock()
+    keeper = LeaseKeeper(_RecordingLease(60), clock=clock)
+    leased = LeasedStore(store, keeper)
+    leased.write_bytes("l/a", b"1")
+    leased.write_stream("l/b", iter([b"2"]))
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 1000
+        clock.now += 3600  # the lease stops being trusted while the object is being written
+        yield b"y" * 1000
+
+    with pytest.raises(LeaseLost):
+        leased.write_stream("l/c", chunks())
+    assert store.info("l/c") is None  # checked again before the commit: nothing was written
+    for write in (lambda: leased.write_bytes("l/a", b"3"), lambda: leased.delete("l/a"),
+                  lambda: leased.write_stream("l/d", iter([b"4"]))):
+        with pytest.raises(LeaseLost):
+            write()
+    assert leased.read_bytes("l/a") == b"1" and [i.key for i in leased.list("l/")] == ["l/a", "l/b"]
+
+
+# -- the storage retry budget ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_a_storage_call_retries_within_the_stated_budget(azurite: Any, blob_container: ContainerClient) -> None:
+    """A call gets STORAGE_ATTEMPTS attempts (the waits between them add up to about 17 s), then fails with an error
+    that states the budget."""
+    proxy = StorageProxy(azurite.blob_url)
+    try:
+        store = from_connection_string(proxy.connection_string, blob_container.container_name)
+        proxy.outage(requests=10 * STORAGE_ATTEMPTS)
+        with pytest.raises(StateError) as failed:
+            store.write_bytes("budget/no", b"2")
+        assert (proxy.refused, proxy.forwarded) == (STORAGE_ATTEMPTS, 0)  # that many attempts, not one more
+        assert "HTTP 503 ServerBusy" in str(failed.value) and RETRY_BUDGET in str(failed.value)
+    finally:
+        proxy.close()
 
 
 # -- key_for_url -------------------------------------------------------------------------------------------------------
