@@ -161,10 +161,13 @@ def _source(store: ObjectStore, key: str) -> tuple[str, Partition | None]:
 
 
 def _info(store: ObjectStore, key: str) -> Any:
+    """The object's info. A key that could leave the store is a SourceError; storage that cannot be reached stays a
+    StateError (the run stops resumable and the timer goes on: nothing is wrong with the export)."""
     try:
-        return store.info(check_key(key))
+        check_key(key)
     except StateError as e:
         raise SourceError(str(e), file=key) from None
+    return store.info(key)
 
 
 def _plain_partition(store: ObjectStore, key: str) -> Partition:
