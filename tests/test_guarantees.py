@@ -278,13 +278,17 @@ def failed_run(world: World, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str,
     return report, emails
 
 
-def test_erasure_after_a_failed_run_finds_what_that_run_sent(world: World, failed_run: Any) -> None:
+def test_erasure_after_a_failed_run_finds_what_that_run_sent(world: World, failed_run: Any, fault_tally: Any) -> None:
     _, emails = failed_run
     person = emails[1234]
     assert world.in_account([person]) == {person}
     report = purge.erase(world.services(), person)
     assert report["status"] == "completed" and report["destinations"] == ["members"], report
     assert world.in_account([person]) == set()
+    kept = [e for e in emails[:3000] if e != person]  # what the failed run had sent, but the erased person
+    in_account = world.in_account(kept)
+    fault_tally.record(scenario="erasure after a run that failed on a 403", faults=1, runs=2, expected=len(kept),
+                       in_list=len(in_account), lost=len(kept) - len(in_account))
 
 
 def test_a_purge_after_a_failed_run_deletes_everything_it_sent(world: World, failed_run: Any) -> None:
@@ -294,7 +298,7 @@ def test_a_purge_after_a_failed_run_deletes_everything_it_sent(world: World, fai
     assert world.in_account(emails) == set()
 
 
-def test_erasure_and_purge_after_a_guard_rail_refusal_cover_what_it_added(world: World) -> None:
+def test_erasure_and_purge_after_a_guard_rail_refusal_cover_what_it_added(world: World, fault_tally: Any) -> None:
     world.box.job_delay = 0.05
     world.destination("members")
     old, new = people(1000), people(1000, start=5000)
@@ -302,12 +306,18 @@ def test_erasure_and_purge_after_a_guard_rail_refusal_cover_what_it_added(world:
     assert _mirror_run(world, "members", world.cdm(2, [new]))["mirror"]["guard_rail"] == "refused"
     erased = purge.erase(world.services(), new[10])
     assert erased["status"] == "completed" and erased["destinations"] == ["members"], erased
+    kept = set(old + new) - {new[10]}  # the refused run removed nobody; only the erased person is gone
+    in_list = world.in_list("members")
+    assert in_list == kept
+    fault_tally.record(scenario="erasure after a mirror run the guard rail refused", faults=1, runs=3,
+                       expected=len(kept), in_list=len(in_list & kept), lost=len(kept - in_list))
     record = purge.remove_destination(world.services(), "members", "list")
     assert record["status"] == "completed" and record["counts"]["removed"] == 1999, record
     assert world.in_list("members") == set()
 
 
-def test_a_run_killed_while_removing_is_finished_by_the_timer(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_killed_while_removing_is_finished_by_the_timer(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                              fault_tally: Any) -> None:
     """Issue 12 §4: the run stays open with its removal checkpoint, and the timer goes on from there."""
     world.box.job_delay = 0.05
     world.destination("members")
@@ -337,7 +347,10 @@ def test_a_run_killed_while_removing_is_finished_by_the_timer(world: World, monk
     (resumed,) = app.on_timer(world.ctx())
     resumed = _settled(world, resumed)
     assert resumed["status"] == "completed" and resumed["run_id"] == record["run_id"], resumed
-    assert world.in_list("members") == set(people(600))
+    in_list, wanted = world.in_list("members"), set(people(600))
+    assert in_list == wanted
+    fault_tally.record(scenario="killed while removing leavers, finished by the timer", faults=1, runs=2,
+                       expected=len(wanted), in_list=len(in_list & wanted), lost=len(wanted - in_list))
 
 
 # ------------------------------------------------------------- an export seen too early (issue 11 §5)
