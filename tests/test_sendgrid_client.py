@@ -718,23 +718,17 @@ def test_401_twice_raises_auth_error(api: Api) -> None:
     assert api.statuses() == {"401": 2} and api.clock.waits == []
 
 
-def test_403_raises_auth_error_at_once(api: Api) -> None:
+@pytest.mark.parametrize(("kind", "hint"), [
+    ("403", "scopes"),  # a key without Marketing scopes, or SendGrid's temporary block after bad requests
+    ("451", "region"),  # the account's data refused for legal or residency reasons
+])
+def test_403_and_451_raise_auth_error_at_once(api: Api, kind: str, hint: str) -> None:
+    """No retry and no re-read of the key changes these answers."""
     provider = CachingEnvSecrets(api.env)
-    api.box.inject({"endpoint": FIELDS, "kind": "403", "times": 5})
+    api.box.inject({"endpoint": FIELDS, "kind": kind, "times": 5})
     with api.watch.raises(AuthError) as info:
         api.client(secrets_provider=provider).field_definitions()
-    assert info.value.status == 403 and "scopes" in str(info.value)
-    assert api.requests_to(FIELDS) == 1
-    assert provider.refreshes == 0 and api.clock.waits == []
-
-
-def test_451_is_an_authentication_error_never_retried(api: Api) -> None:
-    """451: SendGrid refuses the account's data for legal or residency reasons; no retry or re-read changes that."""
-    provider = CachingEnvSecrets(api.env)
-    api.box.inject({"endpoint": FIELDS, "kind": "451", "times": 5})
-    with api.watch.raises(AuthError) as info:
-        api.client(secrets_provider=provider).field_definitions()
-    assert info.value.status == 451 and "region" in str(info.value)
+    assert info.value.status == int(kind) and hint in str(info.value)
     assert api.requests_to(FIELDS) == 1
     assert provider.refreshes == 0 and api.clock.waits == []
 
