@@ -54,7 +54,8 @@ the same email twice in one request and unknown list ids are refused.
 Faults (`inject`, POST /_sandbox/faults): HTTP faults on an API endpoint ("*": every API endpoint), job faults
 ("job"), and faults on an import's upload URL ("PUT /_sandbox/uploads/{job_id}", never armed by "*"): 500/503
 (nothing kept), a reset before the upload is read, or after it was stored (`processed`: the answer is lost and a
-resend gets 409), a slow answer.
+resend gets 409), a slow answer. A status fault sends `retry_after` as its Retry-After header, as given (seconds or
+an HTTP date); a 429 with `"rate_headers": false` has no X-RateLimit-* headers (a front proxy's 429).
 
 Control and inspection (no bearer; loopback clients only) live under /_sandbox/: GET stats, GET jobs, POST faults,
 POST reset, POST keys, GET lists/{id}/emails, GET contacts/{email}. Upload URLs (/_sandbox/uploads/{job}) and error
@@ -168,7 +169,7 @@ _FIELD_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # hit your contact limit'"); the API documents no wording of its own.
 CONTACT_LIMIT_MESSAGE = "you have hit your contact limit"
 
-HTTP_FAULT_KINDS = frozenset({"429", "500", "503", "reset", "slow", "401", "403"})
+HTTP_FAULT_KINDS = frozenset({"429", "500", "503", "reset", "slow", "401", "403", "451"})
 UPLOAD_TEMPLATE = "PUT /_sandbox/uploads/{job_id}"  # an import's upload_uri: its stats key and fault endpoint
 UPLOAD_FAULT_KINDS = frozenset({"500", "503", "reset", "slow"})  # what a presigned storage URL can do
 JOB_FAULT_KINDS = frozenset({"errored", "failed"})
@@ -1687,7 +1688,8 @@ def _normalise_fault(fault: dict[str, Any]) -> dict[str, Any]:
     elif kind not in HTTP_FAULT_KINDS:
         raise ValueError(f"fault kind must be one of {sorted(HTTP_FAULT_KINDS)}")
     out["reset_after"] = float(fault.get("reset_after", 1.0))
-    out["retry_after"] = fault.get("retry_after")
+    out["retry_after"] = fault.get("retry_after")  # sent as given (seconds or an HTTP date) on any status fault
+    out["rate_headers"] = bool(fault.get("rate_headers", True))  # False: a 429 with no X-RateLimit-* (a front proxy's)
     out["delay"] = float(fault.get("delay", 1.0))
     out["processed"] = bool(fault.get("processed", False))
     return out
@@ -2040,12 +2042,13 @@ class _Handler(BaseHTTPRequestHandler):
             limit = headers[0][1]
             headers = [("X-RateLimit-Limit", limit), ("X-RateLimit-Remaining", "0"),
                        ("X-RateLimit-Reset", str(math.ceil(time.time() + fault["reset_after"])))]
-            if fault.get("retry_after") is not None:
-                headers.append(("Retry-After", str(fault["retry_after"])))
-            self._answer(429, _err("too many requests"), headers)
-            return 429
-        messages = {"500": "internal server error", "503": "service unavailable",
-                    "401": "authorization required", "403": "too many bad requests, temporary block"}
+            if not fault["rate_headers"]:
+                headers = []
+        if fault.get("retry_after") is not None:
+            headers.append(("Retry-After", str(fault["retry_after"])))
+        messages = {"429": "too many requests", "500": "internal server error", "503": "service unavailable",
+                    "401": "authorization required", "403": "too many bad requests, temporary block",
+                    "451": "unavailable for legal reasons"}
         self._answer(int(kind), _err(messages[kind]), headers)
         return int(kind)
 
@@ -2114,7 +2117,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = not wire.drain(MAX_DRAIN_BYTES)
             self._body_bytes = wire.count
             reason = b"InternalError: please try again" if kind == "500" else b"SlowDown: please reduce your rate"
-            self._answer(int(kind), reason, content_type="text/plain")
+            told = [("Retry-After", str(fault["retry_after"]))] if fault.get("retry_after") is not None else []
+            self._answer(int(kind), reason, told, content_type="text/plain")
             return int(kind)
         status, body, headers = self._receive_upload(job_id, wire)
         if kind == "reset":  # processed: the upload is kept, its answer lost

@@ -8,14 +8,18 @@ path and status only.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import random
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlparse
 
@@ -77,35 +81,132 @@ def base_url_for(region: str, environ: Mapping[str, str]) -> str:
     )
 
 
+class Trouble(enum.Enum):
+    """What went wrong with an attempt, and so which budget it spends: budgets are never shared."""
+
+    RATE_LIMITED = "rate limited"  # 429: seconds waited per call, `max_rate_limit_wait`
+    FAILED = "failed"  # 5xx, timeouts, dropped connections: attempts per call, `max_attempts`
+    UNAUTHORIZED = "unauthorized"  # 401: re-reads of the key per call, `max_key_refreshes`
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One failed attempt of a call, as the policy recorded it."""
+
+    trouble: Trouble
+    status: int | None  # None: no answer (`error` says why)
+    error: str | None  # "timed out", "connection failed"
+    wait: float  # seconds the policy asks for before the next attempt
+
+    def label(self) -> str:
+        return self.error or f"{self.status} from SendGrid"
+
+
+_NO_HEADERS: Mapping[str, str] = {}
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit takes "²", which float() refuses
+_UNIX_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """What to retry, how long to wait, when to give up."""
+    """What to retry, how long to wait, when to give up: one immutable value per call, in the spirit of urllib3's
+    `Retry`. `increment(...)` returns a copy that remembers one more failed attempt (`history`, with the wait it asks
+    for); `is_exhausted()` says a budget is spent; `sleep_for()` is the wait before the next attempt. The settings
+    below are the budgets and waits; a client holds the policy with an empty history and starts each call from it."""
 
-    max_attempts: int = 8  # 5xx, timeouts and connection errors, per call
+    max_attempts: int = 8  # attempts that failed with a 5xx, a timeout or a dropped connection, per call
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     max_rate_limit_wait: float = 900.0  # total seconds one call may spend waiting on 429s
-    max_single_wait: float = 120.0  # a reset header further away than this is capped (clock skew, bad header)
+    max_single_wait: float = 120.0  # a Retry-After or reset further away than this is capped (clock skew, bad header)
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
+    max_key_refreshes: int = 1  # a 401 re-reads the key (it may have been rotated) this many times per call
+    history: tuple[Attempt, ...] = ()
+
+    @staticmethod
+    def trouble_of(status: int | None) -> Trouble | None:
+        """The budget an answer's status (None: no answer) draws on; None when it is never retried (other 4xx)."""
+        if status is None or status >= 500:
+            return Trouble.FAILED
+        if status == 429:
+            return Trouble.RATE_LIMITED
+        if status == 401:
+            return Trouble.UNAUTHORIZED
+        return None
+
+    def new(self) -> RetryPolicy:
+        """The same settings with an empty history: the start of a call."""
+        return replace(self, history=())
+
+    def increment(self, *, status: int | None = None, error: str | None = None,
+                  headers: Mapping[str, str] = _NO_HEADERS, now: float, rng: random.Random) -> RetryPolicy:
+        """A copy that remembers one more failed attempt: its answer's status and headers, or no answer (`error`).
+        `now` is the wall clock (Unix seconds), for Retry-After dates and reset times."""
+        trouble = self.trouble_of(status)
+        if trouble is None:
+            raise ValueError(f"a {status} answer is final, not retried")
+        if trouble is Trouble.RATE_LIMITED:
+            wait = self.rate_limit_wait(headers, now)
+        elif trouble is Trouble.FAILED:
+            told = self.retry_after(headers, now)  # a 503 may say when to come back
+            wait = told if told is not None else self.backoff(self.count(Trouble.FAILED) + 1, rng)
+        else:
+            wait = 0.0
+        return replace(self, history=(*self.history, Attempt(trouble, status, error, wait)))
+
+    def count(self, trouble: Trouble) -> int:
+        return sum(1 for a in self.history if a.trouble is trouble)
+
+    def waited(self, trouble: Trouble) -> float:
+        """Seconds the attempts of this kind asked to wait (the last one's wait included)."""
+        return sum(a.wait for a in self.history if a.trouble is trouble)
+
+    def is_exhausted(self) -> bool:
+        """A budget is spent: the caller gives up instead of waiting `sleep_for()`."""
+        return (self.count(Trouble.FAILED) >= self.max_attempts
+                or self.waited(Trouble.RATE_LIMITED) > self.max_rate_limit_wait
+                or self.count(Trouble.UNAUTHORIZED) > self.max_key_refreshes)
+
+    def sleep_for(self) -> float:
+        """Seconds to wait before the next attempt."""
+        return self.history[-1].wait if self.history else 0.0
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Exponential backoff with full jitter (attempt counts from 1)."""
         return rng.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
 
-    def rate_limit_wait(self, headers: Mapping[str, str], now: float) -> float:
-        """Seconds until the window resets: Retry-After, else X-RateLimit-Reset (Unix seconds), else 1 s."""
-        for name in ("Retry-After",):
-            value = headers.get(name)
-            if value and value.strip().isdigit():
-                return min(max(float(value), _MIN_RATE_LIMIT_WAIT), self.max_single_wait)
-        reset = headers.get("X-RateLimit-Reset")
-        if reset:
+    def parse_retry_after(self, value: str, now: float) -> float | None:
+        """Retry-After in seconds: ASCII digits, or an HTTP date relative to `now` (a past date: 0). Capped at
+        `max_single_wait`; None when it is neither."""
+        text = value.strip()
+        if _DIGITS.fullmatch(text):
+            seconds = float(text)
+        else:
             try:
-                return min(max(float(reset) - now, 0.0) + _MIN_RATE_LIMIT_WAIT, self.max_single_wait)
-            except ValueError:
-                pass
-        return 1.0
+                when = parsedate_to_datetime(text)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+            seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - now
+        return min(max(seconds, 0.0), self.max_single_wait)
+
+    def retry_after(self, headers: Mapping[str, str], now: float) -> float | None:
+        value = headers.get("Retry-After")
+        return None if value is None else self.parse_retry_after(value, now)
+
+    def reset_wait(self, headers: Mapping[str, str], now: float) -> float | None:
+        """Seconds until X-RateLimit-Reset (Unix seconds, ASCII digits), plus a small margin; capped."""
+        reset = headers.get("X-RateLimit-Reset", "").strip()
+        if not _UNIX_SECONDS.fullmatch(reset):
+            return None
+        return min(max(float(reset) - now, 0.0) + _MIN_RATE_LIMIT_WAIT, self.max_single_wait)
+
+    def rate_limit_wait(self, headers: Mapping[str, str], now: float) -> float:
+        """Seconds until the window resets: Retry-After, else X-RateLimit-Reset, else 1 s; never less than a pause."""
+        told = self.retry_after(headers, now)
+        if told is None:
+            told = self.reset_wait(headers, now)
+        return 1.0 if told is None else min(max(told, _MIN_RATE_LIMIT_WAIT), self.max_single_wait)
 
 
 @dataclass(frozen=True)
@@ -131,24 +232,77 @@ class InvalidContacts(PayloadRejected):
 
 
 @dataclass
+class _Window:
+    """What the latest answers said of an endpoint's current rate-limit window."""
+
+    reset: float  # its X-RateLimit-Reset (Unix seconds): which window this is
+    until: float  # monotonic time it ends (capped like any wait)
+    left: int  # calls this client may still start in it
+
+
 class _Pacer:
-    """Remembers each endpoint's remaining allowance so the next call waits for the reset instead of earning a 429."""
+    """Paces every thread of one client, per endpoint, so that no call earns a 429 the client could have foreseen.
 
-    blocked_until: dict[str, float] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    - A 429 (`block`) pauses every call to its endpoint until the wait it asked for has passed.
+    - X-RateLimit-Remaining counts what the window still allows; calls still in flight when it was written may not be
+      in it yet, so they are taken off too, and each call started since takes one more. When nothing is left, calls
+      wait for the reset (Remaining: 0 without a reset header: the policy's rate-limit wait).
+    A window whose end has passed is forgotten: the next answer tells the new one."""
 
-    def note(self, endpoint: str, headers: Mapping[str, str], policy: RetryPolicy, wall: float, mono: float) -> None:
-        if headers.get("X-RateLimit-Remaining", "").strip() == "0":
-            with self.lock:
-                self.blocked_until[endpoint] = mono + policy.rate_limit_wait(headers, wall)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocked: dict[str, float] = {}
+        self._windows: dict[str, _Window] = {}
+        self._in_flight: Counter[str] = Counter()
 
-    def wait_time(self, endpoint: str, mono: float) -> float:
-        with self.lock:
-            return max(0.0, self.blocked_until.get(endpoint, 0.0) - mono)
+    def acquire(self, endpoint: str, mono: float) -> float:
+        """0 when a call may start now (it is then in flight until `release`), else the seconds to wait first."""
+        with self._lock:
+            blocked = self._blocked.get(endpoint, 0.0) - mono
+            if blocked > 0:
+                return blocked
+            window = self._windows.get(endpoint)
+            if window is not None and mono < window.until:
+                if window.left <= 0:
+                    return window.until - mono
+                window.left -= 1
+            elif window is not None:
+                del self._windows[endpoint]
+            self._in_flight[endpoint] += 1
+            return 0.0
+
+    def release(self, endpoint: str, headers: Mapping[str, str] | None, policy: RetryPolicy, wall: float,
+                mono: float) -> None:
+        """A call ended, with these answer headers (None: no answer)."""
+        with self._lock:
+            self._in_flight[endpoint] -= 1
+            remaining = (headers or _NO_HEADERS).get("X-RateLimit-Remaining", "").strip()
+            if headers is None or not _DIGITS.fullmatch(remaining):
+                return
+            left = int(remaining) - self._in_flight[endpoint]
+            reset = headers.get("X-RateLimit-Reset", "").strip()
+            if not _UNIX_SECONDS.fullmatch(reset):
+                if left <= 0:
+                    self._block(endpoint, mono + policy.rate_limit_wait(headers, wall))
+                return
+            until = mono + policy.rate_limit_wait(headers, wall)  # Retry-After, if told, wins over the reset
+            window = self._windows.get(endpoint)
+            if window is None or float(reset) > window.reset:
+                self._windows[endpoint] = _Window(float(reset), until, left)
+            elif float(reset) == window.reset:
+                window.left = min(window.left, left)
+
+    def block(self, endpoint: str, until: float) -> None:
+        with self._lock:
+            self._block(endpoint, until)
+
+    def _block(self, endpoint: str, until: float) -> None:
+        self._blocked[endpoint] = max(self._blocked.get(endpoint, 0.0), until)
 
 
 class SendGridClient:
-    """One account's API. Thread-safe for the engine's use (one sender thread plus status polls)."""
+    """One account's API. Safe for several threads at once (senders and status polls): they share the pacing, the
+    stats and the jitter; each call has its own retry history."""
 
     def __init__(
         self,
@@ -163,19 +317,21 @@ class SendGridClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._secrets, self._secret_name = secrets, secret_name
-        self.policy = policy or RetryPolicy()
+        self.policy = (policy or RetryPolicy()).new()
         self._session = session or requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=8, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._rng_lock = threading.Lock()
         self._pacer = _Pacer()
         self.deadline: float | None = None  # time.monotonic() value; waits that would pass it raise DeadlineReached
         # The engine's lease keeper (LeaseKeeper.sleep): every wait goes through it and it is asked (with 0) before
         # each attempt, so a run whose lease is lost sends nothing more and stops waiting at once.
         self.guard: Callable[[float], None] | None = None
         self.stats = {"requests": 0, "retries": 0, "rate_limited": 0, "bytes_sent": 0, "waited_seconds": 0.0}
+        self._stats_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SendGridClient({self.base_url!r}, secret={self._secret_name!r})"
@@ -185,6 +341,10 @@ class SendGridClient:
 
     # --- transport -------------------------------------------------------------------------------------------------
 
+    def _count(self, name: str, amount: float = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += amount
+
     def _wait(self, seconds: float) -> None:
         if seconds <= 0:
             if self.guard is not None:
@@ -192,8 +352,45 @@ class SendGridClient:
             return
         if self.deadline is not None and time.monotonic() + seconds > self.deadline:
             raise DeadlineReached(f"waiting {seconds:.0f} s for SendGrid would pass the run's deadline")
-        self.stats["waited_seconds"] += seconds
+        self._count("waited_seconds", seconds)
         (self.guard or self._sleep)(seconds)
+
+    def _attempt(self, endpoint: str, send: Callable[[], requests.Response]) -> tuple[requests.Response | None, str]:
+        """One attempt, once the pacer lets it go: the answer, or None and why there was none."""
+        while (wait := self._pacer.acquire(endpoint, time.monotonic())) > 0:
+            self._wait(wait)
+        if self.guard is not None:  # the lease the work holds: checked before every attempt (LeaseLost)
+            self.guard(0)
+        self._count("requests")
+        resp: requests.Response | None = None
+        try:
+            resp = send()
+            return resp, ""
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            return None, "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+        finally:
+            self._pacer.release(endpoint, None if resp is None else resp.headers, self.policy, time.time(),
+                                time.monotonic())
+
+    def _retry(self, endpoint: str, retry: RetryPolicy, resp: requests.Response | None, error: str) -> RetryPolicy:
+        """Record a failed attempt and wait as the policy says; raise the matching error when a budget is spent."""
+        with self._rng_lock:
+            retry = retry.increment(status=None if resp is None else resp.status_code, error=error or None,
+                                    headers=_NO_HEADERS if resp is None else resp.headers, now=time.time(),
+                                    rng=self._rng)
+        last = retry.history[-1]
+        if last.trouble is Trouble.RATE_LIMITED:
+            self._count("rate_limited")
+            self._pacer.block(endpoint, time.monotonic() + last.wait)  # every thread waits, not this one alone
+        if retry.is_exhausted():
+            raise _given_up(endpoint, retry, resp)
+        if last.trouble is Trouble.RATE_LIMITED:
+            log.info("%s: rate limited, waiting %.1f s", endpoint, last.wait)
+        elif last.trouble is Trouble.FAILED:
+            self._count("retries")
+            log.warning("%s: %s (attempt %d), retrying", endpoint, last.label(), retry.count(Trouble.FAILED))
+        self._wait(retry.sleep_for())
+        return retry
 
     def request(
         self,
@@ -212,63 +409,29 @@ class SendGridClient:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        attempt, rate_waited, refreshed = 0, 0.0, False
         secret = self._secrets.get(self._secret_name)
-        while True:
-            self._wait(self._pacer.wait_time(endpoint, time.monotonic()))
+
+        def send() -> requests.Response:
             headers["Authorization"] = "Bearer " + secret.reveal()
-            attempt += 1
-            self.stats["requests"] += 1
             try:
-                resp = self._session.request(
-                    method, url, data=body, params=params, headers=headers,
-                    timeout=(self.policy.connect_timeout, self.policy.read_timeout),
-                )
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                kind = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
-                if attempt >= self.policy.max_attempts:
-                    raise TransientError(f"{endpoint}: {kind} {attempt} times; giving up for now") from None
-                self.stats["retries"] += 1
-                log.warning("%s: %s (attempt %d), retrying", endpoint, kind, attempt)
-                self._wait(self.policy.backoff(attempt, self._rng))
-                continue
+                return self._session.request(method, url, data=body, params=params, headers=headers,
+                                             timeout=(self.policy.connect_timeout, self.policy.read_timeout))
             finally:
                 headers.pop("Authorization", None)
-            if body is not None:
-                self.stats["bytes_sent"] += len(body)
-            self._pacer.note(endpoint, resp.headers, self.policy, time.time(), time.monotonic())
-            status = resp.status_code
-            if status in ok or status in allow:
-                return resp
-            if status == 429:
-                self.stats["rate_limited"] += 1
-                wait = self.policy.rate_limit_wait(resp.headers, time.time())
-                if rate_waited + wait > self.policy.max_rate_limit_wait:
-                    raise RateLimited(f"{endpoint}: still rate limited after {rate_waited:.0f} s", status=429)
-                rate_waited += wait
-                attempt -= 1  # a 429 is not a failure of the attempt budget
-                log.info("%s: rate limited, waiting %.1f s", endpoint, wait)
-                self._wait(wait)
-                continue
-            if status == 401 and not refreshed:
-                refreshed = True  # the key may have been rotated: read it again once
-                secret = self._secrets.refresh(self._secret_name)
-                continue
-            if status in (401, 403, 451):
-                raise AuthError(f"{endpoint}: {status} {_messages(resp)}; {_AUTH_HINT.get(status, '')}", status=status)
-            if status >= 500:
-                if attempt >= self.policy.max_attempts:
-                    raise TransientError(f"{endpoint}: {status} from SendGrid {attempt} times; giving up for now",
-                                         status=status)
-                self.stats["retries"] += 1
-                log.warning("%s: %d (attempt %d), retrying", endpoint, status, attempt)
-                self._wait(self.policy.backoff(attempt, self._rng))
-                continue
-            if status == 400:
-                emails = _invalid_addresses(resp)
-                if emails:
-                    raise InvalidContacts(emails)
-            raise PayloadRejected(f"{endpoint}: {status} {_messages(resp)}", status=status)
+
+        retry = self.policy
+        while True:
+            resp, error = self._attempt(endpoint, send)
+            if resp is not None:
+                if body is not None:
+                    self._count("bytes_sent", len(body))
+                if resp.status_code in ok or resp.status_code in allow:
+                    return resp
+                if retry.trouble_of(resp.status_code) is None:
+                    raise _refused(endpoint, resp)
+            retry = self._retry(endpoint, retry, resp, error)
+            if retry.history[-1].trouble is Trouble.UNAUTHORIZED:
+                secret = self._secrets.refresh(self._secret_name)  # the key may have been rotated: read it again
 
     # --- API calls ----------------------------------------------------------------------------------------------------
 
@@ -297,25 +460,29 @@ class SendGridClient:
         return orjson.loads(self.request("PUT", "/v3/marketing/contacts/imports", body=body).content)
 
     def upload(self, upload_uri: str, upload_headers: Iterable[Mapping[str, str]], data: Any, size: int) -> None:
-        """PUT the import file to the URI SendGrid gave (no API key goes there), retried like any call."""
+        """PUT the import file to the URI SendGrid gave (no API key goes there), retried like any call. The URI is a
+        capability: it is never logged, the endpoint is named "PUT import upload"."""
         headers = {h["header"]: h["value"] for h in upload_headers}
         headers["Content-Length"] = str(size)
         unanswered = False  # an earlier attempt may have arrived without its answer reaching us
-        for attempt in range(1, self.policy.max_attempts + 1):
+
+        def send() -> requests.Response:
             if hasattr(data, "seek"):
                 data.seek(0)
-            try:
-                resp = self._session.put(upload_uri, data=data, headers=headers,
-                                         timeout=(self.policy.connect_timeout, self.policy.read_timeout * 5))
-            except (requests.ConnectionError, requests.Timeout):
-                resp, unanswered = None, True
-            if resp is not None and (resp.status_code < 300 or (resp.status_code == 409 and unanswered)):
-                self.stats["bytes_sent"] += size  # 409 after a lost answer: the file is there already
+            return self._session.put(upload_uri, data=data, headers=headers,
+                                     timeout=(self.policy.connect_timeout, self.policy.read_timeout * 5))
+
+        retry = self.policy
+        while True:
+            resp, error = self._attempt(_UPLOAD, send)
+            if resp is None:
+                unanswered = True
+            elif resp.status_code < 300 or (resp.status_code == 409 and unanswered):
+                self._count("bytes_sent", size)  # 409 after a lost answer: the file is there already
                 return
-            if resp is not None and resp.status_code < 500 and resp.status_code != 429:
+            elif retry.trouble_of(resp.status_code) in (None, Trouble.UNAUTHORIZED):  # no key to re-read here
                 raise PayloadRejected(f"import upload refused: {resp.status_code}", status=resp.status_code)
-            self._wait(self.policy.backoff(attempt, self._rng))
-        raise TransientError("import upload failed after retries")
+            retry = self._retry(_UPLOAD, retry, resp, error)
 
     def errors_head(self, url: str, lines: int = 20) -> list[str]:
         """The first lines of a job's errors file. It lives on another host: no API key is sent there."""
@@ -378,6 +545,36 @@ _AUTH_HINT = {
 }
 
 
+_UPLOAD = "PUT import upload"
+
+
+def _refused(endpoint: str, resp: requests.Response) -> SendGridError:
+    """The error for an answer that is final (never retried)."""
+    status = resp.status_code
+    if status in (401, 403, 451):
+        return AuthError(f"{endpoint}: {status} {_messages(resp)}; {_AUTH_HINT.get(status, '')}", status=status)
+    if status == 400:
+        emails = _invalid_addresses(resp)
+        if emails:
+            return InvalidContacts(emails)
+    return PayloadRejected(f"{endpoint}: {status} {_messages(resp)}", status=status)
+
+
+def _given_up(endpoint: str, retry: RetryPolicy, resp: requests.Response | None) -> SendGridError:
+    """The error for a call whose last attempt spent a budget."""
+    last = retry.history[-1]
+    if last.trouble is Trouble.RATE_LIMITED:
+        waited = retry.waited(Trouble.RATE_LIMITED) - last.wait
+        return RateLimited(f"{endpoint}: still rate limited after {waited:.0f} s", status=429)
+    if last.trouble is Trouble.UNAUTHORIZED and resp is not None:
+        return _refused(endpoint, resp)
+    failures = Counter(a.label() for a in retry.history if a.trouble is Trouble.FAILED)
+    n = sum(failures.values())
+    what = f"{last.label()} {n} times" if len(failures) == 1 else "failed {} times ({})".format(
+        n, ", ".join(f"{label} x{count}" for label, count in failures.items()))
+    return TransientError(f"{endpoint}: {what}; giving up for now", status=last.status)
+
+
 def _messages(resp: requests.Response) -> str:
     """SendGrid's error messages, each redacted before it is cut short (a cut key would escape the patterns)."""
     try:
@@ -429,4 +626,4 @@ def _id_chunks(ids: Sequence[str], base_len: int) -> Iterator[list[str]]:
         yield chunk
 
 
-__all__ = ["InvalidContacts", "RetryPolicy", "SendGridClient", "SendGridError", "base_url_for"]
+__all__ = ["Attempt", "InvalidContacts", "RetryPolicy", "SendGridClient", "SendGridError", "Trouble", "base_url_for"]

@@ -16,11 +16,13 @@ import logging
 import random
 import secrets
 import socket
+import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -50,6 +52,7 @@ UPSERT = "PUT /v3/marketing/contacts"
 SEARCH = "POST /v3/marketing/contacts/search/emails"
 LIST_REMOVE = "DELETE /v3/marketing/lists/{id}/contacts"
 CONTACTS_DELETE = "DELETE /v3/marketing/contacts"
+UPLOAD = "PUT /_sandbox/uploads/{job_id}"
 
 
 def new_key() -> str:
@@ -369,6 +372,63 @@ def test_429_wait_honours_retry_after_and_caps(api: Api, fault: dict[str, Any], 
     assert api.clock.waits == [pytest.approx(expected)]
 
 
+@pytest.mark.parametrize(("retry_after", "low", "high"), [
+    (30, 28.9, 30.0),  # an HTTP date 30 s ahead (whole seconds, so 29 to 30 s from now); the reset would be ~1 s
+    (-3600, 0.05, 0.05),  # a date in the past: no more than the pause every 429 gets, not the reset
+], ids=["future", "past"])
+def test_429_with_retry_after_as_an_http_date(api: Api, retry_after: int, low: float, high: float) -> None:
+    when = formatdate(time.time() + retry_after, usegmt=True)
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": when, "reset_after": 1})
+    api.client().field_definitions()
+    assert len(api.clock.waits) == 1 and low - 1e-9 <= api.clock.waits[0] <= high + 1e-9
+    assert api.statuses() == {"429": 1, "200": 1}
+
+
+def test_429_with_a_retry_after_that_is_not_ascii_digits_falls_back_to_the_reset(api: Api) -> None:
+    """"²" passes str.isdigit() but float("²") raises: it must not escape from the client as a ValueError."""
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": "²", "reset_after": 30})
+    api.client().field_definitions()
+    assert len(api.clock.waits) == 1 and 29.5 < api.clock.waits[0] < 31.5
+
+
+def test_429s_do_not_spend_the_attempts_kept_for_errors(api: Api) -> None:
+    """Three 429s and a 503 on a budget of two error attempts: the call goes through. (One budget for both, or the
+    two swapped, would give up at the second 429.)"""
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 1, "times": 3})
+    api.box.inject({"endpoint": FIELDS, "kind": "503"})
+    client = api.client(max_attempts=2, backoff_base=0.5, rng=MaxRandom())
+    assert "reserved_fields" in client.field_definitions()
+    assert api.clock.waits == [1.0, 1.0, 1.0, 0.5]
+    assert client.stats["rate_limited"] == 3 and client.stats["retries"] == 1
+
+
+def test_error_backoff_does_not_spend_the_seconds_kept_for_429s(api: Api) -> None:
+    """3.5 s of backoff for three 503s, then a 1 s 429, with 1 s of patience for 429s: the call goes through. (Backoff
+    counted as rate-limit waiting, or the budgets swapped, would give up.)"""
+    api.box.inject({"endpoint": FIELDS, "kind": "503", "times": 3})
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 1})
+    client = api.client(max_attempts=4, backoff_base=0.5, backoff_max=4.0, max_rate_limit_wait=1.0, rng=MaxRandom())
+    assert "reserved_fields" in client.field_definitions()
+    assert api.clock.waits == [0.5, 1.0, 2.0, 1.0]
+
+
+def test_a_429_between_two_errors_does_not_give_the_errors_a_fresh_budget(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "503"})
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 1})
+    api.box.inject({"endpoint": FIELDS, "kind": "503", "times": 5})
+    with api.watch.raises(TransientError) as info:
+        api.client(max_attempts=2).field_definitions()
+    assert info.value.status == 503 and "503 from SendGrid 2 times; giving up" in str(info.value)
+    assert api.statuses() == {"503": 2, "429": 1}
+
+
+def test_a_503_that_says_when_to_come_back_is_believed(api: Api) -> None:
+    api.box.inject({"endpoint": FIELDS, "kind": "503", "retry_after": 3})
+    client = api.client(backoff_base=0.5, rng=MaxRandom())
+    assert "reserved_fields" in client.field_definitions()
+    assert api.clock.waits == [3.0] and client.stats["retries"] == 1
+
+
 def test_429_storm_longer_than_the_patience_raises_rate_limited(api: Api) -> None:
     api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 6, "times": 50})
     client = api.client(max_rate_limit_wait=20.0, max_attempts=2)
@@ -427,6 +487,106 @@ def test_pacing_waits_for_the_reset_after_remaining_zero(watch: LeakWatch) -> No
     assert before[0] == "answer" and before[2]["X-RateLimit-Remaining"] == "0"
     assert after[0] == "send"  # the wait came first, then the call
     assert 0 < events[first_wait][1] <= 2.1
+
+
+# ------------------------------------------------------------------------------- several threads, one client
+
+
+def test_a_429_pauses_every_thread_of_the_client_until_its_wait_is_over(api: Api,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread "first" earns a 429 that carries only Retry-After: 5 (no X-RateLimit-* headers, as a front proxy
+    answers). Thread "second" calls the same endpoint while "first" is still waiting: it waits too, then sends,
+    instead of earning a 429 of its own. The clock is virtual: "first" holds its wait until "second" is done."""
+    api.box.inject({"endpoint": FIELDS, "kind": "429", "retry_after": 5, "rate_headers": False})
+    seen: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+    first_waits, second_done = threading.Event(), threading.Event()
+
+    def sleep(seconds: float) -> None:
+        name = threading.current_thread().name
+        with lock:
+            seen.append((name, seconds))
+        if name == "first":
+            first_waits.set()
+            second_done.wait(timeout=30)
+        with lock:
+            api.clock.offset += seconds
+
+    real_send = api.session.send
+
+    def send(request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        with lock:
+            seen.append((threading.current_thread().name, "send"))
+        resp = real_send(request, **kwargs)
+        with lock:
+            seen.append((threading.current_thread().name, resp.status_code))
+        return resp
+
+    monkeypatch.setattr(api.session, "send", send)
+    client = SendGridClient(api.url, EnvSecrets(api.env), SECRET_NAME, policy=fast_policy(), session=api.session,
+                            sleep=sleep, rng=random.Random(1))
+    api.watch.clients.append(client)
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str, done: threading.Event | None = None) -> None:
+        try:
+            outcomes[name] = "reserved_fields" in client.field_definitions()
+        except Exception as exc:  # reported by the assertion below
+            outcomes[name] = exc
+        finally:
+            if done is not None:
+                done.set()
+
+    first = threading.Thread(target=call, args=("first",), name="first")
+    first.start()
+    assert first_waits.wait(timeout=30)
+    second = threading.Thread(target=call, args=("second", second_done), name="second")
+    second.start()
+    second.join(timeout=30)
+    first.join(timeout=30)
+
+    assert outcomes == {"first": True, "second": True}
+    assert api.statuses() == {"429": 1, "200": 2}
+    second_seen = [what for name, what in seen if name == "second"]
+    assert len(second_seen) == 3 and second_seen[1:] == ["send", 200]  # it waited first, then sent once
+    assert 0 < second_seen[0] <= 5.0
+    assert [what for name, what in seen if name == "first"] == ["send", 429, 5.0, "send", 200]
+
+
+def test_two_threads_sharing_a_client_stay_within_the_rate_limit(watch: LeakWatch) -> None:
+    """A real limit of 2 calls per window and two threads sending through one client: an answer's
+    X-RateLimit-Remaining does not count the other thread's call still in flight, so each thread going by its own
+    answers overspends the window. The client counts calls in flight and waits for the reset instead: no 429 at
+    all. Waits are slept for real (the sandbox's clock must move); nothing here measures time."""
+    key = new_key()
+    watch.keys.add(key)
+    box = Sandbox(api_keys=[key], rate_limit=2, rate_window=1.0)
+    with serve(box) as server:
+        client = SendGridClient(server.url, EnvSecrets({ENV_VAR: key}), SECRET_NAME, policy=fast_policy())
+        watch.clients.append(client)
+        start = threading.Barrier(2)
+        outcomes: list[Any] = []
+
+        def sender() -> None:
+            start.wait(timeout=30)
+            try:
+                for _ in range(4):
+                    outcomes.append("reserved_fields" in client.field_definitions())
+            except Exception as exc:  # reported by the assertion below
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=sender) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        client.close()
+        stats = settled_stats(box, 8)
+
+    assert outcomes == [True] * 8
+    assert stats["responses_429"] == 0 and client.stats["rate_limited"] == 0
+    assert stats["requests"][FIELDS] == 8 == client.stats["requests"]
+    assert client.stats["waited_seconds"] > 0  # 8 calls do not fit in one window of 2: the client waited
 
 
 # ---------------------------------------------------------------------------------------- 5xx, resets, timeouts
@@ -558,12 +718,17 @@ def test_401_twice_raises_auth_error(api: Api) -> None:
     assert api.statuses() == {"401": 2} and api.clock.waits == []
 
 
-def test_403_raises_auth_error_at_once(api: Api) -> None:
+@pytest.mark.parametrize(("kind", "hint"), [
+    ("403", "scopes"),  # a key without Marketing scopes, or SendGrid's temporary block after bad requests
+    ("451", "region"),  # the account's data refused for legal or residency reasons
+])
+def test_403_and_451_raise_auth_error_at_once(api: Api, kind: str, hint: str) -> None:
+    """No retry and no re-read of the key changes these answers."""
     provider = CachingEnvSecrets(api.env)
-    api.box.inject({"endpoint": FIELDS, "kind": "403", "times": 5})
+    api.box.inject({"endpoint": FIELDS, "kind": kind, "times": 5})
     with api.watch.raises(AuthError) as info:
         api.client(secrets_provider=provider).field_definitions()
-    assert info.value.status == 403 and "scopes" in str(info.value)
+    assert info.value.status == int(kind) and hint in str(info.value)
     assert api.requests_to(FIELDS) == 1
     assert provider.refreshes == 0 and api.clock.waits == []
 
@@ -633,6 +798,24 @@ def test_search_contacts_goes_100_at_a_time_and_maps_lowercase_emails_to_ids_and
     assert len(searches) == 3 == api.requests_to(SEARCH)
     sizes = [len(orjson.loads(s.body)["emails"]) for s in searches]
     assert sizes == [100, 100, 70]
+
+
+def test_search_contacts_ignores_a_contact_found_by_an_alternate_email(api: Api) -> None:
+    """SendGrid's search matches alternate emails too (tests/contracts/tsg_mc_contacts_v3.json, ListContactByEmail:
+    "including any alternate_emails"); the sandbox does as well. Only a contact whose primary email was searched is
+    that address's contact: the other one is someone else, never to be removed or deleted in its place."""
+    client = api.client()
+    client.upsert(orjson.dumps({"contacts": [{"email": "ann@example.com", "alternate_emails": ["ann@work.example"]},
+                                             {"email": "bob@example.com"}]}))
+    api.box.complete_jobs()
+
+    found = client.search_contacts(["ann@work.example", "bob@example.com"])
+    alone = client.search_contacts(["ANN@work.example"])
+
+    assert set(found) == {"bob@example.com"} and alone == {}
+    assert api.statuses() == {"202": 1, "200": 2}  # SendGrid answered with a hit both times
+    ann = client.search_contacts(["ann@example.com"])
+    assert ann["ann@example.com"].id == api.box.contact("ann@example.com")["id"]
 
 
 def test_search_contacts_for_unknown_addresses_returns_nothing(api: Api) -> None:
@@ -767,3 +950,30 @@ def test_an_upload_refused_at_once_is_not_taken_for_a_lost_answer(api: Api) -> N
     client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
     with pytest.raises(PayloadRejected, match="409"):  # a second upload of the same job, not a retry
         client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+
+
+def _started_upload(api: Api, client: SendGridClient) -> tuple[dict[str, Any], bytes]:
+    started = client.start_import([api.box.create_list("imported")], ["_rf2_T"])
+    return started, gzip.compress(b"email\nann@example.com\n")
+
+
+def test_an_upload_told_when_to_come_back_waits_that_long(api: Api) -> None:
+    client = api.client(backoff_base=0.5, rng=MaxRandom())
+    started, data = _started_upload(api, client)
+    api.box.inject({"endpoint": UPLOAD, "kind": "503", "retry_after": 4})
+    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    assert api.clock.waits == [4.0] and client.stats["retries"] == 1
+    api.box.complete_jobs()
+    assert client.import_status(started["job_id"])["status"] == "completed"
+
+
+def test_an_upload_failing_past_the_budget_names_what_failed_and_wastes_no_last_wait(api: Api) -> None:
+    client = api.client(max_attempts=3)
+    started, data = _started_upload(api, client)
+    api.box.inject({"endpoint": UPLOAD, "kind": "500", "times": 2})
+    api.box.inject({"endpoint": UPLOAD, "kind": "reset", "times": 5})
+    with api.watch.raises(TransientError) as info:
+        client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    assert "PUT import upload: failed 3 times (500 from SendGrid x2, connection failed x1)" in str(info.value)
+    assert started["upload_uri"] not in str(info.value)  # a capability URL: never shown
+    assert len(api.session.to("/_sandbox/uploads/")) == 3 and len(api.clock.waits) == 2
