@@ -357,10 +357,10 @@ class SendGridClient:
 
     def _attempt(self, endpoint: str, send: Callable[[], requests.Response]) -> tuple[requests.Response | None, str]:
         """One attempt, once the pacer lets it go: the answer, or None and why there was none."""
-        while (wait := self._pacer.acquire(endpoint, time.monotonic())) > 0:
-            self._wait(wait)
         if self.guard is not None:  # the lease the work holds: checked before every attempt (LeaseLost)
             self.guard(0)
+        while (wait := self._pacer.acquire(endpoint, time.monotonic())) > 0:
+            self._wait(wait)
         self._count("requests")
         resp: requests.Response | None = None
         try:
