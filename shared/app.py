@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import engine, http_api, purge, sources
+from . import connections, engine, http_api, purge, sources
 from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
@@ -61,6 +61,9 @@ class AppContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppContext:
+        refusal = connection_refusal(settings.environ)
+        if refusal:
+            raise ConfigError(refusal)
         service = blob_service_from_settings("ExportsStorage", settings.environ)
         return cls(settings, container_store(service, settings.exports_container),
                    StateStore(container_store(service, settings.state_container, create=True)),
@@ -84,6 +87,20 @@ class AppContext:
 
     def deadline(self) -> float:
         return time.monotonic() + self.settings.run_deadline_seconds
+
+
+_refusals_logged: set[str] = set()
+
+
+def connection_refusal(environ: Mapping[str, str]) -> str | None:
+    """The start-up check of the connection every function uses (`ExportsStorage`: blob trigger, its BlobClient,
+    the runs queue, the state container): a combination the blob binding or the host cannot use makes every
+    invocation fail with this reason, logged once per worker process as a critical line, before anything is read."""
+    refusal = connections.problem("ExportsStorage", environ)
+    if refusal and refusal not in _refusals_logged:
+        _refusals_logged.add(refusal)
+        log.critical("the connector refuses to work until its storage settings are fixed: %s", refusal)
+    return refusal
 
 
 QUEUED_GRACE_SECONDS = 600  # a queued on-demand run not started by then lost its message: the timer runs it
