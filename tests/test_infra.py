@@ -4,6 +4,7 @@ checks"), and the post-deploy hook run for real against stand-ins for `az` and `
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import os
 import re
@@ -435,3 +436,51 @@ def test_hook_names_a_missing_tool(tmp_path: Path, missing: str) -> None:
     done = subprocess.run(["sh", str(HOOK_SH)], cwd=REPO, env={"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode != 0 and f"'{missing}' is not installed" in done.stderr
+
+
+# ------------------------------------------------------------------------------------- what `azd deploy` uploads
+FUNCIGNORE = REPO / ".funcignore"
+# Left in a developer's or CI's checkout by the tools this repository uses: none of it may reach the package.
+LOCAL_LEFTOVERS = [".venv/bin/python", ".venv-debian-py311/bin/python", ".pytest_cache/v/x", ".ruff_cache/x",
+                   ".azure/prod/.env", ".azurite/__azurite_db_blob__.json", "__azurite_db_blob__.json",
+                   "__blobstorage__/x", "node_modules/.bin/azurite", "local.settings.json", ".state/runs/x.json",
+                   ".demo/export/model.json", ".bench/x", "shared/__pycache__/app.cpython-311.pyc",
+                   "shared/x.pyc", "azurite-debug.log.md"]
+
+
+def funcignore_patterns() -> list[str]:
+    raw = FUNCIGNORE.read_bytes()
+    assert not raw.startswith(b"\xef\xbb\xbf"), "azd before 1.23.13 misreads the first pattern after a BOM"
+    patterns = [line for line in raw.decode("utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    for p in patterns:
+        # the subset every azd since 1.18.0 and Core Tools read alike: a name or glob matched at any depth
+        assert p == p.strip() and not p.startswith("!") and "/" not in p and "\\" not in p, p
+    return patterns
+
+
+def packaged(paths: list[str], patterns: list[str]) -> set[str]:
+    """The paths azd's zip keeps: a path is left out when any of its parts matches a pattern (gitignore semantics of
+    a slash-free pattern); azd itself always leaves out .azure/, the ignore file and local.settings.json."""
+    kept = set()
+    for path in paths:
+        parts = path.split("/")
+        if any(fnmatch.fnmatchcase(part, p) for part in parts for p in patterns):
+            continue
+        if ".azure" in parts[:-1] or path in (".funcignore", "local.settings.json"):
+            continue
+        kept.add(path)
+    return kept
+
+
+def test_the_package_holds_the_app_and_nothing_else() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    paths = [p for p in tracked.splitlines() if p] + LOCAL_LEFTOVERS
+    shared_files = {p for p in paths if p.startswith("shared/") and p.endswith(".py") and "__pycache__" not in p}
+    expected = {"function_app.py", "host.json", "requirements.txt", "constraints.txt"} | shared_files
+    assert packaged(paths, funcignore_patterns()) == expected
+
+
+def test_azure_yaml_requires_an_azd_that_reads_funcignore() -> None:
+    m = re.search(r'^requiredVersions:\n  azd: ">= (\d+)\.(\d+)\.(\d+)"$', _azure_yaml(), flags=re.M)
+    assert m, "azure.yaml must state the minimum azd version"
+    assert tuple(int(g) for g in m.groups()) >= (1, 18, 0)  # Azure/azure-dev#5383, released in 1.18.0
