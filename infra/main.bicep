@@ -46,6 +46,9 @@ param exportsContainerName string = 'exports'
 param stateContainerName string = 'sendgrid-connector-state'
 param runsQueueName string = 'sendgrid-runs'
 
+@description('Blob container where Event Grid puts the BlobCreated events it could not deliver to the app.')
+param deadLetterContainerName string = 'eventgrid-deadletter'
+
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 2048
 
@@ -85,7 +88,7 @@ module storage 'core/storage.bicep' = {
     name: 'st${resourceToken}'
     location: location
     tags: tags
-    containerNames: [deploymentContainerName, exportsContainerName, stateContainerName]
+    containerNames: [deploymentContainerName, exportsContainerName, stateContainerName, deadLetterContainerName]
     queueNames: [runsQueueName]
   }
 }
@@ -129,12 +132,14 @@ module rbac 'app/rbac.bicep' = {
   params: {
     storageAccountName: storage.outputs.name
     exportsContainerName: exportsContainerName
+    deadLetterContainerName: deadLetterContainerName
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     identityPrincipalId: identity.outputs.principalId
     principalId: principalId
     principalType: principalType
     customerInsightsPrincipalId: customerInsightsPrincipalId
+    eventGridPrincipalId: exportsTopic.outputs.principalId
   }
 }
 
@@ -145,6 +150,7 @@ var appSettings = {
   AzureWebJobsStorage__clientId: identity.outputs.clientId
   AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint
   AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint
+  AzureWebJobsStorage__tableServiceUri: storage.outputs.tableEndpoint // the host's diagnostic events
   // Telemetry, authenticated with the identity (Application Insights local auth is off).
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
@@ -201,3 +207,6 @@ output EXPORTS_CONTAINER_NAME string = exportsContainerName
 output STATE_CONTAINER_NAME string = stateContainerName
 output RUNS_QUEUE_NAME string = runsQueueName
 output EXPORTS_SYSTEM_TOPIC_NAME string = exportsTopic.outputs.name
+output EXPORTS_SYSTEM_TOPIC_ID string = exportsTopic.outputs.id
+output AZURE_STORAGE_ACCOUNT_ID string = storage.outputs.id
+output EVENTGRID_DEADLETTER_CONTAINER_NAME string = deadLetterContainerName

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import connections
 from shared.app import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,6 +231,37 @@ def test_storage_connections_are_identity_based_for_blobs_and_queues() -> None:
         assert f"{connection}__blobServiceUri" in settings, connection
         assert f"{connection}__queueServiceUri" in settings, connection  # queue trigger/output, poison queues
         assert connection not in settings, f"{connection}: a connection string next to the identity settings"
+    assert settings["AzureWebJobsStorage__tableServiceUri"] == "storage.outputs.tableEndpoint"  # diagnostic events
+
+
+def test_the_template_sets_a_connection_the_app_accepts_at_start_up() -> None:
+    """The app refuses storage settings the blob binding or the host cannot use (shared/connections.py): the ones
+    the template sets must pass that check (expressions replaced by plausible values)."""
+    values = {"storage.outputs.blobEndpoint": "https://st.blob.core.windows.net/",
+              "storage.outputs.queueEndpoint": "https://st.queue.core.windows.net/",
+              "storage.outputs.tableEndpoint": "https://st.table.core.windows.net/",
+              "identity.outputs.clientId": "00000000-0000-0000-0000-000000000000"}
+    env = {k: values.get(v) or bicep_string(v) for k, v in template_app_settings().items()
+           if k.startswith(("ExportsStorage", "AzureWebJobsStorage"))}
+    assert connections.problem("ExportsStorage", env) is None
+    assert connections.binding_problem("AzureWebJobsStorage", env) is None
+
+
+def test_roles_for_the_host_tables_and_event_grid_dead_letters() -> None:
+    rbac = (INFRA / "app" / "rbac.bicep").read_text(encoding="utf-8")
+    assert "storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'" in rbac
+    table = _block(rbac, "resource appTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {")
+    assert "roles.storageTableDataContributor" in table and "principalId: identityPrincipalId" in table
+    dead = _block(rbac, "resource eventGridDeadLetterWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = {")
+    assert "scope: storage::blobServices::deadLetterContainer" in dead and "principalId: eventGridPrincipalId" in dead
+    assert "roles.storageBlobDataContributor" in dead  # that container only, for the topic's own identity
+    topic = (INFRA / "core" / "eventgrid.bicep").read_text(encoding="utf-8")
+    assert "type: 'SystemAssigned'" in _block(topic, "identity: {")
+    main = MAIN_BICEP.read_text(encoding="utf-8")
+    assert "eventGridPrincipalId: exportsTopic.outputs.principalId" in main
+    for output in ("EXPORTS_SYSTEM_TOPIC_ID", "AZURE_STORAGE_ACCOUNT_ID", "EVENTGRID_DEADLETTER_CONTAINER_NAME"):
+        assert re.search(rf"^output {output} string = ", main, flags=re.M), f"the hook reads {output}"
+        assert f'{output}="' in AZD_STUB  # and the hook's test hands it over as azd would
 
 
 def test_template_settings_fit_the_app_and_flex_consumption() -> None:
@@ -245,7 +277,8 @@ def test_template_settings_fit_the_app_and_flex_consumption() -> None:
     assert bicep_string(bicep_param("exportsContainerName")[0]) == Settings.from_env({}).exports_container
     assert bicep_string(bicep_param("stateContainerName")[0]) == Settings.from_env({}).state_container
     main = MAIN_BICEP.read_text(encoding="utf-8")
-    assert "containerNames: [deploymentContainerName, exportsContainerName, stateContainerName]" in main
+    assert ("containerNames: [deploymentContainerName, exportsContainerName, stateContainerName, "
+            "deadLetterContainerName]") in main
     assert "queueNames: [runsQueueName]" in main
 
 
@@ -344,9 +377,17 @@ def test_both_hooks_call_the_blob_trigger_function() -> None:
     assert f'function_name="{name}"' in HOOK_SH.read_text(encoding="utf-8")
     ps1 = HOOK_PS1.read_text(encoding="utf-8")
     assert f"$functionName = '{name}'" in ps1
-    for needle in ("Microsoft.Storage.BlobCreated", "systemKeys.blobs_extension", "/blobs/", "--endpoint-type webhook",
-                   "runtime/webhooks/blobs?functionName=Host.Functions."):
-        assert needle in ps1
+    for needle in ("'Microsoft.Storage.BlobCreated'", "systemKeys.blobs_extension", "/blobs/\"",
+                   "endpointType = 'WebHook'", "runtime/webhooks/blobs?functionName=Host.Functions.",
+                   "maxDeliveryAttempts = $maxDeliveryAttempts", "$maxDeliveryAttempts = 30",
+                   "eventTimeToLiveInMinutes = $eventTtlMinutes", "$eventTtlMinutes = 1440",
+                   "deadLetterWithResourceIdentity", "type = 'SystemAssigned'", "endpointType = 'StorageBlob'",
+                   "blobContainerName = $env:EVENTGRID_DEADLETTER_CONTAINER_NAME",
+                   "resourceId = $env:AZURE_STORAGE_ACCOUNT_ID", "--body \"@$($bodyFile.FullName)\"",
+                   "Remove-Item -Force $bodyFile.FullName", "properties.provisioningState", "api-version=$apiVersion",
+                   "$apiVersion = '2022-06-15'"):
+        assert needle in ps1, needle
+    assert "advancedFilters" not in ps1 and "--endpoint" not in ps1  # no API filter; the key never in argv
 
 
 def _stub(bin_dir: Path, name: str, body: str) -> None:
@@ -358,17 +399,28 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
 AZ_STUB = """
 import json, os, sys
 args = sys.argv[1:]
+entry = {"args": args}
+if args[:2] == ["rest", "--method"] and "--body" in args:
+    path = args[args.index("--body") + 1][1:]
+    entry |= {"body_file": path, "body": json.load(open(path)), "mode": oct(os.stat(path).st_mode & 0o777)}
 with open(os.environ["AZ_LOG"], "a") as log:
-    log.write(json.dumps(args) + "\\n")
-if args[:3] == ["functionapp", "keys", "list"]:
-    state = os.environ["AZ_STATE"]
+    log.write(json.dumps(entry) + "\\n")
+def count(name):
+    state = os.environ["AZ_STATE"] + "." + name
     calls = int(open(state).read()) + 1 if os.path.exists(state) else 1
     open(state, "w").write(str(calls))
-    if os.environ.get("AZ_KEY") and calls > int(os.environ["AZ_KEY_AFTER"]):
+    return calls
+if args[:3] == ["functionapp", "keys", "list"]:
+    if os.environ.get("AZ_KEY") and count("keys") > int(os.environ["AZ_KEY_AFTER"]):
         print(os.environ["AZ_KEY"])
+if args[:3] == ["rest", "--method", "get"]:
+    states = os.environ["AZ_SUB_STATES"].split(",")
+    print(states[min(count("get"), len(states)) - 1])
 """
 
-AZD_STUB = """
+TOPIC_ID = ("/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.EventGrid/systemTopics/evgt-abc123")
+STORAGE_ID = "/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.Storage/storageAccounts/stabc123"
+AZD_STUB = f"""
 import sys
 assert sys.argv[1:] == ["env", "get-values"], sys.argv
 print('AZURE_FUNCTION_APP_NAME="func-abc123"')
@@ -376,11 +428,14 @@ print('AZURE_FUNCTION_APP_HOSTNAME="func-abc123.azurewebsites.net"')
 print('AZURE_RESOURCE_GROUP="rg-prod"')
 print('EXPORTS_CONTAINER_NAME="exports"')
 print('EXPORTS_SYSTEM_TOPIC_NAME="evgt-abc123"')
+print('EXPORTS_SYSTEM_TOPIC_ID="{TOPIC_ID}"')
+print('AZURE_STORAGE_ACCOUNT_ID="{STORAGE_ID}"')
+print('EVENTGRID_DEADLETTER_CONTAINER_NAME="eventgrid-deadletter"')
 """
 
 
-def _run_hook(tmp_path: Path, key: str, key_after: int, attempts: int) -> tuple[subprocess.CompletedProcess[str],
-                                                                                list[list[str]]]:
+def _run_hook(tmp_path: Path, key: str, key_after: int, attempts: int, states: str = "Creating,Succeeded"
+              ) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stub(bin_dir, "az", AZ_STUB)
@@ -388,7 +443,7 @@ def _run_hook(tmp_path: Path, key: str, key_after: int, attempts: int) -> tuple[
     log = tmp_path / "az.log"
     env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "AZ_LOG": str(log),
            "AZ_STATE": str(tmp_path / "az.state"), "AZ_KEY": key, "AZ_KEY_AFTER": str(key_after),
-           "BLOBS_KEY_RETRY_SECONDS": "0", "BLOBS_KEY_ATTEMPTS": str(attempts)}
+           "AZ_SUB_STATES": states, "BLOBS_KEY_RETRY_SECONDS": "0", "BLOBS_KEY_ATTEMPTS": str(attempts)}
     done = subprocess.run(["sh", str(HOOK_SH)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -400,29 +455,53 @@ def _option(args: list[str], name: str) -> str:
 
 
 def test_hook_waits_for_the_key_then_subscribes_the_trigger(tmp_path: Path) -> None:
-    key = "fake-blobs-extension-key-0123456789"
+    key = "fake-blobs-extension-key-0123456789=="
     done, calls = _run_hook(tmp_path, key, key_after=2, attempts=5)
     assert done.returncode == 0, done.stderr
     assert key not in done.stdout + done.stderr
-    key_calls = [c for c in calls if c[:3] == ["functionapp", "keys", "list"]]
+    assert not any(key in arg for c in calls for arg in c["args"]), "the key was on a command line"
+    key_calls = [c["args"] for c in calls if c["args"][:3] == ["functionapp", "keys", "list"]]
     assert len(key_calls) == 3  # two empty answers (host still starting), then the key
     assert _option(key_calls[0], "--name") == "func-abc123" and _option(key_calls[0], "--resource-group") == "rg-prod"
-    (sub,) = [c for c in calls if c[:4] == ["eventgrid", "system-topic", "event-subscription", "create"]]
-    assert _option(sub, "--endpoint") == ("https://func-abc123.azurewebsites.net/runtime/webhooks/blobs"
-                                          f"?functionName=Host.Functions.{_blob_trigger_function()}&code={key}")
-    assert _option(sub, "--endpoint-type") == "webhook"
-    assert _option(sub, "--system-topic-name") == "evgt-abc123"
-    assert _option(sub, "--resource-group") == "rg-prod"
-    assert _option(sub, "--included-event-types") == "Microsoft.Storage.BlobCreated"
-    assert _option(sub, "--subject-begins-with") == "/blobServices/default/containers/exports/blobs/"
+    (put,) = [c for c in calls if c["args"][:3] == ["rest", "--method", "put"]]
+    assert _option(put["args"], "--url") == f"{TOPIC_ID}/eventSubscriptions/exports-blob-created?api-version=2022-06-15"
+    assert put["mode"] == "0o600" and not Path(put["body_file"]).exists()  # private, and gone afterwards
+    sub = put["body"]["properties"]
+    assert sub["destination"] == {"endpointType": "WebHook", "properties": {
+        "endpointUrl": ("https://func-abc123.azurewebsites.net/runtime/webhooks/blobs"
+                        f"?functionName=Host.Functions.{_blob_trigger_function()}&code={key}"),
+        "maxEventsPerBatch": 1, "preferredBatchSizeInKilobytes": 64}}
+    # Every BlobCreated under the container: no API filter, so ADLS Gen2's CreateFile and FlushWithClose both arrive
+    assert sub["filter"] == {"includedEventTypes": ["Microsoft.Storage.BlobCreated"],
+                             "subjectBeginsWith": "/blobServices/default/containers/exports/blobs/"}
+    assert sub["retryPolicy"] == {"maxDeliveryAttempts": 30, "eventTimeToLiveInMinutes": 1440}
+    assert sub["deadLetterWithResourceIdentity"] == {
+        "identity": {"type": "SystemAssigned"},
+        "deadLetterDestination": {"endpointType": "StorageBlob", "properties": {
+            "resourceId": STORAGE_ID, "blobContainerName": "eventgrid-deadletter"}}}
+    gets = [c for c in calls if c["args"][:3] == ["rest", "--method", "get"]]
+    assert len(gets) == 2  # waited while Event Grid validated the webhook
+    assert "dead-lettered into 'eventgrid-deadletter'" in done.stdout
+
+
+def test_hook_fails_when_event_grid_cannot_validate_the_webhook(tmp_path: Path) -> None:
+    done, _ = _run_hook(tmp_path, "k", key_after=0, attempts=3, states="Creating,Failed")
+    assert done.returncode != 0 and "could not validate the webhook" in done.stderr
+    assert "postdeploy.sh" in done.stderr
+
+
+def test_hook_refuses_values_that_would_break_its_json(tmp_path: Path) -> None:
+    done, calls = _run_hook(tmp_path, 'k"},"x":{"', key_after=0, attempts=2)
+    assert done.returncode != 0 and "holds a character it cannot have" in done.stderr
+    assert not any(c["args"][:1] == ["rest"] for c in calls)
 
 
 def test_hook_fails_without_subscribing_when_the_key_never_appears(tmp_path: Path) -> None:
     done, calls = _run_hook(tmp_path, key="", key_after=0, attempts=2)
     assert done.returncode != 0
     assert "blobs_extension" in done.stderr and "postdeploy.sh" in done.stderr  # says what to check and rerun
-    assert [c[:3] for c in calls] == [["functionapp", "keys", "list"]] * 2
-    assert not any(c[:2] == ["eventgrid", "system-topic"] for c in calls)
+    assert [c["args"][:3] for c in calls] == [["functionapp", "keys", "list"]] * 2
+    assert not any(c["args"][:1] == ["rest"] for c in calls)
 
 
 @pytest.mark.parametrize("missing", ["az", "azd"])
