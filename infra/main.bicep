@@ -58,6 +58,19 @@ param maximumInstanceCount int = 40
 
 param keyVaultPurgeProtection bool = false
 
+@description('Email address that alerts go to (azd env set ALERT_EMAIL ...); empty: the alert rules exist but mail no one.')
+param alertEmail string = ''
+
+@description('A finished run alerts when it rejected more than this percentage of the rows it read.')
+@minValue(1)
+@maxValue(100)
+param alertRejectedPercent int = 10
+
+@description('A destination that should run alerts after this many hours without a successful run: twice the export schedule (Customer Insights refreshes daily; at most 48, the longest look-back of an Azure log alert).')
+@minValue(1)
+@maxValue(48)
+param alertStaleAfterHours int = 48
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }
 var serviceName = 'connector' // azure.yaml services.connector
@@ -140,6 +153,21 @@ module rbac 'app/rbac.bicep' = {
     principalType: principalType
     customerInsightsPrincipalId: customerInsightsPrincipalId
     eventGridPrincipalId: exportsTopic.outputs.principalId
+  }
+}
+
+module alerts 'app/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    namePrefix: 'sgc-${resourceToken}'
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    systemTopicId: exportsTopic.outputs.id
+    alertEmail: alertEmail
+    rejectedPercentThreshold: alertRejectedPercent
+    staleAfterHours: alertStaleAfterHours
   }
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+import logging
 import os
 import re
 import stat
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from shared import connections
@@ -563,3 +565,100 @@ def test_azure_yaml_requires_an_azd_that_reads_funcignore() -> None:
     m = re.search(r'^requiredVersions:\n  azd: ">= (\d+)\.(\d+)\.(\d+)"$', _azure_yaml(), flags=re.M)
     assert m, "azure.yaml must state the minimum azd version"
     assert tuple(int(g) for g in m.groups()) >= (1, 18, 0)  # Azure/azure-dev#5383, released in 1.18.0
+
+
+# ------------------------------------------------------------------------------------------------------ alerts
+ALERTS_BICEP = INFRA / "app" / "alerts.bicep"
+OPERATIONS_DOC = REPO / "docs" / "operations.md"
+
+
+def _kql_files() -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted((INFRA / "app" / "alerts").glob("*.kql"))}
+
+
+def _kusto_blocks(text: str) -> list[str]:
+    return [b.strip() + "\n" for b in re.findall(r"```kusto\n(.*?)```", text, flags=re.S)]
+
+
+def test_every_alert_rule_loads_a_query_that_the_operations_doc_shows_verbatim() -> None:
+    alerts = ALERTS_BICEP.read_text(encoding="utf-8")
+    loaded = set(re.findall(r"loadTextContent\('alerts/([a-z-]+\.kql)'\)", alerts))
+    assert loaded == set(_kql_files()) == {"runs.kql", "failed-runs.kql", "rejections.kql", "stale-destinations.kql",
+                                           "poison-messages.kql"}
+    shown = _kusto_blocks(OPERATIONS_DOC.read_text(encoding="utf-8"))
+    for name, text in _kql_files().items():
+        assert text in shown, f"docs/operations.md does not show infra/app/alerts/{name} as it is"
+    for block in shown:  # every other query of the doc reads the tables the base block defines
+        assert block in _kql_files().values() or block.startswith("ConnectorRuns\n"), block[:60]
+
+
+def test_the_queries_read_what_the_run_records_hold(caplog: pytest.LogCaptureFixture) -> None:
+    from shared import runlog
+
+    record = {"run_id": "20250101T120000Z-0a1b2c3d", "destination": "vip", "trigger": "timer", "status": "completed",
+              "started_at": "2025-01-01T12:00:00Z", "finished_at": "2025-01-01T12:00:09Z",
+              "counts": {"read": 10, "valid": 9, "sent": 9, "rejected_total": 1, "not_applied": 0}}
+    with caplog.at_level(logging.INFO, logger="shared.runlog"):
+        runlog.finished(record)
+        runlog.destinations_seen(["vip"], ["old"], ["#2"])
+    messages = [r.getMessage() for r in caplog.records if r.name == "shared.runlog"]
+    base = _kql_files()["runs.kql"]
+    for event, alias in ((runlog.RUN_FINISHED, "r"), (runlog.DESTINATIONS_SEEN, "d")):
+        (message,) = [m for m in messages if m.startswith(f"{event} ")]
+        assert f'message startswith "{event} {{"' in base and f'strlen("{event} ")' in base
+        fields = orjson.loads(message[len(event) + 1:])  # what parse_json(substring(...)) gets
+        read = set(re.findall(rf"\b{alias}\.([a-z_]+)", base))
+        assert read and read <= set(fields), f"{event}: the query reads {sorted(read - set(fields))}, never written"
+
+
+def test_alert_rules_measure_and_split_by_columns_their_queries_return() -> None:
+    alerts = ALERTS_BICEP.read_text(encoding="utf-8")
+    rules = alerts[alerts.index("var rules = ["):]
+    files = _kql_files()
+    for name, measure, dims in (("rejections.kql", "rejected_percent", ["destination"]),
+                                ("stale-destinations.kql", "hours_since_success", ["destination"]),
+                                ("failed-runs.kql", None, ["destination", "status"]),
+                                ("poison-messages.kql", None, ["queue"])):
+        last = files[name].strip().splitlines()[-1]
+        assert last.startswith("| project "), name
+        columns = {c.strip().split(" = ")[0] for c in last[len("| project "):].split(",")}
+        assert "timestamp" in columns and set(dims) <= columns, name
+        if measure:
+            assert measure in columns and f"metricMeasureColumn: '{measure}'" in rules, name
+    assert "threshold: rejectedPercentThreshold" in alerts and "threshold: staleAfterHours" in alerts
+    assert "overrideQueryTimeRange: 'P2D'" in alerts  # the stale rule looks back as far as Azure allows
+    assert "metricName: 'DeadLetteredCount'" in alerts and "scopes: [systemTopicId]" in alerts
+    assert alerts.count("autoMitigate: true") == 2  # the log rules (one resource loop) and the metric rule
+    for text in files.values():
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
+        assert code.count("(") == code.count(")") and code.count('"') % 2 == 0
+
+
+def test_the_poison_query_matches_the_hosts_own_log_line() -> None:
+    query = _kql_files()["poison-messages.kql"]
+    prefix = re.search(r'message startswith "([^"]+)"', query).group(1)
+    contains = re.search(r'message contains "([^"]+)"', query).group(1)
+    pattern = re.search(r'extract\(@"([^"]+)", 1, message\)', query).group(1)
+    runs_queue = bicep_string(bicep_param("runsQueueName")[0])
+    # Microsoft.Azure.WebJobs.Extensions.Storage QueueProcessor.CopyMessageToPoisonQueueAsync's message
+    for queue in ("webjobs-blobtrigger-poison", f"{runs_queue}-poison"):
+        line = f"Message has reached MaxDequeueCount of 5. Moving message to queue '{queue}'."
+        assert line.startswith(prefix) and contains in line and re.search(pattern, line).group(1) == queue
+    assert contains not in f"Moving message to queue '{runs_queue}'."  # the runs queue itself is not poison
+
+
+def test_the_alerts_are_wired_into_the_deployment() -> None:
+    main = MAIN_BICEP.read_text(encoding="utf-8")
+    module = _block(main, "module alerts 'app/alerts.bicep' = {")
+    for line in ("applicationInsightsId: monitoring.outputs.applicationInsightsId",
+                 "systemTopicId: exportsTopic.outputs.id", "alertEmail: alertEmail",
+                 "rejectedPercentThreshold: alertRejectedPercent", "staleAfterHours: alertStaleAfterHours"):
+        assert line in module
+    assert bicep_param("alertEmail")[0] == "''"
+    assert bicep_param("alertStaleAfterHours")[1]["maxValue"] == "48"  # an Azure log alert looks back 2 days at most
+    params = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    assert params["alertEmail"] == {"value": "${ALERT_EMAIL}"}
+    alerts = ALERTS_BICEP.read_text(encoding="utf-8")
+    group = _block(alerts, "'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {")
+    assert "emailAddress: alertEmail" in group and len(re.search(r"groupShortName: '([^']+)'", group).group(1)) <= 12
+    assert "actionGroups: actionGroupIds" in alerts and "actionGroupId: id" in alerts
