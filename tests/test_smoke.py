@@ -8,7 +8,6 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
@@ -16,6 +15,7 @@ import pytest
 
 from shared import cli, http_api, samplegen
 from shared.app import AppContext, Settings, on_blob
+from tests.conftest import QuietJsonHandler, loopback_server
 from tests.test_http_api import NAME, deployed  # noqa: F401  (the HTTP tests' deployment: Azurite + sandbox)
 
 FUNCTION_KEY = "loopback-host-key-5b1f0c7e9a"
@@ -28,7 +28,7 @@ def _context() -> AppContext:
     return AppContext.from_settings(Settings.from_env(os.environ))
 
 
-class FunctionsHost(BaseHTTPRequestHandler):
+class FunctionsHost(QuietJsonHandler):
     """The part of the Functions host the smoke test meets: function keys, routing, the runs queue."""
 
     workers: list[threading.Thread]
@@ -36,7 +36,7 @@ class FunctionsHost(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         url = urlsplit(self.path)
         if self.headers.get("x-functions-key") != FUNCTION_KEY:  # AuthLevel.FUNCTION
-            self._send(401, b"")
+            self.send_json(401, b"")
             return
         for pattern, route in ROUTES:
             m = pattern.match(url.path)
@@ -48,35 +48,20 @@ class FunctionsHost(BaseHTTPRequestHandler):
                     worker = threading.Thread(target=http_api.work, args=(_context(), answer.message_json()))
                     worker.start()
                     self.workers.append(worker)
-                self._send(answer.status, answer.json())
+                self.send_json(answer.status, answer.json())
                 return
-        self._send(404, b'{"error": "no such route"}')
+        self.send_json(404, b'{"error": "no such route"}')
 
     do_GET = do_POST = _serve
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
 def app_url() -> Iterator[str]:
     workers: list[threading.Thread] = []
-    handler = type("Host", (FunctionsHost,), {"workers": workers})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        with loopback_server(type("Host", (FunctionsHost,), {"workers": workers})) as url:
+            yield url
     finally:
-        server.shutdown()
-        server.server_close()
         for worker in workers:
             worker.join(timeout=60)
 
