@@ -46,6 +46,9 @@ param exportsContainerName string = 'exports'
 param stateContainerName string = 'sendgrid-connector-state'
 param runsQueueName string = 'sendgrid-runs'
 
+@description('Blob container where Event Grid puts the BlobCreated events it could not deliver to the app.')
+param deadLetterContainerName string = 'eventgrid-deadletter'
+
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 2048
 
@@ -54,6 +57,19 @@ param instanceMemoryMB int = 2048
 param maximumInstanceCount int = 40
 
 param keyVaultPurgeProtection bool = false
+
+@description('Email address that alerts go to (azd env set ALERT_EMAIL ...); empty: the alert rules exist but mail no one.')
+param alertEmail string = ''
+
+@description('A finished run alerts when it rejected more than this percentage of the rows it read.')
+@minValue(1)
+@maxValue(100)
+param alertRejectedPercent int = 10
+
+@description('A destination that should run alerts after this many hours without a successful run: twice the export schedule (Customer Insights refreshes daily; at most 48, the longest look-back of an Azure log alert).')
+@minValue(1)
+@maxValue(48)
+param alertStaleAfterHours int = 48
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }
@@ -85,7 +101,7 @@ module storage 'core/storage.bicep' = {
     name: 'st${resourceToken}'
     location: location
     tags: tags
-    containerNames: [deploymentContainerName, exportsContainerName, stateContainerName]
+    containerNames: [deploymentContainerName, exportsContainerName, stateContainerName, deadLetterContainerName]
     queueNames: [runsQueueName]
   }
 }
@@ -129,12 +145,29 @@ module rbac 'app/rbac.bicep' = {
   params: {
     storageAccountName: storage.outputs.name
     exportsContainerName: exportsContainerName
+    deadLetterContainerName: deadLetterContainerName
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     identityPrincipalId: identity.outputs.principalId
     principalId: principalId
     principalType: principalType
     customerInsightsPrincipalId: customerInsightsPrincipalId
+    eventGridPrincipalId: exportsTopic.outputs.principalId
+  }
+}
+
+module alerts 'app/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    namePrefix: 'sgc-${resourceToken}'
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    systemTopicId: exportsTopic.outputs.id
+    alertEmail: alertEmail
+    rejectedPercentThreshold: alertRejectedPercent
+    staleAfterHours: alertStaleAfterHours
   }
 }
 
@@ -145,6 +178,7 @@ var appSettings = {
   AzureWebJobsStorage__clientId: identity.outputs.clientId
   AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint
   AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint
+  AzureWebJobsStorage__tableServiceUri: storage.outputs.tableEndpoint // the host's diagnostic events
   // Telemetry, authenticated with the identity (Application Insights local auth is off).
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
@@ -201,3 +235,6 @@ output EXPORTS_CONTAINER_NAME string = exportsContainerName
 output STATE_CONTAINER_NAME string = stateContainerName
 output RUNS_QUEUE_NAME string = runsQueueName
 output EXPORTS_SYSTEM_TOPIC_NAME string = exportsTopic.outputs.name
+output EXPORTS_SYSTEM_TOPIC_ID string = exportsTopic.outputs.id
+output AZURE_STORAGE_ACCOUNT_ID string = storage.outputs.id
+output EVENTGRID_DEADLETTER_CONTAINER_NAME string = deadLetterContainerName

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import engine, http_api, purge, sources
+from . import connections, engine, http_api, purge, runlog, sources
 from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
@@ -24,6 +24,9 @@ from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 install_log_redaction()  # every log record of the Functions process is redacted when made, for every handler
+# The Azure SDK logs every storage request and answer at INFO: hundreds of traces a run that would cost ingestion and
+# crowd the run records (shared/runlog.py) in Application Insights. Its warnings and errors still come through.
+logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
 APP_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,6 +64,9 @@ class AppContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppContext:
+        refusal = connection_refusal(settings.environ)
+        if refusal:
+            raise ConfigError(refusal)
         service = blob_service_from_settings("ExportsStorage", settings.environ)
         return cls(settings, container_store(service, settings.exports_container),
                    StateStore(container_store(service, settings.state_container, create=True)),
@@ -84,6 +90,20 @@ class AppContext:
 
     def deadline(self) -> float:
         return time.monotonic() + self.settings.run_deadline_seconds
+
+
+_refusals_logged: set[str] = set()
+
+
+def connection_refusal(environ: Mapping[str, str]) -> str | None:
+    """The start-up check of the connection every function uses (`ExportsStorage`: blob trigger, its BlobClient,
+    the runs queue, the state container): a combination the blob binding or the host cannot use makes every
+    invocation fail with this reason, logged once per worker process as a critical line, before anything is read."""
+    refusal = connections.problem("ExportsStorage", environ)
+    if refusal and refusal not in _refusals_logged:
+        _refusals_logged.add(refusal)
+        log.critical("the connector refuses to work until its storage settings are fixed: %s", refusal)
+    return refusal
 
 
 QUEUED_GRACE_SECONDS = 600  # a queued on-demand run not started by then lost its message: the timer runs it
@@ -126,7 +146,7 @@ def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, 
         log.info("%s is busy with another run; the timer will export %s", name, key)
         return {"destination": name, "status": "deferred"}
     log.info("%s: run %s %s", name, report.get("run_id"), report.get("status"))
-    return report
+    return runlog.finished(report)
 
 
 def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
@@ -217,11 +237,24 @@ def _runnable(ctx: AppContext, config: Config, name: str) -> bool:
     return config.destinations[name].enabled and ctx.state.disabled(name) is None
 
 
+def _log_destinations(ctx: AppContext, config: Config) -> None:
+    """Each tick's record of which destinations should run (runlog.destinations_seen): the "no successful run"
+    alert reads it. It never stops the tick."""
+    try:
+        runnable = {name: _runnable(ctx, config, name) for name in config.destinations}
+    except Exception:
+        log.exception("the destinations' state could not be read for the tick's record; the tick goes on")
+        return
+    runlog.destinations_seen([n for n, ok in runnable.items() if ok], [n for n, ok in runnable.items() if not ok],
+                             config.errors)
+
+
 def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), then run each enabled
     destination's latest export that has not been exported yet."""
     config = ctx.config()
     svc = ctx.services(config)
+    _log_destinations(ctx, config)
     done: list[dict[str, Any]] = []
     for record in ctx.state.open_runs():
         name, run_id, status = record["destination"], record["run_id"], record["status"]
@@ -230,24 +263,24 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
         try:
             if record.get("kind") == "purge":
                 if status != "queued" or _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:
-                    done.append(purge.remove_destination(svc, name, record["purge"], confirmed=True, by="timer",
-                                                         run_id=run_id))
+                    done.append(runlog.finished(purge.remove_destination(svc, name, record["purge"], confirmed=True,
+                                                                         by="timer", run_id=run_id)))
             elif status == "queued":
                 if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
                     done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
             elif status == "waiting":
                 if time.time() >= float((record.get("waiting") or {}).get("retry_at") or 0):
-                    done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(),
-                                                             settle=True), svc))
+                    done.append(runlog.finished(engine.run(
+                        engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(), settle=True), svc)))
             elif status == "submitted":
-                done.append(engine.finish_submitted(record, svc, deadline=ctx.deadline()))
+                done.append(runlog.finished(engine.finish_submitted(record, svc, deadline=ctx.deadline())))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
             elif not _runnable(ctx, config, name):
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
             else:
                 overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
-                done.append(engine.run(engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(),
-                                                         overtakes=overtakes, settle=True), svc))
+                done.append(runlog.finished(engine.run(engine.RunRequest(
+                    name, resume=run_id, deadline=ctx.deadline(), overtakes=overtakes, settle=True), svc)))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
         except LeaseUnavailable:
             log.info("%s: run %s is still going elsewhere", name, run_id)

@@ -29,6 +29,7 @@ from azure.storage.blob import (
     ExponentialRetry,
 )
 
+from . import connections
 from .errors import ConfigError, LeaseUnavailable, StateError
 from .storage import Lease, LeaseLost, NotFound, ObjectInfo, PreconditionFailed, check_key, key_below, url_endpoint
 
@@ -412,25 +413,26 @@ def from_connection_string(connection_string: str, container: str, create: bool 
 
 
 def blob_service_from_settings(name: str, environ: Mapping[str, str]) -> BlobServiceClient:
-    """The Blob service of an Azure Functions connection setting `name`: a connection string in environ[name], or an
-    identity-based connection (name__blobServiceUri or name__serviceUri, name__accountName, optional name__clientId
-    for a user-assigned managed identity)."""
+    """The Blob service of an Azure Functions connection setting `name`, resolved as the SDK-type blob binding
+    resolves it (connections.py), so the app and the BlobClient the trigger hands over reach the same account: a
+    connection string in environ[name], or identity-based (name__serviceUri or name__blobServiceUri, optional
+    name__credential + name__clientId for a user-assigned managed identity). A combination the binding cannot use is
+    a ConfigError that says what to change."""
     value = (environ.get(name) or "").strip()
     if value.startswith("@Microsoft.KeyVault("):
         raise ConfigError(f"app setting {name} is an unresolved Key Vault reference: grant the app's identity access "
                           "to the vault secret, or set a connection string")
+    problem = connections.binding_problem(name, environ)
+    if problem:
+        raise ConfigError(problem)
     if value:
         try:
             return BlobServiceClient.from_connection_string(value, retry_policy=retry_policy())
         except ValueError:
             raise ConfigError(f"app setting {name} is not a valid storage connection string") from None
-    uri = (environ.get(f"{name}__blobServiceUri") or environ.get(f"{name}__serviceUri") or "").strip()
-    account = (environ.get(f"{name}__accountName") or "").strip()
-    if not uri and account:
-        uri = f"https://{account}.blob.core.windows.net"
-    if not uri:
-        raise ConfigError(f"storage connection {name!r} is not configured: set {name} to a connection string, or "
-                          f"{name}__blobServiceUri (plus {name}__clientId for a user-assigned managed identity)")
+    uri = (environ.get(f"{name}__serviceUri") or environ.get(f"{name}__blobServiceUri") or "").strip()
+    if not uri:  # binding_problem allows this for AzureWebJobsStorage only
+        uri = f"https://{(environ.get(f'{name}__accountName') or '').strip()}.blob.core.windows.net"
     if url_endpoint(uri) is None:
         raise ConfigError(f"app setting {name}__blobServiceUri must be a URL like https://<account>.blob.core.windows.net")
     from azure.identity import DefaultAzureCredential  # only identity-based connections need it

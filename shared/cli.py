@@ -1,4 +1,4 @@
-"""The command line door: `python -m shared export|validate|sandbox|demo ...`. No business rules here."""
+"""The command line door: `python -m shared export|validate|smoke|sandbox|demo ...`. No business rules here."""
 
 from __future__ import annotations
 
@@ -170,6 +170,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_USAGE if config.errors else EXIT_OK
 
 
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from . import smoke
+
+    return smoke.run(args.url, args.key, timeout=args.timeout, poll=args.poll_seconds)
+
+
 def _dev_tools() -> Any:
     """The development tools (top-level `sandbox` package): in a checkout only, never in the deployed app."""
     try:
@@ -262,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", required=True)
     p.add_argument("--state-dir", default=".state")
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("smoke", help="after a deployment: dry-run every destination through the deployed HTTP API")
+    p.add_argument("--url", required=True, help="the function app, e.g. https://APP.azurewebsites.net")
+    p.add_argument("--key", required=True, help="the app's host key (docs/deploy.md, 'The function key')")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the dry runs (default 600)")
+    p.add_argument("--poll-seconds", type=float, default=5.0, help="seconds between looks at a run (default 5)")
+    p.set_defaults(func=cmd_smoke)
 
     sub.add_parser("sandbox", help="run the local SendGrid sandbox (see its --help)", add_help=False)
 

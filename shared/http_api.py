@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
-from . import contacts, engine, purge
+from . import contacts, engine, purge, runlog
 from .config import Config, Destination
 from .errors import (
     ConfigError,
@@ -458,8 +458,8 @@ def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -
     if record.get("kind") == "purge":
         if record.get("status") not in (QUEUED, "interrupted"):
             return record
-        return purge.remove_destination(ctx.services(ctx.config()), name, record["purge"], confirmed=True, by="http",
-                                        run_id=run_id)
+        return runlog.finished(purge.remove_destination(ctx.services(ctx.config()), name, record["purge"],
+                                                        confirmed=True, by="http", run_id=run_id))
     return run_queued(ctx, record, attempt=dequeue_count or 1)  # which runs it only if it is still queued
 
 
@@ -504,11 +504,11 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
     if claimed and report.get("status") == "refused":
         ctx.state.release_export(name, source, etag, run_id=run_id)
     log.info("%s: run %s %s", name, run_id, report.get("status"))
-    return report
+    return runlog.finished(report)
 
 
 def _refuse(ctx: AppContext, record: dict[str, Any], message: str) -> dict[str, Any]:
     record.update(status="refused", error=redact(message), finished_at=_now())
     ctx.state.save_run(record)
     log.error("%s: run %s refused: %s", record["destination"], record["run_id"], record["error"])
-    return record
+    return runlog.finished(record)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -22,6 +20,7 @@ from shared.errors import SendGridError
 from shared.secrets import EnvSecrets
 from shared.state import StateStore
 from shared.storage import LocalFolderStore
+from tests.conftest import QuietJsonHandler, loopback_server
 
 # The SDK's handler is what Application Insights and OTLP exporters use today; its deprecation notice points at a
 # successor that reads records the same way.
@@ -32,7 +31,7 @@ KEY = f"SG.{KEY_ID}.{secrets.token_urlsafe(32)}"
 CUT_AT = 200  # SendGrid messages are kept to 200 characters in errors
 
 
-class EchoingSendGrid(BaseHTTPRequestHandler):
+class EchoingSendGrid(QuietJsonHandler):
     """403 for everything, echoing the key twice: after "Bearer", and bare where a 200-character cut falls in it."""
 
     def do_GET(self) -> None:
@@ -41,26 +40,13 @@ class EchoingSendGrid(BaseHTTPRequestHandler):
         pad = "x" * (CUT_AT - len(" key ") - len("SG.") - 6)  # the cut leaves "SG." and 6 characters of the key id
         body = orjson.dumps({"errors": [{"message": f"forbidden: Authorization: {header}"},
                                         {"message": f"{pad} key {token} is blocked"}]})
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_json(403, body)
 
 
 @pytest.fixture
 def echo_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoingSendGrid)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_server(EchoingSendGrid) as url:
+        yield url
 
 
 @pytest.fixture

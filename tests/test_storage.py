@@ -599,8 +599,11 @@ def test_settings_identity_based(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"ExportStorage__blobServiceUri": "https://acct.blob.core.windows.net"}
     service = blob_service_from_settings("ExportStorage", env)
     assert service.account_name == "acct" and isinstance(service.credential, Recorder) and made == [{}]
-    blob_service_from_settings("ExportStorage", {**env, "ExportStorage__clientId": "0000-1111"})
+    blob_service_from_settings("ExportStorage", {**env, "ExportStorage__credential": "managedidentity",
+                                                 "ExportStorage__clientId": "0000-1111"})
     assert made[-1] == {"managed_identity_client_id": "0000-1111"}
+    with pytest.raises(ConfigError, match="without ExportStorage__credential"):  # the binding would ignore the id
+        blob_service_from_settings("ExportStorage", {**env, "ExportStorage__clientId": "0000-1111"})
     service = blob_service_from_settings("AzureWebJobsStorage", {"AzureWebJobsStorage__accountName": "hostacct"})
     assert service.url.startswith("https://hostacct.blob.core.windows.net")
 

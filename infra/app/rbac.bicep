@@ -4,6 +4,7 @@
 //   Storage Blob Data Owner        storage account  deployment package, AzureWebJobsStorage (host locks, timer
 //                                                    schedule monitor, blob receipts), exports, state container
 //   Storage Queue Data Contributor storage account  the runs queue, its poison queue, webjobs-blobtrigger-poison
+//   Storage Table Data Contributor storage account  the host's diagnostic events (AzureWebJobsStorage__tableServiceUri)
 //   Key Vault Secrets User         vault            read the SendGrid API key(s)
 //   Monitoring Metrics Publisher   App Insights     telemetry with Entra ID (local auth is off)
 // The deploying user (azd's AZURE_PRINCIPAL_ID), so the steps of docs/deploy.md work right after `azd up`:
@@ -11,9 +12,12 @@
 //   Storage Blob Data Contributor  storage account  upload destinations.json, inspect run reports
 // Dynamics 365 Customer Insights (optional; its service principal's object id in this tenant):
 //   Storage Blob Data Contributor  exports container only
+// The Event Grid system topic's own identity:
+//   Storage Blob Data Contributor  the dead-letter container only (events it could not deliver after its retries)
 
 param storageAccountName string
 param exportsContainerName string
+param deadLetterContainerName string
 param keyVaultName string
 param applicationInsightsName string
 
@@ -29,10 +33,14 @@ param principalType string = 'User'
 @description('Object id of the "Dynamics 365 AI for Customer Insights" service principal; empty: no role.')
 param customerInsightsPrincipalId string = ''
 
+@description('Principal id of the Event Grid system topic\'s system-assigned identity (dead-lettering).')
+param eventGridPrincipalId string
+
 var roles = {
   storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -46,6 +54,10 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
 
     resource exportsContainer 'containers' existing = {
       name: exportsContainerName
+    }
+
+    resource deadLetterContainer 'containers' existing = {
+      name: deadLetterContainerName
     }
   }
 }
@@ -74,6 +86,16 @@ resource appQueueContributor 'Microsoft.Authorization/roleAssignments@2022-04-01
   scope: storage
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource appTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, identityPrincipalId, roles.storageTableDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
   }
@@ -127,6 +149,17 @@ resource customerInsightsWriter 'Microsoft.Authorization/roleAssignments@2022-04
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
     principalId: customerInsightsPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// ------------------------------------------------------------------------------------------ Event Grid dead letters
+resource eventGridDeadLetterWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage::blobServices::deadLetterContainer.id, eventGridPrincipalId, roles.storageBlobDataContributor)
+  scope: storage::blobServices::deadLetterContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    principalId: eventGridPrincipalId
     principalType: 'ServicePrincipal'
   }
 }

@@ -1,12 +1,13 @@
-// One StorageV2 account for everything: the Flex deployment package, the Functions host (AzureWebJobsStorage), the
-// exports Customer Insights writes, the connector's state container and the runs queue. Shared-key access is off:
+// One StorageV2 account for everything: the Flex deployment package, the Functions host (AzureWebJobsStorage: blobs,
+// queues and the tables of its diagnostic events), the exports Customer Insights writes, the connector's state
+// container, the runs queue and the Event Grid dead-letter container. Shared-key access is off:
 // every client (the app, Customer Insights, the admin) authenticates with Microsoft Entra ID and RBAC roles.
 
 param name string
 param location string = resourceGroup().location
 param tags object = {}
 
-@description('Blob containers to create (deployment package, exports, connector state).')
+@description('Blob containers to create (deployment package, exports, connector state, Event Grid dead letters).')
 param containerNames array
 
 @description('Queues to create (the runs queue of the HTTP API).')
@@ -66,3 +67,4 @@ output name string = storage.name
 output id string = storage.id
 output blobEndpoint string = storage.properties.primaryEndpoints.blob
 output queueEndpoint string = storage.properties.primaryEndpoints.queue
+output tableEndpoint string = storage.properties.primaryEndpoints.table

@@ -1,6 +1,6 @@
 # azd postdeploy hook (Windows twin of postdeploy.sh): subscribe the blob trigger `on_export` to BlobCreated events
 # of the exports container. The `blobs_extension` system key in the webhook URL exists only once the deployed code
-# has started, so this runs after `azd deploy`. Safe to run again: `create` on an existing subscription updates it.
+# has started, so this runs after `azd deploy`. Safe to run again: PUT updates the subscription.
 #
 # Needs: az (logged in: `az login`), and azd unless the values below are already in the environment. Run by azd,
 # or by hand from the repository root.
@@ -25,7 +25,8 @@ if (-not $env:AZURE_FUNCTION_APP_NAME) {
     }
 }
 
-foreach ($name in @('AZURE_FUNCTION_APP_NAME', 'AZURE_RESOURCE_GROUP', 'EXPORTS_CONTAINER_NAME', 'EXPORTS_SYSTEM_TOPIC_NAME')) {
+foreach ($name in @('AZURE_FUNCTION_APP_NAME', 'AZURE_RESOURCE_GROUP', 'EXPORTS_CONTAINER_NAME', 'EXPORTS_SYSTEM_TOPIC_ID',
+                    'AZURE_STORAGE_ACCOUNT_ID', 'EVENTGRID_DEADLETTER_CONTAINER_NAME')) {
     if (-not [Environment]::GetEnvironmentVariable($name)) {
         Write-Error "postdeploy: $name is not set: run 'azd provision' first"
         exit 1
@@ -39,6 +40,9 @@ $functionName = 'on_export' # the Python function name of the blob trigger in fu
 $subscription = if ($env:EXPORTS_EVENT_SUBSCRIPTION_NAME) { $env:EXPORTS_EVENT_SUBSCRIPTION_NAME } else { 'exports-blob-created' }
 $attempts = if ($env:BLOBS_KEY_ATTEMPTS) { [int]$env:BLOBS_KEY_ATTEMPTS } else { 18 }
 $pause = if ($env:BLOBS_KEY_RETRY_SECONDS) { [int]$env:BLOBS_KEY_RETRY_SECONDS } else { 10 }
+$apiVersion = '2022-06-15'
+$maxDeliveryAttempts = 30   # Event Grid retries with back-off ...
+$eventTtlMinutes = 1440     # ... for at most 24 hours, then dead-letters the event
 
 # The host creates the key when it first starts with the blob trigger loaded; give a cold start time.
 $key = ''
@@ -55,24 +59,54 @@ if (-not $key) {
     exit 1
 }
 
-# The key is part of the URL: it is never printed. The URL contains '&', which cmd.exe (behind az.cmd) would treat
-# as a command separator, so it is passed wrapped in double quotes, as the Azure sample does.
-$endpoint = "https://$appHost/runtime/webhooks/blobs?functionName=Host.Functions.$functionName&code=$key"
-$quotedEndpoint = '"' + $endpoint + '"'
+# The same subscription as postdeploy.sh: every BlobCreated under the exports container (no filter on the storage
+# API, so ADLS Gen2's CreateFile and FlushWithClose both arrive), retried for 24 hours, then dead-lettered with the
+# system topic's identity. The body holds the key: it goes to az through a file, never on a command line.
+$body = @{ properties = @{
+    destination = @{ endpointType = 'WebHook'; properties = @{
+        endpointUrl = "https://$appHost/runtime/webhooks/blobs?functionName=Host.Functions.$functionName&code=$key"
+        maxEventsPerBatch = 1; preferredBatchSizeInKilobytes = 64 } }
+    filter = @{ includedEventTypes = @('Microsoft.Storage.BlobCreated')
+                subjectBeginsWith = "/blobServices/default/containers/$($env:EXPORTS_CONTAINER_NAME)/blobs/" }
+    eventDeliverySchema = 'EventGridSchema'
+    retryPolicy = @{ maxDeliveryAttempts = $maxDeliveryAttempts; eventTimeToLiveInMinutes = $eventTtlMinutes }
+    deadLetterWithResourceIdentity = @{ identity = @{ type = 'SystemAssigned' }; deadLetterDestination = @{
+        endpointType = 'StorageBlob'
+        properties = @{ resourceId = $env:AZURE_STORAGE_ACCOUNT_ID
+                        blobContainerName = $env:EVENTGRID_DEADLETTER_CONTAINER_NAME } } }
+} }
+$bodyFile = New-TemporaryFile
+$url = "$($env:EXPORTS_SYSTEM_TOPIC_ID)/eventSubscriptions/$($subscription)?api-version=$apiVersion"
+try {
+    [IO.File]::WriteAllText($bodyFile.FullName, ($body | ConvertTo-Json -Depth 10))
+    Write-Host "postdeploy: subscribing $functionName to BlobCreated in container '$($env:EXPORTS_CONTAINER_NAME)'"
+    & az rest --method put --url $url --body "@$($bodyFile.FullName)" --output none
+    if ($LASTEXITCODE -ne 0) {
+        Write-Error 'postdeploy: creating the Event Grid subscription failed (see the az output above)'
+        exit 1
+    }
+} finally {
+    Remove-Item -Force $bodyFile.FullName -ErrorAction SilentlyContinue
+}
 
-Write-Host "postdeploy: subscribing $functionName to BlobCreated in container '$($env:EXPORTS_CONTAINER_NAME)'"
-& az eventgrid system-topic event-subscription create `
-    --name $subscription `
-    --resource-group $group `
-    --system-topic-name $env:EXPORTS_SYSTEM_TOPIC_NAME `
-    --endpoint-type webhook `
-    --endpoint $quotedEndpoint `
-    --included-event-types Microsoft.Storage.BlobCreated `
-    --subject-begins-with "/blobServices/default/containers/$($env:EXPORTS_CONTAINER_NAME)/blobs/" `
-    --output none
-if ($LASTEXITCODE -ne 0) {
-    Write-Error 'postdeploy: creating the Event Grid subscription failed (see the az output above)'
+# Event Grid validates the webhook (the app answers its handshake) before the subscription is ready.
+$state = ''
+for ($attempt = 1; $attempt -le $attempts; $attempt++) {
+    $state = (& az rest --method get --url $url --query 'properties.provisioningState' --output tsv 2>$null)
+    if ($state -eq 'Succeeded') { break }
+    if ($state -in @('Failed', 'Canceled')) {
+        Write-Error ("postdeploy: Event Grid could not validate the webhook of $app (subscription $state). Check " +
+                     "that the app is running, then run this script again.")
+        exit 1
+    }
+    Write-Host "postdeploy: waiting for the event subscription ($state, $attempt/$attempts)"
+    Start-Sleep -Seconds $pause
+}
+if ($state -ne 'Succeeded') {
+    Write-Error "postdeploy: the event subscription '$subscription' is still '$state'; run this script again later"
     exit 1
 }
 
-Write-Host "postdeploy: event subscription '$subscription' is in place on topic $($env:EXPORTS_SYSTEM_TOPIC_NAME)"
+Write-Host ("postdeploy: event subscription '$subscription' is in place: BlobCreated under " +
+            "'$($env:EXPORTS_CONTAINER_NAME)', retried for $eventTtlMinutes minutes, then dead-lettered into " +
+            "'$($env:EVENTGRID_DEADLETTER_CONTAINER_NAME)'")
