@@ -19,6 +19,7 @@ from .blobstore import blob_service_from_settings, container_store
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
 from .secrets import SecretProvider, install_log_redaction, provider_from_env, redact
+from .services import RunRequest, Services
 from .state import StateStore
 from .storage import ObjectStore
 
@@ -84,8 +85,8 @@ class AppContext:
         path = Path(where) if Path(where).is_absolute() else APP_ROOT / where
         return load_config(path)
 
-    def services(self, config: Config) -> engine.Services:
-        return engine.Services(config=config, secrets=self.secrets, state=self.state, sources=self.exports,
+    def services(self, config: Config) -> Services:
+        return Services(config=config, secrets=self.secrets, state=self.state, sources=self.exports,
                                environ=self.settings.environ)
 
     def deadline(self) -> float:
@@ -139,7 +140,7 @@ def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, 
         return {"destination": name, "status": "skipped", "run_id": claim.get("run_id")}
     ctx.state.set_latest_export(name, key, etag)
     svc = ctx.services(config)
-    request = engine.RunRequest(name, key, etag, trigger=trigger, deadline=ctx.deadline(), settle=True)
+    request = RunRequest(name, key, etag, trigger=trigger, deadline=ctx.deadline(), settle=True)
     try:
         report = engine.run(request, svc, claim=True)
     except LeaseUnavailable:
@@ -271,7 +272,7 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
             elif status == "waiting":
                 if time.time() >= float((record.get("waiting") or {}).get("retry_at") or 0):
                     done.append(runlog.finished(engine.run(
-                        engine.RunRequest(name, resume=run_id, deadline=ctx.deadline(), settle=True), svc)))
+                        RunRequest(name, resume=run_id, deadline=ctx.deadline(), settle=True), svc)))
             elif status == "submitted":
                 done.append(runlog.finished(engine.finish_submitted(record, svc, deadline=ctx.deadline())))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
@@ -279,7 +280,7 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
                 log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
             else:
                 overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
-                done.append(runlog.finished(engine.run(engine.RunRequest(
+                done.append(runlog.finished(engine.run(RunRequest(
                     name, resume=run_id, deadline=ctx.deadline(), overtakes=overtakes, settle=True), svc)))
                 _resync_latest_if_overtaken(ctx, name, done[-1])
         except LeaseUnavailable:

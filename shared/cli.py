@@ -19,6 +19,7 @@ from . import contacts, engine
 from .config import load_config
 from .errors import ConfigError, ConnectorError, LeaseUnavailable
 from .secrets import install_log_redaction, provider_from_env
+from .services import RunRequest, Services, destination
 from .state import StateStore
 from .storage import LocalFolderStore
 
@@ -93,11 +94,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     store, key = source_location(args.source)
     state = StateStore(LocalFolderStore(args.state_dir))
-    svc = engine.Services(config=config, secrets=provider_from_env(), state=state, sources=store,
+    svc = Services(config=config, secrets=provider_from_env(), state=state, sources=store,
                           environ=os.environ, progress=None if args.quiet else _progress)
     deadline = time.monotonic() + args.deadline_seconds if args.deadline_seconds else None
     info = store.info(key)  # the export's version: an unfinished run of the same version is resumed, not redone
-    req = engine.RunRequest(args.destination, key, info.etag if info else None, trigger="cli", dry_run=args.dry_run,
+    req = RunRequest(args.destination, key, info.etag if info else None, trigger="cli", dry_run=args.dry_run,
                             wait=args.wait, resume=args.resume, deadline=deadline)
     try:
         report = engine.run(req, svc)
@@ -111,8 +112,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK if report["status"] in SUCCESS else EXIT_FAILED
 
 
-def _admin_services(args: argparse.Namespace) -> engine.Services:
-    return engine.Services(config=load_config(args.config), secrets=provider_from_env(),
+def _admin_services(args: argparse.Namespace) -> Services:
+    return Services(config=load_config(args.config), secrets=provider_from_env(),
                            state=StateStore(LocalFolderStore(args.state_dir)), sources=LocalFolderStore(args.state_dir),
                            environ=os.environ)
 
@@ -138,7 +139,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
     from . import purge
 
     svc = _admin_services(args)
-    engine.destination(svc.config, args.destination)  # a name the destinations file does not know is a usage error
+    destination(svc.config, args.destination)  # a name the destinations file does not know is a usage error
     result = purge.enable_destination(svc.state, args.destination)
     was = result["was_disabled"]
     print(f"destination '{args.destination}' is enabled"

@@ -20,14 +20,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
 from . import batching, bulk, contacts, dedup, gcpolicy, jobs, listsync, pipeline, snapshots, sources
-from .config import Config, Destination
+from .config import Destination
 from .errors import (
     AuthError,
     ConfigError,
@@ -43,67 +42,20 @@ from .errors import (
     TransientError,
 )
 from .held import Held
-from .secrets import SecretProvider, redact
-from .sendgrid import InvalidContacts, SendGridClient, base_url_for
+from .secrets import redact
+from .sendgrid import InvalidContacts, SendGridClient
+from .services import RunRequest, Services, destination, refusal
 from .state import OPEN_STATUSES, StateStore, new_run_id, now_iso
-from .storage import LeaseKeeper, LeaseLost, ObjectStore
+from .storage import LeaseKeeper, LeaseLost
 
 log = logging.getLogger(__name__)
 
 REJECTION_SAMPLE = 100
-LEASE_SECONDS = 60  # a run's lease on its destination; its keeper renews it every 15 s
 MAX_REJECTION_ROWS = 100_000  # rows in a run's rejections CSV; the rest are counted (counts.rejections_omitted)
 EXPORT_WAIT_HOURS = 6  # how long an incomplete export is waited for before its run fails
 EXPORT_RETRY_FIRST_S, EXPORT_RETRY_MAX_S = 300.0, 3600.0  # the backoff between tries (the timer ticks every 5 min)
 MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this share was not read completely
 _NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    destination: str
-    source: str | None = None  # key in the source store: model.json, a folder holding one, or a plain file
-    source_etag: str | None = None
-    trigger: str = "cli"
-    deadline: float | None = None  # a time.monotonic() value; the run checkpoints and stops as 'interrupted' there
-    dry_run: bool = False
-    wait: bool = False
-    resume: str | None = None  # a run id to resume from its checkpoint
-    run_id: str | None = None  # the id for a new run (an HTTP door hands it out before the run starts)
-    overtakes: str | None = None  # a resume: the newer run of the latest export this one will undo (app's timer)
-    settle: bool = False  # automatic triggers: an export not complete yet waits (status 'waiting') and is retried
-
-
-@dataclass
-class Services:
-    """The I/O parts a door hands the engine."""
-
-    config: Config
-    secrets: SecretProvider
-    state: StateStore
-    sources: ObjectStore
-    environ: Mapping[str, str] = field(default_factory=dict)
-    client_factory: Callable[[Destination], SendGridClient] | None = None
-    progress: Callable[[dict[str, Any]], None] | None = None
-    poll_interval: float = 2.0
-    wait_timeout: float = 900.0
-    lease_seconds: int = LEASE_SECONDS  # the destination's lease (a blob lease: 15-60 s), kept by a LeaseKeeper
-    keeper: LeaseKeeper | None = None  # set by holding(): the lease the work holds
-
-    def holding(self, keeper: LeaseKeeper) -> Services:
-        """These services for work that holds a destination's lease: state writes check first that it is still held
-        (LeaseLost), and SendGrid clients made from them check before each request and stop waiting once it is lost.
-        keeper.check() is the check for any other step (a removal batch, a checkpoint)."""
-        return dataclasses.replace(self, state=self.state.held(keeper), keeper=keeper)
-
-    def client(self, dest: Destination) -> SendGridClient:
-        if self.client_factory is not None:
-            client = self.client_factory(dest)
-        else:
-            client = SendGridClient(base_url_for(dest.region, self.environ), self.secrets, dest.api_key_secret)
-        if self.keeper is not None:
-            client.guard = self.keeper.sleep
-        return client
 
 
 def _reason_key(reason: str) -> str:
@@ -459,16 +411,6 @@ def _unfinished_run(svc: Services, name: str, source: str, etag: str) -> str | N
     return None
 
 
-def destination(config: Config, name: str) -> Destination:
-    """The named destination, or a ConfigError that says why it cannot run."""
-    if name in config.errors:
-        raise config.errors[name]
-    if name not in config.destinations:
-        known = ", ".join(sorted(config.destinations)) or "none"
-        raise ConfigError(f"no destination named '{name}'; destinations are: {known}", file=config.origin)
-    return config.destinations[name]
-
-
 def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any]:
     """Run one export (or resume one) and return its report. Raises ConfigError for an unknown or invalid destination
     and LeaseUnavailable when another run holds the destination; everything else ends up in the report.
@@ -505,21 +447,18 @@ def run(req: RunRequest, svc: Services, *, claim: bool = False) -> dict[str, Any
                           incomplete=[])
     else:
         record = _new_record(req, dest, req.run_id or new_run_id())
-    if not dest.consent:
-        return _refuse(svc, record, f"destination '{dest.name}' has no data-privacy consent: an admin must set "
-                                    '"consent": true (agreeing to the data privacy and compliance terms) to run it')
+    if not dest.consent:  # before waiting on the lease: it cannot run however long it waits
+        return _refuse(svc, record, str(refusal(dest, None)))
     if not req.source:
         return _refuse(svc, record, "no source given: name an export (model.json, folder or file)")
     with (svc.state.lease(dest.name, svc.lease_seconds) as lease,
           LeaseKeeper(lease, what=f"the lease on '{dest.name}'") as keeper):
         svc = svc.holding(keeper)  # from here every state write and SendGrid request checks the lease first
-        disabled = svc.state.disabled(dest.name)  # under the lease: a purge that held it has disabled it for good
-        if not dest.enabled or disabled:
-            why = ("disabled in the destinations file" if not dest.enabled
-                   else f"disabled by {disabled.get('by', 'admin')}")
+        why = refusal(dest, svc.state.disabled(dest.name))  # under the lease: a purge that held it disabled it for good
+        if why:
             if req.resume and req.source_etag:  # its claim goes back, so the export runs once it is enabled
                 svc.state.release_export(dest.name, str(req.source), req.source_etag, run_id=record["run_id"])
-            return _refuse(svc, record, f"destination '{dest.name}' is {why}; enable it to run again")
+            return _refuse(svc, record, why)
         if req.run_id and not req.resume:
             stored = svc.state.load_run(req.run_id)
             if stored is not None and stored.get("status") != "queued":  # another delivery ran it meanwhile

@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedInterpreter,
 )
 from .secrets import redact
+from .services import RunRequest, destination, refusal
 from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id
 from .storage import check_key
 
@@ -179,21 +180,6 @@ def _configured(config: Config, name: str) -> Destination:
     return config.destinations[name]
 
 
-def why_not_runnable(dest: Destination, disabled: Mapping[str, Any] | None) -> str | None:
-    """Why a run of this destination would be refused at once (disabled, no consent), or None. The engine checks the
-    same and more (mode, list, custom fields); this lets the API answer 409 instead of queueing a refusal."""
-    if not dest.enabled:
-        return f"destination '{dest.name}' is disabled in the destinations file"
-    if disabled:
-        why = f": {disabled['reason']}" if disabled.get("reason") else ""
-        by = disabled.get("by", "an admin")
-        return f"destination '{dest.name}' was disabled by {by} at {disabled.get('at')}{why}"
-    if not dest.consent:
-        return (f"destination '{dest.name}' has no data-privacy consent: an admin must set \"consent\": true in the "
-                "destinations file")
-    return None
-
-
 def resolve_source(ctx: AppContext, source: str) -> tuple[str, str]:
     """(key, ETag) of an export in the exports container: a model.json, a folder holding one, or a plain file."""
     key = source.strip("/")
@@ -241,7 +227,7 @@ def list_destinations(call: Call) -> Response:
     items: list[dict[str, Any]] = []
     for name, dest in sorted(config.destinations.items()):
         disabled = ctx.state.disabled(name)
-        items.append(dest.public() | {"valid": True, "disabled": disabled, "blocked": why_not_runnable(dest, disabled),
+        items.append(dest.public() | {"valid": True, "disabled": disabled, "blocked": refusal(dest, disabled),
                                       "last_run": _last_run(ctx, name)})
     for name, exc in sorted(config.errors.items()):
         entry: dict[str, Any] = {"name": name, "valid": False, "error": str(exc)}
@@ -264,7 +250,7 @@ def start_run(call: Call) -> Response:
     ctx, name = call.ctx, call.name
     config = ctx.config()
     dest = _configured(config, name)
-    blocked = why_not_runnable(dest, ctx.state.disabled(name))
+    blocked = refusal(dest, ctx.state.disabled(name))
     if blocked:
         raise HttpError(409, blocked)
     if source is None:
@@ -478,11 +464,11 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
     source, etag, dry_run = record.get("source"), record.get("source_etag"), bool(record.get("dry_run"))
     try:
         config = ctx.config()
-        engine.destination(config, name)
+        destination(config, name)
     except ConfigError as exc:
         return _refuse(ctx, record, f"the run cannot start: {exc}")
     claimed = bool(source and etag and not dry_run) and ctx.state.claim_export(name, source, etag, run_id) is None
-    request = engine.RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run,
+    request = RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run,
                                 run_id=run_id)
     try:
         report = engine.run(request, ctx.services(config))

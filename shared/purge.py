@@ -24,10 +24,10 @@ import orjson
 from . import jobs, mirror, snapshots
 from .config import Destination
 from .contacts import single_address
-from .engine import Services, destination
 from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, NotYet, RunRefused
 from .held import Held
 from .secrets import redact
+from .services import Services, destination
 from .state import StateStore, new_run_id, now_iso
 from .storage import LeaseKeeper, LeaseLost, PreconditionFailed
 
