@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import orjson
 import pytest
 
-from shared import cli, http_api
 from sandbox import samplegen
+from shared import cli, http_api
 from shared.app import AppContext, Settings, on_blob
 from tests.conftest import QuietJsonHandler, loopback_server
 from tests.test_http_api import NAME, deployed  # noqa: F401  (the HTTP tests' deployment: Azurite + sandbox)
