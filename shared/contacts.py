@@ -29,6 +29,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 import orjson
@@ -190,6 +191,48 @@ def _date_miss(text: str) -> str | None:
     return result
 
 
+class Reason(StrEnum):
+    """Why a row did not become a contact: counted per reason in the report (`counts.rejected`)."""
+
+    MISSING_EMAIL = "missing_email"
+    EMAIL_TOO_LONG = "email_too_long"
+    INVALID_EMAIL = "invalid_email"
+    REFUSED_BY_SENDGRID = "refused_by_sendgrid"
+    UNREADABLE_ROW = "unreadable_row"
+
+
+class Rejected(str):
+    """A rejection: the text a person reads (the rejections CSV), carrying its `reason` - counts group by the reason,
+    never by parsing the text."""
+
+    reason: Reason
+
+    def __new__(cls, text: str, reason: Reason = Reason.UNREADABLE_ROW) -> Rejected:
+        obj = super().__new__(cls, text)
+        obj.reason = reason
+        return obj
+
+
+class Note(str):
+    """A contact sent without some value: the text a person reads, carrying the `fields` (columns) it is about -
+    counts group by field, never by parsing the text."""
+
+    fields: tuple[str, ...]
+
+    def __new__(cls, text: str, fields: tuple[str, ...] = ()) -> Note:
+        obj = super().__new__(cls, text)
+        obj.fields = fields
+        return obj
+
+
+_MISSING_EMAIL = Rejected("missing email", Reason.MISSING_EMAIL)
+_EMAIL_TOO_LONG = Rejected(f"email longer than {limits.MAX_EMAIL_LENGTH} characters", Reason.EMAIL_TOO_LONG)
+
+
+def _invalid_email(shown: str) -> Rejected:
+    return Rejected("invalid email " + shown, Reason.INVALID_EMAIL)
+
+
 class ContactMapper:
     """Turns one row (values in ``columns`` order) into a SendGrid contact, or a rejection reason.
 
@@ -253,6 +296,7 @@ class ContactMapper:
             "fullmatch": EMAIL_RE.fullmatch, "shown": _shown, "trimmed": self._trimmed, "add_note": _add_note,
             "parse_number": parse_number, "alternate_emails": self._alternate_emails, "float": float,
             "date_get": _DATE_CACHE.get, "date_miss": _date_miss, "MISS": _MISS,
+            "MISSING_EMAIL": _MISSING_EMAIL, "EMAIL_TOO_LONG": _EMAIL_TOO_LONG, "invalid_email": _invalid_email,
         }
         # One variable per field: t{k} text fields, alt the alternates, c{k} custom values (v{k}: their texts).
         variables: list[tuple[str, int]] = [("email", 0)] + [(f"t{k}", i) for k, (_, i, _) in enumerate(text)]
@@ -275,12 +319,12 @@ class ContactMapper:
 
             src = [
                 "    if not email:",
-                "        return 'missing email'",
+                "        return MISSING_EMAIL",
                 f"    if len(email) > {int(limits.MAX_EMAIL_LENGTH)}:",
-                f"        return 'email longer than {int(limits.MAX_EMAIL_LENGTH)} characters'",
+                "        return EMAIL_TOO_LONG",
                 "    lowered = email.lower()",
                 "    if not email.isascii() or fullmatch(lowered) is None or '..' in lowered:",
-                "        return 'invalid email ' + shown(email)",
+                "        return invalid_email(shown(email))",
                 "    note = None",
             ]
             for k, (field, i, limit) in enumerate(text):  # t{k}: the value; false ("" or None) when empty
@@ -295,7 +339,7 @@ class ContactMapper:
                     "if alt:",
                     "    alt, alt_note = alternate_emails(alt, lowered)",
                     "    if alt_note:",
-                    "        note = add_note(note, alt_note)",
+                    "        note = add_note(note, alt_note, 'alternate_emails')",
                 ])
             for k, (f, i) in enumerate(custom):  # c{k}: the value; None when empty or left out
                 env[f"ID{k}"], env[f"N{k}"] = f.id, f.name
@@ -308,7 +352,7 @@ class ContactMapper:
                     src += [f"    if not c{k}:", f"        c{k} = None"]
                     continue
                 number = f.field_type == "Number"
-                env[f"PRE{k}"] = f"{f.column}: "
+                env[f"PRE{k}"], env[f"COL{k}"] = f"{f.column}: ", f.column
                 env[f"POST{k}"] = (f" is not {'a number' if number else 'a date (YYYY-MM-DD or MM/DD/YYYY)'}; "
                                    "field left out")
                 if number:  # parse_number, inline where float() takes the text (same results, see there)
@@ -330,7 +374,7 @@ class ContactMapper:
                     f"if v{k}:",
                     *ind(parse, 1),
                     f"    if c{k} is None:",
-                    f"        note = add_note(note, PRE{k} + shown(v{k}) + POST{k})",
+                    f"        note = add_note(note, PRE{k} + shown(v{k}) + POST{k}, COL{k})",
                 ])
             texts = [f"t{k}" for k in range(len(text))]
             customs = [f"c{k}" for k in range(len(custom))]
@@ -404,8 +448,10 @@ class ContactMapper:
         return good, note
 
 
-def _add_note(note: str | None, more: str) -> str:
-    return more if note is None else f"{note}; {more}"
+def _add_note(note: Note | None, more: str, field: str) -> Note:
+    if note is None:
+        return Note(more, (field,))
+    return Note(f"{note}; {more}", (*note.fields, field))
 
 
 def encode(contact: dict) -> bytes:

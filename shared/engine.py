@@ -14,7 +14,6 @@ import functools
 import itertools
 import logging
 import queue
-import re
 import tempfile
 import threading
 import time
@@ -55,20 +54,6 @@ MAX_REJECTION_ROWS = 100_000  # rows in a run's rejections CSV; the rest are cou
 EXPORT_WAIT_HOURS = 6  # how long an incomplete export is waited for before its run fails
 EXPORT_RETRY_FIRST_S, EXPORT_RETRY_MAX_S = 300.0, 3600.0  # the backoff between tries (the timer ticks every 5 min)
 MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this share was not read completely
-_NOTE_FIELD = re.compile(r"(?:^|; )([^:;']+):")  # the columns a mapper note names ("Col: 'v' is not a number; ...")
-
-
-def _reason_key(reason: str) -> str:
-    """Rejection reasons carry values; counts group them by kind."""
-    if reason.startswith("missing email"):
-        return "missing_email"
-    if reason.startswith("email longer"):
-        return "email_too_long"
-    if reason.startswith("invalid email"):
-        return "invalid_email"
-    if reason.startswith("refused by SendGrid"):
-        return "refused_by_sendgrid"
-    return "unreadable_row"
 
 
 def _neutralise(cell: str) -> str:
@@ -88,9 +73,9 @@ class _Rejections:
         self._csv = csv.writer(self._file)
         self._csv.writerow(["file", "line", "reason"])
 
-    def add(self, file: str, line: int | None, reason: str) -> None:
-        reason = redact(reason)
-        self.by_reason[_reason_key(reason)] += 1
+    def add(self, file: str, line: int | None, rejected: contacts.Rejected) -> None:
+        self.by_reason[rejected.reason] += 1
+        reason = redact(rejected)
         if len(self.sample) < REJECTION_SAMPLE:
             self.sample.append({"file": file, "line": line, "reason": reason})
         if self.written >= MAX_REJECTION_ROWS:
@@ -192,10 +177,10 @@ class _Run:
             tally["rows"] += chunk.read
             for line, reason in chunk.rejects:
                 reject(part.key, line, reason)
-                if _reason_key(reason) == "unreadable_row":
+                if reason.reason is contacts.Reason.UNREADABLE_ROW:
                     tally["unreadable"] += 1
             for line, note in chunk.notes:
-                self.notes.update(_NOTE_FIELD.findall(note))
+                self.notes.update(note.fields)
                 if len(field_notes) < REJECTION_SAMPLE:
                     field_notes.append({"file": part.key, "line": line, "note": note})
             if chunk.trimmed:
@@ -342,7 +327,8 @@ class _Run:
                     raise
                 for pos in sorted(refused):
                     email = live.emails[pos][:80]
-                    self.rejections.add("SendGrid", None, f"refused by SendGrid: email '{email}' is not valid")
+                    self.rejections.add("SendGrid", None, contacts.Rejected(
+                        f"refused by SendGrid: email '{email}' is not valid", contacts.Reason.REFUSED_BY_SENDGRID))
                 refused_here += len(refused)
                 live = live.without(refused)
                 continue
@@ -623,9 +609,9 @@ def _sync(record: dict[str, Any], dest: Destination, svc: Services, client: Send
 
 def _finish_counts(state: _Run) -> None:
     rec, counts = state.record, state.record["counts"]
-    rejected = Counter(state.rejections.by_reason)
+    rejected = Counter({str(reason): n for reason, n in state.rejections.by_reason.items()})
     # SendGrid's refusals as checkpointed, an earlier attempt's included (a resumed run does not re-send those batches)
-    rejected["refused_by_sendgrid"] = rec["checkpoint"]["refused_by_sendgrid"]
+    rejected[contacts.Reason.REFUSED_BY_SENDGRID.value] = rec["checkpoint"]["refused_by_sendgrid"]
     counts["rejected"] = {reason: n for reason, n in rejected.items() if n}
     counts["rejected_total"] = sum(counts["rejected"].values())
     counts["rejections_omitted"] = state.rejections.omitted

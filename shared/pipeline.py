@@ -37,7 +37,6 @@ ROWS_PER_CHUNK = 4096  # rows mapped at a time in this process
 PARALLEL_MIN_BYTES = 2 * 1024 * 1024  # a smaller partition is not worth shipping to workers
 MAX_WORKERS = 8
 WORKERS_SETTING = "EXPORT_WORKERS"
-MISSING_EMAIL = "missing email"  # how ContactMapper's reason for a row without an email begins
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,8 @@ class MapperSpec:
 @dataclass
 class MappedChunk:
     read: int  # rows read, rejected ones included
-    rejects: list[tuple[int | None, str]]  # (line, reason)
-    notes: list[tuple[int | None, str]]  # (line, note) of contacts sent without some value
+    rejects: list[tuple[int | None, contacts.Rejected]]  # (line, the rejection: its text and its reason)
+    notes: list[tuple[int | None, contacts.Note]]  # (line, note) of contacts sent without some value
     trimmed: dict[str, int]  # field -> values cut to SendGrid's length
     emails: list[str]
     fps: bytes  # contacts.fingerprints(emails): 8 bytes each
@@ -73,8 +72,8 @@ class MappedChunk:
 def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row]) -> MappedChunk:
     """Map and encode rows (as read_rows gives them). Pure but for mapper.trimmed, which it hands on and clears."""
     mapfn, dumps = mapper.map, orjson.dumps
-    rejects: list[tuple[int | None, str]] = []
-    notes: list[tuple[int | None, str]] = []
+    rejects: list[tuple[int | None, contacts.Rejected]] = []
+    notes: list[tuple[int | None, contacts.Note]] = []
     emails: list[str] = []
     buf = bytearray()
     ends = array("Q")
@@ -82,10 +81,10 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row]) -> Map
     for line, values, reason in rows:
         read += 1
         if values is None:
-            rejects.append((line, reason or "unreadable row"))
+            rejects.append((line, contacts.Rejected(reason or "unreadable row", contacts.Reason.UNREADABLE_ROW)))
             continue
         mapped = mapfn(values)
-        if type(mapped) is str:
+        if type(mapped) is contacts.Rejected:
             rejects.append((line, mapped))
             continue
         email, contact, note = mapped  # type: ignore[misc]
@@ -283,7 +282,7 @@ class Stop:
         if not chunk.rejects:
             return
         self.rejected += len(chunk.rejects)
-        self.junk += sum(1 for _, reason in chunk.rejects if not reason.startswith(MISSING_EMAIL))
+        self.junk += sum(1 for _, rejected in chunk.rejects if rejected.reason is not contacts.Reason.MISSING_EMAIL)
         if self.read >= self.JUNK_MIN_ROWS and self.junk > self.JUNK_SHARE * self.read:
             raise SourceError(
                 f"stopped after {self.read:,} rows: {self.junk:,} of them ({self.junk / self.read:.0%}) could not be "

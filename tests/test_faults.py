@@ -64,7 +64,7 @@ from azure.storage.blob import BlobLeaseClient
 
 from sandbox import samplegen
 from sandbox.server import Sandbox, serve
-from shared import app, blobstore, contacts, engine, limits, sources
+from shared import app, blobstore, contacts, engine, limits, services, sources
 from shared.config import parse_config
 from shared.errors import SourceError, StateError
 from shared.secrets import EnvSecrets, Secret
@@ -774,7 +774,7 @@ def test_storage_answering_503_for_25_s_after_a_checkpoint_leaves_the_run_resuma
     finishes it."""
     proxy = StorageProxy(azurite.blob_url)
     try:
-        world = AppWorld(proxy.connection_string, sg, wide_export, tmp_path, engine.LEASE_SECONDS)
+        world = AppWorld(proxy.connection_string, sg, wide_export, tmp_path, services.LEASE_SECONDS)
         world.upload()
         with after_accepted_put(sg.box, 1, lambda: proxy.outage(seconds=25)):
             [first] = app.on_blob(world.ctx(), world.key)
