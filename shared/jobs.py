@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from .config import Destination
-from .secrets import redact
+from .record import Job, RunRecord, Status
+from .redaction import redact
 from .sendgrid import SendGridClient
 from .state import StateStore
 
@@ -49,22 +50,23 @@ def statuses(client: SendGridClient, job_ids: list[str]) -> list[dict[str, Any]]
         return list(pool.map(client.import_status, job_ids))
 
 
-def pending(record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [j for j in record.get("jobs", []) if j.get("status") not in FINAL_JOB]
+def pending(record: RunRecord) -> list[Job]:
+    return [j for j in record.jobs if j.status not in FINAL_JOB]
 
 
-def refresh(record: MutableMapping[str, Any], client: SendGridClient) -> list[dict[str, Any]]:
+def refresh(record: RunRecord, client: SendGridClient) -> list[Job]:
     """Ask SendGrid once for every open job of the run and note the answers; returns the jobs still open."""
     open_jobs = pending(record)
-    for job, status in zip(open_jobs, statuses(client, [j["id"] for j in open_jobs]), strict=True):
-        job["status"] = status.get("status", "pending")
-        job["results"] = {k: v for k, v in (status.get("results") or {}).items() if k != "errors_url"}
-        if job["status"] in ("errored", "failed") and status.get("results", {}).get("errors_url"):
-            job["errors"] = [redact(x) for x in client.errors_head(status["results"]["errors_url"])]
+    for job, status in zip(open_jobs, statuses(client, [j.id for j in open_jobs]), strict=True):
+        job.status = str(status.get("status", "pending"))
+        results = status.get("results") or {}
+        job.results = {k: v for k, v in results.items() if k != "errors_url"}
+        if job.status in ("errored", "failed") and results.get("errors_url"):
+            job.errors = [redact(x) for x in client.errors_head(results["errors_url"])]
     return pending(record)
 
 
-def poll_jobs(record: MutableMapping[str, Any], client: SendGridClient, settings: PollSettings, *, wait: bool,
+def poll_jobs(record: RunRecord, client: SendGridClient, settings: PollSettings, *, wait: bool,
               until: float | None = None, on_wait: Callable[[], None] | None = None) -> bool:
     """Update the run's jobs from SendGrid; with wait, until every job is final (or `until`, a monotonic time, or
     settings.wait_timeout). Returns whether all are final. Sets counts.not_applied once they are."""
@@ -80,21 +82,20 @@ def poll_jobs(record: MutableMapping[str, Any], client: SendGridClient, settings
     if still:
         return False
     # what SendGrid accepted but did not apply: errored rows, and every contact of a failed job
-    record["counts"]["not_applied"] = sum(j.get("contacts", 0) if j["status"] == "failed"
-                                          else int((j.get("results") or {}).get("errored_count") or 0)
-                                          for j in record["jobs"])
+    record.counts.not_applied = sum(j.contacts if j.status == "failed" else int((j.results or {}).get("errored_count")
+                                                                                 or 0) for j in record.jobs)
     return True
 
 
-def outcome(record: Mapping[str, Any]) -> tuple[str, str | None]:
+def outcome(record: RunRecord) -> tuple[Status, str | None]:
     """The status a run's final jobs give it (and an error): every job failed -> failed; any error or any file that
     could not be read -> completed_with_errors; else completed."""
-    job_statuses = {j["status"] for j in record["jobs"]}
+    job_statuses = {j.status for j in record.jobs}
     if job_statuses and job_statuses <= {"failed"}:
-        return "failed", "every SendGrid job failed; see jobs[].errors"
-    if job_statuses - {"completed"} or record["file_errors"]:
-        return "completed_with_errors", None
-    return "completed", None
+        return Status.FAILED, "every SendGrid job failed; see jobs[].errors"
+    if job_statuses - {"completed"} or record.file_errors:
+        return Status.COMPLETED_WITH_ERRORS, None
+    return Status.COMPLETED, None
 
 
 def settle_account(state: StateStore, client: SendGridClient, account: str, settings: PollSettings, *,
@@ -109,8 +110,8 @@ def settle_account(state: StateStore, client: SendGridClient, account: str, sett
     while True:
         waiting = []
         for run_id in state.runs_with_open_jobs(account):
-            record = state.peek_run(run_id)
-            if record is None or not refresh(record, client):
+            stored = state.peek_run(run_id)
+            if stored is None or not refresh(RunRecord.from_json(stored), client):
                 state.unmark_open_jobs(account, run_id)
             else:
                 waiting.append(run_id)

@@ -29,6 +29,7 @@ from . import jobs, mirror, snapshots
 from .config import Destination
 from .errors import DeadlineReached
 from .held import Held
+from .record import Checkpoint, RunRecord, Status
 from .sendgrid import SendGridClient
 from .state import StateStore, now_iso
 
@@ -42,7 +43,7 @@ MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this is not
 class Sync:
     """What a run's list step needs: the run record (saved through `save`), its destination, client and state."""
 
-    record: dict[str, Any]
+    record: RunRecord
     dest: Destination
     state: StateStore
     client: SendGridClient
@@ -54,11 +55,11 @@ class Sync:
 
     @property
     def run_id(self) -> str:
-        return str(self.record["run_id"])
+        return self.record.run_id
 
     @property
-    def ck(self) -> dict[str, Any]:
-        return self.record["checkpoint"]  # type: ignore[no-any-return]
+    def ck(self) -> Checkpoint:
+        return self.record.checkpoint
 
     @property
     def held(self) -> Held:
@@ -85,24 +86,24 @@ class Sync:
 def after_send(sync: Sync, current: Iterator[str]) -> None:
     """The run's contacts are all accepted; `current` is its export's distinct emails, ascending."""
     record = sync.record
-    record["status"] = "running"
+    record.status = Status.RUNNING
     if sync.dest.mode == "upsert":
         _fold_upsert(sync, current)
         _poll_own(sync)
         return
     count = snapshots.write_snapshot(sync.state.store, sync.staged("current"), current, trusted=True)
-    record["mirror"] = {"current": count}
-    sync.ck["phase"] = "waiting"
+    record.mirror = {"current": count}
+    sync.ck.phase = "waiting"
     sync.save()
     resume_mirror(sync)
 
 
 def resume_mirror(sync: Sync) -> None:
     """Go on with a mirror run from its phase (after sending, after a stop, or from the timer)."""
-    if sync.ck.get("phase") == "waiting" and not _jobs_settled(sync):
+    if sync.ck.phase == "waiting" and not _jobs_settled(sync):
         return
-    if sync.ck.get("phase") == "waiting":
-        if jobs.outcome(sync.record)[0] == "failed":  # SendGrid applied nothing: nobody is removed
+    if sync.ck.phase == "waiting":
+        if jobs.outcome(sync.record)[0] is Status.FAILED:  # SendGrid applied nothing: nobody is removed
             _end_unsynced(sync)
             return
         _close_older_submitted(sync)
@@ -115,8 +116,8 @@ def resume_mirror(sync: Sync) -> None:
 
 def finish_submitted(sync: Sync) -> None:
     """A run left `submitted`: bring its jobs (and, in mirror mode, its removals) to their end."""
-    if sync.ck.get("phase") in AFTER_SENDING:
-        sync.record["status"] = "running"
+    if sync.ck.phase in AFTER_SENDING:
+        sync.record.status = Status.RUNNING
         resume_mirror(sync)
     else:
         _poll_own(sync)
@@ -140,18 +141,18 @@ def _poll_own(sync: Sync) -> None:
                       on_wait=sync.keep_lease):
         _end(sync)
     else:
-        record["status"] = "submitted"
+        record.status = Status.SUBMITTED
         sync.save()
 
 
-def _end(sync: Sync, status: str | None = None, error: str | None = None) -> None:
+def _end(sync: Sync, status: Status | None = None, error: str | None = None) -> None:
     record = sync.record
     if status is None:
         status, error = jobs.outcome(record)
-    record.update(status=status, finished_at=now_iso())
+    record.status, record.finished_at = status, now_iso()
     if error:
-        record["error"] = error
-    sync.ck.pop("phase", None)
+        record.error = error
+    sync.ck.phase = None
     sync.state.unmark_open_jobs(jobs.account_of(sync.dest), sync.run_id)
     sync.save()
 
@@ -172,11 +173,12 @@ def _jobs_settled(sync: Sync) -> bool:
     else:
         waiting = [sync.run_id]
     if waiting:
-        record.update(status="submitted", note="removals wait until SendGrid's jobs are final (runs "
-                      f"{', '.join(waiting)}); the next run or timer tick goes on")
+        record.status = Status.SUBMITTED
+        record.note = (f"removals wait until SendGrid's jobs are final (runs {', '.join(waiting)}); the next run or "
+                       "timer tick goes on")
         sync.save()
         return False
-    record.pop("note", None)
+    record.note = None
     return True
 
 
@@ -185,7 +187,7 @@ def _end_unsynced(sync: Sync) -> None:
     held = sync.held
     held.fold(held.closed_runs(but=sync.run_id) | {sync.run_id}, written_by=sync.run_id)
     sync.state.drop_staging(sync.dest.name, sync.run_id)
-    sync.record.pop("mirror", None)
+    sync.record.mirror = None
     _end(sync)
 
 
@@ -194,12 +196,13 @@ def _close_older_submitted(sync: Sync) -> None:
     theirs (their parts are folded with it), so they are closed instead of removing against an older export."""
     for other in sync.state.open_runs():
         if (other["destination"] == sync.dest.name and other["run_id"] < sync.run_id and other.get("kind") is None
-                and other.get("status") == "submitted" and other["checkpoint"].get("phase") in AFTER_SENDING):
-            other.update(status="superseded", finished_at=now_iso(), continued_as=sync.run_id,
-                         note=f"run {sync.run_id} of a later export removes who left the list")
-            other["checkpoint"].pop("phase", None)
-            sync.state.save_run(other)
-            sync.state.drop_staging(sync.dest.name, other["run_id"])
+                and other.get("status") == Status.SUBMITTED and other["checkpoint"].get("phase") in AFTER_SENDING):
+            older = RunRecord.from_json(other)
+            older.status, older.finished_at, older.checkpoint.phase = Status.SUPERSEDED, now_iso(), None
+            older.note = f"run {sync.run_id} of a later export removes who left the list"
+            older.extra["continued_as"] = sync.run_id
+            sync.state.save_run(older)
+            sync.state.drop_staging(sync.dest.name, older.run_id)
 
 
 def _stage_leavers(sync: Sync) -> bool:
@@ -217,8 +220,8 @@ def _stage_leavers(sync: Sync) -> bool:
     current_count = snapshots.snapshot_size(store, sync.staged("current"))
     plan = mirror.plan_removal(previous_count, current_count, min(to_remove, previous_count),
                                dest.max_removal_fraction)
-    incomplete = record.get("incomplete") or []
-    report = record.setdefault("mirror", {})
+    incomplete = record.incomplete
+    report = record.mirror = record.mirror or {}
     report.update(previous=previous_count, current=current_count, to_remove=to_remove, removed=0, not_found=0,
                   guard_rail="allowed", reason=None)
     if incomplete or not plan.allowed:
@@ -228,13 +231,13 @@ def _stage_leavers(sync: Sync) -> bool:
                   written_by=sync.run_id)
         sync.state.drop_staging(dest.name, sync.run_id)
         log.info("%s: run %s removed nobody: %s", dest.name, sync.run_id, reason)
-        _end(sync, "completed_with_errors" if incomplete else "failed", reason)
+        _end(sync, Status.COMPLETED_WITH_ERRORS if incomplete else Status.FAILED, reason)
         return False
     # the leavers stay held until their removal is confirmed; what open runs are sending stays in their parts
-    held.replace(closed | {sync.run_id}, snapshots.union_sorted(snapshots.read_snapshot(store, sync.staged("current")),
-                                                snapshots.read_snapshot(store, sync.staged("leavers"))),
-                 written_by=sync.run_id)
-    sync.ck.update(phase="removing", removal=mirror.new_passes())
+    staged = snapshots.union_sorted(snapshots.read_snapshot(store, sync.staged("current")),
+                                    snapshots.read_snapshot(store, sync.staged("leavers")))
+    held.replace(closed | {sync.run_id}, staged, written_by=sync.run_id)
+    sync.ck.phase, sync.ck.removal = "removing", mirror.new_passes()
     sync.save()
     return True
 
@@ -253,7 +256,11 @@ def _incomplete_reason(incomplete: list[dict[str, Any]]) -> str:
 
 def _remove(sync: Sync) -> bool:
     """Removal passes until one finds nobody of the leavers on the list. False: stopped before (resumable)."""
-    passes, store, report = sync.ck["removal"], sync.state.store, sync.record["mirror"]
+    passes, store = sync.ck.removal, sync.state.store
+    report = sync.record.mirror = sync.record.mirror or {}
+    assert passes is not None
+    if passes.get("confirmed"):
+        return True
 
     def checkpoint() -> None:
         if passes.get("first"):
@@ -269,8 +276,9 @@ def _remove(sync: Sync) -> bool:
     if mirror.until_confirmed(act, "removed", lambda: snapshots.read_snapshot(store, sync.staged("leavers")), passes,
                               checkpoint=checkpoint, until=sync.until()):
         return True
-    sync.record.update(status="submitted", note=f"{passes['last']} removal(s) not applied by SendGrid yet; the next "
-                       "run or timer tick checks again")
+    sync.record.status = Status.SUBMITTED
+    sync.record.note = (f"{passes['last']} removal(s) not applied by SendGrid yet; the next run or timer tick checks "
+                        "again")
     sync.save()
     return False
 
@@ -283,6 +291,6 @@ def _finish_mirror(sync: Sync) -> None:
                                                   snapshots.read_snapshot(store, sync.staged("leavers"))),
                      written_by=sync.run_id)
     sync.state.drop_staging(sync.dest.name, sync.run_id)
-    sync.ck.pop("removal", None)
-    sync.record.pop("note", None)
+    sync.ck.removal = None
+    sync.record.note = None
     _end(sync)

@@ -24,9 +24,11 @@ import orjson
 from . import jobs, mirror, snapshots
 from .config import Destination
 from .contacts import single_address
-from .errors import ConfigError, ConnectorError, DeadlineReached, LeaseUnavailable, NotYet, RunRefused
+from .errors import ConfigError, ConnectorError, LeaseUnavailable, NotYet, RunRefused
 from .held import Held
+from .record import RunRecord, Status
 from .secrets import redact
+from .sendgrid import SendGridClient
 from .services import Services, destination
 from .state import StateStore, new_run_id, now_iso
 from .storage import LeaseKeeper, LeaseLost, PreconditionFailed
@@ -63,11 +65,9 @@ def _others(svc: Services, name: str, list_id: str, what: PurgeWhat) -> Iterator
 
 def queued_purge(state: StateStore, dest: Destination, what: PurgeWhat, *, by: str) -> dict[str, Any]:
     """The record of a purge not started yet (the HTTP door queues it; the CLI starts it at once)."""
-    record = {"run_id": new_run_id(), "destination": dest.name, "kind": "purge", "purge": what, "trigger": by,
-              "list_id": dest.list_id, "queued_at": now_iso(), "started_at": None, "finished_at": None,
-              "status": "queued", "error": None, "counts": {}, "checkpoint": {"staged": False, **mirror.new_passes()}}
+    record = RunRecord.purge(new_run_id(), dest, what, by=by, queued_at=now_iso())
     state.save_run(record)
-    return record
+    return record.to_json()
 
 
 def open_purge(state: StateStore, name: str) -> dict[str, Any] | None:
@@ -154,7 +154,7 @@ def remove_destination(svc: Services, name: str, purge: PurgeWhat | None = None,
         return _run_purge(svc, dest, current)
 
 
-def _run_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> dict[str, Any]:
+def _run_purge(svc: Services, dest: Destination, stored: dict[str, Any]) -> dict[str, Any]:
     """Work on an open purge record from its checkpoint; the caller holds the destination's lease (svc.holding: a
     blob lease lapses after 60 s unrenewed, and the timer would start the same purge beside this one).
 
@@ -162,56 +162,67 @@ def _run_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> dict
     invisible to search); then what the destination holds and no other destination does is staged, and passes
     remove (or delete) it until a pass finds nobody left: only then is the purge completed. The snapshot outlives a
     list purge (a later purge=contacts needs it); a completed deletion forgets it."""
-    what: PurgeWhat = record["purge"]
-    record.update(status="running", error=None, started_at=record.get("started_at") or now_iso())
+    record = RunRecord.from_json(stored)
+    what: PurgeWhat = record.extra["purge"]
+    record.status, record.error, record.started_at = Status.RUNNING, None, record.started_at or now_iso()
     svc.state.save_run(record)
     client = svc.client(dest)
-    ck, until = record["checkpoint"], time.monotonic() + svc.wait_timeout
+    ck, until = record.checkpoint, time.monotonic() + svc.wait_timeout
     lost = False  # the lease (or the record) went to another holder: nothing more is written
     try:
-        if not ck.get("staged"):
+        if ck.phase != "removing":
             waiting = jobs.settle_account(svc.state, client, jobs.account_of(dest), svc, until=until,
                                           on_wait=svc.keeper.check if svc.keeper else None)
             if waiting:
                 raise NotYet(f"SendGrid's jobs of run(s) {', '.join(waiting)} are not final yet; the purge waits "
-                                 "for them (a contact whose upsert is pending cannot be found)")
+                             "for them (a contact whose upsert is pending cannot be found)")
             _stage_purge(svc, dest, record)
-        staged = svc.state.staging_key(dest.name, record["run_id"], "targets")
-
-        def checkpoint() -> None:
-            record["counts"] = dict((ck.get("first") or ck.get("counts") or {}), passes=ck["pass"])
-            svc.state.save_run(record)
-
-        act = (functools.partial(mirror.remove_emails, client, dest.list_id) if what == "list"
-               else functools.partial(mirror.delete_emails, client))
-        done_key = "removed" if what == "list" else "deleted"
-        if not mirror.until_confirmed(act, done_key, lambda: snapshots.read_snapshot(svc.state.store, staged), ck,
-                                      checkpoint=checkpoint, until=until):
-            raise NotYet(f"{ck['last']} contact(s) are not out of SendGrid yet (it applies removals later)")
+        _purge_passes(svc, dest, record, client, until)
         if what == "contacts":
             Held(svc.state, dest.name, dest.list_id).drop()
-        svc.state.drop_staging(dest.name, record["run_id"])
-        record.update(status="completed", finished_at=now_iso())
-    except (DeadlineReached, ConnectorError) as exc:
-        record.update(status="interrupted", error=redact(str(exc)) + "; the timer goes on (or run the removal again)")
+        svc.state.drop_staging(dest.name, record.run_id)
+        record.status, record.finished_at = Status.COMPLETED, now_iso()
+    except ConnectorError as exc:
+        record.status = Status.INTERRUPTED
+        record.error = redact(str(exc)) + "; the timer goes on (or run the removal again)"
         lost = isinstance(exc, LeaseLost)
     finally:
         client.close()
         if not lost:
             svc.state.save_run(record)
-    return record
+    return record.to_json()
 
 
-def _stage_purge(svc: Services, dest: Destination, record: dict[str, Any]) -> None:
+def _purge_passes(svc: Services, dest: Destination, record: RunRecord, client: SendGridClient, until: float) -> None:
+    """Passes over the staged set until one acts on nobody; NotYet when SendGrid has not applied them all yet."""
+    passes, what = record.checkpoint.removal, record.extra["purge"]
+    assert passes is not None
+    staged = svc.state.staging_key(dest.name, record.run_id, "targets")
+
+    def checkpoint() -> None:
+        record.counts.removal = dict((passes.get("first") or passes.get("counts") or {}), passes=passes["pass"])
+        svc.state.save_run(record)
+
+    act = (functools.partial(mirror.remove_emails, client, dest.list_id) if what == "list"
+           else functools.partial(mirror.delete_emails, client))
+    if not mirror.until_confirmed(act, "removed" if what == "list" else "deleted",
+                                  lambda: snapshots.read_snapshot(svc.state.store, staged), passes,
+                                  checkpoint=checkpoint, until=until):
+        raise NotYet(f"{passes['last']} contact(s) are not out of SendGrid yet (it applies removals later)")
+
+
+def _stage_purge(svc: Services, dest: Destination, record: RunRecord) -> None:
     """What the destination holds (snapshot and what runs recorded as sent) minus what the others hold, staged once:
     the passes and a resume work on exactly this set."""
     held = Held(svc.state, dest.name, dest.list_id)
     with contextlib.ExitStack() as stack:
         mine = stack.enter_context(held.emails())
-        others = [stack.enter_context(h.emails()) for h in _others(svc, dest.name, dest.list_id, record["purge"])]
-        count = snapshots.write_snapshot(svc.state.store, svc.state.staging_key(dest.name, record["run_id"], "targets"),
+        others = [stack.enter_context(h.emails()) for h in _others(svc, dest.name, dest.list_id,
+                                                                   record.extra["purge"])]
+        count = snapshots.write_snapshot(svc.state.store, svc.state.staging_key(dest.name, record.run_id, "targets"),
                                          snapshots.subtract_sorted(mine, *others), trusted=True)
-    record["checkpoint"].update(staged=True, to_purge=count)
+    record.checkpoint.phase, record.checkpoint.removal = "removing", mirror.new_passes()
+    record.extra["to_purge"] = count
     svc.state.save_run(record)
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from .errors import StateError
+from .record import RunRecord
 from .storage import (
     HeldLease,
     Lease,
@@ -150,14 +151,18 @@ class StateStore:
             raise StateError(f"state record cannot be stored as JSON: {e}") from None
 
     # -- runs --------------------------------------------------------------------------------------------------------
-    def save_run(self, record: dict[str, Any]) -> None:
+    def rejections_key(self, destination: str, run_id: str) -> str:
+        """Every rejected row of a run (up to report.MAX_CSV_ROWS), as CSV."""
+        return f"runs/{check_destination(destination)}/{check_run_id(run_id)}.rejections.csv"
+
+    def save_run(self, record: RunRecord | dict[str, Any]) -> None:
         """Write the run record, plus its index entry and open marker (present for queued, running, interrupted and
         submitted runs; deleted once the run is final) when they differ from what this instance last wrote. Index
         and a new marker are written before the record, a marker delete comes after it (see the module docstring).
         The record is written only if it is still what this instance last read or wrote (a new one: only if there
         is none); LeaseLost otherwise, and nothing more is written."""
         try:
-            self._save_run(record)
+            self._save_run(record.to_json() if isinstance(record, RunRecord) else record)
         except StateError as exc:
             self.failed_save = self.failed_save or exc
             raise

@@ -64,7 +64,7 @@ from azure.storage.blob import BlobLeaseClient
 
 from sandbox import samplegen
 from sandbox.server import Sandbox, serve
-from shared import app, blobstore, contacts, engine, limits, services, sources
+from shared import app, blobstore, contacts, engine, limits, services, sources, stream
 from shared.config import parse_config
 from shared.errors import SourceError, StateError
 from shared.secrets import EnvSecrets, Secret
@@ -960,13 +960,13 @@ def test_a_step_that_swallows_a_failed_save_cannot_make_the_run_final(
         sg: Box, wide_export: Export, tmp_path: Path, leaks: Leaks, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever a step does with a failed checkpoint save (here: goes on as if it had worked), the run's end does not
     store a final status: what SendGrid holds is not known to the store."""
-    original = engine._Run._accepted
+    original = stream.Stream._accepted
 
     def swallowing(self: Any, *args: Any) -> None:
         with contextlib.suppress(StateError):
             original(self, *args)
 
-    monkeypatch.setattr(engine._Run, "_accepted", swallowing)
+    monkeypatch.setattr(stream.Stream, "_accepted", swallowing)
     state = tmp_path / "state"
     runner = Engine(sg, wide_export, state, leaks, state_store=lambda root: FailingRecordWrites(root, 2, 1))
     stopped = runner.run()

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import app, batching, engine, held, purge
+from shared import app, batching, engine, held, purge, report, stream
 from shared.app import AppContext, Settings
 from shared.config import Destination, load_config
 from shared.errors import AuthError
@@ -429,11 +429,11 @@ def test_a_run_that_could_read_no_file_fails(world: World) -> None:
 
 
 def test_the_rejections_file_is_capped_and_the_rest_counted(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "MAX_REJECTION_ROWS", 7)
+    monkeypatch.setattr(report, "MAX_CSV_ROWS", 7)
     world.destination("members", mode="upsert")
-    report = world.run("members", world.cdm(1, [[f"not-an-email-{i}" for i in range(30)] + people(3)]))
-    assert report["counts"]["rejected_total"] == 30 and report["counts"]["rejections_omitted"] == 23, report
-    data = world.services().state.store.read_bytes(report["rejections_file"])
+    done = world.run("members", world.cdm(1, [[f"not-an-email-{i}" for i in range(30)] + people(3)]))
+    assert done["counts"]["rejected_total"] == 30 and done["counts"]["rejections_omitted"] == 23, done
+    data = world.services().state.store.read_bytes(done["rejections_file"])
     assert data is not None and len(data.decode().splitlines()) == 1 + 7
 
 
@@ -445,11 +445,11 @@ def test_a_replay_that_cannot_fit_the_deadline_fails_after_two_attempts_saying_w
     source = world.cdm(1, [people(1)] + [people(1)] * 30)  # many partitions of the same contact
     reads = itertools.count()
 
-    def deadline_now_and_then(self: engine._Run, where: str = "before the next request") -> None:
+    def deadline_now_and_then(self: stream.Stream, where: str = "before the next request") -> None:
         if where == "while reading the export" and next(reads) % 10 == 5:  # each attempt meets it while reading
             raise engine.DeadlineReached(f"the run's deadline was reached {where}")
 
-    monkeypatch.setattr(engine._Run, "_deadline_check", deadline_now_and_then)
+    monkeypatch.setattr(stream.Stream, "deadline_check", deadline_now_and_then)
     first = world.run("members", source)
     assert first["status"] == "interrupted" and "while reading the export" in first["error"], first
     second = engine.run(engine.RunRequest("members", resume=first["run_id"]), world.services())

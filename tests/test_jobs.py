@@ -11,6 +11,7 @@ import pytest
 
 from sandbox.server import Sandbox, serve
 from shared import jobs
+from shared.record import Job, RunRecord, Status
 from shared.secrets import EnvSecrets
 from shared.sendgrid import SendGridClient
 
@@ -45,40 +46,44 @@ def account() -> Any:
         client.close()
 
 
-def _jobs(box: Sandbox, client: SendGridClient, count: int, failing: set[int]) -> list[dict[str, Any]]:
+def _record(job_list: list[Job]) -> RunRecord:
+    return RunRecord("20260101T000000Z-00000000", "segment", Status.SUBMITTED, jobs=job_list)
+
+
+def _jobs(box: Sandbox, client: SendGridClient, count: int, failing: set[int]) -> list[Job]:
     list_id = box.create_list("segment")
     jobs = []
     for n in range(count):
         if n in failing:
             box.inject({"endpoint": "job", "kind": "failed", "times": 1})
         body = orjson.dumps({"list_ids": [list_id], "contacts": [{"email": f"person{n}@example.com"}]})
-        jobs.append({"id": client.upsert(body), "kind": "upsert", "contacts": 1, "status": "pending"})
+        jobs.append(Job(client.upsert(body), 1))
     return jobs
 
 
 def test_every_job_gets_its_own_status(account: Any) -> None:
     box, client = account
     failing = {3, 11, 17}
-    record = {"jobs": _jobs(box, client, 20, failing), "file_errors": [], "counts": {}}
+    record = _record(_jobs(box, client, 20, failing))
     box.most_busy = 0  # (the upserts went one by one)
     assert jobs.poll_jobs(record, client, SimpleNamespace(wait_timeout=60.0, poll_interval=0.05), wait=True)
-    statuses = [job["status"] for job in record["jobs"]]
+    statuses = [job.status for job in record.jobs]
     assert statuses == ["failed" if n in failing else "completed" for n in range(20)]
-    for job in record["jobs"]:
-        assert job["status"] == box.job(job["id"])["status"]
-        assert job["results"]["requested_count"] == 1
-    assert jobs.outcome(record) == ("completed_with_errors", None) and record["counts"]["not_applied"] == len(failing)
+    for job in record.jobs:
+        assert job.status == box.job(job.id)["status"]
+        assert job.results is not None and job.results["requested_count"] == 1
+    assert jobs.outcome(record) == ("completed_with_errors", None) and record.counts.not_applied == len(failing)
     assert 1 < box.most_busy <= jobs.POLL_CONCURRENCY  # a sweep asks several at a time, never more than that
 
 
 def test_a_sweep_without_wait_leaves_the_run_submitted_and_asks_only_for_open_jobs(account: Any) -> None:
     box, client = account
-    record = {"jobs": _jobs(box, client, 1, set()), "file_errors": [], "counts": {}}
+    record = _record(_jobs(box, client, 1, set()))
     box.job_delay = 60.0  # the next job stays pending
-    record["jobs"] += _jobs(box, client, 1, set())
+    record.jobs += _jobs(box, client, 1, set())
     svc = SimpleNamespace(wait_timeout=60.0, poll_interval=0.05)
     assert not jobs.poll_jobs(record, client, svc, wait=False)
-    assert [job["status"] for job in record["jobs"]] == ["completed", "pending"]
+    assert [job.status for job in record.jobs] == ["completed", "pending"]
     asked = box.stats["requests"].get("GET /v3/marketing/contacts/imports/{id}", 0)
     assert not jobs.poll_jobs(record, client, svc, wait=False)
     assert box.stats["requests"]["GET /v3/marketing/contacts/imports/{id}"] == asked + 1  # the open job only

@@ -18,7 +18,7 @@ import pytest
 
 from sandbox import samplegen
 from sandbox.server import Sandbox, serve
-from shared import app, engine, http_api, purge
+from shared import app, engine, http_api, purge, stream
 from shared.app import AppContext, Settings
 from shared.errors import DeadlineReached, RunRefused
 from shared.secrets import EnvSecrets
@@ -87,7 +87,7 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def _deadline(self: Any, client: Any) -> None:
-    """engine._Run.send_all for a run that meets its deadline before its first request."""
+    """stream.Stream.send_all for a run that meets its deadline before its first request."""
     raise DeadlineReached("the deadline came before the first request")
 
 
@@ -97,7 +97,7 @@ def interrupted_blob_run(world: World, monkeypatch: pytest.MonkeyPatch) -> Calla
     request (open, claim held)."""
     def run(key: str | None = None) -> dict[str, Any]:
         with monkeypatch.context() as m:
-            m.setattr(engine._Run, "send_all", _deadline)
+            m.setattr(stream.Stream, "send_all", _deadline)
             (record,) = app.on_blob(world.ctx(), key or world.info.model_key)
         assert record["status"] == "interrupted"
         return record
