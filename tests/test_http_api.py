@@ -15,8 +15,8 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from sandbox import samplegen
-from shared import http_api
-from shared.app import AppContext
+from shared import http_api, queue_worker
+from shared.context import AppContext
 from shared.errors import LeaseUnavailable
 from shared.state import RUN_ID_PATTERN
 
@@ -74,7 +74,7 @@ class Api:
         msg = func.QueueMessage(body=(message or self.queue.get()).encode())
         if dequeue_count is None:
             return self.app.run_queued_export(msg)
-        return http_api.work(self.app._context(), msg.get_body(), dequeue_count)
+        return queue_worker.work(self.app._context(), msg.get_body(), dequeue_count)
 
     def run(self, run_id: str) -> dict[str, Any]:
         status, body, _ = self.call("GET", "get_run", run_id=run_id)
@@ -190,7 +190,7 @@ def test_answers_are_redacted_on_the_way_out() -> None:
                                   b'{"run_id": "20250101T120000Z-0a1b2c3d\\n", "destination": "vip"}',
                                   b'{"run_id": "20250101T120000Z-0a1b2c3d", "destination": "vip\\n"}'])
 def test_worker_drops_messages_that_are_not_runs(body: bytes) -> None:
-    assert http_api.work(_no_storage, body) is None  # type: ignore[arg-type]
+    assert queue_worker.work(_no_storage, body) is None  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ def test_busy_destination_is_retried_then_left_to_the_timer(deployed, sandbox, a
             api.work(dequeue_count=1)  # the host redelivers the message
         etag = deployed["exports"].get_blob_client(model_key).get_blob_properties().etag
         assert ctx.state.export_claim(NAME, model_key, etag) is None  # its claim was given back
-        record = api.work(dequeue_count=http_api.MAX_ATTEMPTS)  # the last delivery: the timer takes it over
+        record = api.work(dequeue_count=queue_worker.MAX_ATTEMPTS)  # the last delivery: the timer takes it over
         assert record["status"] == "queued" and "busy" in record["note"]
     assert api.run(run_id)["status"] == "queued" and _puts(sandbox) == 0
     api.work(dequeue_count=1)  # had another delivery come: free now, it runs
