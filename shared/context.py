@@ -1,9 +1,20 @@
-"""What every Azure Functions door works with: the app settings and the clients built from them. Nothing here
-touches the network at import."""
+"""What every Azure Functions door works with: the app settings and the clients built from them, once per worker
+process.
+
+The Python worker runs functions in a thread pool and keeps its process between invocations, and an app setting
+changes only with a restart of that process. So the settings are read, and the blob service client, the containers'
+stores and the secret provider (with its Key Vault client, credential, token and key cache) are built, on the first
+invocation that needs them, by one thread, and every later invocation of every function reuses them. Nothing here
+touches the network at import. A refusal (connection settings the host or the blob binding cannot use) is not kept:
+every invocation fails with its reason, logged once as a critical line. The destinations file is read again on every
+run: it may change without a restart.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,3 +108,29 @@ def connection_refusal(environ: Mapping[str, str]) -> str | None:
         _refusals_logged.add(refusal)
         log.critical("the connector refuses to work until its storage settings are fixed: %s", refusal)
     return refusal
+
+
+_lock = threading.Lock()
+_context: AppContext | None = None
+
+
+def process_context(environ: Mapping[str, str] | None = None) -> AppContext:
+    """This worker process's one AppContext: built from `environ` (default os.environ) by the first call that
+    succeeds, while other threads wait for it; every later call returns it. A failed build (ConfigError, StateError)
+    is not kept: the next call tries again."""
+    global _context
+    context = _context
+    if context is None:
+        with _lock:
+            if _context is None:
+                _context = AppContext.from_settings(Settings.from_env(os.environ if environ is None else environ))
+            context = _context
+    return context
+
+
+def forget_process_context() -> None:
+    """Drop the process's AppContext, as a restart of the worker would (what an app-settings change causes in
+    Azure): the next call of process_context reads the settings again. For tests."""
+    global _context
+    with _lock:
+        _context = None

@@ -4,6 +4,7 @@ worker gets that message as a func.QueueMessage."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,10 +16,11 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from sandbox import samplegen
-from shared import http_api, queue_worker
+from shared import context, http_api, queue_worker
 from shared.context import AppContext
-from shared.errors import LeaseUnavailable
+from shared.errors import LeaseUnavailable, StateError
 from shared.state import RUN_ID_PATTERN
+from tests.test_secrets import FakeCredential, FakeVault, FakeVaultTransport
 
 NAME = "vip-newsletter"
 KEY_VALUE = "recognisable-api-key-value-7f3a9c"  # not SendGrid-shaped: redaction would not hide a leak of it
@@ -498,3 +500,112 @@ def test_erasure_over_http_names_the_person_by_hash_only(deployed, sandbox, api:
     assert person not in api.answers[-1].decode().lower() and len(body["person"]) == 32
     sandbox.box.complete_jobs()  # the delete is an asynchronous job, as in SendGrid
     assert sandbox.box.contact(person) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one set of clients per worker process
+
+
+@pytest.fixture
+def key_vault(deployed, sandbox, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeVault, list[FakeCredential]]:
+    """KEY_VAULT_URL set and no key in the environment: the API key comes from Key Vault, played by the fake vault of
+    test_secrets under the real SecretClient; every DefaultAzureCredential the app makes is kept."""
+    import azure.identity
+    import azure.keyvault.secrets
+
+    vault = FakeVault({"sendgrid-api-key": sandbox.key})
+    made: list[FakeCredential] = []
+
+    class RecordingDefaultCredential(FakeCredential):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__()
+            made.append(self)
+
+    real_client = azure.keyvault.secrets.SecretClient
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", RecordingDefaultCredential)
+    monkeypatch.setattr(azure.keyvault.secrets, "SecretClient",
+                        lambda url, cred, **kw: real_client(url, cred, transport=FakeVaultTransport(vault), **kw))
+    # a fresh vault host: the SDK keeps each host's authentication challenge for the whole test session
+    monkeypatch.setenv("KEY_VAULT_URL", f"https://doors{uuid.uuid4().hex[:10]}.vault.azure.net")
+    monkeypatch.delenv("SENDGRID_API_KEY")
+    return vault, made
+
+
+@pytest.fixture
+def services_built(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every blob service client the app builds from its connection settings."""
+    built: list[Any] = []
+    real = context.blob_service_from_settings
+
+    def building(name: str, environ: Any) -> Any:
+        built.append(real(name, environ))
+        return built[-1]
+
+    monkeypatch.setattr(context, "blob_service_from_settings", building)
+    return built
+
+
+def test_invocations_reuse_the_clients_the_credential_and_the_key_cache(deployed, sandbox, api: Api, key_vault,
+                                                                       services_built: list[Any]) -> None:
+    """The blob trigger, an HTTP request and the queue worker: three invocations, one blob service client, one
+    credential asked for one token, one read of the key from Key Vault (its cache outlives an invocation)."""
+    vault, credentials = key_vault
+    model_key = deployed["info"].model_key
+    api.app.on_export(deployed["exports"].get_blob_client(model_key))
+    started = api.start(source=model_key)  # an explicit run sends the exported version once more
+    api.work()
+    runs = [api.run(r["run_id"]) for r in api.call("GET", "destination_runs", name=NAME)[1]["runs"]]
+    assert [r["trigger"] for r in runs] == ["http", "blob"] and runs[0]["run_id"] == started["run_id"]
+    assert all(r["status"] in ("submitted", "completed") and r["counts"]["sent"] > 0 for r in runs), runs
+    assert vault.served == 1  # the key was read once, for both runs
+    assert len(credentials) == 1 and len(credentials[0].requests) == 1  # one credential, one token
+    assert len(services_built) == 1
+    assert api.app._context() is api.app._context()
+
+
+def test_concurrent_first_invocations_build_one_context(deployed, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker runs functions in a thread pool: invocations arriving together before any context exists wait for
+    the one the first of them builds."""
+    entered = threading.Condition()
+    builds: list[int] = []
+    real = context.blob_service_from_settings
+
+    def slow_build(name: str, environ: Any) -> Any:
+        with entered:
+            builds.append(1)
+            entered.notify_all()
+            entered.wait_for(lambda: len(builds) > 1, timeout=0.5)  # a second builder would show up here
+        return real(name, environ)
+
+    monkeypatch.setattr(context, "blob_service_from_settings", slow_build)
+    start = threading.Barrier(4)
+    contexts: list[Any] = []
+
+    def invoke() -> None:
+        start.wait()
+        contexts.append(api.app._context())
+
+    threads = [threading.Thread(target=invoke) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(contexts) == 4 and all(c is contexts[0] for c in contexts)
+
+
+def test_a_context_that_could_not_be_built_is_built_by_the_next_invocation(deployed, api: Api,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storage outage while the first invocation builds the clients fails that invocation only."""
+    real = context.blob_service_from_settings
+    failures = [StateError("creating container 'state' failed: the account did not answer")]
+
+    def flaky(name: str, environ: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(name, environ)
+
+    monkeypatch.setattr(context, "blob_service_from_settings", flaky)
+    status, body, _ = api.call("GET", "list_destinations")
+    assert status == 503 and "did not answer" in body["error"]
+    status, body, _ = api.call("GET", "list_destinations")
+    assert status == 200 and NAME in {d["name"] for d in body["destinations"]}
