@@ -165,13 +165,18 @@ def _reason(params: Mapping[str, str], default: str) -> str:
     return " ".join(redact(raw).split())  # stored and logged: a pasted key must not be; runs of spaces become one
 
 
+def _named(config: Config, name: str) -> Config:
+    """`config`, when its file names the destination (valid or not); 404 otherwise."""
+    if name not in config.destinations and name not in config.errors:
+        raise HttpError(404, f"no destination named '{name}'")
+    return config
+
+
 def _configured(config: Config, name: str) -> Destination:
     """The named valid destination: 404 when the file does not name it, 409 when its entry is invalid."""
     if name in config.errors:
         raise HttpError(409, f"destination '{name}' is invalid: {config.errors[name]}")
-    if name not in config.destinations:
-        raise HttpError(404, f"no destination named '{name}'")
-    return config.destinations[name]
+    return _named(config, name).destinations[name]
 
 
 def resolve_source(ctx: AppContext, source: str) -> tuple[str, str]:
@@ -281,9 +286,7 @@ def run_history(call: Call) -> Response:
     ctx, name = call.ctx, call.name
     runs = ctx.state.list_runs(name, limit=limit)
     if not runs:
-        config = ctx.config()
-        if name not in config.destinations and name not in config.errors:
-            raise HttpError(404, f"no destination named '{name}'")
+        _named(ctx.config(), name)
     return Response(200, {"destination": name, "runs": [_summary(r) for r in runs]})
 
 
@@ -306,9 +309,7 @@ def disable_destination(call: Call) -> Response:
                              "confirm=true to confirm")
     reason = _reason(call.params, "disabled through the HTTP API" + (f" with purge={what}" if what else ""))
     ctx, name = call.ctx, call.name
-    config = ctx.config()
-    if name not in config.destinations and name not in config.errors:
-        raise HttpError(404, f"no destination named '{name}'")
+    config = _named(ctx.config(), name)
     record = None
     if what is not None:  # refused before anything changes
         if name not in config.destinations:
@@ -336,9 +337,7 @@ def disable_destination(call: Call) -> Response:
 def enable_destination(call: Call) -> Response:
     """Enable a destination disabled by DELETE (or the CLI's remove); 409 while a purge of it is unfinished."""
     ctx, name = call.ctx, call.name
-    config = ctx.config()
-    if name not in config.destinations and name not in config.errors:
-        raise HttpError(404, f"no destination named '{name}'")
+    _named(ctx.config(), name)
     try:
         return Response(200, purge.enable_destination(ctx.state, name, by="http"))
     except RunRefused as exc:
