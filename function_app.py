@@ -1,9 +1,9 @@
 """Azure Functions (Python v2) wiring: each trigger hands off to shared.app (blob, timer), shared.http_api (HTTP) or
 shared.queue_worker (the runs queue) in a few lines. No business rules here.
 
-Every function works with the worker process's one AppContext (shared.context.process_context): built by the first
-invocation, reused by every later one, so the blob clients, the Key Vault client, its token and the key cache live
-as long as the process. Nothing is read or built at import."""
+Every invocation works with the worker process's one set of clients (shared.context.invocation_context): built by
+the first invocation, shared by every later one, so the blob clients, the Key Vault client, its token and the key
+cache live as long as the process. Nothing is read or built at import."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 def _context() -> context.AppContext:
     if REFUSAL:
         raise UnsupportedInterpreter(REFUSAL)
-    return context.process_context(os.environ)
+    return context.invocation_context(os.environ)
 
 
 @app.blob_trigger(arg_name="client", path="%EXPORTS_CONTAINER%/{name}", connection="ExportsStorage",

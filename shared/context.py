@@ -1,13 +1,14 @@
-"""What every Azure Functions door works with: the app settings and the clients built from them, once per worker
-process.
+"""What every Azure Functions door works with: the app settings, the clients built from them once per worker process,
+and one invocation's context over those clients.
 
 The Python worker runs functions in a thread pool and keeps its process between invocations, and an app setting
 changes only with a restart of that process. So the settings are read, and the blob service client, the containers'
-stores and the secret provider (with its Key Vault client, credential, token and key cache) are built, on the first
-invocation that needs them, by one thread, and every later invocation of every function reuses them. Nothing here
-touches the network at import. A refusal (connection settings the host or the blob binding cannot use) is not kept:
-every invocation fails with its reason, logged once as a critical line. The destinations file is read again on every
-run: it may change without a restart.
+stores and the secret provider (with its Key Vault client, credential, token and key cache) are built, by the first
+invocation that needs them, by one thread; every later invocation of every function shares them (they are safe to
+share between threads). What is not, the state store's caches (each run record's ETag chain), is made anew for each
+invocation. Nothing here touches the network at import. A refusal (connection settings the host or the blob binding
+cannot use) or a failed build is not kept: every invocation fails with its reason, logged once as a critical line,
+or tries again. The destinations file is read again on every run: it may change without a restart.
 """
 
 from __future__ import annotations
@@ -56,10 +57,29 @@ class Settings:
         )
 
 
+@dataclass(frozen=True)
+class Clients:
+    """What a worker process builds once and every invocation shares: clients that are safe between threads."""
+
+    settings: Settings
+    exports: ObjectStore
+    state_container: ObjectStore
+    secrets: SecretProvider
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Clients:
+        refusal = connection_refusal(settings.environ)
+        if refusal:
+            raise ConfigError(refusal)
+        service = blob_service_from_settings("ExportsStorage", settings.environ)
+        return cls(settings, container_store(service, settings.exports_container),
+                   container_store(service, settings.state_container, create=True), provider_from_env(settings.environ))
+
+
 @dataclass
 class AppContext:
-    """The clients the doors need, built from settings (no network at construction but the state container's
-    creation)."""
+    """One invocation's view of the app: the process's clients, and a state store of its own (its caches are the
+    ETag chains of the run records this invocation saves, which another invocation's reads must not move)."""
 
     settings: Settings
     exports: ObjectStore
@@ -67,14 +87,13 @@ class AppContext:
     secrets: SecretProvider
 
     @classmethod
+    def over(cls, clients: Clients) -> AppContext:
+        return cls(clients.settings, clients.exports, StateStore(clients.state_container), clients.secrets)
+
+    @classmethod
     def from_settings(cls, settings: Settings) -> AppContext:
-        refusal = connection_refusal(settings.environ)
-        if refusal:
-            raise ConfigError(refusal)
-        service = blob_service_from_settings("ExportsStorage", settings.environ)
-        return cls(settings, container_store(service, settings.exports_container),
-                   StateStore(container_store(service, settings.state_container, create=True)),
-                   provider_from_env(settings.environ))
+        """A context over clients of its own, outside the Functions worker (tests, tools)."""
+        return cls.over(Clients.from_settings(settings))
 
     def config(self) -> Config:
         """Read and validate the destinations file on every run."""
@@ -111,26 +130,30 @@ def connection_refusal(environ: Mapping[str, str]) -> str | None:
 
 
 _lock = threading.Lock()
-_context: AppContext | None = None
+_clients: Clients | None = None
 
 
-def process_context(environ: Mapping[str, str] | None = None) -> AppContext:
-    """This worker process's one AppContext: built from `environ` (default os.environ) by the first call that
-    succeeds, while other threads wait for it; every later call returns it. A failed build (ConfigError, StateError)
-    is not kept: the next call tries again."""
-    global _context
-    context = _context
-    if context is None:
+def _process_clients(environ: Mapping[str, str]) -> Clients:
+    global _clients
+    clients = _clients
+    if clients is None:
         with _lock:
-            if _context is None:
-                _context = AppContext.from_settings(Settings.from_env(os.environ if environ is None else environ))
-            context = _context
-    return context
+            if _clients is None:
+                _clients = Clients.from_settings(Settings.from_env(environ))
+            clients = _clients
+    return clients
 
 
-def forget_process_context() -> None:
-    """Drop the process's AppContext, as a restart of the worker would (what an app-settings change causes in
-    Azure): the next call of process_context reads the settings again. For tests."""
-    global _context
+def invocation_context(environ: Mapping[str, str] | None = None) -> AppContext:
+    """A context for one invocation, over this worker process's clients: those are built from `environ` (default
+    os.environ) by the first call that succeeds, while other threads wait for it, and shared by every later call. A
+    failed build (ConfigError, StateError) is not kept: the next call tries again."""
+    return AppContext.over(_process_clients(os.environ if environ is None else environ))
+
+
+def forget_process_clients() -> None:
+    """Drop the process's clients, as a restart of the worker would (what an app-settings change causes in Azure):
+    the next invocation_context reads the settings again. For tests."""
+    global _clients
     with _lock:
-        _context = None
+        _clients = None

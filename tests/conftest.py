@@ -112,7 +112,7 @@ def _fresh_worker_process() -> None:
     built from the settings this test sets, never kept from an earlier test's."""
     from shared import context
 
-    context.forget_process_context()
+    context.forget_process_clients()
 
 
 @pytest.fixture

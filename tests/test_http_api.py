@@ -17,6 +17,7 @@ from azure.storage.blob import BlobServiceClient
 
 from sandbox import samplegen
 from shared import context, http_api, queue_worker
+from shared.blobstore import BlobContainerStore
 from shared.context import AppContext
 from shared.errors import LeaseUnavailable, StateError
 from shared.state import RUN_ID_PATTERN
@@ -560,7 +561,8 @@ def test_invocations_reuse_the_clients_the_credential_and_the_key_cache(deployed
     assert vault.served == 1  # the key was read once, for both runs
     assert len(credentials) == 1 and len(credentials[0].requests) == 1  # one credential, one token
     assert len(services_built) == 1
-    assert api.app._context() is api.app._context()
+    one, two = api.app._context(), api.app._context()
+    assert one.exports is two.exports and one.secrets is two.secrets
 
 
 def test_concurrent_first_invocations_build_one_context(deployed, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -590,7 +592,36 @@ def test_concurrent_first_invocations_build_one_context(deployed, api: Api, monk
         t.start()
     for t in threads:
         t.join()
-    assert len(builds) == 1 and len(contexts) == 4 and all(c is contexts[0] for c in contexts)
+    assert len(builds) == 1 and len(contexts) == 4
+    assert all(c.exports is contexts[0].exports and c.secrets is contexts[0].secrets for c in contexts)
+
+
+def test_reading_a_run_while_another_invocation_saves_it_leaves_the_runs_record_chain_alone(
+        deployed, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker runs a run in one thread while `GET /api/runs/{id}` reads it in another: the read lands between
+    two of the run's saves. The run's next save must still be conditional on its own last write (a state store shared
+    by both invocations would have the read take that condition away, and the run would stop as if its lease were
+    lost)."""
+    run_id = api.start(source=deployed["info"].model_key, dry_run=True)["run_id"]
+    running = api.app._context()  # the queue worker's invocation
+    record = running.state.load_run(run_id)
+    assert record is not None
+    real_read = BlobContainerStore.read_with_etag
+    saved: list[str] = []
+
+    def read_while_the_run_saves(self: BlobContainerStore, key: str) -> Any:
+        if key.endswith(f"{run_id}.json") and not saved:
+            saved.append(key)
+            record["note"] = "a checkpoint"
+            running.state.save_run(record)  # lands while the GET reads
+        return real_read(self, key)
+
+    monkeypatch.setattr(BlobContainerStore, "read_with_etag", read_while_the_run_saves)
+    status, body, _ = api.call("GET", "get_run", run_id=run_id)
+    assert saved and status == 200 and body["run_id"] == run_id
+    record["note"] = "the next checkpoint"
+    running.state.save_run(record)  # raises LeaseLost if the read had moved its condition
+    assert api.run(run_id)["note"] == "the next checkpoint"
 
 
 def test_a_context_that_could_not_be_built_is_built_by_the_next_invocation(deployed, api: Api,
