@@ -1,7 +1,11 @@
-"""The Azure Functions door's logic. `function_app.py` only wires triggers to these handlers.
+"""The blob and timer doors. `function_app.py` only wires their triggers to `on_blob` and `on_timer`.
 
-State lives in a Blob container (STATE_CONTAINER) of the exports account (connection setting `ExportsStorage`);
-exports are read from EXPORTS_CONTAINER by streaming; API keys come from Key Vault when KEY_VAULT_URL is set.
+A new blob becomes the runs of the destinations it belongs to (`routing`); a timer tick finishes what is open
+(submitted runs' jobs, interrupted runs and purges, queued runs whose message was lost, erasures) and runs each
+destination's latest export not exported yet. Both hand `RunRequest`s to the engine and log each finished run
+(`runlog`). State lives in a Blob container (STATE_CONTAINER) of the exports account (connection setting
+`ExportsStorage`); exports are read from EXPORTS_CONTAINER by streaming; API keys come from Key Vault when
+KEY_VAULT_URL is set (`context` builds the clients).
 """
 
 from __future__ import annotations
