@@ -1,5 +1,9 @@
-"""Azure Functions (Python v2) wiring: each trigger hands off to shared.app (blob, timer) or shared.http_api (HTTP,
-queue) in a few lines. No business rules here."""
+"""Azure Functions (Python v2) wiring: each trigger hands off to shared.app (blob, timer), shared.http_api (HTTP) or
+shared.queue_worker (the runs queue) in a few lines. No business rules here.
+
+Every invocation works with the worker process's one set of clients (shared.context.invocation_context): built by
+the first invocation, shared by every later one, so the blob clients, the Key Vault client, its token and the key
+cache live as long as the process. Nothing is read or built at import."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
 from shared import app as connector  # importing it makes every log record redacted (secrets.install_log_redaction)
-from shared import contacts, http_api
+from shared import contacts, context, http_api, queue_worker
 from shared.errors import UnsupportedInterpreter
 
 # Checked once per worker process, without I/O. Raising here would leave the host with "0 functions found" and, in
@@ -23,10 +27,10 @@ if REFUSAL:
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
-def _context() -> connector.AppContext:
+def _context() -> context.AppContext:
     if REFUSAL:
         raise UnsupportedInterpreter(REFUSAL)
-    return connector.AppContext.from_settings(connector.Settings.from_env(os.environ))
+    return context.invocation_context(os.environ)
 
 
 @app.blob_trigger(arg_name="client", path="%EXPORTS_CONTAINER%/{name}", connection="ExportsStorage",
@@ -99,4 +103,4 @@ def get_run(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="message", queue_name="%RUNS_QUEUE%", connection="ExportsStorage")
 def run_queued_export(message: func.QueueMessage) -> None:
     """Run a run queued by POST .../runs under the id the caller was given."""
-    http_api.work(_context(), message.get_body(), message.dequeue_count)
+    queue_worker.work(_context(), message.get_body(), message.dequeue_count)

@@ -187,7 +187,7 @@ var appSettings = {
   ExportsStorage__clientId: identity.outputs.clientId
   ExportsStorage__blobServiceUri: storage.outputs.blobEndpoint
   ExportsStorage__queueServiceUri: storage.outputs.queueEndpoint
-  // The connector (shared/app.py, shared/secrets.py).
+  // The connector (shared/context.py, shared/secrets.py).
   EXPORTS_CONTAINER: exportsContainerName
   STATE_CONTAINER: stateContainerName
   DESTINATIONS_CONFIG: 'blob:destinations.json'

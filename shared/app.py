@@ -1,7 +1,11 @@
-"""The Azure Functions door's logic. `function_app.py` only wires triggers to these handlers.
+"""The blob and timer doors. `function_app.py` only wires their triggers to `on_blob` and `on_timer`.
 
-State lives in a Blob container (STATE_CONTAINER) of the exports account (connection setting `ExportsStorage`);
-exports are read from EXPORTS_CONTAINER by streaming; API keys come from Key Vault when KEY_VAULT_URL is set.
+A new blob becomes the runs of the destinations it belongs to (`routing`); a timer tick finishes what is open
+(submitted runs' jobs, interrupted runs and purges, queued runs whose message was lost, erasures) and runs each
+destination's latest export not exported yet. Both hand `RunRequest`s to the engine and log each finished run
+(`runlog`). State lives in a Blob container (STATE_CONTAINER) of the exports account (connection setting
+`ExportsStorage`); exports are read from EXPORTS_CONTAINER by streaming; API keys come from Key Vault when
+KEY_VAULT_URL is set (`context` builds the clients).
 """
 
 from __future__ import annotations
@@ -9,126 +13,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from . import connections, engine, http_api, purge, runlog, sources
-from .blobstore import blob_service_from_settings, container_store
-from .config import Config, load_config, parse_config
-from .errors import ConfigError, ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
-from .secrets import SecretProvider, install_log_redaction, provider_from_env, redact
-from .services import RunRequest, Services
-from .state import StateStore
-from .storage import ObjectStore
+from . import engine, purge, queue_worker, runlog
+from .config import Config
+from .context import AppContext
+from .errors import ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
+from .routing import destinations_for_blob
+from .secrets import install_log_redaction, redact
+from .services import RunRequest
+from .state import parse_iso
 
 log = logging.getLogger(__name__)
 install_log_redaction()  # every log record of the Functions process is redacted when made, for every handler
 # The Azure SDK logs every storage request and answer at INFO: hundreds of traces a run that would cost ingestion and
 # crowd the run records (shared/runlog.py) in Application Insights. Its warnings and errors still come through.
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
-APP_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Settings:
-    exports_container: str
-    state_container: str
-    destinations_config: str  # "blob:<key>" in the state container, or a file path (relative to the app root)
-    run_deadline_seconds: float
-    environ: Mapping[str, str]
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        try:
-            deadline = float(environ.get("RUN_DEADLINE_SECONDS", "1500"))
-        except ValueError:
-            raise ConfigError("must be a number of seconds", field="RUN_DEADLINE_SECONDS") from None
-        return cls(
-            exports_container=environ.get("EXPORTS_CONTAINER", "exports"),
-            state_container=environ.get("STATE_CONTAINER", "sendgrid-connector-state"),
-            destinations_config=environ.get("DESTINATIONS_CONFIG", "destinations.json"),
-            run_deadline_seconds=deadline,
-            environ=environ,
-        )
-
-
-@dataclass
-class AppContext:
-    """The clients one invocation needs, built from settings (lazily, no network at import)."""
-
-    settings: Settings
-    exports: ObjectStore
-    state: StateStore
-    secrets: SecretProvider
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AppContext:
-        refusal = connection_refusal(settings.environ)
-        if refusal:
-            raise ConfigError(refusal)
-        service = blob_service_from_settings("ExportsStorage", settings.environ)
-        return cls(settings, container_store(service, settings.exports_container),
-                   StateStore(container_store(service, settings.state_container, create=True)),
-                   provider_from_env(settings.environ))
-
-    def config(self) -> Config:
-        """Read and validate the destinations file on every run."""
-        where = self.settings.destinations_config
-        if where.startswith("blob:"):
-            data = self.state.store.read_bytes(where[5:])
-            if data is None:
-                raise ConfigError(f"{where} not found in container {self.settings.state_container}",
-                                  field="DESTINATIONS_CONFIG")
-            return parse_config(data, where)
-        path = Path(where) if Path(where).is_absolute() else APP_ROOT / where
-        return load_config(path)
-
-    def services(self, config: Config) -> Services:
-        return Services(config=config, secrets=self.secrets, state=self.state, sources=self.exports,
-                               environ=self.settings.environ)
-
-    def deadline(self) -> float:
-        return time.monotonic() + self.settings.run_deadline_seconds
-
-
-_refusals_logged: set[str] = set()
-
-
-def connection_refusal(environ: Mapping[str, str]) -> str | None:
-    """The start-up check of the connection every function uses (`ExportsStorage`: blob trigger, its BlobClient,
-    the runs queue, the state container): a combination the blob binding or the host cannot use makes every
-    invocation fail with this reason, logged once per worker process as a critical line, before anything is read."""
-    refusal = connections.problem("ExportsStorage", environ)
-    if refusal and refusal not in _refusals_logged:
-        _refusals_logged.add(refusal)
-        log.critical("the connector refuses to work until its storage settings are fixed: %s", refusal)
-    return refusal
-
 
 QUEUED_GRACE_SECONDS = 600  # a queued on-demand run not started by then lost its message: the timer runs it
 
 
-def _age_seconds(iso: str | None) -> float:
-    if not iso:
-        return float("inf")
-    try:
-        return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return float("inf")
-
-
-def destinations_for_blob(ctx: AppContext, config: Config, key: str) -> list[str]:
-    """Which enabled destinations a new blob runs: a model.json runs every destination whose segments it holds; a plain
-    file under <destination name>/ runs that destination; anything else runs nothing."""
-    if key.endswith("model.json"):
-        held = set(sources.segment_names(ctx.exports, key))  # model.json alone: a broken entity fails only its own
-        return [d.name for d in config.destinations.values() if d.enabled and held & set(d.segments)]
-    head = key.split("/", 1)[0]
-    if "/" in key and head in config.destinations and not key.endswith("/"):
-        return [head] if config.destinations[head].enabled else []
-    return []
+def _age_seconds(stamp: str | None) -> float:
+    """Seconds since a record's time stamp; a missing or unreadable one counts as long ago."""
+    since = parse_iso(stamp)
+    return float("inf") if since is None else time.time() - since
 
 
 def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, trigger: str) -> dict[str, Any]:
@@ -159,7 +67,7 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     try:
         if info.size == 0:  # ADLS Gen2's CreateFile event: the content comes with FlushWithClose
             raise ExportIncomplete("is empty: the export is still being written", file=key)
-        names = destinations_for_blob(ctx, config, key)
+        names = destinations_for_blob(ctx.exports, config, key)
     except ExportIncomplete as exc:  # never claimed: the timer looks again (and so does the blob's next event)
         ctx.state.note_pending_export(key, info.etag, redact(str(exc)))
         log.info("blob %s is not a complete export yet; the timer looks again: %s", key, exc)
@@ -259,16 +167,16 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     done: list[dict[str, Any]] = []
     for record in ctx.state.open_runs():
         name, run_id, status = record["destination"], record["run_id"], record["status"]
-        if name not in config.destinations and status != "queued":
+        if name not in config.destinations and status != queue_worker.QUEUED:
             continue
         try:
             if record.get("kind") == "purge":
-                if status != "queued" or _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:
+                if status != queue_worker.QUEUED or _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:
                     done.append(runlog.finished(purge.remove_destination(svc, name, record["purge"], confirmed=True,
                                                                          by="timer", run_id=run_id)))
-            elif status == "queued":
+            elif status == queue_worker.QUEUED:
                 if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
-                    done.append(http_api.run_queued(ctx, record, attempt=http_api.MAX_ATTEMPTS))
+                    done.append(queue_worker.run_queued(ctx, record, attempt=queue_worker.MAX_ATTEMPTS))
             elif status == "waiting":
                 if time.time() >= float((record.get("waiting") or {}).get("retry_at") or 0):
                     done.append(runlog.finished(engine.run(

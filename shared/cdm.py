@@ -31,7 +31,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 from .errors import ExportIncomplete, SourceError, StateError
-from .sources import _BOM, Partition, _info, _json_type, _read_exactly, open_version
+from .partitions import BOM, Partition, json_type, open_version, read_exactly
+from .partitions import info as file_info
 from .storage import NotFound, ObjectStore, check_key
 
 __all__ = ["CAPS", "Caps", "CsvSettings", "Found", "encoding_for", "entity_names", "find", "load_model",
@@ -107,7 +108,7 @@ def load_model(store: ObjectStore, key: str, snapshot: str | None = None, caps: 
     ends before its JSON does (being written, or cut short); SourceError when it is missing, too big or not JSON."""
     caps = caps or CAPS
     raw = _read_capped(store, key, snapshot, caps)
-    data = raw.removeprefix(_BOM)
+    data = raw.removeprefix(BOM)
     if not data.strip():
         raise ExportIncomplete("is empty (0 bytes of JSON): the export is incomplete or still being written; it is "
                                "read again when it changes (or re-run the export)", file=key)
@@ -126,7 +127,7 @@ def load_model(store: ObjectStore, key: str, snapshot: str | None = None, caps: 
         raise SourceError(f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); re-run the export",
                           file=key) from None
     if not isinstance(model, dict):
-        raise SourceError(f"is a JSON {_json_type(model)}, not an object; point the source at the export's "
+        raise SourceError(f"is a JSON {json_type(model)}, not an object; point the source at the export's "
                           "model.json", file=key)
     return model
 
@@ -135,14 +136,14 @@ def _read_capped(store: ObjectStore, key: str, snapshot: str | None, caps: Caps)
     too_big = SourceError(f"is larger than {caps.bytes:,} bytes, the limit for a model.json (real ones are a few "
                           "KB); it was not read. Export fewer tables per folder", file=key)
     if snapshot is None:
-        info = _info(store, key)
+        info = file_info(store, key)
         if info is None:
             raise SourceError(f"was not found in {store.label}; the export run may not have finished", file=key)
         if info.size > caps.bytes:
             raise too_big
     try:
         with contextlib.closing(open_version(store, key, snapshot)) as fh:
-            data = _read_exactly(fh, caps.bytes + 1)
+            data = read_exactly(fh, caps.bytes + 1)
     except NotFound:
         raise SourceError(f"was not found in {store.label}", file=key) from None
     if len(data) > caps.bytes:

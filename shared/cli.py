@@ -9,7 +9,7 @@ import resource
 import secrets as pysecrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .errors import ConfigError, ConnectorError, LeaseUnavailable
 from .secrets import install_log_redaction, provider_from_env
 from .services import RunRequest, Services, destination
 from .state import StateStore
-from .storage import LocalFolderStore
+from .storage import LocalFolderStore, ObjectStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SUCCESS = ("completed", "completed_with_errors", "submitted", "dry_run")
@@ -91,15 +91,12 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
     store, key = source_location(args.source)
-    state = StateStore(LocalFolderStore(args.state_dir))
-    svc = Services(config=config, secrets=provider_from_env(), state=state, sources=store,
-                          environ=os.environ, progress=None if args.quiet else _progress)
+    svc = _services(args, store, progress=None if args.quiet else _progress)
     deadline = time.monotonic() + args.deadline_seconds if args.deadline_seconds else None
     info = store.info(key)  # the export's version: an unfinished run of the same version is resumed, not redone
     req = RunRequest(args.destination, key, info.etag if info else None, trigger="cli", dry_run=args.dry_run,
-                            wait=args.wait, resume=args.resume, deadline=deadline)
+                     wait=args.wait, resume=args.resume, deadline=deadline)
     try:
         report = engine.run(req, svc)
     except LeaseUnavailable:
@@ -112,10 +109,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK if report["status"] in SUCCESS else EXIT_FAILED
 
 
-def _admin_services(args: argparse.Namespace) -> Services:
-    return Services(config=load_config(args.config), secrets=provider_from_env(),
-                           state=StateStore(LocalFolderStore(args.state_dir)), sources=LocalFolderStore(args.state_dir),
-                           environ=os.environ)
+def _services(args: argparse.Namespace, sources: ObjectStore | None = None,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> Services:
+    """The command line's I/O parts: the destinations file (--config), the API key from the environment or Key Vault,
+    the state folder (--state-dir), and `sources`, the folder an export is read from (the state folder for the
+    commands that read none)."""
+    state = LocalFolderStore(args.state_dir)
+    return Services(config=load_config(args.config), secrets=provider_from_env(), state=StateStore(state),
+                    sources=state if sources is None else sources, environ=os.environ, progress=progress)
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -125,7 +126,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         answer = input(f"Delete every contact destination '{args.destination}' put into SendGrid from the account "
                        "entirely? Type 'delete' to confirm: ")
         args.yes = answer.strip() == "delete"
-    record = purge.remove_destination(_admin_services(args), args.destination, args.purge, confirmed=args.yes)
+    record = purge.remove_destination(_services(args), args.destination, args.purge, confirmed=args.yes)
     print(f"destination '{args.destination}' is disabled; no trigger runs it again")
     if args.purge:
         c = record.get("counts") or {}
@@ -138,7 +139,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_enable(args: argparse.Namespace) -> int:
     from . import purge
 
-    svc = _admin_services(args)
+    svc = _services(args)
     destination(svc.config, args.destination)  # a name the destinations file does not know is a usage error
     result = purge.enable_destination(svc.state, args.destination)
     was = result["was_disabled"]
@@ -150,7 +151,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_erase(args: argparse.Namespace) -> int:
     from . import purge
 
-    report = purge.erase(_admin_services(args), args.email)
+    report = purge.erase(_services(args), args.email)
     print(f"erasure of person {report['person']}: {report['status']}; destinations affected: "
           f"{', '.join(report['destinations']) or 'none'}; contacts deleted: {report['accounts_deleted']}")
     for error in report["errors"]:

@@ -1,29 +1,30 @@
-"""The HTTP door and its queue worker. `function_app.py` turns a func.HttpRequest into `handle(...)` and the
-`Response` back; nothing here imports azure.functions.
+"""The HTTP door. `function_app.py` turns a func.HttpRequest into `handle(...)` and the `Response` back; nothing here
+imports azure.functions. It only translates: route values, parameters and bodies are checked, the rules of
+`services` (refusal) and `routing` (which exports a destination takes) are asked, and their answers or errors become
+JSON answers.
 
 Route values (destination names, run ids) are checked against the state store's patterns before anything touches
-storage: the app context (blob clients, containers) is built only after the checks pass. Every answer is JSON, and
-its text goes through `redact` on the way out, so not even a bug can put an API key in it.
+storage: the app context (blob clients, containers) is asked for only after the checks pass. Every answer is JSON,
+and its text goes through `redact` on the way out, so not even a bug can put an API key in it.
 
-On-demand runs are two steps: POST stores a run record with status "queued" and hands the worker a queue message;
-the worker runs the engine under that run id. A queued run whose message is lost is started by the timer
-(app.QUEUED_GRACE_SECONDS).
+`POST .../runs` and `DELETE ...?purge=` store a queued record and answer with a message for the runs queue; the
+queue worker (`queue_worker`) runs it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import orjson
 
-from . import contacts, engine, purge, runlog
+from . import contacts, purge
 from .config import Config, Destination
+from .context import AppContext
 from .errors import (
     ConfigError,
     ConnectorError,
@@ -33,13 +34,12 @@ from .errors import (
     StateError,
     UnsupportedInterpreter,
 )
+from .queue_worker import QUEUED
+from .routing import destinations_for_blob
 from .secrets import redact
-from .services import RunRequest, destination, refusal
-from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id
+from .services import refusal
+from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id, now_iso
 from .storage import check_key
-
-if TYPE_CHECKING:  # app may import this module (the timer runs queued runs whose message was lost)
-    from .app import AppContext
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,12 @@ MAX_BODY_BYTES = 64 * 1024  # every JSON body this API takes is a few hundred by
 HISTORY_DEFAULT, HISTORY_MAX = 20, 200
 MAX_SOURCE_CHARS = 1024  # Blob Storage's limit for a blob name
 MAX_REASON_CHARS = 500
-MAX_ATTEMPTS = 5  # host.json extensions.queues.maxDequeueCount (the host's default is 5)
-QUEUED = "queued"
 START_FIELDS = ("source", "dry_run")
 MIMETYPE = "application/json"  # utf-8
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 ERASURE_BODY = '{"email": "<one address>"}'
 
-ContextSource: TypeAlias = "AppContext | Callable[[], AppContext]"
+ContextSource: TypeAlias = AppContext | Callable[[], AppContext]
 
 
 @dataclass(frozen=True)
@@ -103,10 +101,6 @@ class Call:
     @property
     def name(self) -> str:
         return self.route_params["name"]
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -171,13 +165,18 @@ def _reason(params: Mapping[str, str], default: str) -> str:
     return " ".join(redact(raw).split())  # stored and logged: a pasted key must not be; runs of spaces become one
 
 
+def _named(config: Config, name: str) -> Config:
+    """`config`, when its file names the destination (valid or not); 404 otherwise."""
+    if name not in config.destinations and name not in config.errors:
+        raise HttpError(404, f"no destination named '{name}'")
+    return config
+
+
 def _configured(config: Config, name: str) -> Destination:
     """The named valid destination: 404 when the file does not name it, 409 when its entry is invalid."""
     if name in config.errors:
         raise HttpError(409, f"destination '{name}' is invalid: {config.errors[name]}")
-    if name not in config.destinations:
-        raise HttpError(404, f"no destination named '{name}'")
-    return config.destinations[name]
+    return _named(config, name).destinations[name]
 
 
 def resolve_source(ctx: AppContext, source: str) -> tuple[str, str]:
@@ -196,12 +195,10 @@ def resolve_source(ctx: AppContext, source: str) -> tuple[str, str]:
 
 
 def _check_export_of(ctx: AppContext, config: Config, dest: Destination, key: str) -> None:
-    """A run reads only the destination's own exports, by the blob trigger's rule (app.destinations_for_blob): a
+    """A run reads only the destination's own exports, by the blob trigger's rule (routing.destinations_for_blob): a
     model.json holding one of its segments, or a plain file under '<destination>/'."""
-    from .app import destinations_for_blob  # app imports this module
-
     try:
-        takers = destinations_for_blob(ctx, config, key)
+        takers = destinations_for_blob(ctx.exports, config, key)
     except SourceError as exc:
         raise HttpError(400, f"source {key} cannot be read: {exc}") from None
     if dest.name not in takers:
@@ -281,7 +278,7 @@ def start_run(call: Call) -> Response:
 def queued_record(dest: Destination, run_id: str, source: str, etag: str | None, dry_run: bool) -> dict[str, Any]:
     return {"run_id": run_id, "destination": dest.name, "display_name": dest.display_name, "list_id": dest.list_id,
             "mode": dest.mode, "trigger": "http", "dry_run": dry_run, "source": source, "source_etag": etag,
-            "queued_at": _now(), "started_at": None, "finished_at": None, "status": QUEUED, "error": None}
+            "queued_at": now_iso(), "started_at": None, "finished_at": None, "status": QUEUED, "error": None}
 
 
 def run_history(call: Call) -> Response:
@@ -289,9 +286,7 @@ def run_history(call: Call) -> Response:
     ctx, name = call.ctx, call.name
     runs = ctx.state.list_runs(name, limit=limit)
     if not runs:
-        config = ctx.config()
-        if name not in config.destinations and name not in config.errors:
-            raise HttpError(404, f"no destination named '{name}'")
+        _named(ctx.config(), name)
     return Response(200, {"destination": name, "runs": [_summary(r) for r in runs]})
 
 
@@ -314,9 +309,7 @@ def disable_destination(call: Call) -> Response:
                              "confirm=true to confirm")
     reason = _reason(call.params, "disabled through the HTTP API" + (f" with purge={what}" if what else ""))
     ctx, name = call.ctx, call.name
-    config = ctx.config()
-    if name not in config.destinations and name not in config.errors:
-        raise HttpError(404, f"no destination named '{name}'")
+    config = _named(ctx.config(), name)
     record = None
     if what is not None:  # refused before anything changes
         if name not in config.destinations:
@@ -344,9 +337,7 @@ def disable_destination(call: Call) -> Response:
 def enable_destination(call: Call) -> Response:
     """Enable a destination disabled by DELETE (or the CLI's remove); 409 while a purge of it is unfinished."""
     ctx, name = call.ctx, call.name
-    config = ctx.config()
-    if name not in config.destinations and name not in config.errors:
-        raise HttpError(404, f"no destination named '{name}'")
+    _named(ctx.config(), name)
     try:
         return Response(200, purge.enable_destination(ctx.state, name, by="http"))
     except RunRefused as exc:
@@ -412,89 +403,3 @@ def handle(method: str, route: str, route_params: Mapping[str, str], params: Map
     except Exception:
         log.exception("%s %s failed", method, route)
         return error(500, "internal error; the function's log has the details")
-
-
-# ------------------------------------------------------------------------------------------------------ worker
-def parse_message(body: bytes | str) -> dict[str, Any] | None:
-    """The run message, or None (logged) when it is not one of ours: it would fail the same way on every retry."""
-    try:
-        msg = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        log.error("runs queue: a message that is not JSON was dropped")
-        return None
-    if not isinstance(msg, dict) or not all(
-            isinstance(msg.get(k), str) and p.fullmatch(msg[k])
-            for k, p in (("run_id", RUN_ID_PATTERN), ("destination", DESTINATION_PATTERN))):
-        log.error("runs queue: a message without a valid run_id and destination was dropped")
-        return None
-    return msg
-
-
-def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -> dict[str, Any] | None:
-    """Run the queued run a message names. The stored record is the authority (source, ETag, dry run); a message
-    whose run has started or finished already (a redelivery) does nothing: the timer resumes open runs."""
-    msg = parse_message(body)
-    if msg is None:
-        return None
-    run_id, name = msg["run_id"], msg["destination"]
-    record = ctx.state.load_run(run_id)
-    if record is None or record.get("destination") != name:
-        log.error("runs queue: no run %s for destination %s; message dropped", run_id, name)
-        return None
-    if record.get("kind") == "purge":
-        if record.get("status") not in (QUEUED, "interrupted"):
-            return record
-        return runlog.finished(purge.remove_destination(ctx.services(ctx.config()), name, record["purge"],
-                                                        confirmed=True, by="http", run_id=run_id))
-    return run_queued(ctx, record, attempt=dequeue_count or 1)  # which runs it only if it is still queued
-
-
-def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_ATTEMPTS) -> dict[str, Any]:
-    """Run a queued record under its own run id. An explicit request runs even an export version that was exported
-    already; a version nobody has exported is claimed first, so the timer does not export it once more.
-
-    Busy destination: LeaseUnavailable is raised for the host to redeliver the message (after host.json's
-    queues.visibilityTimeout) until the last attempt; then the run stays queued and the timer starts it."""
-    name, run_id = record["destination"], record["run_id"]
-    stored = ctx.state.load_run(run_id)  # the caller's copy may be old: the timer lists open runs once per tick
-    if stored is None or stored.get("status") != QUEUED:
-        log.info("%s: run %s is %s already; nothing to do", name, run_id, stored and stored.get("status"))
-        return stored or record
-    record = stored
-    source, etag, dry_run = record.get("source"), record.get("source_etag"), bool(record.get("dry_run"))
-    try:
-        config = ctx.config()
-        destination(config, name)
-    except ConfigError as exc:
-        return _refuse(ctx, record, f"the run cannot start: {exc}")
-    claimed = bool(source and etag and not dry_run) and ctx.state.claim_export(name, source, etag, run_id) is None
-    request = RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run,
-                                run_id=run_id)
-    try:
-        report = engine.run(request, ctx.services(config))
-    except LeaseUnavailable:
-        if claimed:
-            ctx.state.release_export(name, source, etag, run_id=run_id)
-        if attempt < MAX_ATTEMPTS:
-            log.info("%s: busy with another run; run %s waits for the next delivery (attempt %d of %d)", name, run_id,
-                     attempt, MAX_ATTEMPTS)
-            raise
-        record = ctx.state.load_run(run_id) or record
-        if record.get("status") != QUEUED:  # the run that held the destination was this one, from another delivery
-            return record
-        record["note"] = (f"destination '{name}' was busy with another run on {attempt} attempts; the timer starts "
-                          "this run once it is free")
-        ctx.state.save_run(record)
-        log.warning("%s: run %s left queued for the timer: %s", name, run_id, record["note"])
-        return record
-    if claimed and report.get("status") == "refused":
-        ctx.state.release_export(name, source, etag, run_id=run_id)
-    log.info("%s: run %s %s", name, run_id, report.get("status"))
-    return runlog.finished(report)
-
-
-def _refuse(ctx: AppContext, record: dict[str, Any], message: str) -> dict[str, Any]:
-    record.update(status="refused", error=redact(message), finished_at=_now())
-    ctx.state.save_run(record)
-    log.error("%s: run %s refused: %s", record["destination"], record["run_id"], record["error"])
-    return runlog.finished(record)

@@ -24,8 +24,9 @@ MAX_IMPORT_FILE_BYTES = 5 * 1024**3
 BULK_THRESHOLD_DEFAULT = 200_000  # above this many contacts the bulk CSV import is used (issue 5)
 
 # ContactRequest maxLength [C]. postal_code has no stated limit.
+MAX_EMAIL_LENGTH = 254
 FIELD_MAX_LENGTHS: dict[str, int] = {
-    "email": 254,
+    "email": MAX_EMAIL_LENGTH,
     "external_id": 254,
     "anonymous_id": 254,
     "first_name": 50,
@@ -37,7 +38,6 @@ FIELD_MAX_LENGTHS: dict[str, int] = {
     "address_line_2": 100,
 }
 MAX_ALTERNATE_EMAILS = 5
-MAX_EMAIL_LENGTH = 254
 
 # Writable reserved fields [F] that the ContactRequest schema [C] accepts.
 WRITABLE_RESERVED_FIELDS = frozenset(

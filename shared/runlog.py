@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from typing import Any, TypeAlias
 
 import orjson
+
+from .state import parse_iso
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,12 @@ Value: TypeAlias = "str | int | float | bool"
 def _seconds(record: Mapping[str, Any]) -> float | None:
     """How long the run took: from its start (or its queueing, when it never started) to its end, in whole seconds
     as the record's times go, or the engine's own measure of its last leg when that is longer (a short run)."""
-    start, end = record.get("started_at") or record.get("queued_at"), record.get("finished_at")
+    start, end = parse_iso(record.get("started_at") or record.get("queued_at")), parse_iso(record.get("finished_at"))
     measured = (record.get("timings") or {}).get("seconds")
     measured = float(measured) if isinstance(measured, int | float) else None
-    try:
-        wall = (datetime.fromisoformat(str(end).replace("Z", "+00:00"))
-                - datetime.fromisoformat(str(start).replace("Z", "+00:00"))).total_seconds()
-    except (TypeError, ValueError):
+    if start is None or end is None:
         return measured
-    return round(max(wall, measured or 0.0), 3)
+    return round(max(end - start, measured or 0.0), 3)
 
 
 def run_fields(record: Mapping[str, Any]) -> dict[str, Value] | None:

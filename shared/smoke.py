@@ -18,9 +18,10 @@ import requests
 
 from .errors import ConfigError, ConnectorError
 from .redaction import redact
+from .runlog import FINAL_STATUSES
 from .sendgrid import _is_loopback
 
-FINAL = ("completed", "completed_with_errors", "failed", "refused", "dry_run", "superseded", "skipped")
+FINAL = FINAL_STATUSES | {"skipped"}  # a run's last status (skipped: another run had its export version)
 READY, WARNING, SKIPPED, WAITING, NOT_READY = "ready", "ready, with warnings", "skipped", "no export yet", "NOT READY"
 NO_EXPORT_YET = "no export has arrived"  # http_api.start_run's 409 when the destination has never had an export
 

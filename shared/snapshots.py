@@ -26,7 +26,6 @@ import itertools
 import operator
 import os
 import tempfile
-import time
 import zlib
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, BinaryIO
@@ -34,6 +33,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from .errors import StateError
+from .state import now_iso
 from .storage import NotFound, ObjectStore
 
 META_SUFFIX = ".meta.json"
@@ -429,7 +429,7 @@ def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trust
 
     etag = store.write_stream(key, chunks())
     meta = {"count": total, "etag": etag, "sha256": digest.hexdigest(),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "written_by": written_by}
+            "written_at": now_iso(), "written_by": written_by}
     store.write_bytes(meta_key(key), orjson.dumps(meta))
     return total
 

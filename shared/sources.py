@@ -24,12 +24,14 @@ import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
+from . import cdm
 from .errors import RunRefused, SourceError, StateError
-from .storage import NotFound, ObjectStore, check_key
+from .partitions import BOM, READ_CHUNK, Partition, info, json_type, open_version, read_exactly
+from .storage import NotFound, ObjectStore
 
 if TYPE_CHECKING:
     from .cdm import Found
@@ -59,8 +61,6 @@ MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024
 ACCEPTED_FILES = ".csv, .jsonl or .ndjson, each optionally followed by .gz, or a model.json (or its folder)"
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_BOM = b"\xef\xbb\xbf"
-_READ_CHUNK = 1024 * 1024
 # Replaces an over-long line; NUL bytes and letters only, so no delimiter or quote can split it.
 _MARKER = b"\x00\x00LINETOOLONG\x00\x00"
 _MARKER_STR = _MARKER.decode("ascii")
@@ -69,22 +69,8 @@ _MARKER_STR = _MARKER.decode("ascii")
 _CUT = b"\x00\x00CUTSHORT\x00\x00"
 _CUT_STR = _CUT.decode("ascii")
 # Byte order marks that decide a file's encoding whatever model.json declares (as .NET's StreamReader does).
-_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
-         (b"\xfe\xff", "utf-16"), (_BOM, "utf-8"))
-
-
-@dataclass(frozen=True)
-class Partition:
-    segment: str  # CDM entity name; for a plain file: the file name without its extensions
-    key: str  # key in the ObjectStore
-    fmt: Literal["csv", "jsonl"]
-    compressed: bool  # gzip
-    columns: tuple[str, ...] | None  # from model.json attributes; None = from the header row / object keys
-    header: bool  # CSV has a header row (CDM: columnHeaders; plain CSV: always True)
-    delimiter: str = ","
-    quoting: bool = True  # CDM QuoteStyle.Csv (RFC 4180 quotes); False: QuoteStyle.None, quotes are data
-    encoding: str = "utf-8"  # the declared encoding (a Python codec); a byte order mark in the file wins
-    snapshot: str | None = None  # a blob snapshot's time: that snapshot is read, not the blob
+BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"), (BOM, "utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,8 +105,6 @@ def discover(store: ObjectStore, key: str, segments: Sequence[str] | None = None
 def find(store: ObjectStore, key: str, segments: Sequence[str] | None = None) -> Found:
     """What the export behind `key` holds for `segments`: a cdm.Found with its partitions, the segments it lacks or
     holds empty, and notes for the run's warnings (which name those segments too)."""
-    from . import cdm  # cdm builds Partitions: imported when used, not at this module's import
-
     model_key, plain_file = _source(store, key)
     if plain_file is not None:
         return cdm.Found(partitions=[plain_file])
@@ -139,8 +123,6 @@ def segment_names(store: ObjectStore, key: str) -> list[str]:
     """The segments the export behind `key` holds, by name only: model.json's entities (hidden, empty and
     referenced ones too) or a plain file's one segment. Reads model.json alone: no partition is resolved and no
     reference followed, so a broken entity fails only the destinations that name it."""
-    from . import cdm
-
     model_key, plain_file = _source(store, key)
     return [plain_file.segment] if plain_file is not None else cdm.entity_names(store, model_key)
 
@@ -150,24 +132,14 @@ def _source(store: ObjectStore, key: str) -> tuple[str, Partition | None]:
     k = key.strip("/")
     if k.rsplit("/", 1)[-1].lower() == "model.json":
         return k, None
-    if k and _info(store, k) is not None:
+    if k and info(store, k) is not None:
         return "", _plain_partition(store, k)
     model_key = f"{k}/model.json" if k else "model.json"
-    if _info(store, model_key) is not None:
+    if info(store, model_key) is not None:
         return model_key, None
     folder = k and next(iter(store.list(k + "/")), None) is not None
     what = "is a folder without a model.json" if folder else f"was not found in {store.label}"
     raise SourceError(f"{what}; point the source at a {ACCEPTED_FILES}", file=key or "/")
-
-
-def _info(store: ObjectStore, key: str) -> Any:
-    """The object's info. A key that could leave the store is a SourceError; storage that cannot be reached stays a
-    StateError (the run stops resumable and the timer goes on: nothing is wrong with the export)."""
-    try:
-        check_key(key)
-    except StateError as e:
-        raise SourceError(str(e), file=key) from None
-    return store.info(key)
 
 
 def _plain_partition(store: ObjectStore, key: str) -> Partition:
@@ -187,22 +159,9 @@ def _plain_partition(store: ObjectStore, key: str) -> Partition:
 def _sniff_gzip(store: ObjectStore, key: str) -> bool:
     try:
         with contextlib.closing(store.open_read(key)) as fh:
-            return _read_exactly(fh, 2) == _GZIP_MAGIC
+            return read_exactly(fh, 2) == _GZIP_MAGIC
     except NotFound:
         raise SourceError(f"was not found in {store.label}", file=key) from None
-
-
-def _read_exactly(fh: BinaryIO, n: int) -> bytes:
-    """Up to n bytes; fewer only at the end of the stream (a network stream may return short reads). Reads in
-    chunks: file objects allocate the whole requested size up front."""
-    parts, got = [], 0
-    while got < n:
-        b = fh.read(min(n - got, _READ_CHUNK))
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
 
 
 def check_columns(store: ObjectStore, partitions: Sequence[Partition], wanted: Mapping[str, str]) -> None:
@@ -238,10 +197,6 @@ def _header_of(store: ObjectStore, part: Partition) -> tuple[str, ...] | None:
     except (SourceError, StateError, *_DAMAGED):
         return None
     return tuple(header) if header else None
-
-
-def _json_type(v: object) -> str:
-    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(v), "null")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,7 +289,7 @@ class _Transcoder(_Stream):
 
     def read1(self, n: int = -1) -> bytes:
         while not self._eof:
-            data = self._read(_READ_CHUNK)
+            data = self._read(READ_CHUNK)
             self._eof = not data
             text = self._decoder.decode(data, self._eof)
             if text:
@@ -350,9 +305,9 @@ class _Transcoder(_Stream):
 def _decoded(src: Any, encoding: str) -> Any:
     """src as UTF-8: as it is when it is UTF-8 (or ASCII), else through a _Transcoder. A byte order mark at the start
     decides the encoding whatever was declared; the UTF-16/32 decoders drop theirs, UTF-8 readers drop theirs."""
-    head = _read_exactly(src, 4)
+    head = read_exactly(src, 4)
     src = _Chain(head, src)
-    codec = next((c for bom, c in _BOMS if head.startswith(bom)), encoding)
+    codec = next((c for bom, c in BOMS if head.startswith(bom)), encoding)
     return src if codec == "utf-8" else _Transcoder(src, codec)
 
 
@@ -366,7 +321,7 @@ class _LineGuard(_Stream):
         self._read = getattr(src, "read1", src.read)  # read1: a truncated gzip loses no data read before the damage
         self._max, self._cr = max_line, b"\r" in newlines
         self._cut = cut  # appended, with a line break, to a last line that has none (CSV: the delimiter + _CUT)
-        self._chunk = min(_READ_CHUNK, max_line)
+        self._chunk = min(READ_CHUNK, max_line)
         self._tail: list[bytes] = []  # bytes after the last line break, not handed on yet
         self._tail_len = 0
         self._skipping = False
@@ -451,14 +406,6 @@ class _LineGuard(_Stream):
         _TAINT[0] += 1
 
 
-def open_version(store: ObjectStore, key: str, snapshot: str | None) -> BinaryIO:
-    """store.open_read(key), or of its blob snapshot where the store keeps snapshots (a folder keeps one version of
-    each file: discovery notes when it reads that one instead)."""
-    if snapshot is not None and getattr(store, "reads_snapshots", False):
-        return store.open_read(key, snapshot=snapshot)  # type: ignore[call-arg]
-    return store.open_read(key)
-
-
 @contextlib.contextmanager
 def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: bytes, warns: list[str],
                 cut: bytes = b"") -> Iterator[_LineGuard]:
@@ -470,7 +417,7 @@ def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: by
         raise SourceError(f"was not found in {store.label}; it may have been deleted or the export run is still "
                           "being written", file=part.key) from None
     try:
-        head = _read_exactly(raw, 2)
+        head = read_exactly(raw, 2)
         src: Any = _Chain(head, raw)
         if head == _GZIP_MAGIC:
             src = gzip.GzipFile(fileobj=src, mode="rb")
@@ -604,7 +551,7 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
     cut = part.delimiter.encode("utf-8") + _CUT + b"\n"
     with _open_lines(store, part, max_line, b"\r\n", warns, cut) as guard:
         text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
-        text._CHUNK_SIZE = _READ_CHUNK  # type: ignore[attr-defined]  # one read1() per guard chunk, no copies
+        text._CHUNK_SIZE = READ_CHUNK  # type: ignore[attr-defined]  # one read1() per guard chunk, no copies
         rd = _csv_reader(text, part.delimiter, part.quoting)
         try:
             header = _csv_header(rd, part, max_line) if part.header else None
@@ -854,9 +801,9 @@ def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], requi
             eof = not block
             buf = buf + block if buf else block
             if layout is None:
-                if len(buf) < len(_BOM) and not eof:
+                if len(buf) < len(BOM) and not eof:
                     continue
-                buf = buf.removeprefix(_BOM)
+                buf = buf.removeprefix(BOM)
                 if eof and not buf:
                     return  # an empty file: no rows (read_rows gives none either)
                 if not part.header:
@@ -947,11 +894,11 @@ def _read_jsonl(store: ObjectStore, part: Partition, wanted: tuple[str, ...], re
     req = [r for r in dict.fromkeys(wanted) if r in required] + sorted(required - set(wanted))
     line = 0
     with _open_lines(store, part, max_line, b"\n", warns) as guard:
-        lines = iter(io.BufferedReader(guard, _READ_CHUNK))  # type: ignore[arg-type]
+        lines = iter(io.BufferedReader(guard, READ_CHUNK))  # type: ignore[arg-type]
         try:
             first = next(lines, None)
             if first is not None:
-                lines = itertools.chain((first.removeprefix(_BOM),), lines)
+                lines = itertools.chain((first.removeprefix(BOM),), lines)
             for line, raw in enumerate(lines, 1):
                 try:
                     obj = loads(raw)
@@ -966,7 +913,7 @@ def _read_jsonl(store: ObjectStore, part: Partition, wanted: tuple[str, ...], re
                                            "JSON object")
                     continue
                 if type(obj) is not dict:
-                    yield line, None, f"a JSON {_json_type(obj)}, not an object; each line must hold one JSON object"
+                    yield line, None, f"a JSON {json_type(obj)}, not an object; each line must hold one JSON object"
                     continue
                 lacking = [r for r in req if r not in obj]
                 if lacking:

@@ -36,6 +36,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -94,6 +95,18 @@ def _iso(t: float) -> str:
 def now_iso() -> str:
     """The time stamps of run records: UTC, to the second, 'Z'."""
     return _iso(time.time())
+
+
+def parse_iso(stamp: object) -> float | None:
+    """A time stamp of a record (now_iso's form, or any ISO 8601 time; without an offset it is UTC) as seconds since
+    the epoch, or None when it is missing or not a time."""
+    if not isinstance(stamp, str) or not stamp:
+        return None
+    try:
+        parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def export_digest(source_key: str, etag: str) -> str:

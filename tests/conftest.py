@@ -106,6 +106,15 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
         _stop(proc)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_worker_process() -> None:
+    """Each test starts as a new Functions worker process would: the app's per-process clients (shared.context) are
+    built from the settings this test sets, never kept from an earlier test's."""
+    from shared import context
+
+    context.forget_process_clients()
+
+
 @pytest.fixture
 def blob_container(azurite: Azurite) -> Iterator[ContainerClient]:
     """A fresh, uniquely named container, deleted after the test."""

@@ -14,7 +14,7 @@ import pytest
 from azurefunctions.extensions.bindings.blob.utils import service_client_factory
 
 from shared import connections
-from shared.app import AppContext, Settings
+from shared.context import AppContext, Settings
 from shared.errors import ConfigError
 
 NAME = "ExportsStorage"
@@ -112,7 +112,7 @@ ACCOUNT_NAME_ONLY = {f"{NAME}__accountName": "acct", f"{NAME}__queueServiceUri":
 
 def test_the_app_refuses_before_building_any_client(caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings.from_env(ACCOUNT_NAME_ONLY)
-    with caplog.at_level(logging.CRITICAL, logger="shared.app"):
+    with caplog.at_level(logging.CRITICAL, logger="shared.context"):
         for _ in range(3):  # every invocation fails with the reason ...
             with pytest.raises(ConfigError, match="__accountName alone is not enough"):
                 AppContext.from_settings(settings)

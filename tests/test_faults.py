@@ -64,7 +64,7 @@ from azure.storage.blob import BlobLeaseClient
 
 from sandbox import samplegen
 from sandbox.server import Sandbox, serve
-from shared import app, blobstore, contacts, engine, limits, services, sources, stream
+from shared import app, blobstore, contacts, context, engine, limits, services, sources, stream
 from shared.config import parse_config
 from shared.errors import SourceError, StateError
 from shared.secrets import EnvSecrets, Secret
@@ -708,14 +708,14 @@ class AppWorld:
         self.environ = {"SENDGRID_API_URL": sg.url, "SENDGRID_API_KEY": KEY}
         self.suffix = secrets.token_hex(4)
 
-    def ctx(self) -> app.AppContext:
+    def ctx(self) -> context.AppContext:
         world = self
 
-        class Context(app.AppContext):
+        class Context(context.AppContext):
             def services(self, config: Any) -> engine.Services:
                 return dataclasses.replace(super().services(config), lease_seconds=world.lease_seconds)
 
-        settings = app.Settings(f"exports-{self.suffix}", f"state-{self.suffix}", str(self.config), 600.0,
+        settings = context.Settings(f"exports-{self.suffix}", f"state-{self.suffix}", str(self.config), 600.0,
                                 self.environ)
         return Context(settings, blobstore.from_connection_string(self.connection_string, settings.exports_container,
                                                                   create=True),

@@ -18,8 +18,8 @@ import pytest
 
 from sandbox.server import Sandbox, serve
 from shared import app, batching, engine, held, purge, report, stream
-from shared.app import AppContext, Settings
 from shared.config import Destination, load_config
+from shared.context import AppContext, Settings
 from shared.errors import AuthError
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient

@@ -4,6 +4,7 @@ worker gets that message as a func.QueueMessage."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,10 +16,12 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from sandbox import samplegen
-from shared import http_api
-from shared.app import AppContext
-from shared.errors import LeaseUnavailable
+from shared import context, http_api, queue_worker
+from shared.blobstore import BlobContainerStore
+from shared.context import AppContext
+from shared.errors import LeaseUnavailable, StateError
 from shared.state import RUN_ID_PATTERN
+from tests.test_secrets import FakeCredential, FakeVault, FakeVaultTransport
 
 NAME = "vip-newsletter"
 KEY_VALUE = "recognisable-api-key-value-7f3a9c"  # not SendGrid-shaped: redaction would not hide a leak of it
@@ -74,7 +77,7 @@ class Api:
         msg = func.QueueMessage(body=(message or self.queue.get()).encode())
         if dequeue_count is None:
             return self.app.run_queued_export(msg)
-        return http_api.work(self.app._context(), msg.get_body(), dequeue_count)
+        return queue_worker.work(self.app._context(), msg.get_body(), dequeue_count)
 
     def run(self, run_id: str) -> dict[str, Any]:
         status, body, _ = self.call("GET", "get_run", run_id=run_id)
@@ -190,7 +193,7 @@ def test_answers_are_redacted_on_the_way_out() -> None:
                                   b'{"run_id": "20250101T120000Z-0a1b2c3d\\n", "destination": "vip"}',
                                   b'{"run_id": "20250101T120000Z-0a1b2c3d", "destination": "vip\\n"}'])
 def test_worker_drops_messages_that_are_not_runs(body: bytes) -> None:
-    assert http_api.work(_no_storage, body) is None  # type: ignore[arg-type]
+    assert queue_worker.work(_no_storage, body) is None  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,7 +436,7 @@ def test_busy_destination_is_retried_then_left_to_the_timer(deployed, sandbox, a
             api.work(dequeue_count=1)  # the host redelivers the message
         etag = deployed["exports"].get_blob_client(model_key).get_blob_properties().etag
         assert ctx.state.export_claim(NAME, model_key, etag) is None  # its claim was given back
-        record = api.work(dequeue_count=http_api.MAX_ATTEMPTS)  # the last delivery: the timer takes it over
+        record = api.work(dequeue_count=queue_worker.MAX_ATTEMPTS)  # the last delivery: the timer takes it over
         assert record["status"] == "queued" and "busy" in record["note"]
     assert api.run(run_id)["status"] == "queued" and _puts(sandbox) == 0
     api.work(dequeue_count=1)  # had another delivery come: free now, it runs
@@ -498,3 +501,142 @@ def test_erasure_over_http_names_the_person_by_hash_only(deployed, sandbox, api:
     assert person not in api.answers[-1].decode().lower() and len(body["person"]) == 32
     sandbox.box.complete_jobs()  # the delete is an asynchronous job, as in SendGrid
     assert sandbox.box.contact(person) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one set of clients per worker process
+
+
+@pytest.fixture
+def key_vault(deployed, sandbox, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeVault, list[FakeCredential]]:
+    """KEY_VAULT_URL set and no key in the environment: the API key comes from Key Vault, played by the fake vault of
+    test_secrets under the real SecretClient; every DefaultAzureCredential the app makes is kept."""
+    import azure.identity
+    import azure.keyvault.secrets
+
+    vault = FakeVault({"sendgrid-api-key": sandbox.key})
+    made: list[FakeCredential] = []
+
+    class RecordingDefaultCredential(FakeCredential):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__()
+            made.append(self)
+
+    real_client = azure.keyvault.secrets.SecretClient
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", RecordingDefaultCredential)
+    monkeypatch.setattr(azure.keyvault.secrets, "SecretClient",
+                        lambda url, cred, **kw: real_client(url, cred, transport=FakeVaultTransport(vault), **kw))
+    # a fresh vault host: the SDK keeps each host's authentication challenge for the whole test session
+    monkeypatch.setenv("KEY_VAULT_URL", f"https://doors{uuid.uuid4().hex[:10]}.vault.azure.net")
+    monkeypatch.delenv("SENDGRID_API_KEY")
+    return vault, made
+
+
+@pytest.fixture
+def services_built(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every blob service client the app builds from its connection settings."""
+    built: list[Any] = []
+    real = context.blob_service_from_settings
+
+    def building(name: str, environ: Any) -> Any:
+        built.append(real(name, environ))
+        return built[-1]
+
+    monkeypatch.setattr(context, "blob_service_from_settings", building)
+    return built
+
+
+def test_invocations_reuse_the_clients_the_credential_and_the_key_cache(deployed, sandbox, api: Api, key_vault,
+                                                                       services_built: list[Any]) -> None:
+    """The blob trigger, an HTTP request and the queue worker: three invocations, one blob service client, one
+    credential asked for one token, one read of the key from Key Vault (its cache outlives an invocation)."""
+    vault, credentials = key_vault
+    model_key = deployed["info"].model_key
+    api.app.on_export(deployed["exports"].get_blob_client(model_key))
+    started = api.start(source=model_key)  # an explicit run sends the exported version once more
+    api.work()
+    runs = [api.run(r["run_id"]) for r in api.call("GET", "destination_runs", name=NAME)[1]["runs"]]
+    assert [r["trigger"] for r in runs] == ["http", "blob"] and runs[0]["run_id"] == started["run_id"]
+    assert all(r["status"] in ("submitted", "completed") and r["counts"]["sent"] > 0 for r in runs), runs
+    assert vault.served == 1  # the key was read once, for both runs
+    assert len(credentials) == 1 and len(credentials[0].requests) == 1  # one credential, one token
+    assert len(services_built) == 1
+    one, two = api.app._context(), api.app._context()
+    assert one.exports is two.exports and one.secrets is two.secrets
+
+
+def test_concurrent_first_invocations_build_one_context(deployed, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker runs functions in a thread pool: invocations arriving together before any context exists wait for
+    the one the first of them builds."""
+    entered = threading.Condition()
+    builds: list[int] = []
+    real = context.blob_service_from_settings
+
+    def slow_build(name: str, environ: Any) -> Any:
+        with entered:
+            builds.append(1)
+            entered.notify_all()
+            entered.wait_for(lambda: len(builds) > 1, timeout=0.5)  # a second builder would show up here
+        return real(name, environ)
+
+    monkeypatch.setattr(context, "blob_service_from_settings", slow_build)
+    start = threading.Barrier(4)
+    contexts: list[Any] = []
+
+    def invoke() -> None:
+        start.wait()
+        contexts.append(api.app._context())
+
+    threads = [threading.Thread(target=invoke) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(contexts) == 4
+    assert all(c.exports is contexts[0].exports and c.secrets is contexts[0].secrets for c in contexts)
+
+
+def test_reading_a_run_while_another_invocation_saves_it_leaves_the_runs_record_chain_alone(
+        deployed, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker runs a run in one thread while `GET /api/runs/{id}` reads it in another: the read lands between
+    two of the run's saves. The run's next save must still be conditional on its own last write (a state store shared
+    by both invocations would have the read take that condition away, and the run would stop as if its lease were
+    lost)."""
+    run_id = api.start(source=deployed["info"].model_key, dry_run=True)["run_id"]
+    running = api.app._context()  # the queue worker's invocation
+    record = running.state.load_run(run_id)
+    assert record is not None
+    real_read = BlobContainerStore.read_with_etag
+    saved: list[str] = []
+
+    def read_while_the_run_saves(self: BlobContainerStore, key: str) -> Any:
+        if key.endswith(f"{run_id}.json") and not saved:
+            saved.append(key)
+            record["note"] = "a checkpoint"
+            running.state.save_run(record)  # lands while the GET reads
+        return real_read(self, key)
+
+    monkeypatch.setattr(BlobContainerStore, "read_with_etag", read_while_the_run_saves)
+    status, body, _ = api.call("GET", "get_run", run_id=run_id)
+    assert saved and status == 200 and body["run_id"] == run_id
+    record["note"] = "the next checkpoint"
+    running.state.save_run(record)  # raises LeaseLost if the read had moved its condition
+    assert api.run(run_id)["note"] == "the next checkpoint"
+
+
+def test_a_context_that_could_not_be_built_is_built_by_the_next_invocation(deployed, api: Api,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storage outage while the first invocation builds the clients fails that invocation only."""
+    real = context.blob_service_from_settings
+    failures = [StateError("creating container 'state' failed: the account did not answer")]
+
+    def flaky(name: str, environ: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(name, environ)
+
+    monkeypatch.setattr(context, "blob_service_from_settings", flaky)
+    status, body, _ = api.call("GET", "list_destinations")
+    assert status == 503 and "did not answer" in body["error"]
+    status, body, _ = api.call("GET", "list_destinations")
+    assert status == 200 and NAME in {d["name"] for d in body["destinations"]}

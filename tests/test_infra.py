@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from shared import connections
-from shared.app import Settings
+from shared.context import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"

@@ -80,7 +80,7 @@ def assert_no_key(text: str) -> None:
 
 def test_a_403_echoing_the_key_during_job_polling_reaches_telemetry_redacted(
         telemetry: InMemoryLogRecordExporter, echo_url: str, tmp_path: Path) -> None:
-    from shared import app
+    from shared import app, context
 
     box = Sandbox(api_keys=[KEY], job_delay=3600)  # jobs stay pending: the run ends submitted
     list_id = box.create_list("VIP")
@@ -90,8 +90,8 @@ def test_a_403_echoing_the_key_during_job_polling_reaches_telemetry_redacted(
     config["destinations"][0].update(segments=["people"], mapping={"email": "email"}, custom_fields={})
     (tmp_path / "destinations.json").write_bytes(orjson.dumps(config))
     environ = {"SENDGRID_API_KEY": KEY}
-    settings = app.Settings("exports", "state", str(tmp_path / "destinations.json"), 600.0, environ)
-    ctx = app.AppContext(settings, LocalFolderStore(tmp_path / "exports"),
+    settings = context.Settings("exports", "state", str(tmp_path / "destinations.json"), 600.0, environ)
+    ctx = context.AppContext(settings, LocalFolderStore(tmp_path / "exports"),
                          StateStore(LocalFolderStore(tmp_path / "state")), EnvSecrets(environ))
     with serve(box) as server:
         environ["SENDGRID_API_URL"] = server.url

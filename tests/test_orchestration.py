@@ -18,8 +18,8 @@ import pytest
 
 from sandbox import samplegen
 from sandbox.server import Sandbox, serve
-from shared import app, engine, http_api, purge, stream
-from shared.app import AppContext, Settings
+from shared import app, engine, http_api, purge, queue_worker, stream
+from shared.context import AppContext, Settings
 from shared.errors import DeadlineReached, RunRefused
 from shared.secrets import EnvSecrets
 from shared.state import StateStore
@@ -147,7 +147,7 @@ def test_a_dry_run_resumed_by_the_timer_sends_nothing(world: World, monkeypatch:
 
     with monkeypatch.context() as m:
         m.setattr(engine, "_execute", deadline)
-        stopped = http_api.work(world.ctx(), answer.message_json() or "", 1)
+        stopped = queue_worker.work(world.ctx(), answer.message_json() or "", 1)
     assert stopped is not None and stopped["status"] == "interrupted" and stopped["dry_run"] is True
     (resumed,) = app.on_timer(world.ctx())
     assert resumed["run_id"] == answer.body["run_id"] and resumed["dry_run"] is True
@@ -159,7 +159,7 @@ def test_the_timer_does_not_run_again_a_queued_run_a_late_message_ran(world: Wor
     world.age(answer.body["run_id"])
     timer = world.ctx()
     listed = timer.state.open_runs()  # the timer lists the open runs; then the late message is delivered
-    done = http_api.work(world.ctx(), answer.message_json() or "", 3)
+    done = queue_worker.work(world.ctx(), answer.message_json() or "", 3)
     assert done is not None and done["status"] in ("submitted", "completed") and world.puts() == 1
     timer.state.open_runs = lambda: listed  # type: ignore[method-assign]
     app.on_timer(timer)
@@ -171,7 +171,7 @@ def test_a_posted_run_continues_the_unfinished_run_of_its_export(world: World, i
     unfinished = interrupted_blob_run()
     answer = world.call("POST", "destinations/{name}/runs", body={"source": world.info.model_key}, name=NAME)
     queued_id = answer.body["run_id"]
-    ran = http_api.work(world.ctx(), answer.message_json() or "", 1)
+    ran = queue_worker.work(world.ctx(), answer.message_json() or "", 1)
     assert ran is not None and ran["run_id"] == unfinished["run_id"] and ran["status"] in ("submitted", "completed")
     superseded = world.record(queued_id)
     assert superseded["status"] == "superseded" and superseded["continued_as"] == unfinished["run_id"]
@@ -201,7 +201,7 @@ def test_a_crash_right_after_the_claim_leaves_a_run_the_timer_finishes(world: Wo
     code = (
         "import os, sys\n"
         "from shared import app, engine\n"
-        "from shared.app import AppContext, Settings\n"
+        "from shared.context import AppContext, Settings\n"
         "from shared.state import StateStore\n"
         "from shared.storage import LocalFolderStore\n"
         "from shared.secrets import EnvSecrets\n"
@@ -233,7 +233,7 @@ def test_the_disabled_marker_is_read_under_the_lease(world: World, monkeypatch: 
     def lease(self: StateStore, destination: str, seconds: int = 60) -> Any:
         if self is exporting.state and not purged:
             answer = world.call("DELETE", "destinations/{name}", {"purge": "list"}, name=NAME)
-            purged.append(http_api.work(world.ctx(), answer.message_json() or "", 1) or {})
+            purged.append(queue_worker.work(world.ctx(), answer.message_json() or "", 1) or {})
         return real_lease(self, destination, seconds)
 
     monkeypatch.setattr(StateStore, "lease", lease)
@@ -318,7 +318,7 @@ def test_a_rerun_of_an_older_export_does_not_outlast_the_latest(world: World, in
     app.on_blob(world.ctx(), f"{NAME}/export-1.csv")
     latest = interrupted_blob_run(f"{NAME}/export-2.csv")
     answer = world.call("POST", "destinations/{name}/runs", body={"source": f"{NAME}/export-1.csv"}, name=NAME)
-    rerun = http_api.work(world.ctx(), answer.message_json() or "", 1)
+    rerun = queue_worker.work(world.ctx(), answer.message_json() or "", 1)
     assert latest["status"] == "interrupted" and rerun is not None and rerun["status"] in ("submitted", "completed")
     for _ in range(3):
         time.sleep(0.2)

@@ -1,6 +1,6 @@
 """`python -m shared smoke` against the HTTP API served on loopback: a tiny host that checks the function key as
 Azure does, hands each request to `shared.http_api.handle` (the code the HTTP functions call) and each queued
-message to `http_api.work` (what the queue trigger calls), over Azurite and the SendGrid sandbox. Never Azure."""
+message to `queue_worker.work` (what the queue trigger calls), over Azurite and the SendGrid sandbox. Never Azure."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from sandbox import samplegen
-from shared import cli, http_api
-from shared.app import AppContext, Settings, on_blob
+from shared import cli, http_api, queue_worker
+from shared.app import on_blob
+from shared.context import AppContext, Settings
 from tests.conftest import QuietJsonHandler, loopback_server
 from tests.test_http_api import NAME, deployed  # noqa: F401  (the HTTP tests' deployment: Azurite + sandbox)
 
@@ -46,7 +47,7 @@ class FunctionsHost(QuietJsonHandler):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 answer = http_api.handle(self.command, route, params, dict(parse_qsl(url.query)), body, _context)
                 if answer.message is not None:  # the queue output binding, then the queue trigger
-                    worker = threading.Thread(target=http_api.work, args=(_context(), answer.message_json()))
+                    worker = threading.Thread(target=queue_worker.work, args=(_context(), answer.message_json()))
                     worker.start()
                     self.workers.append(worker)
                 self.send_json(answer.status, answer.json())
