@@ -31,8 +31,11 @@ DEFAULT_MAX_PROFILES = 100_000  # Customer Insights' own SendGrid export stops a
 
 KNOWN_FIELDS = (
     "name", "display_name", "enabled", "consent", "api_key_secret", "list_id", "segments", "mapping",
-    "custom_fields", "mode", "max_profiles", "region", "max_removal_fraction", "bulk_threshold",
+    "custom_fields", "mode", "max_profiles", "region", "max_removal_fraction", "bulk_threshold", "full_resync_days",
+    "max_in_flight",
 )
+FULL_RESYNC_DAYS_DEFAULT = 7  # a full send at least this often, so edits made in SendGrid's UI are overwritten
+MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_MAX = 2, 4  # requests sent at once
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Destination:
     region: Literal["global", "eu"]
     max_removal_fraction: float = 0.5
     bulk_threshold: int | None = limits.BULK_THRESHOLD_DEFAULT
+    full_resync_days: int | None = FULL_RESYNC_DAYS_DEFAULT
+    max_in_flight: int = MAX_IN_FLIGHT_DEFAULT
 
     def public(self) -> dict[str, Any]:
         """Every setting, JSON-ready. Safe to show: api_key_secret is the secret's name, not the key."""
@@ -69,6 +74,8 @@ class Destination:
             "region": self.region,
             "max_removal_fraction": self.max_removal_fraction,
             "bulk_threshold": self.bulk_threshold,
+            "full_resync_days": self.full_resync_days,
+            "max_in_flight": self.max_in_flight,
         }
 
 
@@ -212,7 +219,15 @@ _FIELDS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "region": ("global", lambda v: _choice("region", v, REGIONS)),
     "max_removal_fraction": (0.5, _fraction),
     "bulk_threshold": (limits.BULK_THRESHOLD_DEFAULT, lambda v: _positive_int_or_null("bulk_threshold", v)),
+    "full_resync_days": (FULL_RESYNC_DAYS_DEFAULT, lambda v: _positive_int_or_null("full_resync_days", v)),
+    "max_in_flight": (MAX_IN_FLIGHT_DEFAULT, lambda v: _in_flight(v)),
 }
+
+
+def _in_flight(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IN_FLIGHT_MAX:
+        raise _Invalid("max_in_flight", f"must be a whole number from 1 to {MAX_IN_FLIGHT_MAX}, not {value!r}")
+    return value
 
 
 def _destination(raw: dict[str, Any], name: str) -> tuple[Destination | None, list[_Invalid]]:

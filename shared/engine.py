@@ -21,7 +21,9 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from . import bulk, contacts, gcpolicy, listsync, pipeline, snapshots, sources
+import numpy as np
+
+from . import bulk, contacts, delta, gcpolicy, listsync, mirror, pipeline, report, snapshots, sources
 from .config import Destination
 from .errors import (
     AuthError,
@@ -36,6 +38,7 @@ from .errors import (
     StateError,
     TransientError,
 )
+from .held import Held
 from .record import RunRecord, Status
 from .redaction import redact
 from .sendgrid import SendGridClient
@@ -288,22 +291,97 @@ def _execute(stream: Stream) -> None:
             listsync.resume_mirror(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline))
         return
     with _client(svc, dest, req, record) as client:
-        _prepare(stream, client)
+        custom = _prepare(stream, client)
+        kind = _sync_kind(stream, custom)
         svc.state.save_run(record)
-        if dest.max_profiles is not None or req.dry_run:
-            _count(stream)
+        if dest.max_profiles is not None or req.dry_run or kind.kind == "delta":
+            _first_pass(stream, kind)  # counts, refuses over max_profiles, plans what to send
             if req.dry_run:
+                _preview(stream, client)
                 record.status = Status.DRY_RUN
                 return
             stream.new_reading()
+            stream.send_all(client)
+        else:  # a full send reads once: the record lines are collected while sending
+            with snapshots.EmailSorter() as sorter:
+                stream.sorter = sorter
+                stream.send_all(client)
+                _stage_current(stream, sorter)
+            _classify(stream, want_filter=False)
+        listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline))
+
+
+def _sync_kind(stream: Stream, custom: list[contacts.CustomField]) -> delta.Kind:
+    """Full or delta, and why; kept in the record (a resumed run keeps its kind and its plan)."""
+    record, dest = stream.record, stream.dest
+    if "sync" in record.extra:
+        info = record.extra["sync"]
+        return delta.Kind(info["kind"], info["why"])
+    dest_fp = delta.destination_fingerprint(dest, custom)
+    held = Held(stream.svc.state, dest.name, dest.list_id)
+    kind = delta.decide(stream.svc.state.store, held.fingerprints_key, dest, dest_fp,
+                        full_resync=stream.req.full_resync)
+    record.extra["sync"] = kind.to_json() | {"destination_fp": dest_fp}
+    return kind
+
+
+def _first_pass(stream: Stream, kind: delta.Kind) -> None:
+    """Read the whole export once without sending: counts (max_profiles), the record lines, and for a delta run the
+    contacts to send. A resumed run takes the staged plan instead of reading twice more."""
+    store, staged = stream.svc.state.store, _staged(stream, listsync.CURRENT_FP)
+    if store.info(staged) is None or "changes" not in stream.record.extra:
         with snapshots.EmailSorter() as sorter:
             stream.sorter = sorter
-            stream.send_all(client)
-            listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline),
-                                sorter.sorted_unique())
+            _count(stream)
+            stream.sorter = None
+            _stage_current(stream, sorter)
+    stream.send_only = _classify(stream, want_filter=kind.kind == "delta")
 
 
-def _prepare(stream: Stream, client: SendGridClient) -> None:
+def _preview(stream: Stream, client: SendGridClient) -> None:
+    """A dry run's plan: the changes a real run would make now and, in mirror mode, who it would remove (a CSV in the
+    state store, `removals_file`) and the guard rail's verdict. Nothing is written to SendGrid."""
+    dest, state, record = stream.dest, stream.svc.state, stream.record
+    plan: dict[str, Any] = {"changes": dict(record.extra.get("changes", {}))}
+    if dest.mode == "mirror":
+        held = Held(state, dest.name, dest.list_id)
+        current = _staged(stream, listsync.CURRENT_FP)
+        key = state.removals_key(dest.name, record.run_id)
+        with held.emails() as previous:
+            leavers = snapshots.diff_sorted(previous, delta.emails(snapshots.read_snapshot(state.store, current)))
+            count = report.write_emails_csv(state.store, key, leavers)
+        with held.emails() as previous:
+            before = snapshots.count_sorted(previous)
+        verdict = mirror.plan_removal(before, snapshots.snapshot_size(state.store, current), min(count, before),
+                                      dest.max_removal_fraction)
+        refused = record.incomplete or not verdict.allowed
+        plan.update(to_remove=count, removals_file=key, guard_rail="refused" if refused else "allowed",
+                    reason=listsync.incomplete_reason(record.incomplete) if record.incomplete else verdict.reason)
+        plan["changes"]["removed"] = 0 if refused else count
+    record.extra["plan"] = plan
+    state.drop_staging(dest.name, record.run_id)
+
+
+def _stage_current(stream: Stream, sorter: snapshots.EmailSorter) -> None:
+    snapshots.write_snapshot(stream.svc.state.store, _staged(stream, listsync.CURRENT_FP), sorter.sorted_unique(),
+                             trusted=True)
+
+
+def _classify(stream: Stream, *, want_filter: bool) -> np.ndarray | None:
+    """The changes this export brings (new, changed, unchanged), into the record; for a delta run, what to send."""
+    dest, state = stream.dest, stream.svc.state
+    held = Held(state, dest.name, dest.list_id)
+    changes, wanted = delta.classify(state.store, held.fingerprints_key, held.snapshot_key,
+                                     _staged(stream, listsync.CURRENT_FP), want_filter=want_filter)
+    stream.record.extra["changes"] = stream.record.extra.get("changes", {}) | changes
+    return wanted
+
+
+def _staged(stream: Stream, name: str) -> str:
+    return stream.svc.state.staging_key(stream.dest.name, stream.record.run_id, name)
+
+
+def _prepare(stream: Stream, client: SendGridClient) -> list[contacts.CustomField]:
     """Before anything is sent: the export's files (an incomplete export waits), its columns, the list, the custom
     fields and the bulk importer; the mapper built from them."""
     req, svc, dest, record = stream.req, stream.svc, stream.dest, stream.record
@@ -324,6 +402,7 @@ def _prepare(stream: Stream, client: SendGridClient) -> None:
     stream.mapper = contacts.ContactMapper(dest.mapping, custom)
     stream.spec = pipeline.MapperSpec.of(dest.mapping, custom)
     stream.run_warnings = len(record.warnings)
+    return custom
 
 
 def _fields_and_importer(stream: Stream, client: SendGridClient) -> list[contacts.CustomField]:
@@ -331,7 +410,7 @@ def _fields_and_importer(stream: Stream, client: SendGridClient) -> list[contact
     A dry run without a key checks custom fields as text and says so."""
     req, dest, record = stream.req, stream.dest, stream.record
     try:
-        if not req.dry_run and client.get_list(dest.list_id) is None:
+        if client.get_list(dest.list_id) is None:  # an authenticated read: the key works (a dry run checks it too)
             raise RunRefused(f"list {dest.list_id} does not exist in this SendGrid account: create it or fix list_id")
         defs = client.field_definitions() if dest.custom_fields or dest.bulk_threshold is not None else {}
         custom = _resolve_custom_fields(dest, defs)
@@ -345,7 +424,9 @@ def _fields_and_importer(stream: Stream, client: SendGridClient) -> list[contact
     except (SecretError, ConfigError) as exc:
         if not req.dry_run:
             raise
-        record.warnings.append(f"dry run without SendGrid: {exc}; custom fields are checked as text")
+        record.warnings.append(f"dry run without SendGrid ({exc}): the key, the list and the custom fields were not "
+                               "checked; custom field values are read as text")
+        record.extra["unchecked"] = ["api key", "list", "custom fields"]
         return [contacts.CustomField(n, n, "Text", c) for n, c in dest.custom_fields.items()]
 
 

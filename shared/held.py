@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
-from . import snapshots
+from . import delta, snapshots
 from .state import OPEN_STATUSES, StateStore
 
 
@@ -31,6 +31,10 @@ class Held:
     @property
     def snapshot_key(self) -> str:
         return self.state.snapshot_key(self.destination, self.list_id)
+
+    @property
+    def fingerprints_key(self) -> str:
+        return self.state.fingerprints_key(self.destination, self.list_id)
 
     # -- parts ---------------------------------------------------------------------------------------------------
     def record(self, run_id: str, done: int, emails: Iterable[str]) -> None:
@@ -132,14 +136,20 @@ class Held:
         """Erasure: the address out of the snapshot and out of every part. Caller holds the lease."""
         store = self.state.store
         snapshots.filter_out(store, self.snapshot_key, address)
+        delta.forget(store, self.fingerprints_key, address)
         for keys in self.parts().values():
             for key in keys:  # read twice rather than hold a part (an import's is up to 1,000,000 emails)
                 if any(address in block for block in snapshots.read_lines(store, key)):
                     snapshots.write_lines(store, key, (e for b in snapshots.read_lines(store, key) for e in b
                                                        if e != address))
 
+    def forget_content(self) -> None:
+        """Forget what was sent for whom (a list purge: the next run sends everyone again)."""
+        snapshots.delete_snapshot(self.state.store, self.fingerprints_key)
+
     def drop(self) -> None:
-        """Forget everything held (a completed purge=contacts): snapshot and parts."""
+        """Forget everything held (a completed purge=contacts): snapshot, parts, what was sent for whom."""
+        self.forget_content()
         snapshots.delete_snapshot(self.state.store, self.snapshot_key)
         for keys in self.parts().values():
             for key in keys:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -62,7 +62,8 @@ def refresh(record: RunRecord, client: SendGridClient) -> list[Job]:
         results = status.get("results") or {}
         job.results = {k: v for k, v in results.items() if k != "errors_url"}
         if job.status in ("errored", "failed") and results.get("errors_url"):
-            job.errors = [redact(x) for x in client.errors_head(results["errors_url"])]
+            job.errors_url = str(results["errors_url"])
+            job.errors = [redact(x) for x in client.errors_head(job.errors_url)]
     return pending(record)
 
 
@@ -123,3 +124,14 @@ def settle_account(state: StateStore, client: SendGridClient, account: str, sett
             on_wait()
         time.sleep(min(interval, max(0.0, end - time.monotonic())))
         interval = min(interval * 1.5, settings.poll_interval)
+
+
+def unconfirmed(record: RunRecord, client: SendGridClient, part_emails: Callable[[Job], Iterable[str]]
+                ) -> Iterator[str]:
+    """The emails of a run's final jobs that SendGrid did not confirm: every contact of a failed job (and of an
+    errored one whose errors file cannot be read or names no emails), and the rows an errors file names."""
+    for job in record.jobs:
+        if job.status == "completed":
+            continue
+        named = client.errored_emails(job.errors_url) if job.status == "errored" and job.errors_url else None
+        yield from (named if named is not None else part_emails(job))

@@ -25,18 +25,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import jobs, mirror, snapshots
+from . import delta, jobs, mirror, snapshots
 from .config import Destination
 from .errors import DeadlineReached
 from .held import Held
-from .record import Checkpoint, RunRecord, Status
+from .record import Checkpoint, Job, RunRecord, Status
 from .sendgrid import SendGridClient
 from .state import StateStore, now_iso
 
 log = logging.getLogger(__name__)
 
 AFTER_SENDING = ("waiting", "removing")  # phases in which a mirror run goes on without reading its export
-MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this is not "read completely"
+CURRENT_FP = "current_fp"  # staged: the export's record lines (delta), sorted
 
 
 @dataclass
@@ -83,10 +83,11 @@ class Sync:
 # --------------------------------------------------------------------------------------------------- entry points
 
 
-def after_send(sync: Sync, current: Iterator[str]) -> None:
-    """The run's contacts are all accepted; `current` is its export's distinct emails, ascending."""
+def after_send(sync: Sync) -> None:
+    """The run's contacts are all accepted; its export's record lines (`delta`) are staged as `current_fp`."""
     record = sync.record
     record.status = Status.RUNNING
+    current = delta.emails(snapshots.read_snapshot(sync.state.store, sync.staged(CURRENT_FP)))
     if sync.dest.mode == "upsert":
         _fold_upsert(sync, current)
         _poll_own(sync)
@@ -127,11 +128,10 @@ def finish_submitted(sync: Sync) -> None:
 
 
 def _fold_upsert(sync: Sync, current: Iterator[str]) -> None:
-    """snapshot := snapshot + this run's export + parts of ended runs; this run's own parts go (the export holds
-    them: every contact of it was accepted, or refused by SendGrid, which costs nothing to hold)."""
+    """snapshot := snapshot + this run's export + parts of ended runs. This run's own parts stay until its jobs are
+    final (they say which contacts a failed job held); the export holds them anyway."""
     held = sync.held
     held.fold(held.closed_runs(but=sync.run_id), extra=current, written_by=sync.run_id)
-    held.delete_parts(sync.run_id)
 
 
 def _poll_own(sync: Sync) -> None:
@@ -139,6 +139,7 @@ def _poll_own(sync: Sync) -> None:
     record = sync.record
     if jobs.poll_jobs(record, sync.client, sync.settings, wait=sync.wait, until=sync.deadline,
                       on_wait=sync.keep_lease):
+        _record_synced(sync)
         _end(sync)
     else:
         record.status = Status.SUBMITTED
@@ -154,7 +155,38 @@ def _end(sync: Sync, status: Status | None = None, error: str | None = None) -> 
         record.error = error
     sync.ck.phase = None
     sync.state.unmark_open_jobs(jobs.account_of(sync.dest), sync.run_id)
+    sync.held.delete_parts(sync.run_id)  # folded into the snapshot, and its jobs are final
+    sync.state.drop_staging(sync.dest.name, sync.run_id)
+    _changes(record)
     sync.save()
+
+
+def _record_synced(sync: Sync) -> None:
+    """The run's jobs are final: the record of what was sent (delta) becomes this export's, but for the contacts
+    SendGrid did not confirm, which the next run sends again. Only a run that sent its whole export gets here."""
+    info, store = sync.record.extra.get("sync"), sync.state.store
+    if not info or store.info(sync.staged(CURRENT_FP)) is None:
+        return
+    held = sync.held
+
+    def part_emails(job: Job) -> Iterator[str]:
+        key = sync.state.sent_key(sync.dest.name, sync.dest.list_id, sync.run_id, job.done) if job.done else None
+        return (e for block in (snapshots.read_lines(store, key) if key else [[]]) for e in block)
+
+    with snapshots.EmailSorter() as missing:
+        for email in jobs.unconfirmed(sync.record, sync.client, part_emails):
+            missing.add(email)
+        delta.record_synced(store, held.fingerprints_key, sync.staged(CURRENT_FP), missing.sorted_unique(),
+                            dest_fp=info["destination_fp"], full=info["kind"] == "full", written_by=sync.run_id)
+
+
+def _changes(record: RunRecord) -> None:
+    """What the run changed, as its report leads with."""
+    changes = record.extra.setdefault("changes", {})
+    changes["rejected"] = record.counts.rejected_total
+    changes["not_applied"] = record.counts.not_applied or 0
+    if record.mirror is not None and "to_remove" in record.mirror:
+        changes["removed"] = record.mirror.get("removed", 0)
 
 
 # ------------------------------------------------------------------------------------------------------- mirror
@@ -167,6 +199,7 @@ def _jobs_settled(sync: Sync) -> bool:
                                on_wait=sync.keep_lease)
     account = jobs.account_of(sync.dest)
     if own_final:
+        _record_synced(sync)
         sync.state.unmark_open_jobs(account, sync.run_id)
         waiting = jobs.settle_account(sync.state, sync.client, account, sync.settings, until=sync.until(),
                                       on_wait=sync.keep_lease)
@@ -225,7 +258,7 @@ def _stage_leavers(sync: Sync) -> bool:
     report.update(previous=previous_count, current=current_count, to_remove=to_remove, removed=0, not_found=0,
                   guard_rail="allowed", reason=None)
     if incomplete or not plan.allowed:
-        reason = _incomplete_reason(incomplete) if incomplete else str(plan.reason)
+        reason = incomplete_reason(incomplete) if incomplete else str(plan.reason)
         report.update(guard_rail="refused", reason=reason, files=[p["file"] for p in incomplete])
         held.fold(closed | {sync.run_id}, extra=snapshots.read_snapshot(store, sync.staged("current")),
                   written_by=sync.run_id)
@@ -247,7 +280,7 @@ def _count(held: Held, runs: set[str]) -> int:
         return snapshots.count_sorted(emails)
 
 
-def _incomplete_reason(incomplete: list[dict[str, Any]]) -> str:
+def incomplete_reason(incomplete: list[dict[str, Any]]) -> str:
     shown = "; ".join(f"{p['file']}: {p['why']}" for p in incomplete[:5])
     more = f" (and {len(incomplete) - 5} more)" if len(incomplete) > 5 else ""
     return (f"the export was not read completely, so nobody was removed from the list: {shown}{more}. The contacts "

@@ -178,8 +178,11 @@ def _run_purge(svc: Services, dest: Destination, stored: dict[str, Any]) -> dict
                              "for them (a contact whose upsert is pending cannot be found)")
             _stage_purge(svc, dest, record)
         _purge_passes(svc, dest, record, client, until)
+        held = Held(svc.state, dest.name, dest.list_id)
         if what == "contacts":
-            Held(svc.state, dest.name, dest.list_id).drop()
+            held.drop()
+        else:
+            held.forget_content()  # out of the list: the next run (once enabled) sends everyone again
         svc.state.drop_staging(dest.name, record.run_id)
         record.status, record.finished_at = Status.COMPLETED, now_iso()
     except ConnectorError as exc:

@@ -162,14 +162,16 @@ class Job:
     kind: str | None = None  # "import" for the bulk path
     results: dict[str, Any] | None = None
     errors: list[str] | None = None  # the first lines of the errors file (errored or failed jobs)
+    done: int | None = None  # the checkpoint it moved to: its emails are the run's sent part of that name
+    errors_url: str | None = field(default=None, repr=False)  # this process only: a download link, never stored
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "errors_url"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
         return cls(id=str(data["id"]), contacts=int(data.get("contacts", 0)), status=str(data.get("status", "pending")),
-                   kind=data.get("kind"), results=data.get("results"), errors=data.get("errors"))
+                   kind=data.get("kind"), results=data.get("results"), errors=data.get("errors"), done=data.get("done"))
 
 
 _LISTS = ("warnings", "file_errors", "incomplete", "rejections", "field_notes", "sources")

@@ -12,6 +12,7 @@ from typing import Any
 from .contacts import Note, Reason, Rejected
 from .record import RunRecord
 from .redaction import redact
+from .storage import ObjectStore
 
 SAMPLE = 100  # rejections and notes kept in the record itself; the CSV has the rejections
 MAX_CSV_ROWS = 100_000  # rows in a run's rejections CSV; the rest are counted (counts.rejections_omitted)
@@ -75,3 +76,25 @@ class RowReport:
         counts.trimmed = Counter(self.trimmed)
         record.rejections = self.sample
         record.field_notes = self.note_sample
+
+
+def write_emails_csv(store: ObjectStore, key: str, emails: Iterator[str]) -> int:
+    """A one-column CSV (`email`) of a stream of addresses, e.g. who a dry run would remove. Returns the count."""
+    count = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal count
+        yield b"email\n"
+        block: list[str] = []
+        for email in emails:
+            block.append(neutralise(email))
+            if len(block) >= 8192:
+                count += len(block)
+                yield ("\n".join(block) + "\n").encode()
+                block = []
+        if block:
+            count += len(block)
+            yield ("\n".join(block) + "\n").encode()
+
+    store.write_stream(key, chunks())
+    return count

@@ -8,6 +8,7 @@ path and status only.
 
 from __future__ import annotations
 
+import csv
 import enum
 import ipaddress
 import logging
@@ -499,6 +500,18 @@ class SendGridClient:
         except requests.RequestException as exc:
             return [f"errors file unreadable: {type(exc).__name__}"]
 
+    def errored_emails(self, url: str) -> list[str] | None:
+        """Every email a job's errors file names (its `email` column), or None when it cannot be read or names none
+        (the caller then counts every contact of the job as not applied). No API key is sent to its host."""
+        try:
+            with self._session.get(url, stream=True, timeout=(self.policy.connect_timeout, 60)) as resp:
+                if resp.status_code != 200:
+                    return None
+                found = _errored_emails(resp.iter_lines(decode_unicode=False))
+                return None if found is None else sorted(set(found))
+        except requests.RequestException:
+            return None
+
     def search_contacts(self, emails: Sequence[str]) -> dict[str, SearchHit]:
         """Email -> (contact id, list ids) for those SendGrid knows (100 a call). A contact whose upsert job is still
         pending is not known yet: callers settle the account's jobs first (`jobs.settle_account`)."""
@@ -627,3 +640,13 @@ def _id_chunks(ids: Sequence[str], base_len: int) -> Iterator[list[str]]:
 
 
 __all__ = ["Attempt", "InvalidContacts", "RetryPolicy", "SendGridClient", "SendGridError", "Trouble", "base_url_for"]
+
+
+def _errored_emails(lines: Iterable[bytes]) -> list[str] | None:
+    """The emails of an errors file's `email` column (any case), or None when it has no such column."""
+    rows = csv.reader(line.decode("utf-8", "replace") for line in lines)
+    header = [h.strip().lower() for h in next(rows, [])]
+    if "email" not in header:
+        return None
+    at = header.index("email")
+    return [row[at].strip().lower() for row in rows if len(row) > at and row[at].strip()]

@@ -31,6 +31,7 @@ class RunRequest:
     run_id: str | None = None  # the id for a new run (an HTTP door hands it out before the run starts)
     overtakes: str | None = None  # a resume: the newer run of the latest export this one will undo (app's timer)
     settle: bool = False  # automatic triggers: an export not complete yet waits (status 'waiting') and is retried
+    full_resync: bool = False  # send every contact, not only what changed since the last run
 
 
 @dataclass

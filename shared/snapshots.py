@@ -403,7 +403,7 @@ class EmailSorter:
 
 
 def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trusted: bool = False,
-                   written_by: str | None = None) -> int:
+                   written_by: str | None = None, extra: dict[str, Any] | None = None) -> int:
     """Stream `emails` (ascending; adjacent repeats are collapsed) as a gzip'd snapshot, then its sidecar.
 
     Raises ValueError when the input is out of order or holds a line break; the previous snapshot then stays as it
@@ -429,7 +429,7 @@ def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trust
 
     etag = store.write_stream(key, chunks())
     meta = {"count": total, "etag": etag, "sha256": digest.hexdigest(),
-            "written_at": now_iso(), "written_by": written_by}
+            "written_at": now_iso(), "written_by": written_by, **(extra or {})}
     store.write_bytes(meta_key(key), orjson.dumps(meta))
     return total
 

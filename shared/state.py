@@ -9,6 +9,7 @@ Layout (keys):
     latest/<destination>.json            the latest complete export seen {source, etag, seen_at}
     disabled/<destination>.json          present while an admin has disabled the destination {at, by, reason}
     snapshots/<destination>/<list>.gz    sorted emails last synced to that list
+    fingerprints/<destination>/<list>.gz sorted `email<TAB>fp` of what was last sent and confirmed (`delta`)
     sent/<destination>/<list>/<run_id>/<n>.gz   emails SendGrid accepted at one checkpoint, until folded (`held`)
     staging/<destination>/<run_id>/<name>.gz    a mirror run's working sets (its export's emails, its leavers)
     accounts/<account>/open-jobs/<run_id>       a run whose SendGrid jobs may not be final yet (`jobs`)
@@ -167,6 +168,10 @@ class StateStore:
     def rejections_key(self, destination: str, run_id: str) -> str:
         """Every rejected row of a run (up to report.MAX_CSV_ROWS), as CSV."""
         return f"runs/{check_destination(destination)}/{check_run_id(run_id)}.rejections.csv"
+
+    def removals_key(self, destination: str, run_id: str) -> str:
+        """Who a dry run of a mirror destination would remove from the list, as CSV."""
+        return f"runs/{check_destination(destination)}/{check_run_id(run_id)}.removals.csv"
 
     def save_run(self, record: RunRecord | dict[str, Any]) -> None:
         """Write the run record, plus its index entry and open marker (present for queued, running, interrupted and
@@ -367,6 +372,10 @@ class StateStore:
         """The destination's lease, waiting up to timeout seconds for the holder (renew it; leave it with
         __exit__). LeaseUnavailable when the wait ends."""
         return wait_for_lease(self.store, f"leases/{check_destination(destination)}", seconds, timeout)
+
+    def fingerprints_key(self, destination: str, list_id: str) -> str:
+        """What was last sent for each contact of the list and confirmed (`delta`)."""
+        return f"fingerprints/{check_destination(destination)}/{_check(list_id, LIST_ID_PATTERN, 'list id')}.gz"
 
     def snapshot_key(self, destination: str, list_id: str) -> str:
         return f"snapshots/{check_destination(destination)}/{_check(list_id, LIST_ID_PATTERN, 'list id')}.gz"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import batching, bulk, contacts, dedup, jobs, pipeline, snapshots, sources
+from . import batching, bulk, contacts, dedup, delta, jobs, pipeline, snapshots, sources
 from .config import Destination
 from .errors import DeadlineReached, SourceError
 from .held import Held
@@ -51,7 +51,8 @@ class Stream:
         self.missing: list[str] = []  # segments of the destination that the export does not hold
         self.importer: bulk.Importer | None = None
         self.run_warnings = 0  # warnings about the run as a whole come first; the reading's follow
-        self.sorter: snapshots.EmailSorter | None = None  # every contact of the run, for the list's snapshot
+        self.sorter: snapshots.EmailSorter | None = None  # every contact's record line (delta), in the first pass
+        self.send_only: np.ndarray | None = None  # a delta run: the email fingerprints of the contacts to send
         self.held = Held(svc.state, dest.name, dest.list_id)  # where accepted contacts are recorded as sent
         self.account = jobs.account_of(dest)
         self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
@@ -125,9 +126,9 @@ class Stream:
                 keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
                 counts.duplicates += len(chunk.emails) - len(keep)
                 if keep:
-                    if self.sorter is not None:  # every contact of the run, for the list's snapshot
-                        emails = chunk.emails
-                        self.sorter.extend(emails if len(keep) == len(emails) else [emails[k] for k in keep])
+                    if self.sorter is not None:  # every contact's record line: what was sent for whom (delta)
+                        emails, line = chunk.emails, delta.line
+                        self.sorter.extend([line(emails[k], chunk.contact(k)) for k in keep])
                     yield chunk, keep
             self.tick()
             self.deadline_check("while reading the export")
@@ -159,6 +160,8 @@ class Stream:
         chunks = self.kept_chunks()
         index = 0  # stream index of the chunk's first kept contact
         for chunk, keep in chunks:
+            if self.send_only is not None:  # a delta run sends only the contacts that are new or changed
+                keep = delta.keep_mask(self.send_only, chunk.fps, keep)
             start, index = index, index + len(keep)
             if index <= skip:
                 continue
@@ -242,7 +245,8 @@ class Stream:
         with open(f.path, "rb") as fh:
             client.upload(started["upload_uri"], started.get("upload_headers", []), fh, f.size)
         try:
-            self._accepted(Job(str(started["job_id"]), f.count, kind="import"), f.last_index, f.size,
+            self._accepted(Job(str(started["job_id"]), f.count, kind="import", done=f.last_index + 1), f.last_index,
+                           f.size,
                            lambda done: self.held.record_file(self.record.run_id, done, f.emails_path))
         finally:
             f.discard()
@@ -269,7 +273,7 @@ class Stream:
                 continue
             # counted with the checkpoint that passes the batch: a resume re-sends (and re-counts) an unfinished one
             ck.refused_by_sendgrid += refused_here
-            self._accepted(Job(job_id, len(live)), batch.last_index, len(body),
+            self._accepted(Job(job_id, len(live), done=batch.last_index + 1), batch.last_index, len(body),
                            functools.partial(self.held.record, self.record.run_id, emails=live.emails))
             return
         ck.refused_by_sendgrid += refused_here

@@ -170,7 +170,7 @@ def people_csv(rows: list[tuple[str, ...]] = PEOPLE) -> str:
     ("UTF-8", b"\xef\xbb\xbf" + people_csv().encode("utf-8")),  # UTF-8 with a byte order mark
     ("utf-8-sig", b"\xef\xbb\xbf" + people_csv().encode("utf-8")),
     ("ISO-8859-1", people_csv().encode("latin-1")),
-    ("iso-8859-1", gzip.compress(people_csv().encode("latin-1"))),
+    ("iso-8859-1", gzip.compress(people_csv().encode("latin-1"), mtime=0)),
     ("Windows-1252", people_csv().encode("cp1252")),
     ("UTF-16", people_csv().encode("utf-16")),  # with a byte order mark (little-endian here)
     ("UTF-16", b"\xfe\xff" + people_csv().encode("utf-16-be")),  # big-endian, by its mark

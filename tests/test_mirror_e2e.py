@@ -81,7 +81,7 @@ def test_a_failed_upsert_run_removes_nobody(world: World) -> None:
     world.destination("members")
     world.export("members", people("ann", "bob", "cat", "dan"), 0)
     world.box.inject({"endpoint": "job", "kind": "failed", "times": 1})
-    res, report = world.export("members", people("ann", "bob", "cat"), 1)
+    res, report = world.export("members", people("ann", "bob", "cat", "eve"), 1)  # eve's upsert job fails
     assert res.returncode == 1 and report["status"] == "failed" and "mirror" not in report
     assert "dan@example.com" in world.in_list("members")
     res, report = world.export("members", people("ann", "bob", "cat"), 2)  # the next good run diffs the old snapshot

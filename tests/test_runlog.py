@@ -120,7 +120,9 @@ def test_every_door_writes_one_record_per_finished_run(deployed, sandbox, teleme
                     "trigger": "blob", "status": "completed", "dry_run": False, "read": run["counts"]["read"],
                     "valid": info.valid_distinct, "sent": info.valid_distinct,
                     "rejected_total": run["counts"]["rejected_total"], "not_applied": 0,
-                    "duration_seconds": blob["duration_seconds"]}
+                    "duration_seconds": blob["duration_seconds"],
+                    **{f"changes_{k}": v for k, v in run["changes"].items()}}
+    assert run["changes"]["new"] == info.valid_distinct  # a first run: everyone is new to the list
     assert blob["read"] > blob["valid"] and blob["rejected_total"] > 0 and blob["duration_seconds"] > 0
 
     _timer()  # a tick of its own: the run may have ended within the blob trigger, with no tick needed
@@ -143,7 +145,8 @@ def test_every_door_writes_one_record_per_finished_run(deployed, sandbox, teleme
     assert by_run[dry["run_id"]] | {"duration_seconds": 0} == {
         "event": "run_finished", "destination": NAME, "run_id": dry["run_id"], "kind": "run", "trigger": "http",
         "status": "dry_run", "dry_run": True, "read": blob["read"], "valid": blob["valid"], "sent": 0,
-        "rejected_total": blob["rejected_total"], "duration_seconds": 0}
+        "rejected_total": blob["rejected_total"], "duration_seconds": 0,
+        "changes_new": 0, "changes_changed": 0, "changes_unchanged": blob["valid"]}  # nothing changed since
     assert {k: by_run[purged["run_id"]][k] for k in ("kind", "trigger", "status")} == {
         "kind": "purge", "trigger": "http", "status": "completed"}
     _timer()

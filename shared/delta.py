@@ -1,0 +1,160 @@
+"""Send only what changed: per email, a fingerprint of exactly what was sent for it, compared with this export's.
+
+Beside a destination's snapshot (who the list holds from us) lies `<snapshot>.fp.gz`: sorted lines `email<TAB>fp`,
+where fp is 8 bytes of BLAKE2b over the contact's JSON exactly as SendGrid receives it (mapped reserved fields and
+custom field values, by field id), for the contacts whose last sending SendGrid confirmed (job completed, not named in
+its errors file). Its sidecar says for which destination settings (`destination_fp`: list, mapping, custom fields)
+and when the last full send was.
+
+A run reads the export once to collect its own `email<TAB>fp` lines (external sort, bounded memory), then:
+- full (no record, settings changed, asked for, or `full_resync_days` since the last full send): every contact sent;
+- delta: the lines not in the record (a plain sorted diff) are the contacts to send; their email fingerprints (8 bytes
+  each) filter the sending pass. Memory: 8 bytes per contact to send.
+When the run's jobs are final, the record becomes this export's lines minus the contacts SendGrid did not confirm
+(failed jobs, rows in errors files), so those are sent again by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import snapshots
+from .config import Destination
+from .contacts import CustomField, fingerprints
+from .storage import ObjectStore
+
+SEP = "\t"
+FP_CHARS = 16  # hex digits of a content fingerprint
+_TAIL = len(SEP) + FP_CHARS
+
+
+def content_fingerprint(encoded: bytes) -> str:
+    return hashlib.blake2b(encoded, digest_size=8).hexdigest()
+
+
+def line(email: str, encoded: bytes) -> str:
+    """What the record holds for one contact."""
+    return f"{email}{SEP}{content_fingerprint(encoded)}"
+
+
+def email_of(record_line: str) -> str:
+    return record_line[:-_TAIL]
+
+
+def emails(lines: Iterable[str]) -> Iterator[str]:
+    """The emails of sorted record lines, in the same (ascending) order."""
+    return (entry[:-_TAIL] for entry in lines)
+
+
+def destination_fingerprint(dest: Destination, custom: Sequence[CustomField]) -> str:
+    """What makes a contact's JSON mean the same thing: the list, the mapping and the custom fields (by id)."""
+    doc = {"list": dest.list_id, "mapping": sorted(dest.mapping.items()),
+           "custom": sorted((c.name, c.id, c.field_type, c.column) for c in custom)}
+    return hashlib.blake2b(orjson.dumps(doc), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str  # "full" | "delta"
+    why: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "why": self.why}
+
+
+def decide(store: ObjectStore, fp_key: str, dest: Destination, dest_fp: str, *, full_resync: bool,
+           now: float | None = None) -> Kind:
+    """Whether this run sends everything or only what changed, and why."""
+    meta = snapshots.snapshot_meta(store, fp_key)
+    if meta is None:
+        return Kind("full", "no record of what was sent yet (a first run, or one after a purge or an upgrade)")
+    if meta.get("destination_fp") != dest_fp:
+        return Kind("full", "the list, the mapping or the custom fields changed since the last run")
+    if full_resync:
+        return Kind("full", "a full resync was asked for")
+    last_full = float(meta.get("last_full_at") or 0)
+    if dest.full_resync_days is not None and (now or time.time()) - last_full >= dest.full_resync_days * 86_400:
+        return Kind("full", f"the last full send was {dest.full_resync_days} or more days ago (full_resync_days), so "
+                            "edits made in SendGrid are overwritten")
+    return Kind("delta", f"only contacts new or changed since the last run (full sends every "
+                         f"{dest.full_resync_days} days)" if dest.full_resync_days else
+                "only contacts new or changed since the last run")
+
+
+def classify(store: ObjectStore, fp_key: str, held_key: str, current_key: str, *,
+             want_filter: bool) -> tuple[dict[str, int], np.ndarray | None]:
+    """Counts of this export's contacts that are new to the list, changed (or of unknown content), and unchanged;
+    with want_filter, the email fingerprints of the new and changed ones (sorted), which a delta run's sending pass
+    keeps. Streams over the sorted files: memory is 8 bytes per contact to send."""
+    def changed() -> Iterator[str]:
+        return emails(snapshots.diff_sorted(snapshots.read_snapshot(store, current_key),
+                                            snapshots.read_snapshot(store, fp_key)))
+
+    count, pieces = 0, []
+    for block in _blocks(changed()):
+        count += len(block)
+        if want_filter:
+            pieces.append(np.frombuffer(fingerprints(block), dtype="<u8"))
+    total = snapshots.snapshot_size(store, current_key)
+    new = snapshots.count_sorted(snapshots.diff_sorted(changed(), snapshots.read_snapshot(store, held_key)))
+    wanted = np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype="<u8")
+    return {"new": new, "changed": count - new, "unchanged": total - count}, (wanted if want_filter else None)
+
+
+def _blocks(items: Iterator[str], size: int = 8192) -> Iterator[list[str]]:
+    while block := list(itertools.islice(items, size)):
+        yield block
+
+
+def keep_mask(wanted: np.ndarray, fps: bytes, positions: list[int]) -> list[int]:
+    """The positions (of a chunk's kept contacts) whose email fingerprint is in `wanted`."""
+    if not len(wanted) or not positions:
+        return []
+    values = np.frombuffer(fps, dtype="<u8")[positions]
+    at = np.searchsorted(wanted, values)
+    hit = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == values)
+    return [p for p, h in zip(positions, hit.tolist(), strict=True) if h]
+
+
+def record_synced(store: ObjectStore, fp_key: str, current_key: str, unconfirmed: Iterable[str], *,
+                  dest_fp: str, full: bool, written_by: str) -> int:
+    """The record after a run whose jobs are final: this export's lines, minus the contacts SendGrid did not confirm
+    (`unconfirmed`, ascending emails). Returns how many contacts it holds."""
+    before = snapshots.snapshot_meta(store, fp_key) or {}
+    last_full = time.time() if full else before.get("last_full_at", 0)
+    lines = snapshots.read_snapshot(store, current_key)
+    missing = list(unconfirmed)
+    kept = _without(lines, missing) if missing else lines
+    return snapshots.write_snapshot(store, fp_key, kept, trusted=True, written_by=written_by,
+                                    extra={"destination_fp": dest_fp, "last_full_at": last_full})
+
+
+def _without(lines: Iterator[str], dropped: list[str]) -> Iterator[str]:
+    """Sorted record lines without those of the (sorted) dropped emails."""
+    gone = iter(dropped)
+    nxt = next(gone, None)
+    for entry in lines:
+        email = entry[:-_TAIL]
+        while nxt is not None and nxt < email:
+            nxt = next(gone, None)
+        if nxt != email:
+            yield entry
+
+
+def forget(store: ObjectStore, fp_key: str, address: str) -> None:
+    """Erasure: the person's line goes (should they be exported again, they are sent again)."""
+    meta = snapshots.snapshot_meta(store, fp_key)
+    if meta is None:
+        snapshots.delete_snapshot(store, fp_key)
+        return
+    snapshots.write_snapshot(store, fp_key, _without(snapshots.read_snapshot(store, fp_key), [address]), trusted=True,
+                             written_by=meta.get("written_by"),
+                             extra={k: meta[k] for k in ("destination_fp", "last_full_at") if k in meta})

@@ -1,0 +1,187 @@
+"""Send only what changed (issue 14): each run says what it changed; a dry run previews exactly what the real run
+then does. Engine in this process, state and exports in local folders, the sandbox over HTTP on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sandbox.server import Sandbox, serve
+from shared import engine
+from shared.config import load_config
+from shared.secrets import EnvSecrets
+from shared.sendgrid import RetryPolicy, SendGridClient
+from shared.state import StateStore
+from shared.storage import LocalFolderStore
+
+KEY = "SG.delta-" + "k" * 20 + "." + "s" * 43
+PUT = "PUT /v3/marketing/contacts"
+
+
+def person(i: int, city: str = "Oslo") -> dict[str, str]:
+    return {"email": f"p{i:05d}@example.com", "first": f"P{i}", "city": city}
+
+
+class World:
+    def __init__(self, box: Sandbox, url: str, tmp: Path) -> None:
+        self.box, self.url, self.tmp = box, url, tmp
+        self.environ = {"SENDGRID_API_KEY": KEY, "SENDGRID_API_URL": url}
+        self.exports = LocalFolderStore(tmp / "exports")
+        self.config = tmp / "destinations.json"
+        self.list_id = box.create_list("members")
+        self.version = 0
+        self.settings: dict[str, Any] = {
+            "name": "members", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": self.list_id,
+            "segments": ["members"], "mode": "upsert", "max_profiles": None, "bulk_threshold": None,
+            "mapping": {"email": "email", "first_name": "first", "city": "city"}}
+        self.configure()
+
+    def configure(self, **changes: Any) -> None:
+        self.settings.update(changes)
+        self.config.write_bytes(orjson.dumps({"destinations": [self.settings]}))
+
+    def services(self) -> engine.Services:
+        secrets = EnvSecrets(self.environ)
+        return engine.Services(config=load_config(self.config), secrets=secrets,
+                               state=StateStore(LocalFolderStore(self.tmp / "state")), sources=self.exports,
+                               environ=self.environ, poll_interval=0.05, wait_timeout=30.0,
+                               client_factory=lambda d: SendGridClient(self.url, secrets, d.api_key_secret,
+                                                                       policy=RetryPolicy(max_attempts=2)))
+
+    def export(self, people: list[dict[str, str]]) -> str:
+        self.version += 1
+        key = f"members/v{self.version}.csv"
+        rows = "".join(f"{p['email']},{p['first']},{p['city']}\n" for p in people)
+        self.exports.write_bytes(key, ("email,first,city\n" + rows).encode())
+        return key
+
+    def run(self, key: str, **request: Any) -> dict[str, Any]:
+        info = self.exports.info(key)
+        assert info is not None
+        report = engine.run(engine.RunRequest("members", key, info.etag, wait=True, **request), self.services())
+        self.box.complete_jobs()
+        return report
+
+    def puts(self) -> int:
+        return int(self.box.stats["requests"].get(PUT, 0))
+
+    def sent(self) -> dict[str, int]:
+        return dict(self.box.send_counts())
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    box = Sandbox(api_keys=[KEY], job_delay=0.02, count_sends=True)
+    with serve(box) as server:
+        yield World(box, server.url, tmp_path)
+
+
+PEOPLE = [person(i) for i in range(1000)]
+
+
+def test_a_second_run_of_an_unchanged_export_sends_nothing_and_says_so(world: World) -> None:
+    first = world.run(world.export(PEOPLE))
+    assert first["sync"]["kind"] == "full" and first["changes"]["new"] == 1000 and first["counts"]["sent"] == 1000
+    puts = world.puts()
+    second = world.run(world.export(PEOPLE))
+    assert second["status"] == "completed" and second["sync"]["kind"] == "delta", second
+    assert second["changes"] | {"rejected": 0} == {"new": 0, "changed": 0, "unchanged": 1000, "rejected": 0,
+                                                    "not_applied": 0}
+    assert world.puts() == puts and second["counts"]["sent"] == 0
+
+
+def test_one_percent_changed_sends_exactly_those_contacts(world: World) -> None:
+    world.run(world.export(PEOPLE))
+    before = world.sent()
+    moved = {i for i in range(0, 1000, 100)}  # 10 people changed city
+    joined = [person(i) for i in range(1000, 1005)]
+    second = world.run(world.export([person(i, "Bergen") if i in moved else person(i) for i in range(1000)] + joined))
+    assert second["changes"]["changed"] == 10 and second["changes"]["new"] == 5
+    assert second["changes"]["unchanged"] == 990 and second["counts"]["sent"] == 15
+    again = {e for e, n in world.sent().items() if n > before.get(e, 0)}
+    assert again == {person(i)["email"] for i in moved} | {p["email"] for p in joined}
+    assert world.box.contact(person(0)["email"])["city"] == "Bergen"
+
+
+def test_a_mapping_change_and_a_full_resync_send_everyone(world: World) -> None:
+    world.run(world.export(PEOPLE))
+    full = world.run(world.export(PEOPLE), full_resync=True)
+    assert full["sync"]["kind"] == "full" and "asked" in full["sync"]["why"] and full["counts"]["sent"] == 1000
+    assert full["changes"]["unchanged"] == 1000  # nothing had changed, and everyone was sent anyway
+    world.configure(mapping={"email": "email", "first_name": "first"})  # city no longer mapped
+    remapped = world.run(world.export(PEOPLE))
+    assert remapped["sync"]["kind"] == "full" and "mapping" in remapped["sync"]["why"]
+    assert remapped["counts"]["sent"] == 1000
+
+
+def test_full_resync_days_sends_everyone_when_they_have_passed(world: World) -> None:
+    world.run(world.export(PEOPLE))
+    svc = world.services()
+    fp_key = svc.state.fingerprints_key("members", world.list_id)
+    meta_key = fp_key + ".meta.json"
+    meta = orjson.loads(svc.state.store.read_bytes(meta_key) or b"{}")
+    meta["last_full_at"] -= 8 * 86_400  # the last full send was eight days ago
+    svc.state.store.write_bytes(meta_key, orjson.dumps(meta))
+    report = world.run(world.export(PEOPLE))
+    assert report["sync"]["kind"] == "full" and "7 or more days" in report["sync"]["why"]
+    assert report["counts"]["sent"] == 1000
+
+
+def test_contacts_of_an_errored_job_are_sent_again_by_the_next_run(world: World) -> None:
+    world.box.inject({"endpoint": "job", "kind": "errored", "times": 1, "error_count": 3})
+    first = world.run(world.export(PEOPLE))
+    assert first["status"] == "completed_with_errors" and first["counts"]["not_applied"] == 3
+    before = world.sent()
+    second = world.run(world.export(PEOPLE))
+    assert second["sync"]["kind"] == "delta" and second["counts"]["sent"] == 3, second
+    resent = {e for e, n in world.sent().items() if n > before.get(e, 0)}
+    assert len(resent) == 3
+
+
+def test_contacts_of_a_failed_job_are_sent_again_by_the_next_run(world: World) -> None:
+    world.box.inject({"endpoint": "job", "kind": "failed", "times": 1})
+    assert world.run(world.export(PEOPLE))["status"] == "failed"
+    second = world.run(world.export(PEOPLE))
+    assert second["status"] == "completed" and second["counts"]["sent"] == 1000, second
+
+
+# ------------------------------------------------------------------------------------------ dry run: preflight + plan
+
+
+def test_a_dry_run_previews_exactly_what_the_real_run_then_does(world: World) -> None:
+    world.configure(mode="mirror")
+    world.run(world.export(PEOPLE))
+    changed = [person(i, "Bergen") if i < 7 else person(i) for i in range(40, 1000)] + [person(2000)]
+    key = world.export(changed)
+    puts = world.puts()
+    dry = world.run(key, dry_run=True)
+    assert dry["status"] == "dry_run" and world.puts() == puts  # nothing sent
+    plan = dry["plan"]
+    assert plan["guard_rail"] == "allowed" and plan["to_remove"] == 40
+    removals = world.services().state.store.read_bytes(plan["removals_file"])
+    assert removals is not None and removals.decode().splitlines() == ["email"] + [person(i)["email"]
+                                                                               for i in range(40)]
+    real = world.run(key)
+    assert real["status"] == "completed", real
+    assert {k: real["changes"][k] for k in ("new", "changed", "unchanged", "removed")} == plan["changes"]
+    assert real["mirror"]["to_remove"] == plan["to_remove"] == real["changes"]["removed"]
+
+
+@pytest.mark.parametrize("broken", ["list", "column", "key"])
+def test_a_dry_run_refuses_what_the_real_run_would_refuse(world: World, broken: str) -> None:
+    key = world.export(PEOPLE)
+    if broken == "list":
+        world.configure(list_id="0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10")
+    elif broken == "column":
+        world.configure(mapping={"email": "email", "first_name": "FirstName"})
+    else:
+        world.environ["SENDGRID_API_KEY"] = "SG.wrong-" + "x" * 20 + "." + "y" * 43
+    dry = world.run(key, dry_run=True)
+    real = world.run(key)
+    assert dry["status"] == real["status"] != "dry_run", (dry, real)
+    assert dry["error"] == real["error"] and dry["counts"]["sent"] == 0
+    assert world.puts() == 0
