@@ -239,22 +239,22 @@ def _destination_for_account(config: str, name: str) -> Destination:
                           "NAME instead)") from None
 
 
-def cmd_lists(args: argparse.Namespace) -> int:
+def cmd_account(args: argparse.Namespace) -> int:
+    """`lists` and `fields`: one read of the SendGrid account (args.read), printed as a table."""
     client = _account(args)
     try:
-        print(console.lists_table(client.lists()))
+        print(args.read(client))
     finally:
         client.close()
     return EXIT_OK
 
 
-def cmd_fields(args: argparse.Namespace) -> int:
-    client = _account(args)
-    try:
-        print(console.fields_table(client.field_definitions()))
-    finally:
-        client.close()
-    return EXIT_OK
+ACCOUNT_READS: dict[str, tuple[str, Callable[[SendGridClient], str]]] = {
+    "lists": ("the SendGrid account's lists: list_id, name, contact count",
+              lambda client: console.lists_table(client.lists())),
+    "fields": ("the SendGrid account's custom fields: name, type, id",
+               lambda client: console.fields_table(client.field_definitions())),
+}
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -313,6 +313,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 CONFIG_HELP = "the destinations JSON file (README: 'Configuration: the destinations file')"
 STATE_HELP = "the state folder: run records, checkpoints, snapshots (default .state)"
 
@@ -343,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="a table of a destination's past runs, newest first")
     p.add_argument("--config", required=True, help=CONFIG_HELP)
     p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
-    p.add_argument("--limit", type=int, default=20, help="show at most this many runs (default 20)")
+    p.add_argument("--limit", type=_positive, default=20, help="show at most this many runs (default 20)")
     p.add_argument("--state-dir", default=".state", help=STATE_HELP)
     p.set_defaults(func=cmd_runs)
 
@@ -356,8 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_show)
 
-    for name, what, func in (("lists", "the SendGrid account's lists: list_id, name, contact count", cmd_lists),
-                             ("fields", "the SendGrid account's custom fields: name, type, id", cmd_fields)):
+    for name, (what, read) in ACCOUNT_READS.items():
         p = sub.add_parser(name, help=what)
         p.add_argument("--config", help=CONFIG_HELP + " (with --destination: that destination's account)")
         p.add_argument("--destination", help="the destination whose API key and region are used")
@@ -365,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of --config/--destination: the secret holding the key (as api_key_secret)")
         p.add_argument("--region", choices=REGIONS, default="global",
                        help="with --api-key-secret: the account's region (default global)")
-        p.set_defaults(func=func)
+        p.set_defaults(func=cmd_account, read=read)
 
     p = sub.add_parser("remove", help="disable a destination; --purge takes its contacts out too")
     p.add_argument("--config", required=True, help=CONFIG_HELP)

@@ -448,7 +448,7 @@ class SendGridClient:
         page). A page's `_metadata.next` gives only the next page_token: the next request goes to this client's own
         base URL, so the key never follows a URL from an answer."""
         found: list[dict[str, Any]] = []
-        token, seen = "", set()
+        token, seen = "", set[str]()
         while True:
             params = {"page_size": str(limits.LISTS_PAGE_SIZE)} | ({"page_token": token} if token else {})
             page = orjson.loads(self.request("GET", "/v3/marketing/lists", params=params).content)

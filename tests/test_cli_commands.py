@@ -129,6 +129,9 @@ def test_runs_lists_past_runs_newest_first_and_show_prints_the_summary_of_the_ru
     assert unknown.returncode == 2 and "no run 20200101T000000Z-00000000" in unknown.stderr
     malformed = cli(env, "show", "../../etc/passwd", "--state-dir", state)
     assert malformed.returncode == 2 and "invalid run id" in malformed.stderr
+    for limit in ("0", "-1", "x"):
+        bad = cli(env, "runs", "--config", str(config), "--destination", DEST, "--state-dir", state, "--limit", limit)
+        assert bad.returncode == 2 and "expected a whole number of at least 1" in bad.stderr
     nobody = cli(env, "runs", "--config", str(config), "--destination", "no-such", "--state-dir", state)
     assert nobody.returncode == 2 and "destinations are: vip-newsletter" in nobody.stderr
 
