@@ -77,12 +77,24 @@ def peak_rss_mb() -> float:
 
 @contextlib.contextmanager
 def _progress(args: argparse.Namespace) -> Iterator[console.Progress | None]:
-    """The progress renderer on stderr (none with --quiet); its line is ended before anything else is printed."""
+    """The progress renderer on stderr (none with --quiet). Its redrawn line is cleared before a log record is
+    written and at the end, so a log line or the summary starts at the left margin."""
     if getattr(args, "quiet", False):
         yield None
         return
     with console.Progress(sys.stderr) as progress:
-        yield progress
+        def clear(record: logging.LogRecord) -> bool:
+            progress.close()
+            return True
+
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(clear)
+        try:
+            yield progress
+        finally:
+            for handler in handlers:
+                handler.removeFilter(clear)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

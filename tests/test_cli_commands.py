@@ -4,6 +4,8 @@ examples, through the real `python -m shared` against the sandbox over HTTP on l
 from __future__ import annotations
 
 import argparse
+import io
+import logging
 import os
 import pty
 import re
@@ -192,6 +194,32 @@ def test_successful_commands_log_no_warning(sandbox: RunningSandbox, env: dict[s
         res = cli(env, command, "--config", str(config), "--destination", DEST, "--state-dir", state)
         assert res.returncode == 0 and res.stderr == "", (command, res.stderr)
     assert "is enabled (it was disabled at" in res.stdout
+
+
+def test_a_log_line_during_progress_starts_on_a_clean_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = logging.StreamHandler(term)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        with cli_module._progress(argparse.Namespace(quiet=False)) as progress:
+            assert progress is not None
+            progress({"phase": "jobs", "pending": 1, "completed": 0})
+            logging.getLogger("shared.sendgrid").warning("GET /x: 503 (attempt 1), retrying")
+            progress({"phase": "jobs", "pending": 0, "completed": 1})
+        logging.getLogger("shared.sendgrid").warning("after the progress")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert term.getvalue() == (
+        "\rwaiting for SendGrid's jobs: 1 pending, 0 completed\x1b[K\r\x1b[K"
+        "WARNING shared.sendgrid: GET /x: 503 (attempt 1), retrying\n"
+        "\rwaiting for SendGrid's jobs: 0 pending, 1 completed\x1b[K\r\x1b[K"
+        "WARNING shared.sendgrid: after the progress\n")
 
 
 # ------------------------------------------------------------------------------------------------------- help
