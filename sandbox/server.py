@@ -2264,11 +2264,14 @@ def _profile_of(args: argparse.Namespace) -> Profile:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared sandbox", description=main.__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--job-delay", type=float, default=0.3)
-    parser.add_argument("--rate-limit", type=int, default=None)
-    parser.add_argument("--rate-window", type=float, default=1.0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free one, printed)")
+    parser.add_argument("--job-delay", type=float, default=0.3, metavar="SECONDS",
+                        help="each job (upsert, import, removal) completes this long after it starts (default 0.3)")
+    parser.add_argument("--rate-limit", type=int, default=None, metavar="N",
+                        help="answer 429 past N requests per endpoint in each --rate-window (default: no limit)")
+    parser.add_argument("--rate-window", type=float, default=1.0, metavar="SECONDS",
+                        help="the rate limit's window (default 1 s)")
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long before answering every request (models the WAN round trip; default 0)")
     parser.add_argument("--realistic", action="store_true",

@@ -1,30 +1,54 @@
-"""The command line door: `python -m shared export|validate|smoke|sandbox|demo ...`. No business rules here."""
+"""The command line door: arguments to a request or a read, an answer to text (shared.console) and an exit code.
+No business rules here; HELP is what `python -m shared --help` shows."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import resource
 import secrets as pysecrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import contacts, engine
-from .config import load_config
+from . import console, contacts, engine
+from .config import REGIONS, Destination, load_config
 from .errors import ConfigError, ConnectorError, LeaseUnavailable
 from .secrets import install_log_redaction, provider_from_env
+from .sendgrid import SendGridClient, base_url_for
 from .services import RunRequest, Services, destination
-from .state import StateStore
+from .state import InvalidIdentifier, StateStore
 from .storage import LocalFolderStore, ObjectStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SUCCESS = ("completed", "completed_with_errors", "submitted", "dry_run")
+
+HELP = """Stream customer-segment exports (Dynamics 365 Customer Insights CDM folders, CSV or JSON Lines files) into
+SendGrid Marketing contact lists, and look at what each run did. The destinations file (--config) says which
+segments go to which list, with which mapping; the API key comes from the environment variable named after the
+destination's api_key_secret (SENDGRID_API_KEY for "sendgrid-api-key") or from Key Vault when KEY_VAULT_URL is set."""
+
+EPILOG = """exit codes:
+  0  success: a run completed (with or without rejected rows), was submitted or was a dry run; a command did what
+     it says
+  1  a run failed, was refused or interrupted; SendGrid or storage failed; a confirmation was declined (cancelled)
+  2  usage or configuration error; a Python whose email check gives wrong answers
+
+examples:
+  python -m shared export --config destinations.json --destination vip-newsletter --source export/model.json --wait
+  python -m shared runs --config destinations.json --destination vip-newsletter --limit 10
+
+Progress goes to stderr (a redrawn line on a terminal, a line every 10 s otherwise); `COMMAND --help` tells more."""
+
+
+class UsageError(Exception):
+    """Arguments that do not go together, or name nothing (exit 2)."""
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -47,65 +71,51 @@ def source_location(path: str) -> tuple[LocalFolderStore, str]:
     return LocalFolderStore(p.parent), p.name
 
 
-def _progress(info: dict[str, Any]) -> None:
-    print(f"  read {info['read']:,} rows, sent {info['sent']:,} contacts, {info['rate']:,.0f} rows/s",
-          file=sys.stderr, flush=True)
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summary(report: dict[str, Any]) -> str:
-    c, r = report["counts"], report["requests"]
-    lines = [
-        f"run {report['run_id']} of '{report['destination']}': {report['status']}"
-        + (f" ({report['error']})" if report.get("error") else ""),
-        f"  rows read {c['read']:,}; valid distinct {c['valid']:,}; duplicates {c['duplicates']:,}; "
-        f"rejected {c['rejected_total']:,} {c['rejected'] or ''}",
-        f"  sent {c['sent']:,} contacts in {r['count']} request(s), {r['bytes']:,} bytes "
-        f"(largest {r['max_bytes']:,} bytes / {r['max_contacts']:,} contacts); trimmed {c['trimmed'] or 0}",
-    ]
-    if report["jobs"]:
-        states: dict[str, int] = {}
-        for job in report["jobs"]:
-            states[job["status"]] = states.get(job["status"], 0) + 1
-        lines.append(f"  SendGrid jobs: {states}")
-    if mirror := report.get("mirror"):
-        if mirror.get("guard_rail") == "refused":
-            lines.append(f"  mirror: removed nobody ({mirror.get('reason')})")
-        elif "to_remove" in mirror:
-            lines.append(f"  mirror: {mirror.get('removed', 0):,} of {mirror['to_remove']:,} leaver(s) removed from "
-                         f"the list, {mirror.get('not_found', 0):,} not in SendGrid; {mirror.get('previous', 0):,} "
-                         f"held before, {mirror.get('current', 0):,} now")
-    for w in report.get("warnings", []) + report.get("file_errors", []):
-        lines.append(f"  warning: {w}")
-    for rej in report.get("rejections", [])[:5]:
-        lines.append(f"  rejected: {rej['file']} line {rej['line']}: {rej['reason']}")
-    if report.get("rejections_file"):
-        lines.append(f"  every rejection: {report['rejections_file']} in the state folder")
-    if report["timings"].get("seconds") is not None:
-        lines.append(f"  {report['timings']['seconds']:.2f} s; first request after "
-                     f"{report['timings'].get('first_request_s')} s; peak memory {peak_rss_mb():.0f} MB")
-    return "\n".join(lines)
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[console.Progress | None]:
+    """The progress renderer on stderr (none with --quiet). Its redrawn line is cleared before a log record is
+    written and at the end, so a log line or the summary starts at the left margin."""
+    if getattr(args, "quiet", False):
+        yield None
+        return
+    with console.Progress(sys.stderr) as progress:
+        def clear(record: logging.LogRecord) -> bool:
+            progress.close()
+            return True
+
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(clear)
+        try:
+            yield progress
+        finally:
+            for handler in handlers:
+                handler.removeFilter(clear)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     store, key = source_location(args.source)
-    svc = _services(args, store, progress=None if args.quiet else _progress)
     deadline = time.monotonic() + args.deadline_seconds if args.deadline_seconds else None
     info = store.info(key)  # the export's version: an unfinished run of the same version is resumed, not redone
     req = RunRequest(args.destination, key, info.etag if info else None, trigger="cli", dry_run=args.dry_run,
                      wait=args.wait, resume=args.resume, deadline=deadline)
-    try:
-        report = engine.run(req, svc)
-    except LeaseUnavailable:
+    with _progress(args) as progress:
+        svc = _services(args, store, progress=progress)
+        try:
+            report = engine.run(req, svc)
+        except LeaseUnavailable:
+            report = None
+    if report is None:
         print(f"destination '{args.destination}' is being exported by another run; try again when it ends",
               file=sys.stderr)
         return EXIT_FAILED
     if args.report:
         Path(args.report).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(summary(report))
+    print(console.summary(report, peak_mb=peak_rss_mb(), state_dir=args.state_dir))
     return EXIT_OK if report["status"] in SUCCESS else EXIT_FAILED
 
 
@@ -122,17 +132,20 @@ def _services(args: argparse.Namespace, sources: ObjectStore | None = None,
 def cmd_remove(args: argparse.Namespace) -> int:
     from . import purge
 
-    if args.purge == "contacts" and not args.yes and sys.stdin.isatty():
-        answer = input(f"Delete every contact destination '{args.destination}' put into SendGrid from the account "
-                       "entirely? Type 'delete' to confirm: ")
-        args.yes = answer.strip() == "delete"
-    record = purge.remove_destination(_services(args), args.destination, args.purge, confirmed=args.yes)
+    with _progress(args) as progress:
+        svc = _services(args, progress=progress)
+        destination(svc.config, args.destination)  # an unknown name is a usage error before anyone is asked
+        if args.purge == "contacts" and not args.yes and sys.stdin.isatty():
+            answer = input(f"Delete every contact destination '{args.destination}' put into SendGrid from the "
+                           "account entirely? Type 'delete' to confirm: ")
+            if answer.strip() != "delete":
+                print("cancelled: nothing was changed", file=sys.stderr)
+                return EXIT_FAILED
+            args.yes = True
+        record = purge.remove_destination(svc, args.destination, args.purge, confirmed=args.yes)
     print(f"destination '{args.destination}' is disabled; no trigger runs it again")
     if args.purge:
-        c = record.get("counts") or {}
-        print(f"purge={args.purge} run {record['run_id']}: {record['status']}"
-              + (f" ({record['error']})" if record.get("error") else "")
-              + f"; {c.get('removed', c.get('deleted', 0)):,} contacts taken out, {c.get('not_found', 0):,} not found")
+        print(console.purge_line(record))
     return EXIT_OK if record.get("status", "completed") == "completed" or not args.purge else EXIT_FAILED
 
 
@@ -151,7 +164,8 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_erase(args: argparse.Namespace) -> int:
     from . import purge
 
-    report = purge.erase(_services(args), args.email)
+    with _progress(args) as progress:
+        report = purge.erase(_services(args, progress=progress), args.email)
     print(f"erasure of person {report['person']}: {report['status']}; destinations affected: "
           f"{', '.join(report['destinations']) or 'none'}; contacts deleted: {report['accounts_deleted']}")
     for error in report["errors"]:
@@ -170,6 +184,89 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for error in config.errors.values():
         print(f"FAIL {error}")
     return EXIT_USAGE if config.errors else EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    state = StateStore(LocalFolderStore(args.state_dir))
+    runs = state.list_runs(args.destination, limit=args.limit)
+    if not runs:
+        destination(load_config(args.config), args.destination)  # an unknown name says which names there are
+        print(f"no runs of '{args.destination}' in {Path(args.state_dir).resolve()} yet")
+        return EXIT_OK
+    print(console.runs_table(runs))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    state = StateStore(LocalFolderStore(args.state_dir))
+    record = state.load_run(args.run_id)
+    if record is None:
+        raise UsageError(f"no run {args.run_id} in {Path(args.state_dir).resolve()} (is --state-dir right?)")
+    note = None
+    if record.get("status") == "submitted":
+        record, note = _finish_submitted(args, record)
+    if args.json:
+        print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(console.summary(record, state_dir=args.state_dir))
+    if note:
+        print(note, file=sys.stderr)
+    return EXIT_OK
+
+
+def _finish_submitted(args: argparse.Namespace, record: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A run left `submitted`: its SendGrid jobs polled to their end (engine.finish_submitted) when --config says
+    where its key is; else the record as stored and a note saying they were not polled."""
+    if not args.config:
+        return record, ("its SendGrid jobs were not polled: give --config FILE (with the API key in the environment "
+                        "or Key Vault) to bring the run to its final status")
+    with _progress(args) as progress:
+        try:
+            return engine.finish_submitted(record, _services(args, progress=progress)), None
+        except LeaseUnavailable:
+            return record, (f"its SendGrid jobs were not polled: another run holds destination "
+                            f"'{record.get('destination')}'; try again when it ends")
+
+
+def _account(args: argparse.Namespace) -> SendGridClient:
+    """The SendGrid account `lists` and `fields` read: a destination's (--config, --destination) or a key's by its
+    secret name (--api-key-secret, --region)."""
+    if bool(args.api_key_secret) == bool(args.config or args.destination):
+        raise UsageError("name the account either with --config FILE --destination NAME, or with --api-key-secret NAME")
+    if args.api_key_secret:
+        secret, region = args.api_key_secret, args.region
+    else:
+        if not (args.config and args.destination):
+            raise UsageError("--config and --destination go together")
+        dest = _destination_for_account(args.config, args.destination)
+        secret, region = dest.api_key_secret, dest.region
+    return SendGridClient(base_url_for(region, os.environ), provider_from_env(), secret)
+
+
+def _destination_for_account(config: str, name: str) -> Destination:
+    try:
+        return destination(load_config(config), name)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (to read the account before the destination is complete, use --api-key-secret "
+                          "NAME instead)") from None
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    """`lists` and `fields`: one read of the SendGrid account (args.read), printed as a table."""
+    client = _account(args)
+    try:
+        print(args.read(client))
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+ACCOUNT_READS: dict[str, tuple[str, Callable[[SendGridClient], str]]] = {
+    "lists": ("the SendGrid account's lists: list_id, name, contact count",
+              lambda client: console.lists_table(client.lists())),
+    "fields": ("the SendGrid account's custom fields: name, type, id",
+               lambda client: console.fields_table(client.field_definitions())),
+}
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -228,50 +325,89 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+CONFIG_HELP = "the destinations JSON file (README: 'Configuration: the destinations file')"
+STATE_HELP = "the state folder: run records, checkpoints, snapshots (default .state)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shared", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shared", description=HELP, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("export", help="export one destination from one source")
-    p.add_argument("--config", required=True, help="destinations JSON file")
-    p.add_argument("--destination", required=True)
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
     p.add_argument("--source", required=True, help="model.json, a folder with one, or a CSV / JSON Lines file (.gz ok)")
-    p.add_argument("--state-dir", default=".state", help="where run reports and checkpoints go (default .state)")
+    p.add_argument("--state-dir", default=".state", help=STATE_HELP)
     p.add_argument("--report", help="also write the JSON report here")
     p.add_argument("--dry-run", action="store_true", help="read, map and validate everything; send nothing")
     p.add_argument("--wait", action="store_true", help="poll SendGrid's jobs until they finish")
     p.add_argument("--resume", metavar="RUN_ID", help="resume an interrupted run from its checkpoint")
     p.add_argument("--deadline-seconds", type=float, help="stop cleanly (resumable) after this many seconds")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("validate", help="check a destinations file")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("remove", help="disable a destination; optionally take its contacts back out of SendGrid")
-    p.add_argument("--config", required=True)
-    p.add_argument("--destination", required=True)
+    p = sub.add_parser("runs", help="a table of a destination's past runs, newest first")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
+    p.add_argument("--limit", type=_positive, default=20, help="show at most this many runs (default 20)")
+    p.add_argument("--state-dir", default=".state", help=STATE_HELP)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("show", help="one run's summary (--json: its record); polls a submitted run")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run's id, as `runs` and the end of a run print it")
+    p.add_argument("--state-dir", default=".state", help=STATE_HELP)
+    p.add_argument("--config", help=CONFIG_HELP + "; with it, a run left submitted has its SendGrid jobs polled "
+                                                  "to their end (the API key must be available)")
+    p.add_argument("--json", action="store_true", help="print the run's whole record as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_show)
+
+    for name, (what, read) in ACCOUNT_READS.items():
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", help=CONFIG_HELP + " (with --destination: that destination's account)")
+        p.add_argument("--destination", help="the destination whose API key and region are used")
+        p.add_argument("--api-key-secret", metavar="NAME",
+                       help="instead of --config/--destination: the secret holding the key (as api_key_secret)")
+        p.add_argument("--region", choices=REGIONS, default="global",
+                       help="with --api-key-secret: the account's region (default global)")
+        p.set_defaults(func=cmd_account, read=read)
+
+    p = sub.add_parser("remove", help="disable a destination; --purge takes its contacts out too")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
     p.add_argument("--purge", choices=("list", "contacts"),
                    help="list: remove its contacts from its list; contacts: delete them from the account")
     p.add_argument("--yes", action="store_true", help="confirm --purge contacts without a prompt")
-    p.add_argument("--state-dir", default=".state")
+    p.add_argument("--state-dir", default=".state", help=STATE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("enable", help="enable a destination that remove disabled")
-    p.add_argument("--config", required=True)
-    p.add_argument("--destination", required=True)
-    p.add_argument("--state-dir", default=".state")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
+    p.add_argument("--state-dir", default=".state", help=STATE_HELP)
     p.set_defaults(func=cmd_enable)
 
     p = sub.add_parser("erase", help="forget one person in every destination and SendGrid account")
-    p.add_argument("--config", required=True)
-    p.add_argument("--email", required=True)
-    p.add_argument("--state-dir", default=".state")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--email", required=True, help="the person's email address (exactly one valid address)")
+    p.add_argument("--state-dir", default=".state", help=STATE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("smoke", help="after a deployment: dry-run every destination through the deployed HTTP API")
+    p = sub.add_parser("smoke", help="after deploying: dry-run every destination through the app")
     p.add_argument("--url", required=True, help="the function app, e.g. https://APP.azurewebsites.net")
     p.add_argument("--key", required=True, help="the app's host key (docs/deploy.md, 'The function key')")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the dry runs (default 600)")
@@ -280,10 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("sandbox", help="run the local SendGrid sandbox (see its --help)", add_help=False)
 
-    p = sub.add_parser("demo", help="generate a sample export, start the sandbox, export it, print the summary")
+    p = sub.add_parser("demo", help="generate an export, start the sandbox, export it")
     p.add_argument("--dir", default=".demo", help="working folder (default .demo)")
-    p.add_argument("--profiles", type=int, default=25_000)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--profiles", type=int, default=25_000, help="profiles in the generated export (default 25,000)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the generated export (default 7)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -304,7 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if exc.code else EXIT_OK
     setup_logging(args.verbose)
     try:
-        return args.func(args)
+        return int(args.func(args))
+    except BrokenPipeError:  # `runs ... | head`: the reader went away; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (UsageError, InvalidIdentifier) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

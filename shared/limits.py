@@ -68,6 +68,7 @@ JOB_PENDING = "pending"
 MAX_SEARCH_EMAILS = 100
 MAX_IDS_PER_DELETE = 100
 MAX_URL_BYTES = 7_000
+LISTS_PAGE_SIZE = 1000  # GET /v3/marketing/lists [L]: page_size "Defaults to 100, returns 1000 max"
 
 # Rate limits [RL]: per-endpoint numbers are not published; pace from X-RateLimit-* headers.
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")

@@ -97,7 +97,7 @@ def enable_destination(state: StateStore, name: str, *, by: str = "cli") -> dict
     was = state.disabled(name)
     if was is not None:
         state.enable(name)
-        log.warning("%s enabled by %s (disabled at %s by %s)", name, by, was.get("at"), was.get("by"))
+        log.info("%s enabled by %s (disabled at %s by %s)", name, by, was.get("at"), was.get("by"))
     return {"destination": name, "disabled": False, "was_disabled": was}
 
 

@@ -57,7 +57,6 @@ def test_deploy_doc_ends_with_the_smoke_test_and_names_the_lists_and_fields_comm
     assert last.startswith("After deploying: the smoke test")
     assert ('python -m shared smoke --url "https://$(azd env get-value AZURE_FUNCTION_APP_HOSTNAME)" --key "$KEY"'
             in last)
-    assert "`python -m\nshared lists`" in deploy or "`python -m shared lists`" in deploy
-    assert "`python -m shared fields`" in deploy and "placeholder until issue 14" in deploy
+    assert "`python -m shared lists`" in deploy and "`python -m shared fields`" in deploy
     for heading in ("## SendGrid IP Access Management", "## Upgrade and rollback", "## The function key"):
         assert heading in deploy

@@ -40,6 +40,7 @@ from shared.errors import (
     DeadlineReached,
     PayloadRejected,
     RateLimited,
+    SendGridError,
     TransientError,
 )
 from shared.secrets import EnvSecrets, Secret
@@ -330,6 +331,50 @@ def test_field_definitions_lists_reserved_and_custom_fields(api: Api) -> None:
     defs = api.client().field_definitions()
     assert {"id": field_id, "name": "loyalty_tier", "field_type": "Text"} in defs["custom_fields"]
     assert "email" in {f["name"] for f in defs["reserved_fields"]}
+
+
+def test_lists_asks_for_the_largest_page(api: Api) -> None:
+    made = {api.box.create_list(f"list {i}"): f"list {i}" for i in range(3)}
+    assert {item["id"]: item["name"] for item in api.client().lists()} == made
+    sent = api.session.to("/v3/marketing/lists")
+    assert len(sent) == 1 and parse_qs(urlsplit(sent[0].url).query) == {"page_size": ["1000"]}
+
+
+def test_lists_reads_every_page_through_the_clients_own_base_url(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "LISTS_PAGE_SIZE", 100)  # an account holds at most 1,000 lists: smaller pages show it
+    made = {api.box.create_list(f"list {i:03d}"): f"list {i:03d}" for i in range(234)}
+    add_contacts(api, 3, next(iter(made)))
+    found = api.client().lists()
+    assert {item["id"]: item["name"] for item in found} == made and len(found) == len(made)
+    assert found[0]["contact_count"] == 3 and set(found[0]) == {"id", "name", "contact_count"}
+    pages = api.session.to("/v3/marketing/lists")
+    assert all(s.url.startswith(api.url + "/v3/marketing/lists?") for s in pages)
+    assert [parse_qs(urlsplit(s.url).query).get("page_token") for s in pages] == [None, ["100"], ["200"]]
+
+
+class LoopingListsSandbox(Sandbox):
+    """Answers every page of lists with the same next page, as a broken proxy might; its next URLs point elsewhere."""
+
+    def op_lists_get(self, req: Any) -> Any:
+        status, body = super().op_lists_get(req)
+        body["_metadata"]["next"] = "https://elsewhere.example/v3/marketing/lists?page_size=1000&page_token=7"
+        return status, body
+
+
+def test_lists_stops_on_a_page_token_that_comes_back_and_never_follows_a_foreign_url(watch: LeakWatch) -> None:
+    key = new_key()
+    watch.keys.add(key)
+    box = LoopingListsSandbox(api_keys=[key], job_delay=0.05)
+    box.create_list("only")
+    with serve(box) as server:
+        session = RecordingSession([])
+        client = SendGridClient(server.url, EnvSecrets({ENV_VAR: key}), SECRET_NAME, policy=fast_policy(),
+                                session=session)
+        watch.clients.append(client)
+        with watch.raises(SendGridError) as info:
+            client.lists()
+    assert "came back twice" in str(info.value)
+    assert len(session.sent) == 2 and all(s.url.startswith(server.url) for s in session.sent)
 
 
 def test_unknown_job_and_unknown_list_are_payload_rejections(api: Api) -> None:
