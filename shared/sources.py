@@ -21,7 +21,7 @@ import gzip
 import io
 import itertools
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -793,7 +793,7 @@ def _first_record_end(buf: bytes, tries: int = 256) -> int:
 
 def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], required: Collection[str] = (),
                warnings: list[str] | None = None, *, chunk_bytes: int = CHUNK_BYTES, max_field: int = MAX_FIELD_CHARS,
-               max_line: int | None = None) -> Iterator[CsvChunk | ReadOn]:
+               max_line: int | None = None) -> Generator[CsvChunk | ReadOn, None, None]:
     """A CSV partition as CsvChunks of whole records, in order; a ReadOn ends the stream early when the rest must
     be read with read_rows (see above). Header and column problems raise SourceError as read_rows does."""
     warns = warnings if warnings is not None else []
