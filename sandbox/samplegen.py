@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -153,7 +154,7 @@ def write_cdm_export(
 
 
 def demo_destinations(list_id: str, *, max_profiles: int | None = 100_000, mode: str = "upsert",
-                      name: str = "vip-newsletter", segment: str = "HighValueSegment") -> dict:
+                      name: str = "vip-newsletter", segment: str = "HighValueSegment") -> dict[str, Any]:
     """A destinations file for a generated export."""
     return {
         "destinations": [{

@@ -90,11 +90,11 @@ import uuid
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -213,8 +213,7 @@ def _is_email(value: str) -> bool:
 
 def _is_date(value: object) -> bool:
     """Custom Date fields take MM/DD/YYYY (the documented CSV format) and must be a real calendar day."""
-    m = _DATE_RE.fullmatch(value) if type(value) is str else None
-    if m is None:
+    if type(value) is not str or (m := _DATE_RE.fullmatch(value)) is None:
         return False
     try:
         date(int(m[3]), int(m[1]), int(m[2]))
@@ -300,7 +299,8 @@ def _members_each(objs: list[dict[str, Any]]) -> list[bytes]:
 
 
 def _object(members: bytes) -> dict[str, Any]:
-    return orjson.loads(b"{" + members + b"}")
+    obj: dict[str, Any] = orjson.loads(b"{" + members + b"}")  # members of an object: an object
+    return obj
 
 
 class _Store:
@@ -396,15 +396,15 @@ class _Store:
             self._index(idx, old, fields)
         return True
 
-    def bulk_upsert(self, emails: list[str | None], texts: list[bytes],
+    def bulk_upsert(self, emails: list[str], texts: list[bytes],
                     now: float) -> tuple[range, list[int], list[int]]:
-        """A plain batch (see _Contacts; fields as _members texts) in a few C-level passes. Returns (new rows,
-        existing rows that changed, existing rows left as they were)."""
+        """A plain batch (see _PlainContacts) in a few C-level passes. Returns (new rows, existing rows that changed,
+        existing rows left as they were)."""
         found = list(map(self.by_email.get, emails))
-        fresh = found.count(None)
-        if fresh == len(found):
+        old_rows: list[int]
+        if found.count(None) == len(found):
             new_emails, new_texts, old_rows, old_texts = emails, texts, [], []
-        elif fresh == 0:
+        elif _no_none(found):
             new_emails, new_texts, old_rows, old_texts = [], [], found, texts
         else:
             new_emails = [e for e, row in zip(emails, found, strict=True) if row is None]
@@ -424,7 +424,8 @@ class _Store:
         same = list(map(bytes.__eq__, map(self.data.__getitem__, old_rows), old_texts))
         if all(same):
             return range(start, start + n), [], old_rows
-        changed, kept = [], []
+        changed: list[int] = []
+        kept: list[int] = []
         for row, text, unchanged in zip(old_rows, old_texts, same, strict=True):
             (changed if not unchanged and self.merge(row, _object(text), now) else kept).append(row)
         return range(start, start + n), changed, kept
@@ -463,7 +464,7 @@ class _Store:
             rows.add(row)
         return rows
 
-    def count_new(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
+    def count_new(self, emails: Sequence[str | None], secondary: list[dict[str, str]] | None,
                   skipped: Callable[[int], bool]) -> int:
         """How many contacts an upsert of these would create (distinct ones no stored contact answers to)."""
         if secondary is None:
@@ -536,33 +537,53 @@ class _Import:
 
 @dataclass(slots=True)
 class _Contacts:
-    """Validated contacts in order: lower-case emails (None for a contact without one) and their other fields.
+    """Validated contacts in order: lower-case emails (None for a contact without one) and their other fields, for
+    a batch that is not plain (see _PlainContacts)."""
 
-    A plain batch (distinct emails, none None, no secondary identifier or alternate emails: _Store.bulk_upsert's
-    case) holds the fields as the texts the store keeps (_members), made in one pass and cheaper to hold while the
-    job is pending; any other batch holds them as dicts."""
-
-    emails: list[str | None]
-    fields: list[dict[str, Any]] | list[bytes]
-    plain: bool
+    emails: Sequence[str | None]
+    fields: list[dict[str, Any]]
 
     @classmethod
-    def of(cls, emails: list[str | None], fields: list[dict[str, Any]], plain: bool | None = None) -> _Contacts:
-        if plain is None:
-            plain = None not in emails and len(set(emails)) == len(emails) and \
-                all(f.keys().isdisjoint(_INDEXED_FIELDS) for f in fields)
-        return cls(emails, _members_each(fields) if plain else fields, plain)
+    def of(cls, emails: list[str | None], fields: list[dict[str, Any]]) -> _Batch:
+        if _no_none(emails) and len(set(emails)) == len(emails) and \
+                all(f.keys().isdisjoint(_INDEXED_FIELDS) for f in fields):
+            return _PlainContacts(emails, _members_each(fields))
+        return cls(emails, fields)
 
     def secondary_ids(self) -> list[dict[str, str]] | None:
-        """Each contact's identifiers other than email, or None when no contact has any (a plain batch never does)."""
-        if self.plain:
-            return None
-        ids = [{key: f[key] for key in _SECONDARY_IDS if key in f} for f in self.fields]  # type: ignore[union-attr]
+        """Each contact's identifiers other than email, or None when no contact has any."""
+        ids = [{key: f[key] for key in _SECONDARY_IDS if key in f} for f in self.fields]
         return ids if any(ids) else None
 
     def without(self, skip: Container[int]) -> _Contacts:
         keep = [i for i in range(len(self.emails)) if i not in skip]
-        return _Contacts([self.emails[i] for i in keep], [self.fields[i] for i in keep], self.plain)
+        return _Contacts([self.emails[i] for i in keep], [self.fields[i] for i in keep])
+
+
+@dataclass(slots=True)
+class _PlainContacts:
+    """A plain batch (distinct emails, none None, no secondary identifier or alternate emails: _Store.bulk_upsert's
+    case), its fields as the texts the store keeps (_members), made in one pass and cheaper to hold while the job is
+    pending."""
+
+    emails: list[str]
+    texts: list[bytes]
+
+    def secondary_ids(self) -> None:
+        return None  # a plain batch has none
+
+    def without(self, skip: Container[int]) -> _PlainContacts:
+        keep = [i for i in range(len(self.emails)) if i not in skip]
+        return _PlainContacts([self.emails[i] for i in keep], [self.texts[i] for i in keep])
+
+
+_T = TypeVar("_T")
+_Batch = _Contacts | _PlainContacts  # an upsert's validated contacts
+
+
+def _no_none(values: list[_T | None]) -> TypeGuard[list[_T]]:
+    """Whether no value is None (a contact without an email, an email no stored contact has)."""
+    return None not in values
 
 
 @dataclass(slots=True)
@@ -749,7 +770,8 @@ class Sandbox:
     @property
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return orjson.loads(orjson.dumps(self._stats))
+            copy: dict[str, Any] = orjson.loads(orjson.dumps(self._stats))  # a deep copy of a dict
+            return copy
 
     def send_counts(self) -> Counter[str]:
         """Email -> how many accepted upserts and import uploads carried it (only with count_sends=True): shows
@@ -934,7 +956,7 @@ class Sandbox:
             self._stats["max_contacts_per_request"] = max(self._stats["max_contacts_per_request"], count)
         return 202, {"job_id": job.id}
 
-    def _check_upsert(self, body: bytes) -> tuple[_Contacts, list[str]] | Reply:
+    def _check_upsert(self, body: bytes) -> tuple[_Batch, list[str]] | Reply:
         """(validated contacts, list ids) of an upsert body, or the 400 answer."""
         doc = _load_json(body)
         if not isinstance(doc, dict):
@@ -948,7 +970,7 @@ class Sandbox:
         errors, batch = validate_contacts(contacts, self._fields, self._is_invalid)
         return (400, {"errors": errors}) if errors else (batch, list_ids)
 
-    def _upsert_applier(self, batch: _Contacts, lists: list[_List],
+    def _upsert_applier(self, batch: _Batch, lists: list[_List],
                         fault: dict[str, Any] | None) -> Callable[[_Job], None]:
         def apply(job: _Job) -> None:
             count = len(batch.emails)
@@ -971,7 +993,7 @@ class Sandbox:
         """Whether any rule refuses contacts when their job runs (see _refused)."""
         return self.profile.strict_identifiers or self.contact_limit is not None
 
-    def _refused(self, emails: list[str | None], secondary: list[dict[str, str]] | None,
+    def _refused(self, emails: Sequence[str | None], secondary: list[dict[str, str]] | None,
                  skip: Container[int]) -> dict[int, str]:
         """{index: reason} for the contacts of a job (callers hold the lock) that SendGrid's rules refuse when the job
         runs, not when the request arrives: under strict_identifiers, an update that leaves out one of the contact's
@@ -989,13 +1011,13 @@ class Sandbox:
                 return {i: CONTACT_LIMIT_MESSAGE for i in range(len(emails)) if i not in skip}
         return out
 
-    def _apply_contacts(self, job: _Job, batches: Iterable[_Contacts], lists: list[_List]) -> None:
+    def _apply_contacts(self, job: _Job, batches: Iterable[_Batch], lists: list[_List]) -> None:
         """Store contacts and add them to lists; counts only contacts that changed (as the API does)."""
         store, now = self._store, time.time()
         member_sets = [lst.members for lst in lists]
         for batch in batches:
-            if batch.plain:
-                rows, changed, kept = store.bulk_upsert(batch.emails, batch.fields, now)
+            if isinstance(batch, _PlainContacts):
+                rows, changed, kept = store.bulk_upsert(batch.emails, batch.texts, now)
                 created, updated = len(rows), len(changed)
                 if kept and member_sets:  # an unchanged contact joining a list counts as updated
                     stay = set(kept)
@@ -1295,7 +1317,7 @@ _BLOCK = 1024  # contacts checked together: a block's objects stay in the CPU ca
 
 
 def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str]],
-                      is_invalid: InvalidEmailCheck) -> tuple[list[dict[str, str]], _Contacts]:
+                      is_invalid: InvalidEmailCheck) -> tuple[list[dict[str, str]], _Batch]:
     """Check an upsert's contacts like the API does. Returns (errors, the contacts with lower-case emails).
 
     Mutates the contact dicts (pops "email"); they are the request's own. One error per problem, all collected, so
@@ -1307,7 +1329,7 @@ def validate_contacts(contacts: list[Any], field_types: dict[str, tuple[str, str
 
 
 def _valid_batch(contacts: list[Any], field_types: dict[str, tuple[str, str]],
-                 is_invalid: InvalidEmailCheck) -> _Contacts | None:
+                 is_invalid: InvalidEmailCheck) -> _Batch | None:
     """The contacts, if every one has a valid email and otherwise only valid string fields and custom_fields; else
     None (nothing changed), and _validate_each finds what is wrong. Checks a block of contacts a field (column) at a
     time with C-level passes (map, set, max, join): about half the cost of the per-contact loop."""
@@ -1337,7 +1359,8 @@ def _valid_batch(contacts: list[Any], field_types: dict[str, tuple[str, str]],
         return None
     for c in contacts:
         del c["email"]
-    return _Contacts.of(lows, contacts, plain=keys.isdisjoint(_INDEXED_FIELDS))
+    return _PlainContacts(lows, _members_each(contacts)) if keys.isdisjoint(_INDEXED_FIELDS) else \
+        _Contacts(lows, contacts)
 
 
 def _all_str(values: list[Any]) -> bool:
@@ -1396,11 +1419,11 @@ def _emails_ok(emails: list[Any]) -> bool:
 
 
 def _validate_each(contacts: list[Any], field_types: dict[str, tuple[str, str]],
-                   is_invalid: Callable[[str], bool]) -> tuple[list[dict[str, str]], _Contacts]:
+                   is_invalid: Callable[[str], bool]) -> tuple[list[dict[str, str]], _Batch]:
     """validate_contacts contact by contact, naming every problem. Checks are inlined and messages are only built
     on the failure path."""
     errors: list[dict[str, str]] = []
-    items: list[tuple[str | None, dict]] = []
+    items: list[tuple[str | None, dict[str, Any]]] = []
     append, lows, where = items.append, [], []
     unknown_ids: dict[str, None] = {}  # custom field ids no field has, in the order met
     limit_of, email_match = _STRING_LIMITS.get, _EMAIL_RE.fullmatch
@@ -1601,7 +1624,7 @@ def _split_alternates(value: str) -> list[str]:
     return [e.strip() for e in value.split(",") if e.strip()]
 
 
-def _in_batches(items: Iterable[tuple[str | None, dict[str, Any]]]) -> Iterator[_Contacts]:
+def _in_batches(items: Iterable[tuple[str | None, dict[str, Any]]]) -> Iterator[_Batch]:
     """Contacts in batches of at most one request's worth (bounded memory)."""
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, limits.MAX_CONTACTS_PER_REQUEST)):
@@ -1644,7 +1667,7 @@ def _split_ids(values: list[str]) -> list[str]:
     return [i for v in values for i in (p.strip() for p in v.split(",")) if i]
 
 
-def _errors_csv(header: list[str], rows: Iterable[Iterable[Any]]) -> bytes:
+def _errors_csv(header: list[str], rows: Iterable[Sequence[Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -1781,7 +1804,8 @@ class _Link:
 class _WireReader(io.RawIOBase):
     """A request body as a stream (Content-Length or chunked), counting bytes and refusing more than `cap`."""
 
-    def __init__(self, rfile: Any, length: int | None, cap: int | None, link: _Link | None = None) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, length: int | None, cap: int | None,
+                 link: _Link | None = None) -> None:
         super().__init__()
         self._rfile, self._remaining, self._chunk_left = rfile, length, 0
         self._chunked, self._eof, self.count, self.cap = length is None, length == 0, 0, cap
@@ -2003,9 +2027,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 406
         fault = sandbox._take_fault(key)
         if fault is not None:
-            status = self._fault(fault, api_key, key)
-            if status is not None:
-                return status
+            served = self._fault(fault, api_key, key)
+            if served is not None:
+                return served
         allowed, headers = sandbox._rate(api_key, key, count=True)
         if not allowed:
             self._answer(429, _err("too many requests"), headers)
@@ -2013,7 +2037,8 @@ class _Handler(BaseHTTPRequestHandler):
         if too_large:
             self._answer(413, _err(f"request body must be at most {limits.MAX_REQUEST_BYTES} bytes"), headers)
             return 413
-        status, payload = getattr(sandbox, op)(_Request(params, query, body, self._base_url()))
+        handle: Callable[[_Request], Reply] = getattr(sandbox, op)
+        status, payload = handle(_Request(params, query, body, self._base_url()))
         if fault is not None and fault["kind"] == "reset":  # processed, then the connection drops
             self.sandbox.pause()
             self.close_connection = True
@@ -2029,7 +2054,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return 0
 
-    def _fault(self, fault: dict[str, Any], api_key: str, key: str) -> int | None:
+    def _fault(self, fault: dict[str, Any], api_key: str | None, key: str) -> int | None:
         """Serve an injected fault. None = go on handling the request (slow, or reset after processing)."""
         kind = fault["kind"]
         if kind == "slow":
@@ -2204,8 +2229,8 @@ class SandboxServer:
 
     def __init__(self, server: _Server) -> None:
         self._server = server
-        host, port = server.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        host, port = server.server_address[:2]  # a bound TCP socket's: typeshed also allows bytes for bind()
+        self.url = f"http://{host if isinstance(host, str) else bytes(host).decode()}:{port}"
         self.sandbox = server.sandbox
         self._stopped = False
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},

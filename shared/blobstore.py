@@ -16,7 +16,7 @@ import io
 import re
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypedDict
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
@@ -32,6 +32,9 @@ from azure.storage.blob import (
 from . import connections
 from .errors import ConfigError, LeaseUnavailable, StateError
 from .storage import Lease, LeaseLost, NotFound, ObjectInfo, PreconditionFailed, check_key, key_below, url_endpoint
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 # One ranged GET of open_read. azure-storage-blob 12.x collects a response with list(stream), and the stream's len()
 # is its byte count, so every download briefly allocates a list of 8 bytes per byte of the range (a 4 MiB range costs
@@ -72,8 +75,9 @@ def _quoted(etag: str) -> str:
 
 
 def _code(e: HttpResponseError) -> str:
-    """The service's error code ('ConditionNotMet'); the SDK gives an enum for known codes, a str otherwise."""
-    code = e.error_code
+    """The service's error code ('ConditionNotMet'); the SDK gives an enum for known codes, a str otherwise. The
+    storage SDK sets `error_code` on the errors it raises; azure-core's class does not declare it."""
+    code = getattr(e, "error_code", None)
     return str(getattr(code, "value", code) or "")
 
 
@@ -99,9 +103,16 @@ def _redact(m: re.Match[str]) -> str:
     return f"{m.group(1)}=REDACTED"
 
 
+class _Condition(TypedDict, total=False):
+    """The SDK's keyword arguments of a conditional call: an ETag with IfNotModified, or IfMissing alone."""
+
+    etag: str
+    match_condition: MatchConditions
+
+
 def _is_folder(metadata: Mapping[str, str] | None) -> bool:
     """Hierarchical-namespace (ADLS Gen2) accounts show directories as empty blobs marked hdi_isfolder."""
-    return bool(metadata) and str(metadata.get("hdi_isfolder", "")).lower() == "true"
+    return metadata is not None and str(metadata.get("hdi_isfolder", "")).lower() == "true"
 
 
 class _BlobReader(io.RawIOBase):
@@ -134,7 +145,7 @@ class _BlobReader(io.RawIOBase):
     def _fetch(self) -> None:
         length = min(self._chunk, self.size - self._pos)
         self._buf = b""  # drop the old chunk before the new one arrives
-        pinned: dict[str, object] = {}  # a snapshot cannot change: no condition
+        pinned: _Condition = {}  # a snapshot cannot change: no condition
         if self.etag is not None:
             pinned = {"etag": _quoted(self.etag), "match_condition": MatchConditions.IfNotModified}
         try:
@@ -151,16 +162,17 @@ class _BlobReader(io.RawIOBase):
             raise StateError(f"reading {self.name!r} in {self._label}: no data at offset {self._pos} of {self.size}")
         self._buf, self._buf_start = data, self._pos
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, b: WriteableBuffer) -> int:
         if self.closed:
             raise ValueError("I/O operation on closed file")
-        if self._pos >= self.size or not len(b):
-            return 0
-        if not self._buf_start <= self._pos < self._buf_start + len(self._buf):
-            self._fetch()
-        i = self._pos - self._buf_start
-        n = min(len(b), len(self._buf) - i)
-        memoryview(b).cast("B")[:n] = memoryview(self._buf)[i : i + n]
+        with memoryview(b) as given, given.cast("B") as out:
+            if self._pos >= self.size or not len(out):
+                return 0
+            if not self._buf_start <= self._pos < self._buf_start + len(self._buf):
+                self._fetch()
+            i = self._pos - self._buf_start
+            n = min(len(out), len(self._buf) - i)
+            out[:n] = memoryview(self._buf)[i : i + n]
         self._pos += n
         return n
 
@@ -244,7 +256,7 @@ class BlobContainerStore:
             raise NotFound(f"{what} is a folder in {self.label}")
         etag = _etag(props.etag) if snapshot is None else None
         raw = _BlobReader(blob, what, props.size, etag, self._read_chunk, self.label)
-        return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[return-value]
+        return io.BufferedReader(raw, buffer_size=64 * 1024)
 
     def read_bytes(self, key: str) -> bytes | None:
         found = self.read_with_etag(key)
@@ -277,7 +289,7 @@ class BlobContainerStore:
     def write_bytes(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         if if_match is not None and if_none_match:
             raise ValueError("if_match and if_none_match exclude each other")
-        conditions: dict[str, object] = {}
+        conditions: _Condition = {}
         if if_match is not None:
             conditions = {"etag": _quoted(if_match), "match_condition": MatchConditions.IfNotModified}
         elif if_none_match:

@@ -33,7 +33,7 @@ import orjson
 from .errors import ExportIncomplete, SourceError, StateError
 from .partitions import BOM, Partition, json_type, open_version, read_exactly
 from .partitions import info as file_info
-from .storage import NotFound, ObjectStore, check_key
+from .storage import NotFound, ObjectStore, check_key, reads_snapshots
 
 __all__ = ["CAPS", "Caps", "CsvSettings", "Found", "encoding_for", "entity_names", "find", "load_model",
            "resolve_location"]
@@ -261,7 +261,7 @@ class _Walk:
 
     def locate(self, model_key: str, where: str, location: str) -> tuple[str, str | None]:
         key, snapshot = resolve_location(self.store, model_key, where, location)
-        if snapshot is not None and not getattr(self.store, "reads_snapshots", False):
+        if snapshot is not None and not reads_snapshots(self.store):
             self.notes.append(f"{model_key}: {where} names blob snapshot {snapshot}; {self.store.label} keeps one "
                               f"version of each file, so {key} itself was read")
         return key, snapshot

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
 from .errors import SourceError, StateError
-from .storage import ObjectStore, check_key
+from .storage import ObjectStore, check_key, reads_snapshots
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK = 1024 * 1024
@@ -57,6 +57,6 @@ def json_type(v: object) -> str:
 def open_version(store: ObjectStore, key: str, snapshot: str | None) -> BinaryIO:
     """store.open_read(key), or of its blob snapshot where the store keeps snapshots (a folder keeps one version of
     each file: discovery notes when it reads that one instead)."""
-    if snapshot is not None and getattr(store, "reads_snapshots", False):
-        return store.open_read(key, snapshot=snapshot)  # type: ignore[call-arg]
+    if snapshot is not None and reads_snapshots(store):
+        return store.open_read(key, snapshot=snapshot)
     return store.open_read(key)

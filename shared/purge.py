@@ -17,7 +17,7 @@ import logging
 import secrets as pysecrets
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 import orjson
 
@@ -35,7 +35,8 @@ from .storage import LeaseKeeper, LeaseLost, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
-PurgeWhat = Literal["list", "contacts"]
+PurgeWhat = Literal["list", "contacts"]  # take the contacts off the destination's list, or delete them from SendGrid
+PURGE_WHATS: tuple[PurgeWhat, ...] = get_args(PurgeWhat)
 SALT_KEY = "erasure-salt"
 LEASE_WAIT_SECONDS = 60.0
 PURGE_OPEN_STATUSES = frozenset({"queued", "running", "interrupted"})  # a purge not final yet
@@ -61,6 +62,11 @@ def _others(svc: Services, name: str, list_id: str, what: PurgeWhat) -> Iterator
                                                       or _list_released(svc.state, other.name))):
             continue
         yield Held(svc.state, other.name, other.list_id)
+
+
+def is_purge_what(value: object) -> TypeGuard[PurgeWhat]:
+    """Whether a value (a query parameter, a stored record's field) names a purge."""
+    return value in PURGE_WHATS
 
 
 def queued_purge(state: StateStore, dest: Destination, what: PurgeWhat, *, by: str) -> dict[str, Any]:

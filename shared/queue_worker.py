@@ -77,20 +77,23 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
         destination(config, name)
     except ConfigError as exc:
         return _refuse(ctx, record, f"the run cannot start: {exc}")
-    claimed = bool(source and etag and not dry_run) and ctx.state.claim_export(name, source, etag, run_id) is None
+    claim: tuple[str, str] | None = None  # the export version this run claimed: not in a dry run, nor one already had
+    if isinstance(source, str) and source and isinstance(etag, str) and etag and not dry_run \
+            and ctx.state.claim_export(name, source, etag, run_id) is None:
+        claim = (source, etag)
     request = RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run, run_id=run_id)
     try:
         report = engine.run(request, ctx.services(config))
     except LeaseUnavailable:
-        if claimed:
-            ctx.state.release_export(name, source, etag, run_id=run_id)
+        if claim is not None:
+            ctx.state.release_export(name, *claim, run_id=run_id)
         if attempt < MAX_ATTEMPTS:
             log.info("%s: busy with another run; run %s waits for the next delivery (attempt %d of %d)", name, run_id,
                      attempt, MAX_ATTEMPTS)
             raise
         return _leave_for_the_timer(ctx, record, attempt)
-    if claimed and report.get("status") == "refused":
-        ctx.state.release_export(name, source, etag, run_id=run_id)
+    if claim is not None and report.get("status") == "refused":
+        ctx.state.release_export(name, *claim, run_id=run_id)
     log.info("%s: run %s %s", name, run_id, report.get("status"))
     return runlog.finished(report)
 

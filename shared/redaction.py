@@ -78,6 +78,7 @@ def scrub_exception(exc: BaseException) -> None:
         message = getattr(current, "message", None)
         if isinstance(message, str) and redact(message) != message:
             with contextlib.suppress(AttributeError):  # read-only: its text is in the formatted traceback only
+                # BaseException declares no `message`; this exception's class has one (getattr above found it).
                 current.message = redact(message)  # type: ignore[attr-defined]
         notes = getattr(current, "__notes__", None)
         if isinstance(notes, list):
@@ -94,12 +95,12 @@ def scrub_record(record: logging.LogRecord) -> None:
         record.msg, record.args = redact(str(record.msg)), None
     else:
         record.msg, record.args = redact(message), None
-    exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
-    if exc is not None:
-        scrub_exception(exc)
-        text = str(exc)
+    info = record.exc_info
+    if isinstance(info, tuple) and info[1] is not None:
+        scrub_exception(info[1])
+        text = str(info[1])
         if redact(text) != text and not record.exc_text:  # its text does not come from its arguments
-            record.exc_text = logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
+            record.exc_text = logging.Formatter().formatException(info)
     if record.exc_text:
         record.exc_text = redact(record.exc_text)
     if record.stack_info:

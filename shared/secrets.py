@@ -22,7 +22,8 @@ from .errors import ConfigError, SecretError
 from .redaction import REDACTED as REDACTED  # re-exported: callers import redaction's names from here
 from .redaction import RedactingFilter as RedactingFilter
 from .redaction import install_log_redaction as install_log_redaction
-from .redaction import redact, register_secret_value
+from .redaction import redact as redact
+from .redaction import register_secret_value
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -52,6 +53,7 @@ class Secret:
     """A secret value that shows only its name. Equality and hashing are by identity, so nothing compares values."""
 
     __slots__ = ("_value", "name", "version")
+    _value: str
     name: str
     version: str | None  # Key Vault version id (not secret); None for the environment
 

@@ -37,6 +37,7 @@ from .errors import (
     SendGridError,
     TransientError,
 )
+from .partitions import json_type
 from .secrets import SecretProvider, redact
 
 log = logging.getLogger(__name__)
@@ -437,12 +438,13 @@ class SendGridClient:
     # --- API calls ----------------------------------------------------------------------------------------------------
 
     def field_definitions(self) -> dict[str, Any]:
-        return orjson.loads(self.request("GET", "/v3/marketing/field_definitions").content)
+        endpoint = "GET /v3/marketing/field_definitions"
+        return _json_object(endpoint, self.request("GET", "/v3/marketing/field_definitions", endpoint=endpoint))
 
     def get_list(self, list_id: str) -> dict[str, Any] | None:
-        resp = self.request("GET", f"/v3/marketing/lists/{_segment(list_id)}", endpoint="GET /v3/marketing/lists/{id}",
-                            allow=(404,))
-        return None if resp.status_code == 404 else orjson.loads(resp.content)
+        endpoint = "GET /v3/marketing/lists/{id}"
+        resp = self.request("GET", f"/v3/marketing/lists/{_segment(list_id)}", endpoint=endpoint, allow=(404,))
+        return None if resp.status_code == 404 else _json_object(endpoint, resp)
 
     def lists(self) -> list[dict[str, Any]]:
         """Every list of the account ({id, name, contact_count}), page by page (GET /v3/marketing/lists, 1,000 a
@@ -464,19 +466,26 @@ class SendGridClient:
 
     def upsert(self, body: bytes) -> str:
         """PUT /v3/marketing/contacts; returns the job id. Raises InvalidContacts when addresses are refused."""
-        resp = self.request("PUT", "/v3/marketing/contacts", body=body, ok=(202,))
-        return str(orjson.loads(resp.content)["job_id"])
+        endpoint = "PUT /v3/marketing/contacts"
+        job_id = _json_object(endpoint, self.request("PUT", "/v3/marketing/contacts", body=body, ok=(202,))).get(
+            "job_id")
+        if not job_id:
+            raise SendGridError(f"{endpoint}: HTTP 202 without a job_id: the contacts' fate is unknown; run again "
+                                "(an upsert sent twice changes nothing)", status=202)
+        return str(job_id)
 
     def import_status(self, job_id: str) -> dict[str, Any]:
-        resp = self.request("GET", f"/v3/marketing/contacts/imports/{_segment(job_id)}",
-                            endpoint="GET /v3/marketing/contacts/imports/{id}")
-        return orjson.loads(resp.content)
+        endpoint = "GET /v3/marketing/contacts/imports/{id}"
+        return _json_object(endpoint, self.request("GET", f"/v3/marketing/contacts/imports/{_segment(job_id)}",
+                                                   endpoint=endpoint))
 
     def start_import(self, list_ids: Sequence[str], field_mappings: Sequence[str | None]) -> dict[str, Any]:
         """PUT /v3/marketing/contacts/imports for a gzip CSV upload; returns job_id, upload_uri, upload_headers.
         The body names only the documented fields: SendGrid takes a gzip upload as it is, with no flag for it."""
         body = orjson.dumps({"list_ids": list(list_ids), "file_type": "csv", "field_mappings": list(field_mappings)})
-        return orjson.loads(self.request("PUT", "/v3/marketing/contacts/imports", body=body).content)
+        endpoint = "PUT /v3/marketing/contacts/imports"
+        return _json_object(endpoint, self.request("PUT", "/v3/marketing/contacts/imports", endpoint=endpoint,
+                                                   body=body))
 
     def upload(self, upload_uri: str, upload_headers: Iterable[Mapping[str, str]], data: Any, size: int) -> None:
         """PUT the import file to the URI SendGrid gave (no API key goes there), retried like any call. The URI is a
@@ -534,12 +543,13 @@ class SendGridClient:
         """Email -> (contact id, list ids) for those SendGrid knows (100 a call). A contact whose upsert job is still
         pending is not known yet: callers settle the account's jobs first (`jobs.settle_account`)."""
         found: dict[str, SearchHit] = {}
+        endpoint = "POST /v3/marketing/contacts/search/emails"
         for chunk in _chunks(emails, limits.MAX_SEARCH_EMAILS):
-            resp = self.request("POST", "/v3/marketing/contacts/search/emails",
+            resp = self.request("POST", "/v3/marketing/contacts/search/emails", endpoint=endpoint,
                                 body=orjson.dumps({"emails": list(chunk)}), allow=(404,))
             if resp.status_code == 404:
                 continue
-            for email, item in orjson.loads(resp.content).get("result", {}).items():
+            for email, item in _json_object(endpoint, resp).get("result", {}).items():
                 contact = item.get("contact") if isinstance(item, dict) else None
                 # the search also matches alternate emails: only a contact whose primary email it is counts
                 if contact and contact.get("id") and str(contact.get("email", "")).lower() == email.lower():
@@ -565,7 +575,23 @@ class SendGridClient:
         resp = self.request("DELETE", path, params={param: ",".join(ids)}, endpoint=endpoint, ok=(200, 202, 204))
         if not resp.content:
             return ""
-        return str(orjson.loads(resp.content).get("job_id", ""))
+        return str(_json_object(endpoint or f"DELETE {path}", resp).get("job_id", ""))
+
+
+def _json_object(endpoint: str, resp: requests.Response) -> dict[str, Any]:
+    """The JSON object a successful call answers with; SendGridError naming the call and what came instead when it is
+    not one (a proxy's page, a cut answer), so the run stops with a reason, resumable, instead of crashing."""
+    try:
+        value = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        what = f"{len(resp.content)} bytes that are not JSON"
+    else:
+        if isinstance(value, dict):
+            return value
+        what = f"a JSON {json_type(value)}"
+    raise SendGridError(f"{endpoint}: HTTP {resp.status_code} answered with {what} instead of a JSON object; if this "
+                        "lasts, check what stands between this app and SendGrid (a proxy, SENDGRID_API_URL)",
+                        status=resp.status_code)
 
 
 _AUTH_HINT = {

@@ -21,10 +21,10 @@ import gzip
 import io
 import itertools
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import orjson
 
@@ -82,7 +82,7 @@ _TAINT = [0]
 _surrogateescape = codecs.lookup_error("surrogateescape")
 
 
-def _flag_undecodable(exc: UnicodeError) -> tuple[str, int]:
+def _flag_undecodable(exc: UnicodeError) -> tuple[str | bytes, int]:
     _TAINT[0] += 1
     return _surrogateescape(exc)
 
@@ -142,18 +142,22 @@ def _source(store: ObjectStore, key: str) -> tuple[str, Partition | None]:
     raise SourceError(f"{what}; point the source at a {ACCEPTED_FILES}", file=key or "/")
 
 
+_PLAIN_TYPES: tuple[tuple[str, Literal["csv", "jsonl"]], ...] = (
+    (".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"))  # a plain file's extension and format
+
+
 def _plain_partition(store: ObjectStore, key: str) -> Partition:
     name = key.rsplit("/", 1)[-1]
     stem, compressed = (name[:-3], True) if name.lower().endswith(".gz") else (name, False)
     lower = stem.lower()
-    for ext, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl")):  # noqa: B007 - used after
+    for ext, fmt in _PLAIN_TYPES:  # noqa: B007 - used after
         if lower.endswith(ext) and len(stem) > len(ext):
             break
     else:
         raise SourceError(f"unknown file type; accepted: {ACCEPTED_FILES}", file=key)
     if not compressed:
         compressed = _sniff_gzip(store, key)
-    return Partition(stem[: -len(ext)], key, fmt, compressed, None, fmt == "csv")  # type: ignore[arg-type]
+    return Partition(stem[: -len(ext)], key, fmt, compressed, None, fmt == "csv")
 
 
 def _sniff_gzip(store: ObjectStore, key: str) -> bool:
@@ -192,7 +196,7 @@ def _header_of(store: ObjectStore, part: Partition) -> tuple[str, ...] | None:
     cut = part.delimiter.encode("utf-8") + _CUT + b"\n"
     try:
         with _open_lines(store, part, MAX_CSV_LINE_BYTES, b"\r\n", [], cut) as guard:
-            text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
+            text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")
             header = _csv_header(_csv_reader(text, part.delimiter, part.quoting), part, MAX_CSV_LINE_BYTES)
     except (SourceError, StateError, *_DAMAGED):
         return None
@@ -255,10 +259,12 @@ class _Chain(io.RawIOBase):
 
 def _flag_transcoding(exc: UnicodeError) -> tuple[str, int]:
     """Undecodable bytes in a file of another encoding: surrogate escapes (0xFF for a byte below 0x80) that turn
-    back into invalid UTF-8, which the UTF-8 reading then flags on the row."""
+    back into invalid UTF-8, which the UTF-8 reading then flags on the row. Only decoding uses it."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
     _TAINT[0] += 1
-    bad = exc.object[exc.start : exc.end]  # type: ignore[attr-defined]
-    return "".join(chr(0xDC00 + b) if b >= 0x80 else "\udcff" for b in bad) or "\udcff", exc.end  # type: ignore[attr-defined]
+    bad = exc.object[exc.start : exc.end]
+    return "".join(chr(0xDC00 + b) if b >= 0x80 else "\udcff" for b in bad) or "\udcff", exc.end
 
 
 _TRANSCODE_ERRORS = "sgconnector-sources-flagged-transcoding"
@@ -270,6 +276,7 @@ class _Stream(io.RawIOBase):
 
     # TextIOWrapper checks `buffer.closed` on every line; a class attribute is much cheaper than IOBase's property.
     closed = False
+    name = ""  # the key of the file read, as a file object names its file (TextIOWrapper.name)
 
     def readable(self) -> bool:
         return True
@@ -317,7 +324,8 @@ class _LineGuard(_Stream):
 
     TextIOWrapper reads it directly through read1(); BufferedReader through readinto()."""
 
-    def __init__(self, src: Any, max_line: int, newlines: bytes, cut: bytes = b"") -> None:
+    def __init__(self, src: Any, max_line: int, newlines: bytes, cut: bytes = b"", name: str = "") -> None:
+        self.name = name
         self._read = getattr(src, "read1", src.read)  # read1: a truncated gzip loses no data read before the damage
         self._max, self._cr = max_line, b"\r" in newlines
         self._cut = cut  # appended, with a line break, to a last line that has none (CSV: the delimiter + _CUT)
@@ -427,7 +435,7 @@ def _open_lines(store: ObjectStore, part: Partition, max_line: int, newlines: by
             src = _decoded(src, part.encoding)
         except _DAMAGED as e:
             raise _io_error(part, 1, e) from e
-        yield _LineGuard(src, max_line, newlines, cut)
+        yield _LineGuard(src, max_line, newlines, cut, part.key)
     finally:
         raw.close()
 
@@ -550,8 +558,10 @@ def _read_csv(store: ObjectStore, part: Partition, wanted: tuple[str, ...], requ
     mark = taint[0]
     cut = part.delimiter.encode("utf-8") + _CUT + b"\n"
     with _open_lines(store, part, max_line, b"\r\n", warns, cut) as guard:
-        text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")  # type: ignore[arg-type]
-        text._CHUNK_SIZE = READ_CHUNK  # type: ignore[attr-defined]  # one read1() per guard chunk, no copies
+        text = io.TextIOWrapper(guard, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="")
+        # One read1() per guard chunk, no copies. _CHUNK_SIZE is CPython's TextIOWrapper attribute; typeshed leaves
+        # it out as private.
+        text._CHUNK_SIZE = READ_CHUNK  # type: ignore[attr-defined]
         rd = _csv_reader(text, part.delimiter, part.quoting)
         try:
             header = _csv_header(rd, part, max_line) if part.header else None
@@ -611,7 +621,7 @@ def _csv_records(rd: Any, n: int, get: Callable[[list[str]], Sequence[str | None
     if type(get) is itemgetter and type(get([None] * (n + 1))) is list:  # a slice getter: already a fresh list
         for row in rd:
             if len(row) == n and taint[0] == mark:
-                yield at[0] + base, get(row), None  # type: ignore[misc]
+                yield at[0] + base, get(row), None
             elif row:
                 yield _csv_slow(row, n, get, wanted, taint[0] != mark, at[0] + base, max_line)
             at[0] = rd.line_num
@@ -783,7 +793,7 @@ def _first_record_end(buf: bytes, tries: int = 256) -> int:
 
 def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], required: Collection[str] = (),
                warnings: list[str] | None = None, *, chunk_bytes: int = CHUNK_BYTES, max_field: int = MAX_FIELD_CHARS,
-               max_line: int | None = None) -> Iterator[CsvChunk | ReadOn]:
+               max_line: int | None = None) -> Generator[CsvChunk | ReadOn, None, None]:
     """A CSV partition as CsvChunks of whole records, in order; a ReadOn ends the stream early when the rest must
     be read with read_rows (see above). Header and column problems raise SourceError as read_rows does."""
     warns = warnings if warnings is not None else []
@@ -894,7 +904,7 @@ def _read_jsonl(store: ObjectStore, part: Partition, wanted: tuple[str, ...], re
     req = [r for r in dict.fromkeys(wanted) if r in required] + sorted(required - set(wanted))
     line = 0
     with _open_lines(store, part, max_line, b"\n", warns) as guard:
-        lines = iter(io.BufferedReader(guard, READ_CHUNK))  # type: ignore[arg-type]
+        lines = iter(io.BufferedReader(guard, READ_CHUNK))
         try:
             first = next(lines, None)
             if first is not None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeGuard
 from urllib.parse import unquote, urlsplit
 
 from .errors import LeaseUnavailable, StateError
@@ -106,7 +106,7 @@ class ObjectStore(Protocol):
 
     def open_read(self, key: str) -> BinaryIO:
         """A streaming, read-only binary file object. Raises NotFound. A store that keeps blob snapshots
-        (`reads_snapshots = True`) also takes `snapshot=<time>`: that snapshot of the object, not the object."""
+        (SnapshotStore) also takes `snapshot=<time>`: that snapshot of the object, not the object."""
 
     def read_bytes(self, key: str) -> bytes | None:
         """The whole object (small objects only), or None when it does not exist."""
@@ -134,6 +134,20 @@ class ObjectStore(Protocol):
     def key_for_url(self, url: str) -> str | None:
         """The key an absolute URL names inside this store, or None when it points elsewhere: another account,
         container or (for a folder) another origin than the one the folder stands for."""
+
+
+
+class SnapshotStore(ObjectStore, Protocol):
+    """A store that keeps blob snapshots (blobstore.BlobContainerStore): open_read also reads one of them."""
+
+    reads_snapshots: bool
+
+    def open_read(self, key: str, snapshot: str | None = None) -> BinaryIO: ...
+
+
+def reads_snapshots(store: ObjectStore) -> TypeGuard[SnapshotStore]:
+    """Whether the store keeps blob snapshots; a folder (LocalFolderStore) keeps one version of each file."""
+    return bool(getattr(store, "reads_snapshots", False))
 
 
 class _FileLease:
@@ -189,7 +203,7 @@ class LocalFolderStore:
             return None
         return ObjectInfo(key, st.st_size, self._etag(st), st.st_mtime)
 
-    def _replace(self, key: str, write: callable) -> str:  # type: ignore[valid-type]
+    def _replace(self, key: str, write: Callable[[BinaryIO], object]) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

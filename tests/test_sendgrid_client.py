@@ -45,6 +45,7 @@ from shared.errors import (
 )
 from shared.secrets import EnvSecrets, Secret
 from shared.sendgrid import InvalidContacts, RetryPolicy, SendGridClient, base_url_for
+from tests.conftest import QuietJsonHandler, loopback_server
 
 SECRET_NAME = "sendgrid-api-key"
 ENV_VAR = "SENDGRID_API_KEY"
@@ -782,6 +783,55 @@ def test_repr_names_the_secret_not_the_key(api: Api) -> None:
     client = api.client()
     client.field_definitions()
     assert SECRET_NAME in repr(client) and api.key not in repr(client) and api.key not in str(client)
+
+
+# ------------------------------------------------------------------------------ answers that are not JSON objects
+
+
+class OddAnswers(QuietJsonHandler):
+    """Something between the app and SendGrid (a proxy, a wrong SENDGRID_API_URL) answering 2xx with another body."""
+
+    answer: tuple[int, bytes] = (200, b"")  # (status, body), set per test
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_json(*self.answer)
+
+    do_GET = do_PUT = do_POST = do_DELETE = _answer
+
+
+@pytest.mark.parametrize(("call", "answer", "said"), [
+    pytest.param(lambda c: c.field_definitions(), (200, b"<html>Sign in to the proxy</html>"),
+                 "GET /v3/marketing/field_definitions: HTTP 200 answered with 33 bytes that are not JSON", id="html"),
+    pytest.param(lambda c: c.import_status("job-1"), (200, b"[]"),
+                 "GET /v3/marketing/contacts/imports/{id}: HTTP 200 answered with a JSON array", id="array"),
+    pytest.param(lambda c: c.get_list("list-1"), (200, b'"ok"'),
+                 "GET /v3/marketing/lists/{id}: HTTP 200 answered with a JSON string", id="string"),
+    pytest.param(lambda c: c.upsert(b"{}"), (202, b"{}"),
+                 "PUT /v3/marketing/contacts: HTTP 202 without a job_id", id="no-job-id"),
+    pytest.param(lambda c: c.start_import(["l"], ["e"]), (200, b"null"),
+                 "PUT /v3/marketing/contacts/imports: HTTP 200 answered with a JSON null", id="null"),
+    pytest.param(lambda c: c.search_contacts(["a@example.com"]), (200, b'{"result"'),
+                 "POST /v3/marketing/contacts/search/emails: HTTP 200 answered with 9 bytes that are not JSON",
+                 id="cut-short"),
+    pytest.param(lambda c: c.delete_contacts(["id-1"]), (202, b"[1]"),
+                 "DELETE /v3/marketing/contacts: HTTP 202 answered with a JSON array", id="delete"),
+])
+def test_a_success_that_is_not_a_json_object_is_a_sendgrid_error_naming_the_call(
+        watch: LeakWatch, call: Callable[[SendGridClient], object], answer: tuple[int, bytes], said: str) -> None:
+    """Such an answer used to escape as a JSONDecodeError, a KeyError, or a list where a dict was promised: now the
+    run stops with a reason (engine: a SendGridError leaves it failed, resumable)."""
+    key = new_key()
+    watch.keys.add(key)
+    with loopback_server(type("Odd", (OddAnswers,), {"answer": answer})) as url:
+        client = SendGridClient(url, EnvSecrets({ENV_VAR: key}), SECRET_NAME, policy=fast_policy(),
+                                sleep=lambda _: None)
+        watch.clients.append(client)
+        with watch.raises(SendGridError) as info:
+            call(client)
+        client.close()
+    assert type(info.value) is SendGridError and info.value.status == answer[0]
+    assert str(info.value).startswith(said)
 
 
 # ------------------------------------------------------------------------------------------ invalid addresses
