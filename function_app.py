@@ -34,7 +34,7 @@ def _context() -> context.AppContext:
 
 
 @app.blob_trigger(arg_name="client", path="%EXPORTS_CONTAINER%/{name}", connection="ExportsStorage",
-                  source="EventGrid")
+                  source=func.BlobSource.EVENT_GRID)
 def on_export(client: blob.BlobClient) -> None:
     """A new blob in the exports container: a model.json (a finished Customer Insights export) or a plain file."""
     connector.on_blob(_context(), client.blob_name)
@@ -52,8 +52,9 @@ def _http(req: func.HttpRequest, route: str) -> http_api.Response:
 
 
 def _queued(answer: http_api.Response, queue: func.Out[str]) -> http_api.Response:
-    if answer.message is not None:
-        queue.set(answer.message_json())
+    message = answer.message_json()
+    if message is not None:
+        queue.set(message)
     return answer
 
 

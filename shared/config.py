@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from . import limits
 from .errors import ConfigError
@@ -101,7 +101,7 @@ def _type_name(value: Any) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -321,20 +321,21 @@ def parse_config(data: bytes | str, origin: str) -> Config:
             errors[label] = ConfigError(f"must be an object, not {_type_name(raw)}", file=origin, destination=label)
             continue
         name = raw.get("name", _MISSING)
-        if name is _MISSING:
-            bad_name = _Invalid("name", "is required")
-        elif not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            bad_name = _Invalid("name", f"{name!r} is not a valid name: 1-63 lower-case letters, digits and '-',"
-                                        " starting with a letter or digit (it is used in URLs and storage keys)")
+        if isinstance(name, str) and NAME_RE.fullmatch(name):
+            key, bad_name = name, None
+        elif name is _MISSING:
+            key, bad_name = label, _Invalid("name", "is required")
         else:
-            bad_name = None
-        destination, problems = _destination(raw, label if bad_name else name)
+            key, bad_name = label, _Invalid("name", f"{name!r} is not a valid name: 1-63 lower-case letters, digits "
+                                                    "and '-', starting with a letter or digit (it is used in URLs and "
+                                                    "storage keys)")
+        destination, problems = _destination(raw, key)
         if bad_name:
-            errors[label] = _as_error(origin, label, [bad_name, *problems])
+            errors[key] = _as_error(origin, key, [bad_name, *problems])
         elif destination is None:
-            errors[name] = _as_error(origin, name, problems)
+            errors[key] = _as_error(origin, key, problems)
         else:
-            destinations[name] = destination
+            destinations[key] = destination
     return Config(origin=origin, destinations=MappingProxyType(destinations), errors=MappingProxyType(errors))
 
 

@@ -242,10 +242,12 @@ def _changes_of(record: Mapping[str, Any]) -> Mapping[str, Any]:
     """The record's changes (a dry run's planned ones); for a record made before runs counted them, what it holds
     of the same: removed (mirror, purge) and rejected."""
     plan = record.get("plan")
-    if isinstance(plan, Mapping) and isinstance(plan.get("changes"), Mapping):
-        return plan["changes"]
-    if isinstance(record.get("changes"), Mapping):
-        return record["changes"]
+    planned = plan.get("changes") if isinstance(plan, Mapping) else None
+    if isinstance(planned, Mapping):
+        return planned
+    changes = record.get("changes")
+    if isinstance(changes, Mapping):
+        return changes
     counts, mirror = record.get("counts") or {}, record.get("mirror") or {}
     known: dict[str, Any] = {"rejected": counts.get("rejected_total")}
     removed = mirror.get("removed", counts.get("removed", counts.get("deleted")))

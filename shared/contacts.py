@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal, final
 
 import orjson
 
@@ -201,6 +201,7 @@ class Reason(StrEnum):
     UNREADABLE_ROW = "unreadable_row"
 
 
+@final  # so `type(x) is Rejected` tells a rejection from a mapped contact (pipeline.map_rows)
 class Rejected(str):
     """A rejection: the text a person reads (the rejections CSV), carrying its `reason` - counts group by the reason,
     never by parsing the text."""
@@ -231,6 +232,9 @@ _EMAIL_TOO_LONG = Rejected(f"email longer than {limits.MAX_EMAIL_LENGTH} charact
 
 def _invalid_email(shown: str) -> Rejected:
     return Rejected("invalid email " + shown, Reason.INVALID_EMAIL)
+
+
+Mapped = tuple[str, dict[str, Any], Note | None] | Rejected  # (email, contact, note) or why the row was rejected
 
 
 class ContactMapper:
@@ -266,22 +270,19 @@ class ContactMapper:
         custom_plan = [(f, col(f.column)) for f in custom]
         self.columns: tuple[str, ...] = tuple(columns)
         self._trimmed: collections.Counter[str] = collections.Counter()
-        self.map = self._generate(text, alternates, custom_plan)  # shadows the documented method below
+        self.map = self._generate(text, alternates, custom_plan)
 
     @property
     def trimmed(self) -> collections.Counter[str]:
         """Field name -> how many values were cut to SendGrid's length. Reset it with .clear() (map() holds it)."""
         return self._trimmed
 
-    def map(self, values: Sequence[str | None]) -> tuple[str, dict, str | None] | str:
-        """(email, contact, note) or the rejection reason. note mentions values left out; None when nothing was.
-
-        Replaced in every instance by the function __init__ generates; this body never runs.
-        """
-        raise NotImplementedError
+    map: Callable[[Sequence[str | None]], Mapped]
+    """(email, contact, note) or the rejection reason. note mentions values left out; None when nothing was. The
+    function __init__ generates for this instance."""
 
     def _generate(self, text: list[tuple[str, int, int]], alternates: int | None,
-                  custom: list[tuple[CustomField, int]]) -> Callable[[Sequence[str | None]], object]:
+                  custom: list[tuple[CustomField, int]]) -> Callable[[Sequence[str | None]], Mapped]:
         """Compiles two versions of map() for this plan, with the same results.
 
         The fast one unpacks the row and strips every value up front, inside a try (free when nothing is raised),
@@ -292,7 +293,7 @@ class ContactMapper:
         Both end alike: when every field has a value the contact is built as one dict display (presized, no store
         per field); otherwise field by field. Numbers take an inline float() path and dates a dict cache.
         """
-        env: dict[str, object] = {
+        env: dict[str, Any] = {
             "fullmatch": EMAIL_RE.fullmatch, "shown": _shown, "trimmed": self._trimmed, "add_note": _add_note,
             "parse_number": parse_number, "alternate_emails": self._alternate_emails, "float": float,
             "date_get": _DATE_CACHE.get, "date_miss": _date_miss, "MISS": _MISS,
@@ -426,7 +427,8 @@ class ContactMapper:
             "    return map_guarded(values)",
         ]
         exec(compile("\n".join(src), "<ContactMapper.map>", "exec"), env)
-        return env["map"]  # type: ignore[return-value]
+        generated: Callable[[Sequence[str | None]], Mapped] = env["map"]  # compiled from `src` just above
+        return generated
 
     def _alternate_emails(self, text: str, primary: str) -> tuple[list[str], str | None]:
         """Valid, lower-cased, distinct alternates (not the primary), at most MAX_ALTERNATE_EMAILS; and a note."""
@@ -454,7 +456,7 @@ def _add_note(note: Note | None, more: str, field: str) -> Note:
     return Note(f"{note}; {more}", (*note.fields, field))
 
 
-def encode(contact: dict) -> bytes:
+def encode(contact: dict[str, Any]) -> bytes:
     """Compact JSON, as it goes into the request body."""
     return orjson.dumps(contact)
 

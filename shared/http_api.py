@@ -301,7 +301,7 @@ def disable_destination(call: Call) -> Response:
     """Disable a destination. With ?purge=list|contacts, also take its contacts back out of SendGrid: the purge is
     queued (202 with a run id, like a run); purge=contacts deletes contacts and needs &confirm=true."""
     what = call.params.get("purge")
-    if what is not None and what not in ("list", "contacts"):
+    if what is not None and not purge.is_purge_what(what):
         raise HttpError(400, "purge must be 'list' (remove its contacts from its list) or 'contacts' (delete them "
                              "from the SendGrid account, with confirm=true)")
     if what == "contacts" and call.params.get("confirm") != "true":

@@ -63,7 +63,7 @@ class MappedChunk:
     emails: list[str]
     fps: bytes  # contacts.fingerprints(emails): 8 bytes each
     data: bytes  # the contacts' JSON, back to back
-    ends: array  # end offset in data of each contact
+    ends: array[int]  # end offset in data of each contact
 
     def contact(self, pos: int) -> bytes:
         return self.data[self.ends[pos - 1] if pos else 0 : self.ends[pos]]
@@ -87,7 +87,7 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row]) -> Map
         if type(mapped) is contacts.Rejected:
             rejects.append((line, mapped))
             continue
-        email, contact, note = mapped  # type: ignore[misc]
+        email, contact, note = mapped
         if note:
             notes.append((line, note))
         buf += dumps(contact)  # appended at once: orjson's results are over-allocated, never keep them
@@ -300,13 +300,14 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
     wanted = mapper.columns
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    line = 1
+    line = 1  # where read_rows starts
     if (workers > 0 and _cannot_start is None and part.fmt == "csv" and part.quoting
             and _big(store, part, min_bytes)):
         noted = len(warnings)
-        line = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes)
-        if line is None:
+        read_on = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes)
+        if read_on is None:  # the workers read the whole partition
             return
+        line = read_on
         if line == 1:  # read_rows notes the same file-level warnings again
             del warnings[noted:]
     rows = sources.read_rows(store, part, wanted, required, warnings if line == 1 else [])

@@ -188,7 +188,7 @@ def _next_block(source: Iterator[list[str]]) -> list[str] | None:
     return None
 
 
-class _Emails(itertools.chain):  # type: ignore[type-arg]
+class _Emails(itertools.chain[str]):
     """What `EmailSorter.sorted_unique`, `read_snapshot` and `union_sorted` return: an iterator of emails with a
     C-level `next` (it is an itertools.chain over a generator of blocks) whose blocks this module's own consumers
     take whole while it is unstarted (`_blocks_of`), so no email is handed from layer to layer one at a time.
@@ -199,6 +199,7 @@ class _Emails(itertools.chain):  # type: ignore[type-arg]
     @classmethod
     def of(cls, blocks: Generator[list[str], None, None]) -> _Emails:
         emails = cls.from_iterable(blocks)
+        assert isinstance(emails, cls)  # typeshed's from_iterable returns a chain, not the subclass it is called on
         emails.blocks = blocks
         return emails
 
@@ -351,7 +352,7 @@ class EmailSorter:
         self._runs.append(self._write_run(_blocks(buffer)))
         self.spills += 1
 
-    def _merge(self, paths: list[str], *, with_buffer: bool = False) -> Iterator[list[str]]:
+    def _merge(self, paths: list[str], *, with_buffer: bool = False) -> Generator[list[str], None, None]:
         """The distinct emails of some runs (and the in-memory chunk) in ascending blocks."""
         read_bytes = max(_MIN_RUN_READ, min(_READ_BYTES, _MERGE_READ_BUDGET // max(1, len(paths))))
         sources: list[Iterator[list[str]]] = [_file_blocks(p, read_bytes) for p in paths]
@@ -503,7 +504,9 @@ def read_lines(store: ObjectStore, key: str) -> Iterator[list[str]]:
 def snapshot_meta(store: ObjectStore, key: str) -> dict[str, Any] | None:
     """The sidecar when it describes the snapshot as it is now (same etag), else None."""
     info = store.info(key)
-    raw = store.read_bytes(meta_key(key)) if info is not None else None
+    if info is None:
+        return None
+    raw = store.read_bytes(meta_key(key))
     if raw is None:
         return None
     try:

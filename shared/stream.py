@@ -127,8 +127,8 @@ class Stream:
                 counts.duplicates += len(chunk.emails) - len(keep)
                 if keep:
                     if self.sorter is not None:  # every contact's record line: what was sent for whom (delta)
-                        emails, line = chunk.emails, delta.line
-                        self.sorter.extend([line(emails[k], chunk.contact(k)) for k in keep])
+                        emails, entry = chunk.emails, delta.line
+                        self.sorter.extend([entry(emails[k], chunk.contact(k)) for k in keep])
                     yield chunk, keep
             self.tick()
             self.deadline_check("while reading the export")
@@ -171,14 +171,14 @@ class Stream:
             for batch in packer.add(chunk.data, chunk.ends, chunk.emails, keep[:cut], start):
                 yield "json", batch
             if cut < len(keep):
-                if (batch := packer.flush()) is not None:
-                    yield "json", batch
+                if (rest_batch := packer.flush()) is not None:
+                    yield "json", rest_batch
                 assert self.importer is not None
                 rest = itertools.chain([(chunk, keep[cut:], start + cut)], _numbered(chunks, index))
                 yield from (("csv", f) for f in self.importer.files(_contact_dicts(rest)))
                 return
-        if (batch := packer.flush()) is not None:
-            yield "json", batch
+        if (last := packer.flush()) is not None:
+            yield "json", last
 
     def send_all(self, client: SendGridClient) -> None:
         """Read and send, overlapped: this thread packs, one sender thread sends. With room for one waiting batch,
