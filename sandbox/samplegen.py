@@ -7,6 +7,7 @@ bad rows (missing or malformed emails), case-variant duplicates and the odd quot
 
 from __future__ import annotations
 
+import csv
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -151,6 +152,28 @@ def write_cdm_export(
     }
     (base / "model.json").write_bytes(orjson.dumps(model, option=orjson.OPT_INDENT_2))
     return ExportInfo(f"{instance}/{export_folder}/model.json", segment, written, valid, bad, dups, partitions)
+
+
+def change_profiles(root: str | Path, info: ExportInfo, count: int) -> int:
+    """Change the lifetime value of the first `count` distinct valid profiles of the export's first partition, in
+    place (model.json unchanged): what a day's refresh of a segment looks like. Returns how many changed."""
+    model = orjson.loads((Path(root) / info.model_key).read_bytes())
+    location = model["entities"][0]["partitions"][0]["location"]
+    path = Path(root) / info.model_key.rsplit("/", 1)[0] / location.split(info.model_key.rsplit("/", 1)[0] + "/", 1)[1]
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh))
+    email_at, value_at = COLUMNS.index("EmailAddress"), COLUMNS.index("LifetimeValue")
+    seen: set[str] = set()
+    changed = 0
+    for row in rows:
+        email = row[email_at].strip()
+        if changed < count and email == email.lower() and "@" in email and email not in seen and "." in email:
+            row[value_at] = f"{float(row[value_at]) + 1:.2f}"
+            changed += 1
+        seen.add(email.lower())
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write("".join(",".join(_q(f) for f in row) + "\r\n" for row in rows))
+    return changed
 
 
 def demo_destinations(list_id: str, *, max_profiles: int | None = 100_000, mode: str = "upsert",

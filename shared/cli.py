@@ -28,6 +28,7 @@ from .storage import LocalFolderStore, ObjectStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SUCCESS = ("completed", "completed_with_errors", "submitted", "dry_run")
+DEMO_CHANGED = 25  # profiles the demo changes before its second run
 
 HELP = """Stream customer-segment exports (Dynamics 365 Customer Insights CDM folders, CSV or JSON Lines files) into
 SendGrid Marketing contact lists, and look at what each run did. The destinations file (--config) says which
@@ -102,6 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.deadline_seconds if args.deadline_seconds else None
     info = store.info(key)  # the export's version: an unfinished run of the same version is resumed, not redone
     req = RunRequest(args.destination, key, info.etag if info else None, trigger="cli", dry_run=args.dry_run,
+                     full_resync=args.full_resync,
                      wait=args.wait, resume=args.resume, deadline=deadline)
     with _progress(args) as progress:
         svc = _services(args, store, progress=progress)
@@ -311,10 +313,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo: SendGrid sandbox at {server.url}; list {list_id}; config {config_path}")
         args_export = argparse.Namespace(
             config=str(config_path), destination="vip-newsletter", source=str(export_root / info.model_key),
-            state_dir=str(work / "state"), report=str(work / "report.json"), dry_run=False, wait=True, resume=None,
-            deadline_seconds=None, quiet=False)
+            state_dir=str(work / "state"), report=str(work / "report.json"), dry_run=False, full_resync=False,
+            wait=True, resume=None, deadline_seconds=None, quiet=False)
         code = cmd_export(args_export)
         in_list = len(box.list_emails(list_id))
+        if code == EXIT_OK:  # a day later: a few profiles changed; the refresh sends only those
+            changed = samplegen.change_profiles(export_root, info, DEMO_CHANGED)
+            print(f"\ndemo: {changed} profiles changed in the export; running it again (only they are sent) ...")
+            code = cmd_export(args_export)
+            in_list = len(box.list_emails(list_id))
     expected = info.valid_distinct
     print(f"demo: the sandbox list now holds {in_list:,} contacts; the export had {expected:,} distinct valid "
           f"profiles ({info.bad_rows:,} bad rows, {info.duplicate_rows:,} duplicates)")
@@ -348,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".state", help=STATE_HELP)
     p.add_argument("--report", help="also write the JSON report here")
     p.add_argument("--dry-run", action="store_true", help="read, map and validate everything; send nothing")
+    p.add_argument("--full-resync", action="store_true",
+                   help="send every contact, not only those new or changed since the last run")
     p.add_argument("--wait", action="store_true", help="poll SendGrid's jobs until they finish")
     p.add_argument("--resume", metavar="RUN_ID", help="resume an interrupted run from its checkpoint")
     p.add_argument("--deadline-seconds", type=float, help="stop cleanly (resumable) after this many seconds")

@@ -84,9 +84,8 @@ def decide(store: ObjectStore, fp_key: str, dest: Destination, dest_fp: str, *, 
     if dest.full_resync_days is not None and (now or time.time()) - last_full >= dest.full_resync_days * 86_400:
         return Kind("full", f"the last full send was {dest.full_resync_days} or more days ago (full_resync_days), so "
                             "edits made in SendGrid are overwritten")
-    return Kind("delta", f"only contacts new or changed since the last run (full sends every "
-                         f"{dest.full_resync_days} days)" if dest.full_resync_days else
-                "only contacts new or changed since the last run")
+    every = f"; a full send every {dest.full_resync_days} days" if dest.full_resync_days else ""
+    return Kind("delta", f"only contacts new or changed since the last run{every}")
 
 
 def classify(store: ObjectStore, fp_key: str, held_key: str, current_key: str, *,

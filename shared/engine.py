@@ -179,6 +179,8 @@ def _attempt(stream: Stream, *, release_claim: bool) -> dict[str, Any]:
     finally:
         if stream.read:
             stream.rows.fold_into(record)
+            if "changes" in record.extra:
+                record.extra["changes"]["rejected"] = record.counts.rejected_total
         record.timings["seconds"] = round(time.monotonic() - stream.started, 3)
         failed_save = stream.svc.state.failed_save
         if failed_save is not None and not record.status.is_open:

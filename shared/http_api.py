@@ -35,6 +35,7 @@ from .errors import (
     UnsupportedInterpreter,
 )
 from .queue_worker import QUEUED
+from .record import RunRecord
 from .routing import destinations_for_blob
 from .secrets import redact
 from .services import refusal
@@ -244,6 +245,9 @@ def start_run(call: Call) -> Response:
         raise HttpError(400, f"source must be a non-empty string of at most {MAX_SOURCE_CHARS} characters")
     if not isinstance(dry_run, bool):
         raise HttpError(400, "dry_run must be true or false")
+    full_resync = call.params.get("full_resync", "false")
+    if full_resync not in ("true", "false"):
+        raise HttpError(400, "full_resync must be true or false")
     ctx, name = call.ctx, call.name
     config = ctx.config()
     dest = _configured(config, name)
@@ -267,18 +271,20 @@ def start_run(call: Call) -> Response:
         key, etag = resolve_source(ctx, source)
         _check_export_of(ctx, config, dest, key)
     run_id = new_run_id()
-    ctx.state.save_run(queued_record(dest, run_id, key, etag, dry_run))
+    ctx.state.save_run(queued_record(dest, run_id, key, etag, dry_run, full_resync=full_resync == "true"))
     url = f"/api/runs/{run_id}"
     message = {"run_id": run_id, "destination": name, "source": key, "etag": etag}
     log.info("%s: run %s queued for %s%s", name, run_id, key, " (dry run)" if dry_run else "")
     return Response(202, {"run_id": run_id, "status": QUEUED, "status_url": url, "destination": name, "source": key,
-                          "dry_run": dry_run}, {"Location": url}, message)
+                          "dry_run": dry_run, "full_resync": full_resync == "true"}, {"Location": url}, message)
 
 
-def queued_record(dest: Destination, run_id: str, source: str, etag: str | None, dry_run: bool) -> dict[str, Any]:
-    return {"run_id": run_id, "destination": dest.name, "display_name": dest.display_name, "list_id": dest.list_id,
-            "mode": dest.mode, "trigger": "http", "dry_run": dry_run, "source": source, "source_etag": etag,
-            "queued_at": now_iso(), "started_at": None, "finished_at": None, "status": QUEUED, "error": None}
+def queued_record(dest: Destination, run_id: str, source: str, etag: str | None, dry_run: bool, *,
+                  full_resync: bool = False) -> RunRecord:
+    record = RunRecord.queued(run_id, dest, source=source, source_etag=etag, dry_run=dry_run, queued_at=now_iso())
+    if full_resync:
+        record.extra["full_resync"] = True
+    return record
 
 
 def run_history(call: Call) -> Response:

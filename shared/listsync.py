@@ -183,7 +183,6 @@ def _record_synced(sync: Sync) -> None:
 def _changes(record: RunRecord) -> None:
     """What the run changed, as its report leads with."""
     changes = record.extra.setdefault("changes", {})
-    changes["rejected"] = record.counts.rejected_total
     changes["not_applied"] = record.counts.not_applied or 0
     if record.mirror is not None and "to_remove" in record.mirror:
         changes["removed"] = record.mirror.get("removed", 0)

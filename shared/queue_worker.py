@@ -81,7 +81,8 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
     if isinstance(source, str) and source and isinstance(etag, str) and etag and not dry_run \
             and ctx.state.claim_export(name, source, etag, run_id) is None:
         claim = (source, etag)
-    request = RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run, run_id=run_id)
+    request = RunRequest(name, source, etag, trigger="http", deadline=ctx.deadline(), dry_run=dry_run, run_id=run_id,
+                         full_resync=bool(record.get("full_resync")))
     try:
         report = engine.run(request, ctx.services(config))
     except LeaseUnavailable:

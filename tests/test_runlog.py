@@ -146,7 +146,8 @@ def test_every_door_writes_one_record_per_finished_run(deployed, sandbox, teleme
         "event": "run_finished", "destination": NAME, "run_id": dry["run_id"], "kind": "run", "trigger": "http",
         "status": "dry_run", "dry_run": True, "read": blob["read"], "valid": blob["valid"], "sent": 0,
         "rejected_total": blob["rejected_total"], "duration_seconds": 0,
-        "changes_new": 0, "changes_changed": 0, "changes_unchanged": blob["valid"]}  # nothing changed since
+        "changes_new": 0, "changes_changed": 0, "changes_unchanged": blob["valid"],  # nothing changed since
+        "changes_rejected": blob["rejected_total"]}
     assert {k: by_run[purged["run_id"]][k] for k in ("kind", "trigger", "status")} == {
         "kind": "purge", "trigger": "http", "status": "completed"}
     _timer()
