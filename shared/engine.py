@@ -391,8 +391,10 @@ def _prepare(stream: Stream, client: SendGridClient) -> list[contacts.CustomFiel
     stream.partitions, stream.missing = found.partitions, list(found.missing)
     record.sources = [{"segment": p.segment, "key": p.key} for p in stream.partitions]
     record.warnings += found.notes  # segments not in the export or empty, snapshots a folder cannot tell apart
+    infos = {p.key: svc.sources.info(p.key) for p in stream.partitions}
+    stream.total_bytes = sum(i.size for i in infos.values() if i is not None) or None
     if req.settle:
-        absent = [p.key for p in stream.partitions if svc.sources.info(p.key) is None]
+        absent = [key for key, found in infos.items() if found is None]
         if absent:
             raise ExportIncomplete(f"{len(absent)} partition(s) it names are not there yet ({', '.join(absent[:3])}"
                                    f"{', ...' if len(absent) > 3 else ''}): the export is incomplete or still being "
@@ -528,4 +530,5 @@ def _sync(record: RunRecord, dest: Destination, svc: Services, client: SendGridC
           wait: bool = False, deadline: float | None = None) -> listsync.Sync:
     keeper = svc.keeper
     return listsync.Sync(record, dest, svc.state, client, svc, lambda: svc.state.save_run(record), wait=wait,
-                         deadline=deadline, keep_lease=keeper.check if keeper is not None else (lambda: None))
+                         deadline=deadline, keep_lease=keeper.check if keeper is not None else (lambda: None),
+                         progress=svc.progress)

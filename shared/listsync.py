@@ -52,6 +52,14 @@ class Sync:
     wait: bool = False
     deadline: float | None = None  # time.monotonic(): stop cleanly (resumable) there
     keep_lease: Callable[[], None] = lambda: None
+    progress: Callable[[dict[str, Any]], None] | None = None  # the door's progress line
+
+    def waiting(self) -> None:
+        """While SendGrid's jobs are waited for: keep the lease, say how many are done."""
+        self.keep_lease()
+        if self.progress is not None:
+            done = sum(1 for j in self.record.jobs if j.status in jobs.FINAL_JOB)
+            self.progress({"phase": "jobs", "pending": len(self.record.jobs) - done, "completed": done})
 
     @property
     def run_id(self) -> str:
@@ -138,7 +146,7 @@ def _poll_own(sync: Sync) -> None:
     """The run's own jobs; its final status once they are final, else `submitted` (the timer or `show` goes on)."""
     record = sync.record
     if jobs.poll_jobs(record, sync.client, sync.settings, wait=sync.wait, until=sync.deadline,
-                      on_wait=sync.keep_lease):
+                      on_wait=sync.waiting):
         _record_synced(sync)
         _end(sync)
     else:
@@ -195,7 +203,7 @@ def _jobs_settled(sync: Sync) -> bool:
     """Phase `waiting`: own jobs final, then every known job of the account. False: stays `submitted`."""
     record = sync.record
     own_final = jobs.poll_jobs(record, sync.client, sync.settings, wait=sync.patient, until=sync.until(),
-                               on_wait=sync.keep_lease)
+                               on_wait=sync.waiting)
     account = jobs.account_of(sync.dest)
     if own_final:
         _record_synced(sync)
@@ -301,6 +309,9 @@ def _remove(sync: Sync) -> bool:
         report["passes"] = passes["pass"]
         sync.save()
         sync.keep_lease()
+        if sync.progress is not None:
+            sync.progress({"phase": "removing", "done": passes["done"], "total": report.get("to_remove", 0),
+                           "pass": passes["pass"]})
         if sync.deadline is not None and time.monotonic() >= sync.deadline:
             raise DeadlineReached("the run's deadline was reached while removing contacts from the list")
 

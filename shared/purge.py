@@ -211,6 +211,9 @@ def _purge_passes(svc: Services, dest: Destination, record: RunRecord, client: S
     def checkpoint() -> None:
         record.counts.removal = dict((passes.get("first") or passes.get("counts") or {}), passes=passes["pass"])
         svc.state.save_run(record)
+        if svc.progress is not None:
+            svc.progress({"phase": "purging", "done": passes["done"], "total": record.extra.get("to_purge", 0),
+                          "pass": passes["pass"]})
 
     act = (functools.partial(mirror.remove_emails, client, dest.list_id) if what == "list"
            else functools.partial(mirror.delete_emails, client))
@@ -287,7 +290,10 @@ def erase(svc: Services, email: str, *, by: str = "cli", wait_seconds: float | N
     report: dict[str, Any] = {"kind": "erasure", "person": person, "by": by, "started_at": now_iso(),
                               "destinations": [], "accounts_deleted": 0, "not_found": 0, "errors": []}
     confirmed = True
-    for dests in _accounts(svc).values():
+    accounts = _accounts(svc)
+    for done, dests in enumerate(accounts.values()):
+        if svc.progress is not None:
+            svc.progress({"phase": "erasing", "accounts_done": done, "accounts": len(accounts)})
         try:
             state, deleted = _erase_in_account(svc, dests[0], address, until)
         except ConnectorError as exc:

@@ -10,13 +10,15 @@ its account (`jobs`) before the checkpoint moves past it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import itertools
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
@@ -30,6 +32,7 @@ from .redaction import redact
 from .report import RowReport
 from .sendgrid import InvalidContacts, SendGridClient
 from .services import RunRequest, Services
+from .storage import Lease, ObjectInfo, ObjectStore, reads_snapshots
 
 MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this share was not read completely
 SENDER_QUEUE = 2  # batches (~8 MB each) that may wait while one is in flight and the next is packed
@@ -57,6 +60,8 @@ class Stream:
         self.account = jobs.account_of(dest)
         self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
         self.read = True  # this attempt reads the export (a mirror run resumed past its sending does not)
+        self.store = CountingStore(svc.sources)  # what is read, through it: bytes for the progress line
+        self.total_bytes: int | None = None  # the partitions' sizes, once they are found
         self._last_progress = self.started = time.monotonic()
 
     # --- reading ------------------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ class Stream:
                           tally: dict[str, int]) -> Iterator[Chunk]:
         assert self.mapper is not None and self.spec is not None
         counts, rows = self.record.counts, self.rows
-        for chunk in pipeline.mapped_chunks(self.svc.sources, part, self.mapper, self.spec, (self.mapper.columns[0],),
+        for chunk in pipeline.mapped_chunks(self.store, part, self.mapper, self.spec, (self.mapper.columns[0],),
                                             self.record.warnings, workers=self.workers):
             counts.read += chunk.read
             tally["rows"] += chunk.read
@@ -137,12 +142,11 @@ class Stream:
         now = time.monotonic()
         if self.svc.keeper is not None:  # the reading stops at once when the lease is lost
             self.svc.keeper.check()
-        if self.svc.progress and now - self._last_progress >= 2.0:
+        if self.svc.progress and now - self._last_progress >= 1.0:  # the console decides how often to show it
             self._last_progress = now
-            elapsed = now - self.started
             counts = self.record.counts
-            self.svc.progress({"read": counts.read, "sent": counts.sent,
-                               "rate": counts.read / elapsed if elapsed else 0.0})
+            self.svc.progress({"phase": "reading", "rows": counts.read, "sent": counts.sent,
+                               "bytes": self.store.read, "total_bytes": self.total_bytes})
 
     def deadline_check(self, where: str = "before the next request") -> None:
         if self.req.deadline is not None and time.monotonic() >= self.req.deadline:
@@ -293,3 +297,64 @@ def _contact_dicts(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]]
     for chunk, keep, index in chunks:
         if keep:
             yield index, orjson.loads(b"[" + b",".join([chunk.contact(p) for p in keep]) + b"]")
+
+
+class CountingStore:
+    """The export's store, counting the bytes read through its streams (for the progress line; approximate under
+    worker processes, which parse chunks this process read). Everything else goes to the store as it is."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store, self.read = store, 0
+        self.label = store.label
+        self.reads_snapshots = reads_snapshots(store)
+
+    def open_read(self, key: str, snapshot: str | None = None) -> BinaryIO:
+        raw = self._store.open_read(key, snapshot=snapshot) if snapshot is not None and reads_snapshots(self._store) \
+            else self._store.open_read(key)
+        return io.BufferedReader(_Counted(self, raw), 1 << 16)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        return self._store.read_bytes(key)
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        return self._store.read_with_etag(key)
+
+    def info(self, key: str) -> ObjectInfo | None:
+        return self._store.info(key)
+
+    def write_bytes(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self._store.write_bytes(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    def write_stream(self, key: str, chunks: Iterable[bytes]) -> str:
+        return self._store.write_stream(key, chunks)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._store.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self._store.delete(key)
+
+    def lease(self, key: str, seconds: int = 60) -> contextlib.AbstractContextManager[Lease]:
+        return self._store.lease(key, seconds)
+
+    def key_for_url(self, url: str) -> str | None:
+        return self._store.key_for_url(url)
+
+
+class _Counted(io.RawIOBase):
+    def __init__(self, owner: CountingStore, raw: BinaryIO) -> None:
+        self._owner, self._raw = owner, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self._owner.read += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
