@@ -11,19 +11,18 @@ its account (`jobs`) before the checkpoint moves past it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import itertools
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
 
-from . import batching, bulk, contacts, dedup, delta, jobs, pipeline, snapshots, sources
+from . import batching, bulk, contacts, dedup, delta, jobs, pipeline, sending, snapshots, sources
 from .config import Destination
 from .errors import DeadlineReached, SourceError
 from .held import Held
@@ -35,7 +34,7 @@ from .services import RunRequest, Services
 from .storage import Lease, ObjectInfo, ObjectStore, reads_snapshots
 
 MAX_UNREADABLE_SHARE = 0.01  # a file with more unreadable rows than this share was not read completely
-SENDER_QUEUE = 2  # batches (~8 MB each) that may wait while one is in flight and the next is packed
+POLL_WHILE_SENDING_S = 5.0  # how often the jobs of committed requests are polled while the rest is sent
 
 Chunk = tuple[pipeline.MappedChunk, list[int]]  # a mapped chunk and the positions of its contacts not seen before
 
@@ -59,6 +58,7 @@ class Stream:
         self.held = Held(svc.state, dest.name, dest.list_id)  # where accepted contacts are recorded as sent
         self.account = jobs.account_of(dest)
         self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
+        self._jobs_lock = threading.Lock()  # the job poller reads record.jobs while senders append to it
         self.read = True  # this attempt reads the export (a mirror run resumed past its sending does not)
         self.store = CountingStore(svc.sources)  # what is read, through it: bytes for the progress line
         self.total_bytes: int | None = None  # the partitions' sizes, once they are found
@@ -185,42 +185,28 @@ class Stream:
             yield "json", last
 
     def send_all(self, client: SendGridClient) -> None:
-        """Read and send, overlapped: this thread packs, one sender thread sends. With room for one waiting batch,
-        5M runs waited 9-23 s beyond their CPU time (the sandbox answers slower as its store grows); with two, 0.2 s."""
-        q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=SENDER_QUEUE)
-        failure: list[BaseException] = []
+        """Read and send, overlapped: this thread packs while up to max_in_flight requests are sent (`sending`), and
+        SendGrid's jobs of committed requests are polled meanwhile, so the sweep at the end has little left."""
         stop = threading.Event()
-
-        def sender() -> None:
-            try:
-                while (item := q.get()) is not None:
-                    if stop.is_set():
-                        continue
-                    kind, payload = item
-                    if kind == "json":
-                        self.send_batch(client, payload)
-                    else:
-                        self.send_import(client, payload)
-            except BaseException as exc:
-                failure.append(exc)
-                stop.set()
-                while q.get() is not None:  # drain so the producer never blocks
-                    pass
-
-        thread = threading.Thread(target=sender, name="sendgrid-sender", daemon=True)
-        thread.start()
+        poller = threading.Thread(target=self._poll_while_sending, args=(client, stop), name="job-poller",
+                                  daemon=True)
+        poller.start()
         try:
-            for item in self.work():
-                if stop.is_set():
-                    break
-                q.put(item)
+            sending.send_in_flight(self.work(), lambda item: self._send(client, item), self._commit,
+                                   in_flight=self.dest.max_in_flight)
         finally:
-            q.put(None)
-            thread.join()
+            stop.set()
+            poller.join()
             if self.importer is not None:
                 self.importer.cleanup()
-        if failure:
-            raise failure[0]
+
+    def _poll_while_sending(self, client: SendGridClient, stop: threading.Event) -> None:
+        while not stop.wait(POLL_WHILE_SENDING_S):
+            with self._jobs_lock:
+                snapshot = RunRecord(self.record.run_id, self.record.destination, self.record.status,
+                                     jobs=jobs.pending(self.record))
+            with contextlib.suppress(Exception):  # polling is a head start; the sweep at the end is authoritative
+                jobs.refresh(snapshot, client)
 
     def checkpoint(self, done: int) -> None:
         """The one place the checkpoint moves: `done` contacts of the stream are settled (accepted or refused)."""
@@ -229,59 +215,72 @@ class Stream:
         self.record.counts.sent = ck.contacts_done - ck.refused_by_sendgrid
         self.svc.state.save_run(self.record)
 
-    def _accepted(self, job: Job, last_index: int, body_bytes: int, record_sent: Callable[[int], None]) -> None:
-        """Record an accepted request or import and move the checkpoint past it. What SendGrid accepted is recorded
-        as sent (`record_sent(done)`) and the run noted under its account before the checkpoint moves: whatever
-        becomes of the run, erasure and purge find those contacts, and removals wait for the job."""
-        if self.record.timings.get("first_request_s") is None:
-            self.record.timings["first_request_s"] = round(time.monotonic() - self.started, 3)
-        record_sent(last_index + 1)
-        if not self._jobs_noted:
-            self.svc.state.mark_open_jobs(self.account, self.record.run_id, self.dest.name)
-            self._jobs_noted = True
-        self.record.jobs.append(job)
-        self.record.requests.accepted(body_bytes, job.contacts, is_import=job.kind == "import")
-        self.checkpoint(last_index + 1)
+    def _send(self, client: SendGridClient, item: tuple[str, Any]) -> Sent:
+        kind, payload = item
+        return self.send_batch(client, payload) if kind == "json" else self.send_import(client, payload)
 
-    def send_import(self, client: SendGridClient, f: bulk.ImportFile) -> None:
+    def _commit(self, sent: Sent) -> None:
+        """A request settled, in stream order: its refusals, its job, and the checkpoint past it. What SendGrid
+        accepted was recorded as sent (`held`) before this, and the run is noted under its account before the
+        checkpoint moves: whatever becomes of the run, erasure and purge find those contacts, and removals wait for
+        the job. Refusals are counted with the checkpoint that passes their batch: a resume re-sends (and re-counts)
+        an unsettled one."""
+        for email in sent.refused:
+            self.rows.reject("SendGrid", None, contacts.Rejected(f"refused by SendGrid: email '{email[:80]}' is not "
+                                                                 "valid", contacts.Reason.REFUSED_BY_SENDGRID))
+        self.record.checkpoint.refused_by_sendgrid += len(sent.refused)
+        if sent.job is not None:
+            if self.record.timings.get("first_request_s") is None:
+                self.record.timings["first_request_s"] = round(time.monotonic() - self.started, 3)
+            if not self._jobs_noted:
+                self.svc.state.mark_open_jobs(self.account, self.record.run_id, self.dest.name)
+                self._jobs_noted = True
+            with self._jobs_lock:
+                self.record.jobs.append(sent.job)
+            self.record.requests.accepted(sent.body_bytes, sent.job.contacts, is_import=sent.job.kind == "import")
+        self.checkpoint(sent.done)
+
+    def send_import(self, client: SendGridClient, f: bulk.ImportFile) -> Sent:
         self.deadline_check()
         started = client.start_import([self.dest.list_id], f.field_mappings)
-        with open(f.path, "rb") as fh:
-            client.upload(started["upload_uri"], started.get("upload_headers", []), fh, f.size)
         try:
-            self._accepted(Job(str(started["job_id"]), f.count, kind="import", done=f.last_index + 1), f.last_index,
-                           f.size,
-                           lambda done: self.held.record_file(self.record.run_id, done, f.emails_path))
+            with open(f.path, "rb") as fh:
+                client.upload(started["upload_uri"], started.get("upload_headers", []), fh, f.size)
+            done = f.last_index + 1
+            self.held.record_file(self.record.run_id, done, f.emails_path)
         finally:
             f.discard()
+        return Sent(done, Job(str(started["job_id"]), f.count, kind="import", done=done), f.size, [])
 
-    def send_batch(self, client: SendGridClient, batch: batching.ContactBatch) -> None:
-        """One request; the contacts SendGrid refuses by name are rejected and the rest sent again."""
+    def send_batch(self, client: SendGridClient, batch: batching.ContactBatch) -> Sent:
+        """One request; the contacts SendGrid refuses by name are left out and the rest sent again."""
         self.deadline_check()
-        ck = self.record.checkpoint
-        live, refused_here = batch, 0
+        live, refused = batch, []
+        done = batch.last_index + 1
         while len(live):
             body = live.body([self.dest.list_id])
             try:
                 job_id = client.upsert(body)
             except InvalidContacts as bad:
-                refused = bad.positions(live.emails)
-                if not refused:
+                positions = bad.positions(live.emails)
+                if not positions:
                     raise
-                for pos in sorted(refused):
-                    self.rows.reject("SendGrid", None, contacts.Rejected(
-                        f"refused by SendGrid: email '{live.emails[pos][:80]}' is not valid",
-                        contacts.Reason.REFUSED_BY_SENDGRID))
-                refused_here += len(refused)
-                live = live.without(refused)
+                refused += [live.emails[pos] for pos in sorted(positions)]
+                live = live.without(positions)
                 continue
-            # counted with the checkpoint that passes the batch: a resume re-sends (and re-counts) an unfinished one
-            ck.refused_by_sendgrid += refused_here
-            self._accepted(Job(job_id, len(live), done=batch.last_index + 1), batch.last_index, len(body),
-                           functools.partial(self.held.record, self.record.run_id, emails=live.emails))
-            return
-        ck.refused_by_sendgrid += refused_here
-        self.checkpoint(batch.last_index + 1)  # every contact of the batch was refused
+            self.held.record(self.record.run_id, done, live.emails)
+            return Sent(done, Job(job_id, len(live), done=done), len(body), refused)
+        return Sent(done, None, 0, refused)  # every contact of the batch was refused
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one request (or import file) came to; committed in stream order (`Stream._commit`)."""
+
+    done: int  # the checkpoint once it is committed: the stream index after its last contact
+    job: Job | None  # None when SendGrid refused every contact of the batch
+    body_bytes: int
+    refused: list[str]  # emails SendGrid refused by name
 
 
 def _numbered(chunks: Iterator[Chunk], index: int) -> Iterator[tuple[pipeline.MappedChunk, list[int], int]]:

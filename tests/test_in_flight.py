@@ -1,0 +1,100 @@
+"""Requests in flight (issue 16): several senders, one checkpoint (the contiguous prefix of settled requests), one
+rate limit that pauses every sender. The SIGKILL contract with 2 and 4 in flight is in test_faults.py."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sandbox.server import Sandbox, serve
+from shared import batching, engine
+from shared.config import load_config
+from shared.secrets import EnvSecrets
+from shared.sendgrid import RetryPolicy, SendGridClient
+from shared.state import StateStore
+from shared.storage import LocalFolderStore
+
+KEY = "SG.inflight-" + "k" * 20 + "." + "s" * 43
+PUT = "PUT /v3/marketing/contacts"
+PEOPLE = [f"p{i:05d}@example.com" for i in range(3000)]
+
+
+def _run(box: Sandbox, url: str, tmp: Path, in_flight: int, *, run_id: str | None = None) -> dict[str, Any]:
+    list_id = box.create_list(f"members-{in_flight}")
+    (tmp / "exports").mkdir(exist_ok=True)
+    (tmp / "exports" / "people.csv").write_text("email\n" + "\n".join(PEOPLE) + "\n", encoding="utf-8")
+    config = tmp / f"destinations-{in_flight}.json"
+    config.write_bytes(orjson.dumps({"destinations": [{
+        "name": f"members-{in_flight}", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": list_id,
+        "segments": ["people"], "mapping": {"email": "email"}, "max_profiles": None, "bulk_threshold": None,
+        "max_in_flight": in_flight}]}))
+    environ = {"SENDGRID_API_KEY": KEY}
+    secrets = EnvSecrets(environ)
+    svc = engine.Services(config=load_config(config), secrets=secrets,
+                          state=StateStore(LocalFolderStore(tmp / f"state-{in_flight}")),
+                          sources=LocalFolderStore(tmp / "exports"), environ=environ, poll_interval=0.05,
+                          client_factory=lambda d: SendGridClient(url, secrets, d.api_key_secret,
+                                                                  policy=RetryPolicy(max_attempts=3)))
+    info = svc.sources.info("people.csv")
+    assert info is not None
+    report = engine.run(engine.RunRequest(f"members-{in_flight}", "people.csv", info.etag, wait=True, run_id=run_id),
+                        svc)
+    box.complete_jobs()
+    report["list"] = sorted(box.list_emails(list_id))
+    return report
+
+
+@pytest.fixture
+def small_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests of 100 contacts: 30 requests from 3,000 people, so several are in flight at once."""
+    monkeypatch.setattr(batching, "Packer", functools.partial(batching.Packer, max_count=100))
+
+
+@pytest.fixture
+def sandbox_box() -> Iterator[tuple[Sandbox, str]]:
+    box = Sandbox(api_keys=[KEY], job_delay=0.01, latency=0.02)  # answers take a while: senders overlap
+    with serve(box) as server:
+        yield box, server.url
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 4])
+def test_every_contact_is_sent_once_in_order_whatever_is_in_flight(sandbox_box: Any, tmp_path: Path,
+                                                                    small_requests: None, in_flight: int) -> None:
+    box, url = sandbox_box
+    report = _run(box, url, tmp_path, in_flight)
+    assert report["status"] == "completed" and report["counts"]["sent"] == 3000
+    assert report["list"] == PEOPLE and report["requests"]["count"] == 30
+    assert report["checkpoint"]["contacts_done"] == 3000
+    assert [j["done"] for j in report["jobs"]] == list(range(100, 3001, 100))  # committed in stream order
+
+
+class _Arrivals(Sandbox):
+    """Notes when each upsert arrives (the sandbox's monotonic clock) and which one was answered 429."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: list[float] = []
+
+    def op_upsert(self, req: Any) -> Any:
+        self.arrivals.append(time.monotonic())
+        return super().op_upsert(req)
+
+
+def test_a_429_pauses_every_sender(tmp_path: Path, small_requests: None) -> None:
+    """One upsert is answered 429 with Retry-After: 2 while four senders are busy: none of them sends another
+    upsert until the two seconds have passed (the requests already on their way are answered as usual)."""
+    box = _Arrivals(api_keys=[KEY], job_delay=0.01, latency=0.02)
+    box.inject({"endpoint": PUT, "kind": "429", "times": 1, "retry_after": 2})
+    with serve(box) as server:
+        report = _run(box, server.url, tmp_path, 4)
+    assert report["status"] == "completed" and report["list"] == PEOPLE and report["requests"]["rate_limited"] == 1
+    first = box.arrivals[0]  # the others sent with the one answered 429 (which never reached the operation)
+    paused = [round(t - first, 3) for t in box.arrivals if 0.5 < t - first < 1.9]
+    assert paused == [], f"upserts sent while the rate limit paused every sender: {paused}"
+    assert len(box.arrivals) == 30 and max(b - a for a, b in zip(box.arrivals, box.arrivals[1:])) >= 1.9
