@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from . import limits
+from . import limits, ncrontab
 from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # used in URLs and storage keys
@@ -31,7 +31,8 @@ DEFAULT_MAX_PROFILES = 100_000  # Customer Insights' own SendGrid export stops a
 
 KNOWN_FIELDS = (
     "name", "display_name", "enabled", "consent", "api_key_secret", "list_id", "segments", "mapping",
-    "custom_fields", "mode", "max_profiles", "region", "max_removal_fraction", "bulk_threshold",
+    "custom_fields", "mode", "max_profiles", "region", "max_removal_fraction", "bulk_threshold", "schedule",
+    "on_new_export",
 )
 
 
@@ -51,6 +52,8 @@ class Destination:
     region: Literal["global", "eu"]
     max_removal_fraction: float = 0.5
     bulk_threshold: int | None = limits.BULK_THRESHOLD_DEFAULT
+    schedule: str | None = None  # six-field NCRONTAB in UTC (`ncrontab`): the timer re-syncs the latest export then
+    on_new_export: bool = True  # a new export of its segments runs it at once (the blob trigger)
 
     def public(self) -> dict[str, Any]:
         """Every setting, JSON-ready. Safe to show: api_key_secret is the secret's name, not the key."""
@@ -69,6 +72,8 @@ class Destination:
             "region": self.region,
             "max_removal_fraction": self.max_removal_fraction,
             "bulk_threshold": self.bulk_threshold,
+            "schedule": self.schedule,
+            "on_new_export": self.on_new_export,
         }
 
 
@@ -197,6 +202,15 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def _schedule(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return ncrontab.parse(value).expression
+    except ncrontab.CronError as exc:
+        raise _Invalid("schedule", f"is not a six-field NCRONTAB schedule in UTC: {exc}") from None
+
+
 # field -> (default or _MISSING when required, validator). Every field is checked, even after a failure.
 _MISSING = object()
 _FIELDS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
@@ -212,6 +226,8 @@ _FIELDS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "region": ("global", lambda v: _choice("region", v, REGIONS)),
     "max_removal_fraction": (0.5, _fraction),
     "bulk_threshold": (limits.BULK_THRESHOLD_DEFAULT, lambda v: _positive_int_or_null("bulk_threshold", v)),
+    "schedule": (None, _schedule),
+    "on_new_export": (True, lambda v: _bool("on_new_export", v)),
 }
 
 
