@@ -162,8 +162,8 @@ def parse(expression: str) -> Schedule:
                 " (a time span such as 00:05:00 is not accepted here)" if ":" in expression else "")
         raise CronError(f"{expression!r} has {len(parts)} field(s); NCRONTAB needs six: "
                         f"{' '.join(FIELDS)}, e.g. '0 0 6 * * *' for 06:00 UTC every day{hint}")
-    fields = [_field(text, i) for i, text in enumerate(parts)]
-    schedule = Schedule(" ".join(parts), *fields[:5], weekdays=frozenset(fields[5]))
+    seconds, minutes, hours, days, months, weekdays = (_field(text, i) for i, text in enumerate(parts))
+    schedule = Schedule(" ".join(parts), seconds, minutes, hours, days, months, frozenset(weekdays))
     longest = {month: 29 if month == 2 else calendar.monthrange(2001, month)[1] for month in schedule.months}
     if not any(day <= longest[month] for month in schedule.months for day in schedule.days):
         raise CronError(f"{expression!r} names no date that exists (day {_listed(schedule.days)} of month "
