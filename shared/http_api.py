@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from . import contacts, purge
+from . import contacts, purge, schedules
 from .config import Config, Destination
 from .context import AppContext
 from .errors import (
@@ -218,13 +219,22 @@ def _last_run(ctx: AppContext, name: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------------ handlers
+def next_due(ctx: AppContext, dest: Destination, disabled: Mapping[str, Any] | None, now: float) -> str | None:
+    """When the timer next runs the destination by its schedule; None without one, or while it is disabled."""
+    if dest.schedule is None or not dest.enabled or disabled:
+        return None
+    return schedules.next_due(dest.schedule, schedules.Markers(ctx.state).read(dest.name), now)
+
+
 def list_destinations(call: Call) -> Response:
     ctx = call.ctx
     config = ctx.config()
     items: list[dict[str, Any]] = []
+    now = time.time()
     for name, dest in sorted(config.destinations.items()):
         disabled = ctx.state.disabled(name)
         items.append(dest.public() | {"valid": True, "disabled": disabled, "blocked": refusal(dest, disabled),
+                                      "next_due": next_due(ctx, dest, disabled, now),
                                       "last_run": _last_run(ctx, name)})
     for name, exc in sorted(config.errors.items()):
         entry: dict[str, Any] = {"name": name, "valid": False, "error": str(exc)}
