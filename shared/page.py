@@ -271,25 +271,26 @@ def _run_row(record: Mapping[str, Any], links: Links) -> list[str]:
     run_id = str(record.get("run_id") or "")
     started = _time(_started(record))
     link = f'<a href="{_e(links.run(run_id))}">{started}</a>' if run_id else started
-    cells = [link, _e(record.get("trigger")), _badge(record.get("status")) + (" dry run" if record.get("dry_run")
-                                                                                else "")]
+    dry = record.get("dry_run") and record.get("status") != "dry_run"  # a dry run not finished yet
+    cells = [link, _e(record.get("trigger")), _badge(record.get("status")) + (" dry run" if dry else "")]
     cells += [_num(changes.get(name)) if name != "rejected" or changes else _num(_rejected(record))
               for name in CHANGES]
     return [*cells, _num(_counts(record).get("sent")), _duration(record)]
 
 
 def _destination(view: DestinationView, links: Links) -> str:
-    heading = f'<h2 id="{_e(view.name)}">{_e(view.display_name)} <span class="small muted">{_e(view.name)}</span></h2>'
+    out = f'<section id="{_e(view.name)}"><h2>{_e(view.display_name)} <span class="small muted">{_e(view.name)}' \
+          "</span></h2>"
     if view.error is not None:
-        heading += f'<p class="error">{_e(view.error)}</p>'
+        out += f'<p class="error">{_e(view.error)}</p>'
     if not view.runs:
-        return heading + '<p class="muted">No run yet.</p>'
+        return out + '<p class="muted">No run yet.</p></section>'
     head = ("Started", "Trigger", "Status", "New", "Changed", "Unchanged", "Removed", "Rejected", "Not applied",
             "Sent", "Duration")
     rows = [_run_row(r, links) for r in view.runs]
     shown = f'<p class="small muted">The last {len(view.runs)} run(s), newest first; contacts sent and rows ' \
             "rejected per run, oldest first:</p>"
-    return heading + shown + chart(view.runs) + _table(head, rows, numeric=frozenset(range(3, 10)))
+    return out + shown + chart(view.runs) + _table(head, rows, numeric=frozenset(range(3, 10))) + "</section>"
 
 
 def overview(views: Sequence[DestinationView], now: float, links: Links) -> str:
@@ -354,7 +355,8 @@ def _plan(record: Mapping[str, Any], removals: Sequence[str] | None) -> str:
 
 def _facts_of_run(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     sync = record.get("sync") if isinstance(record.get("sync"), Mapping) else None
-    pairs = [("Status", _badge(record.get("status")) + (" (dry run)" if record.get("dry_run") else "")),
+    dry = record.get("dry_run") and record.get("status") != "dry_run"
+    pairs = [("Status", _badge(record.get("status")) + (" (dry run)" if dry else "")),
              ("Destination", _e(record.get("display_name") or record.get("destination"))),
              ("Trigger", _e(record.get("trigger"))), ("Source", _e(record.get("source"))),
              ("Queued", _time(record.get("queued_at"))), ("Started", _time(record.get("started_at"))),
