@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
+import urllib.parse
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared import page
-from shared.state import parse_iso
+from shared import cli, page
+from shared.state import StateStore, parse_iso
+from shared.storage import LocalFolderStore
 
 HOSTILE_FILE = '<img src=x onerror="alert(1)">&amp;.csv'
 HOSTILE_REASON = "invalid email '</td><script>alert(2)</script>'"
@@ -205,3 +209,59 @@ def test_a_purge_and_a_queued_run_render_without_the_fields_they_lack() -> None:
     assert "removed" in text and "not found" in text
     rows = Parsed(page.overview([view([queued, purge])], 0.0, LINKS)).rows
     assert rows[-2][:3] == ["2030-01-01 00:00:01", "http", "queued"] and rows[-2][-1] == "—"
+
+
+# ------------------------------------------------------------------------------------------------- the command line
+def _state_with_runs(root: Path) -> StateStore:
+    state = StateStore(LocalFolderStore(root))
+    for n, status in ((1, "completed"), (2, "failed")):
+        run = record(n, status=status, destination="vip-newsletter", rejections_file=None)
+        if n == 1:
+            run["rejections_file"] = state.rejections_key("vip-newsletter", run["run_id"])
+            state.store.write_bytes(run["rejections_file"], b"file,line,reason\r\nvip/a.csv,2,missing email\r\n")
+            run["rejections"] = [{"file": HOSTILE_FILE, "line": 2, "reason": "missing email"}]
+        state.save_run(run)
+    return state
+
+
+def test_the_command_line_writes_the_same_pages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = _state_with_runs(tmp_path / "state")
+    config = tmp_path / "destinations.json"
+    config.write_text(json.dumps({"destinations": [{
+        "name": "vip-newsletter", "api_key_secret": "k", "list_id": "0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10",
+        "segments": ["S"], "mapping": {"email": "Email"}, "schedule": "0 0 6 * * *", "consent": True}]}))
+    out = tmp_path / "site" / "history.html"
+    (tmp_path / "site").mkdir()
+    assert cli.main(["ui", "--state-dir", str(tmp_path / "state"), "--out", str(out), "--config", str(config)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    overview = Parsed(out.read_text(encoding="utf-8"))
+    assert "0 0 6 * * * UTC" in overview.text  # the destinations file's settings
+    runs = sorted(a["href"] for a in overview.tags("a") if "history-runs/" in str(a["href"]))
+    records = state.list_runs("vip-newsletter")
+    assert set(runs) == {f"history-runs/{r['run_id']}.html" for r in records}
+    completed = next(r for r in records if r["status"] == "completed")
+    run_page = Parsed((out.parent / f"history-runs/{completed['run_id']}.html").read_text(encoding="utf-8"))
+    assert HOSTILE_FILE in run_page.text and not run_page.tags("img")
+    (download,) = [a["href"] for a in run_page.tags("a") if "download" in a]
+    csv_file = (out.parent / "history-runs" / urllib.parse.unquote(str(download))).resolve()
+    assert csv_file == (tmp_path / "state" / str(completed["rejections_file"])).resolve() and csv_file.is_file()
+    assert run_page.tags("a")[0]["href"] == "../history.html"
+    # the page the HTTP door serves for this run, from the same function: only the links differ
+    again = page.run_page(completed, page.Links(home="../history.html", run=lambda r: f"{r}.html",
+                                                 rejections=lambda d, r: str(download)))
+    assert again == (out.parent / f"history-runs/{completed['run_id']}.html").read_text(encoding="utf-8")
+
+
+def test_without_a_destinations_file_the_state_folder_names_the_destinations(tmp_path: Path) -> None:
+    _state_with_runs(tmp_path / "state")
+    out = tmp_path / "h.html"
+    assert cli.main(["ui", "--state-dir", str(tmp_path / "state"), "--out", str(out)]) == 0
+    parsed = Parsed(out.read_text(encoding="utf-8"))
+    assert parsed.rows[1][:2] == ["VIP vip-newsletter", "not in the destinations file"]
+    assert len(list((tmp_path / "h-runs").glob("*.html"))) == 2
+
+
+def test_a_state_folder_that_is_not_there_is_a_usage_error(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["ui", "--state-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "h.html")]) == 2
+    assert "--state-dir" in capsys.readouterr().err and not (tmp_path / "h.html").exists()
