@@ -13,13 +13,16 @@ ticks (a schedule finer than the timer, a tick that came late, a destination dis
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 import orjson
 
 from . import ncrontab
+from .config import Destination
 from .state import StateStore, check_destination, parse_iso
 from .storage import PreconditionFailed
 
@@ -63,6 +66,14 @@ def next_due(schedule: str | None, marker: Marker | None, now: float) -> str | N
         return None
     since = marker.through if marker is not None and marker.schedule == schedule else now
     return _stamp(ncrontab.parse(schedule).next_after(_at(since)).timestamp())
+
+
+def next_run(state: StateStore, dest: Destination, disabled: Mapping[str, Any] | None, now: float) -> str | None:
+    """When the timer next runs the destination by its schedule (next_due); None without one, or while it is
+    disabled in the file or by an admin."""
+    if dest.schedule is None or not dest.enabled or disabled:
+        return None
+    return next_due(dest.schedule, Markers(state).read(dest.name), now)
 
 
 class Markers:
@@ -114,4 +125,4 @@ class Markers:
             log.info("%s: its schedule marker changed while its run waited; left as it is", destination)
 
 
-__all__ = ["Decision", "Marker", "Markers", "decide", "next_due"]
+__all__ = ["Decision", "Marker", "Markers", "decide", "next_due", "next_run"]
