@@ -42,7 +42,7 @@ a{color:#0969da}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:.3rem .45rem;border-bottom:1px solid var(--line);text-align:left;vertical-align:top;white-space:nowrap}
 th{background:var(--soft);font-weight:600}tr:last-child td{border-bottom:0}
-td.num,th.num{text-align:right}td.wrap{white-space:normal;overflow-wrap:anywhere;min-width:12rem}
+td.num,th.num{text-align:right}td.wrap{white-space:normal;overflow-wrap:anywhere;min-width:8rem}
 .badge{display:inline-block;white-space:nowrap;padding:.05rem .5rem;border-radius:1rem;color:#fff;font-size:.82rem;
 font-weight:600}
 .st-ok{background:var(--ok)}.st-warn{background:var(--warn)}.st-bad{background:var(--bad)}
@@ -206,6 +206,8 @@ def chart(runs: Sequence[Mapping[str, Any]]) -> str:
     bar = max(1.0, slot - gap)
     sent = [_int(_counts(r).get("sent")) for r in ordered]
     rejected = [_rejected(r) for r in ordered]
+    if not any(sent) and not any(rejected):
+        return ""  # nothing to draw: runs refused, queued or reading nothing
     top_max, bottom_max = max(sent) or 1, max(rejected) or 1
     parts = [f'<svg viewBox="0 0 {width} {2 * half + 1}" role="img" '
              'aria-label="contacts sent and rows rejected per run, oldest first">',
@@ -232,7 +234,9 @@ def _next_due(view: DestinationView, now: float) -> str:
     if view.next_due is None:
         return "—" if view.schedule is None else "not while disabled"
     due = parse_iso(view.next_due)
-    return "due: the next timer tick runs it" if due is not None and due <= now else _time(view.next_due)
+    if due is not None and due <= now:
+        return f'due now <span class="small muted">(since {_time(view.next_due)}; the next timer tick runs it)</span>'
+    return _time(view.next_due)
 
 
 def _enabled(view: DestinationView) -> str:
@@ -257,7 +261,8 @@ def _summary(views: Sequence[DestinationView], now: float, links: Links) -> str:
     rows = [[f'<a href="#{_e(v.name)}">{_e(v.display_name)}</a><br><span class="small muted">{_e(v.name)}</span>',
              _enabled(v), _e(v.mode), f'<span class="small">{_e(v.list_id)}</span>', _schedule(v), _next_due(v, now),
              _last_run(v, links)] for v in views]
-    return _table(("Destination", "Enabled", "Mode", "List", "Schedule", "Next due", "Last run"), rows)
+    return _table(("Destination", "Enabled", "Mode", "List", "Schedule", "Next due", "Last run"), rows,
+                  wrap=frozenset({1, 3, 5, 6}))
 
 
 def _schedule(view: DestinationView) -> str:

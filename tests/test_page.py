@@ -124,7 +124,7 @@ def test_the_overview_names_each_destination_its_schedule_next_due_and_last_run(
     assert summary[2][1] == "invalid" and "field 'name': required" in parsed.text
     due_now = Parsed(page.overview([view([], schedule="0 0 6 * * *", next_due="2030-01-01T06:00:00Z")],
                                    parse_iso("2030-01-01T06:02:00Z") or 0.0, LINKS)).rows
-    assert due_now[1][5] == "due: the next timer tick runs it"
+    assert due_now[1][5] == "due now (since 2030-01-01 06:00:00; the next timer tick runs it)"
 
 
 @pytest.mark.parametrize("status,colour", [("completed", "ok"), ("completed_with_errors", "warn"), ("failed", "bad"),
