@@ -300,17 +300,13 @@ def _destination(view: DestinationView, links: Links) -> str:
 
 def overview(views: Sequence[DestinationView], now: float, links: Links) -> str:
     """The overview: every destination with its settings and last run, then each one's last runs and chart."""
-    generated = _time(_iso(now))
+    generated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
     body = ["<h1>SendGrid connector: run history</h1>",
             f'<p class="small muted">Generated {generated} UTC. Every time on this page is UTC. '
             "“—” in the change counts: a run recorded before runs counted them.</p>",
             _summary(views, now, links) if views else '<p class="muted">No destinations.</p>',
             *(_destination(v, links) for v in views)]
     return _document("Run history", body)
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # ------------------------------------------------------------------------------------------------------ one run
