@@ -59,8 +59,10 @@ def _queued(answer: http_api.Response, queue: func.Out[str]) -> http_api.Respons
 
 
 def _answer(answer: http_api.Response) -> func.HttpResponse:
-    return func.HttpResponse(answer.json(), status_code=answer.status, headers=answer.all_headers(),
-                             mimetype=http_api.MIMETYPE, charset="utf-8")
+    # One body: the Python worker's HTTP binding takes no stream (HTTP streams would make every HTTP function a
+    # FastAPI one). A download (the rejections CSV, at most report.MAX_CSV_ROWS rows) is read chunk by chunk.
+    return func.HttpResponse(b"".join(answer.content()), status_code=answer.status, headers=answer.all_headers(),
+                             mimetype=answer.mimetype, charset="utf-8")
 
 
 @app.route(route="destinations", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
@@ -99,6 +101,24 @@ def destination_runs(req: func.HttpRequest, runs: func.Out[str]) -> func.HttpRes
 def get_run(req: func.HttpRequest) -> func.HttpResponse:
     """One run record (report and checkpoint)."""
     return _answer(_http(req, "runs/{run_id}"))
+
+
+@app.route(route="runs/{run_id}/rejections", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def run_rejections(req: func.HttpRequest) -> func.HttpResponse:
+    """Every rejected row of one run, as a CSV download."""
+    return _answer(_http(req, "runs/{run_id}/rejections"))
+
+
+@app.route(route="ui", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def history_page(req: func.HttpRequest) -> func.HttpResponse:
+    """The run-history page: every destination, its schedule and its last runs (HTML, self-contained)."""
+    return _answer(_http(req, "ui"))
+
+
+@app.route(route="ui/runs/{run_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def run_page(req: func.HttpRequest) -> func.HttpResponse:
+    """One run's page: counts, SendGrid's jobs, warnings, file errors, the first rejections, a dry run's plan."""
+    return _answer(_http(req, "ui/runs/{run_id}"))
 
 
 @app.queue_trigger(arg_name="message", queue_name="%RUNS_QUEUE%", connection="ExportsStorage")

@@ -32,7 +32,7 @@ param principalType string = 'User'
 @description('Object id of the "Dynamics 365 AI for Customer Insights" service principal in this tenant: gets Storage Blob Data Contributor on the exports container. Empty: grant it later (docs/deploy.md).')
 param customerInsightsPrincipalId string = ''
 
-@description('NCRONTAB schedule (6 fields, UTC) of the refresh timer; empty: every 15 minutes.')
+@description('NCRONTAB schedule (6 fields, UTC) of the refresh timer; empty: every 5 minutes (destinations with a schedule of their own run at the first tick after it is due).')
 param refreshSchedule string = ''
 
 // host.json has "functionTimeout": "00:30:00" (1,800 s). A run stops cleanly (status "interrupted", resumable by the
@@ -76,7 +76,7 @@ var tags = { 'azd-env-name': environmentName }
 var serviceName = 'connector' // azure.yaml services.connector
 var functionAppName = 'func-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
-var schedule = empty(refreshSchedule) ? '0 */15 * * * *' : refreshSchedule
+var schedule = empty(refreshSchedule) ? '0 */5 * * * *' : refreshSchedule
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : 'rg-${environmentName}'

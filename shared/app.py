@@ -1,11 +1,13 @@
 """The blob and timer doors. `function_app.py` only wires their triggers to `on_blob` and `on_timer`.
 
-A new blob becomes the runs of the destinations it belongs to (`routing`); a timer tick finishes what is open
-(submitted runs' jobs, interrupted runs and purges, queued runs whose message was lost, erasures) and runs each
-destination's latest export not exported yet. Both hand `RunRequest`s to the engine and log each finished run
-(`runlog`). State lives in a Blob container (STATE_CONTAINER) of the exports account (connection setting
-`ExportsStorage`); exports are read from EXPORTS_CONTAINER by streaming; API keys come from Key Vault when
-KEY_VAULT_URL is set (`context` builds the clients).
+A new blob becomes the runs of the destinations it belongs to (`routing`) that take new exports at once
+(`on_new_export`); the others only note it as their latest export. A timer tick finishes what is open (submitted
+runs' jobs, interrupted runs and purges, queued runs whose message was lost, erasures), runs each such destination's
+latest export not exported yet, and re-syncs the latest export of each destination whose own `schedule` is due
+(`schedules`). Both hand `RunRequest`s to the engine and log each finished run (`runlog`). State lives in a Blob
+container (STATE_CONTAINER) of the exports account (connection setting `ExportsStorage`); exports are read from
+EXPORTS_CONTAINER by streaming; API keys come from Key Vault when KEY_VAULT_URL is set (`context` builds the
+clients).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import engine, purge, queue_worker, runlog
+from . import engine, purge, queue_worker, runlog, schedules
 from .config import Config
 from .context import AppContext
 from .errors import ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
@@ -79,7 +81,13 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
     ctx.state.drop_pending_export(key)
     if not names:
         log.info("blob %s is not an export any enabled destination takes; ignored", key)
-    return [run_export(ctx, config, name, key, info.etag, "blob") for name in names]
+    for name in names:
+        if not config.destinations[name].on_new_export:  # its schedule runs it
+            ctx.state.set_latest_export(name, key, info.etag)
+            log.info("%s: %s is its latest export; its schedule (%s) runs it", name, key,
+                     config.destinations[name].schedule or "none: run it through the HTTP API")
+    return [run_export(ctx, config, name, key, info.etag, "blob") for name in names
+            if config.destinations[name].on_new_export]
 
 
 def _retry_pending_exports(ctx: AppContext) -> list[dict[str, Any]]:
@@ -158,9 +166,11 @@ def _log_destinations(ctx: AppContext, config: Config) -> None:
                              config.errors)
 
 
-def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
-    """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), then run each enabled
-    destination's latest export that has not been exported yet."""
+def on_timer(ctx: AppContext, now: float | None = None) -> list[dict[str, Any]]:
+    """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), run each enabled
+    destination's latest export that has not been exported yet (when it takes new exports at once), then re-sync the
+    latest export of each destination whose schedule is due at `now` (default: the clock)."""
+    now = time.time() if now is None else now
     config = ctx.config()
     svc = ctx.services(config)
     _log_destinations(ctx, config)
@@ -202,9 +212,10 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     except Exception:  # the exports below must not wait on an erasure that cannot finish
         log.exception("open erasures could not be finished; the next tick tries again")
     done.extend(_retry_pending_exports(ctx))
+    synced: set[str] = set()
     for name in config.destinations:
         latest = ctx.state.latest_export(name)
-        if not _runnable(ctx, config, name) or not latest:
+        if not config.destinations[name].on_new_export or not _runnable(ctx, config, name) or not latest:
             continue
         info = ctx.exports.info(latest["source"])
         if info is None or info.size == 0:  # gone, or a model.json still being written
@@ -212,4 +223,54 @@ def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
         if info.etag != latest["etag"] or ctx.state.export_claim(name, latest["source"], latest["etag"]) is None:
             # not exported yet, or rewritten since (a version whose event never came: ADLS's FlushWithClose)
             done.append(run_export(ctx, config, name, latest["source"], info.etag, "timer"))
+            synced.add(name)
+    for name, dest in config.destinations.items():
+        if dest.schedule is not None and _runnable(ctx, config, name):
+            try:
+                done.extend(_run_scheduled(ctx, config, name, now, just_synced=name in synced))
+            except Exception:  # one destination's schedule must not stop the others'
+                log.exception("%s: its scheduled run failed unexpectedly; the next tick tries again", name)
     return done
+
+
+def _run_scheduled(ctx: AppContext, config: Config, name: str, now: float, *, just_synced: bool
+                   ) -> list[dict[str, Any]]:
+    """A destination whose schedule is due re-syncs its latest export, even a version exported before: a new run
+    (not a claim, which would answer "skipped"; a version no run has claimed yet is claimed by it). The occurrence is
+    taken first (schedules.Markers.advance), so two ticks never both run it; given back when the destination is busy
+    with another run, so the next tick tries again."""
+    schedule, markers = str(config.destinations[name].schedule), schedules.Markers(ctx.state)
+    marker = markers.read(name)
+    decision = schedules.decide(schedule, marker, now)
+    if decision is schedules.Decision.NEW:
+        markers.advance(name, schedule, now, marker)
+        log.info("%s: schedule %s noted; its first run is due at %s", name, schedule,
+                 schedules.next_due(schedule, None, now))
+        return []
+    if decision is schedules.Decision.NOT_DUE or marker is None:
+        return []
+    latest = ctx.state.latest_export(name)
+    info = ctx.exports.info(latest["source"]) if latest else None
+    if latest is not None and info is not None and info.size == 0:
+        return []  # a model.json being written: the next tick looks again
+    taken = markers.advance(name, schedule, now, marker)
+    if taken is None:
+        return []  # another tick took this occurrence
+    if latest is None or info is None or just_synced:
+        log.info("%s: scheduled run due, but %s", name, "this tick has just synced its latest export" if just_synced
+                 else "no export has arrived yet" if latest is None else f"its latest export {latest['source']} "
+                 "is no longer in the exports container")
+        return []
+    source, etag = latest["source"], info.etag
+    if info.etag != latest["etag"]:
+        ctx.state.set_latest_export(name, source, etag)  # rewritten since it was noted
+    unclaimed = ctx.state.export_claim(name, source, etag) is None
+    request = RunRequest(name, source, etag, trigger="schedule", deadline=ctx.deadline(), settle=True)
+    try:
+        report = engine.run(request, ctx.services(config), claim=unclaimed)
+    except LeaseUnavailable:
+        markers.give_back(name, taken, marker)
+        log.info("%s is busy with another run; its scheduled run waits for the next tick", name)
+        return [{"destination": name, "status": "deferred"}]
+    log.info("%s: scheduled run %s %s", name, report.get("run_id"), report.get("status"))
+    return [runlog.finished(report)]

@@ -277,6 +277,38 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return smoke.run(args.url, args.key, timeout=args.timeout, poll=args.poll_seconds)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The run-history page as files: the overview at --out, each run's page in <out>-runs/ beside it (the same
+    pages GET /api/ui serves), linking to the rejections CSVs in the state folder."""
+    from urllib.parse import quote
+
+    from . import history, page
+
+    if not Path(args.state_dir).is_dir():
+        raise ConfigError(f"{args.state_dir} is not a folder: name the state folder runs were written to",
+                          field="--state-dir")
+    state, out = StateStore(LocalFolderStore(args.state_dir)), Path(args.out).resolve()
+    runs_dir = out.parent / f"{out.stem}-runs"
+    now = time.time()
+    views = history.destination_views(load_config(args.config) if args.config else None, state, now)
+
+    def csv_link(destination: str, run_id: str) -> str:
+        where = Path(args.state_dir).resolve() / state.rejections_key(destination, run_id)
+        return "/".join(quote(part) for part in Path(os.path.relpath(where, runs_dir)).parts)
+
+    overview_links = page.Links(home=quote(out.name), run=lambda r: f"{quote(runs_dir.name)}/{r}.html",
+                                rejections=csv_link)
+    run_links = page.Links(home=f"../{quote(out.name)}", run=lambda r: f"{r}.html", rejections=csv_link)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    records = [record for view in views for record in view.runs]
+    for record in records:
+        (runs_dir / f"{record['run_id']}.html").write_text(
+            page.run_page(record, run_links, history.removals_preview(state, record)), encoding="utf-8")
+    out.write_text(page.overview(views, now, overview_links), encoding="utf-8")
+    print(f"wrote {out} ({len(views)} destination(s)) and {len(records)} run page(s) in {runs_dir}")
+    return EXIT_OK
+
+
 def _dev_tools() -> Any:
     """The development tools (top-level `sandbox` package): in a checkout only, never in the deployed app."""
     try:
@@ -422,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the dry runs (default 600)")
     p.add_argument("--poll-seconds", type=float, default=5.0, help="seconds between looks at a run (default 5)")
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("ui", help="write the run-history page (what GET /api/ui shows) as HTML files")
+    p.add_argument("--state-dir", default=".state", help="the state folder runs were written to (default .state)")
+    p.add_argument("--out", default="history.html", help="the page to write; run pages go to <name>-runs/ beside it")
+    p.add_argument("--config", help="destinations file: adds each destination's settings and schedule")
+    p.set_defaults(func=cmd_ui)
 
     sub.add_parser("sandbox", help="run the local SendGrid sandbox (see its --help)", add_help=False)
 

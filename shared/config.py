@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, TypeGuard
 
-from . import limits
+from . import limits, ncrontab
 from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # used in URLs and storage keys
@@ -32,7 +32,7 @@ DEFAULT_MAX_PROFILES = 100_000  # Customer Insights' own SendGrid export stops a
 KNOWN_FIELDS = (
     "name", "display_name", "enabled", "consent", "api_key_secret", "list_id", "segments", "mapping",
     "custom_fields", "mode", "max_profiles", "region", "max_removal_fraction", "bulk_threshold", "full_resync_days",
-    "max_in_flight",
+    "max_in_flight", "schedule", "on_new_export",
 )
 FULL_RESYNC_DAYS_DEFAULT = 7  # a full send at least this often, so edits made in SendGrid's UI are overwritten
 MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_MAX = 2, 4  # requests sent at once
@@ -56,6 +56,8 @@ class Destination:
     bulk_threshold: int | None = limits.BULK_THRESHOLD_DEFAULT
     full_resync_days: int | None = FULL_RESYNC_DAYS_DEFAULT
     max_in_flight: int = MAX_IN_FLIGHT_DEFAULT
+    schedule: str | None = None  # six-field NCRONTAB in UTC (`ncrontab`): the timer re-syncs the latest export then
+    on_new_export: bool = True  # a new export of its segments runs it at once (the blob trigger)
 
     def public(self) -> dict[str, Any]:
         """Every setting, JSON-ready. Safe to show: api_key_secret is the secret's name, not the key."""
@@ -76,6 +78,8 @@ class Destination:
             "bulk_threshold": self.bulk_threshold,
             "full_resync_days": self.full_resync_days,
             "max_in_flight": self.max_in_flight,
+            "schedule": self.schedule,
+            "on_new_export": self.on_new_export,
         }
 
 
@@ -204,6 +208,15 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def _schedule(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return ncrontab.parse(value).expression
+    except ncrontab.CronError as exc:
+        raise _Invalid("schedule", f"is not a six-field NCRONTAB schedule in UTC: {exc}") from None
+
+
 # field -> (default or _MISSING when required, validator). Every field is checked, even after a failure.
 _MISSING = object()
 _FIELDS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
@@ -221,6 +234,8 @@ _FIELDS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "bulk_threshold": (limits.BULK_THRESHOLD_DEFAULT, lambda v: _positive_int_or_null("bulk_threshold", v)),
     "full_resync_days": (FULL_RESYNC_DAYS_DEFAULT, lambda v: _positive_int_or_null("full_resync_days", v)),
     "max_in_flight": (MAX_IN_FLIGHT_DEFAULT, lambda v: _in_flight(v)),
+    "schedule": (None, _schedule),
+    "on_new_export": (True, lambda v: _bool("on_new_export", v)),
 }
 
 

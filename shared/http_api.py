@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import unicodedata
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import orjson
 
-from . import contacts, purge
+from . import contacts, history, page, purge, schedules
 from .config import Config, Destination
 from .context import AppContext
 from .errors import (
@@ -40,7 +42,7 @@ from .routing import destinations_for_blob
 from .secrets import redact
 from .services import refusal
 from .state import DESTINATION_PATTERN, RUN_ID_PATTERN, new_run_id, now_iso
-from .storage import check_key
+from .storage import NotFound, check_key
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ MAX_SOURCE_CHARS = 1024  # Blob Storage's limit for a blob name
 MAX_REASON_CHARS = 500
 START_FIELDS = ("source", "dry_run")
 MIMETYPE = "application/json"  # utf-8
+HTML, CSV = "text/html", "text/csv"  # utf-8
+FUNCTION_KEY = re.compile(r"[A-Za-z0-9_\-=+/.~]{1,512}")  # what a key passed as ?code= may look like
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 ERASURE_BODY = '{"email": "<one address>"}'
 
@@ -62,10 +66,20 @@ class Response:
     body: dict[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
     message: dict[str, Any] | None = None  # for the runs queue (an accepted POST .../runs only)
+    page: str | None = None  # an HTML page instead of the JSON body (GET ui...)
+    stream: Iterable[bytes] | None = None  # a download read chunk by chunk instead (GET .../rejections)
+    mimetype: str = MIMETYPE
 
     def json(self) -> bytes:
         """The body as JSON text, with anything secret-shaped or registered as a secret scrubbed."""
         return redact(orjson.dumps(self.body).decode()).encode()
+
+    def content(self) -> Iterable[bytes]:
+        """What is sent: the page or the JSON body, scrubbed like it; or the download's chunks (scrubbed line by line
+        where they are read, history.rejections_chunks)."""
+        if self.stream is not None:
+            return self.stream
+        return [redact(self.page).encode() if self.page is not None else self.json()]
 
     def all_headers(self) -> dict[str, str]:
         return {**HEADERS, **self.headers}
@@ -223,9 +237,11 @@ def list_destinations(call: Call) -> Response:
     ctx = call.ctx
     config = ctx.config()
     items: list[dict[str, Any]] = []
+    now = time.time()
     for name, dest in sorted(config.destinations.items()):
         disabled = ctx.state.disabled(name)
         items.append(dest.public() | {"valid": True, "disabled": disabled, "blocked": refusal(dest, disabled),
+                                      "next_due": schedules.next_run(ctx.state, dest, disabled, now),
                                       "last_run": _last_run(ctx, name)})
     for name, exc in sorted(config.errors.items()):
         entry: dict[str, Any] = {"name": name, "valid": False, "error": str(exc)}
@@ -364,6 +380,58 @@ def erase_person(call: Call) -> Response:
     return Response(200 if report["status"] == "completed" else 207, report)
 
 
+def ui_links(params: Mapping[str, str], depth: int) -> page.Links:
+    """Links between the pages and the CSV, relative to a page `depth` folders below the API's root (/api/ui: 0,
+    /api/ui/runs/{id}: 2), so they hold whatever route prefix the host uses. A function key the page was opened with
+    (`?code=`, the one way a browser can pass it) goes on with every link: a person who clicks needs it, and the
+    pages load nothing from anywhere and send no referrer, so it goes nowhere else."""
+    code = params.get("code")
+    query = f"?code={urllib.parse.quote(code, safe='')}" if code and FUNCTION_KEY.fullmatch(code) else ""
+    up = "../" * depth
+    return page.Links(home=f"{up}ui{query}", run=lambda run_id: f"{up}ui/runs/{run_id}{query}",
+                      rejections=lambda _destination, run_id: f"{up}runs/{run_id}/rejections{query}")
+
+
+def _page(text: str, status: int = 200) -> Response:
+    return Response(status, {}, dict(page.HEADERS), page=text, mimetype=HTML)
+
+
+def history_page(call: Call) -> Response:
+    """Every destination with its settings, schedule and last runs (page.overview)."""
+    ctx = call.ctx
+    now = time.time()
+    views = history.destination_views(ctx.config(), ctx.state, now)
+    return _page(page.overview(views, now, ui_links(call.params, 0)))
+
+
+def _run_record(call: Call) -> dict[str, Any]:
+    record = call.ctx.state.peek_run(call.route_params["run_id"])  # read only: no save of it follows
+    if record is None:
+        raise HttpError(404, "no run with that id")
+    return record
+
+
+def run_page(call: Call) -> Response:
+    """One run (page.run_page), with a dry run's removals preview."""
+    record = _run_record(call)
+    removals = history.removals_preview(call.ctx.state, record)
+    return _page(page.run_page(record, ui_links(call.params, 2), removals))
+
+
+def run_rejections(call: Call) -> Response:
+    """Every rejected row of a run (up to report.MAX_CSV_ROWS), as the CSV the run wrote, streamed from storage."""
+    record = _run_record(call)
+    key = history.rejections_key(record)
+    try:
+        chunks = history.rejections_chunks(call.ctx.state, key) if key else None
+    except NotFound:
+        chunks = None
+    if chunks is None:
+        raise HttpError(404, "this run has no rejections file: it rejected no rows, or it has not finished reading")
+    name = f"{record['run_id']}-rejections.csv"
+    return Response(200, {}, {"Content-Disposition": f'attachment; filename="{name}"'}, stream=chunks, mimetype=CSV)
+
+
 Handler = Callable[[Call], Response]
 ROUTES: dict[str, dict[str, Handler]] = {
     "destinations": {"GET": list_destinations},
@@ -371,14 +439,28 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "destinations/{name}/enable": {"POST": enable_destination},
     "destinations/{name}/runs": {"GET": run_history, "POST": start_run},
     "runs/{run_id}": {"GET": get_run},
+    "runs/{run_id}/rejections": {"GET": run_rejections},
     "erasure": {"POST": erase_person},
+    "ui": {"GET": history_page},
+    "ui/runs/{run_id}": {"GET": run_page},
 }
 
 
 def handle(method: str, route: str, route_params: Mapping[str, str], params: Mapping[str, str], body: bytes,
            ctx: ContextSource) -> Response:
     """Answer one request to `route` (a template from ROUTES). `ctx` may be a factory: it is called only once the
-    method, body size and route values have passed their checks."""
+    method, body size and route values have passed their checks. The pages (ui...) answer their errors as a page."""
+    answer = _answer(method, route, route_params, params, body, ctx)
+    if route.startswith("ui") and answer.page is None:
+        message = str(answer.body.get("error", ""))
+        links = ui_links(params, route.count("/"))
+        return Response(answer.status, {}, {**answer.headers, **page.HEADERS},
+                        page=page.error_page(answer.status, message, links), mimetype=HTML)
+    return answer
+
+
+def _answer(method: str, route: str, route_params: Mapping[str, str], params: Mapping[str, str], body: bytes,
+            ctx: ContextSource) -> Response:
     methods = ROUTES.get(route)
     if methods is None:
         return error(404, "no such route")

@@ -30,7 +30,7 @@ COUNTS = ("read", "valid", "sent", "rejected_total", "not_applied")
 Value: TypeAlias = "str | int | float | bool"
 
 
-def _seconds(record: Mapping[str, Any]) -> float | None:
+def duration_seconds(record: Mapping[str, Any]) -> float | None:
     """How long the run took: from its start (or its queueing, when it never started) to its end, in whole seconds
     as the record's times go, or the engine's own measure of its last leg when that is longer (a short run)."""
     start, end = parse_iso(record.get("started_at") or record.get("queued_at")), parse_iso(record.get("finished_at"))
@@ -57,7 +57,7 @@ def run_fields(record: Mapping[str, Any]) -> dict[str, Value] | None:
     for name, value in sorted((record.get("changes") or {}).items()):  # issue 14: new, changed, unchanged, ...
         if isinstance(value, int):
             fields[f"changes_{name}"] = value
-    seconds = _seconds(record)
+    seconds = duration_seconds(record)
     if seconds is not None:
         fields["duration_seconds"] = seconds
     return fields

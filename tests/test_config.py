@@ -92,16 +92,18 @@ def test_defaults_for_optional_fields() -> None:
     assert d.region == "global"
     assert d.max_removal_fraction == 0.5
     assert d.bulk_threshold == limits.BULK_THRESHOLD_DEFAULT
+    assert d.schedule is None and d.on_new_export is True  # a new export runs it at once; no schedule of its own
 
 
 def test_explicit_optional_values() -> None:
     raw = with_(MINIMAL, consent=False, enabled=False, mode="mirror", max_profiles=None, region="eu",
-                max_removal_fraction=1, bulk_threshold=None)
+                max_removal_fraction=1, bulk_threshold=None, schedule="0  30 6 * * Mon-Fri", on_new_export=False)
     d = parse_config(doc(raw), ORIGIN).destinations["minimal"]
     assert d.consent is False and d.enabled is False  # both valid config; running is the engine's call
     assert d.mode == "mirror" and d.max_profiles is None and d.region == "eu"
     assert d.max_removal_fraction == 1.0 and isinstance(d.max_removal_fraction, float)
     assert d.bulk_threshold is None
+    assert d.schedule == "0 30 6 * * Mon-Fri" and d.on_new_export is False  # the expression as the timer reads it
 
 
 def test_list_id_is_normalised_to_lower_case() -> None:
@@ -115,7 +117,7 @@ def test_public_settings_are_json_ready_and_complete() -> None:
     assert json.loads(json.dumps(public)) == public
     assert set(public) == {f.name for f in dataclasses.fields(Destination)}
     expected = with_(EXAMPLE, max_removal_fraction=0.5, bulk_threshold=limits.BULK_THRESHOLD_DEFAULT,
-                     full_resync_days=7, max_in_flight=2)
+                     full_resync_days=7, max_in_flight=2, schedule=None, on_new_export=True)
     assert public == expected
 
 
@@ -250,6 +252,13 @@ BAD_FIELDS = [
     ("max_removal_fraction", "0.5", "greater than 0 and at most 1"),
     ("bulk_threshold", 0, "positive whole number"),
     ("bulk_threshold", False, "positive whole number"),
+    ("schedule", "0 6 * * *", "six-field NCRONTAB schedule in UTC: '0 6 * * *' has 5 field(s)"),
+    ("schedule", "0 0 25 * * *", "hour field: 25 is outside 0-23"),
+    ("schedule", "0 0 0 30 2 *", "would never run"),
+    ("schedule", "", "has 0 field(s)"),
+    ("schedule", 5, "must be a string"),
+    ("on_new_export", "false", "true or false"),
+    ("on_new_export", None, "true or false"),
     ("surprise", 1, "unknown field 'surprise'; known fields are name, display_name"),
 ]
 

@@ -31,6 +31,9 @@ HTTP_FUNCTIONS = {  # function -> (route, methods); every one at function-level 
     "destination_runs": ("destinations/{name}/runs", {"GET", "POST"}),
     "get_run": ("runs/{run_id}", {"GET"}),
     "erase_person": ("erasure", {"POST"}),
+    "run_rejections": ("runs/{run_id}/rejections", {"GET"}),
+    "history_page": ("ui", {"GET"}),
+    "run_page": ("ui/runs/{run_id}", {"GET"}),
 }
 
 

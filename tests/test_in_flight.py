@@ -4,6 +4,7 @@ rate limit that pauses every sender. The SIGKILL contract with 2 and 4 in flight
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,4 +98,4 @@ def test_a_429_pauses_every_sender(tmp_path: Path, small_requests: None) -> None
     first = box.arrivals[0]  # the others sent with the one answered 429 (which never reached the operation)
     paused = [round(t - first, 3) for t in box.arrivals if 0.5 < t - first < 1.9]
     assert paused == [], f"upserts sent while the rate limit paused every sender: {paused}"
-    assert len(box.arrivals) == 30 and max(b - a for a, b in zip(box.arrivals, box.arrivals[1:])) >= 1.9
+    assert len(box.arrivals) == 30 and max(b - a for a, b in itertools.pairwise(box.arrivals)) >= 1.9
