@@ -23,7 +23,7 @@ from .context import AppContext
 from .errors import ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
 from .routing import destinations_for_blob
 from .secrets import install_log_redaction, redact
-from .services import RunRequest
+from .services import RunRequest, Services
 from .state import parse_iso
 
 log = logging.getLogger(__name__)
@@ -167,51 +167,82 @@ def _log_destinations(ctx: AppContext, config: Config) -> None:
 
 
 def on_timer(ctx: AppContext, now: float | None = None) -> list[dict[str, Any]]:
-    """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), run each enabled
-    destination's latest export that has not been exported yet (when it takes new exports at once), then re-sync the
-    latest export of each destination whose schedule is due at `now` (default: the clock)."""
+    """A tick: finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs, retry exports
+    that were not complete, go on with erasures), run each enabled destination's latest export that has not been
+    exported yet (when it takes new exports at once), then re-sync the latest export of each destination whose
+    schedule is due at `now` (default: the clock)."""
     now = time.time() if now is None else now
     config = ctx.config()
     svc = ctx.services(config)
     _log_destinations(ctx, config)
     done: list[dict[str, Any]] = []
     for record in ctx.state.open_runs():
-        name, run_id, status = record["destination"], record["run_id"], record["status"]
-        if name not in config.destinations and status != queue_worker.QUEUED:
-            continue
-        try:
-            if record.get("kind") == "purge":
-                if status != queue_worker.QUEUED or _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:
-                    done.append(runlog.finished(purge.remove_destination(svc, name, record["purge"], confirmed=True,
-                                                                         by="timer", run_id=run_id)))
-            elif status == queue_worker.QUEUED:
-                if _age_seconds(record.get("queued_at")) >= QUEUED_GRACE_SECONDS:  # its queue message was lost
-                    done.append(queue_worker.run_queued(ctx, record, attempt=queue_worker.MAX_ATTEMPTS))
-            elif status == "waiting":
-                if time.time() >= float((record.get("waiting") or {}).get("retry_at") or 0):
-                    done.append(runlog.finished(engine.run(
-                        RunRequest(name, resume=run_id, deadline=ctx.deadline(), settle=True), svc)))
-            elif status == "submitted":
-                done.append(runlog.finished(engine.finish_submitted(record, svc, deadline=ctx.deadline())))
-                _resync_latest_if_overtaken(ctx, name, done[-1])
-            elif not _runnable(ctx, config, name):
-                log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
-            else:
-                overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
-                done.append(runlog.finished(engine.run(RunRequest(
-                    name, resume=run_id, deadline=ctx.deadline(), overtakes=overtakes, settle=True), svc)))
-                _resync_latest_if_overtaken(ctx, name, done[-1])
-        except LeaseUnavailable:
-            log.info("%s: run %s is still going elsewhere", name, run_id)
-        except ConnectorError as exc:
-            log.error("%s: run %s could not be finished: %s", name, run_id, exc)
-        except Exception:  # one broken record must not stop the rest of the tick, every tick
-            log.exception("%s: run %s failed unexpectedly; the next tick tries again", name, run_id)
+        done.extend(_go_on_with(ctx, config, svc, record))
     try:
         done.extend(purge.finish_erasures(svc, wait_seconds=min(300.0, ctx.settings.run_deadline_seconds)))
     except Exception:  # the exports below must not wait on an erasure that cannot finish
         log.exception("open erasures could not be finished; the next tick tries again")
     done.extend(_retry_pending_exports(ctx))
+    synced = _run_latest_exports(ctx, config, done)
+    for name, dest in config.destinations.items():
+        if dest.schedule is not None and _runnable(ctx, config, name):
+            try:
+                done.extend(_run_scheduled(ctx, config, name, now, just_synced=name in synced))
+            except Exception:  # one destination's schedule must not stop the others'
+                log.exception("%s: its scheduled run failed unexpectedly; the next tick tries again", name)
+    return done
+
+
+def _go_on_with(ctx: AppContext, config: Config, svc: Services, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One open run or purge, as its status says; one broken record never stops the rest of the tick."""
+    name, run_id = record["destination"], record["run_id"]
+    try:
+        return _go_on(ctx, config, svc, record)
+    except LeaseUnavailable:
+        log.info("%s: run %s is still going elsewhere", name, run_id)
+    except ConnectorError as exc:
+        log.error("%s: run %s could not be finished: %s", name, run_id, exc)
+    except Exception:  # every tick would meet it again: log it, go on with the others
+        log.exception("%s: run %s failed unexpectedly; the next tick tries again", name, run_id)
+    return []
+
+
+def _go_on(ctx: AppContext, config: Config, svc: Services, record: dict[str, Any]) -> list[dict[str, Any]]:
+    name, run_id, status = record["destination"], record["run_id"], record["status"]
+    queued = status == queue_worker.QUEUED
+    if name not in config.destinations and not queued:
+        return []
+    if record.get("kind") == "purge":
+        if queued and _age_seconds(record.get("queued_at")) < QUEUED_GRACE_SECONDS:
+            return []
+        return [runlog.finished(purge.remove_destination(svc, name, record["purge"], confirmed=True, by="timer",
+                                                         run_id=run_id))]
+    if queued:  # its queue message was lost once the grace period has passed
+        if _age_seconds(record.get("queued_at")) < QUEUED_GRACE_SECONDS:
+            return []
+        return [queue_worker.run_queued(ctx, record, attempt=queue_worker.MAX_ATTEMPTS)]
+    if status == "waiting":  # for its export to be complete
+        if time.time() < float((record.get("waiting") or {}).get("retry_at") or 0):
+            return []
+        return [runlog.finished(engine.run(RunRequest(name, resume=run_id, deadline=ctx.deadline(), settle=True),
+                                           svc))]
+    if status == "submitted":
+        report = runlog.finished(engine.finish_submitted(record, svc, deadline=ctx.deadline()))
+    elif not _runnable(ctx, config, name):
+        log.info("%s: run %s stays %s while the destination is disabled", name, run_id, status)
+        return []
+    else:  # interrupted, or running with its lease free (its process died)
+        overtakes = _overtaken(ctx, name, record) if config.destinations[name].mode == "mirror" else None
+        report = runlog.finished(engine.run(RunRequest(name, resume=run_id, deadline=ctx.deadline(),
+                                                       overtakes=overtakes, settle=True), svc))
+    _resync_latest_if_overtaken(ctx, name, report)
+    return [report]
+
+
+def _run_latest_exports(ctx: AppContext, config: Config, done: list[dict[str, Any]]) -> set[str]:
+    """Each destination that takes new exports at once runs its latest export when no run has claimed it yet, or
+    when it was rewritten since it was noted (a version whose event never came: ADLS's FlushWithClose). Returns the
+    destinations it ran."""
     synced: set[str] = set()
     for name in config.destinations:
         latest = ctx.state.latest_export(name)
@@ -221,16 +252,9 @@ def on_timer(ctx: AppContext, now: float | None = None) -> list[dict[str, Any]]:
         if info is None or info.size == 0:  # gone, or a model.json still being written
             continue
         if info.etag != latest["etag"] or ctx.state.export_claim(name, latest["source"], latest["etag"]) is None:
-            # not exported yet, or rewritten since (a version whose event never came: ADLS's FlushWithClose)
             done.append(run_export(ctx, config, name, latest["source"], info.etag, "timer"))
             synced.add(name)
-    for name, dest in config.destinations.items():
-        if dest.schedule is not None and _runnable(ctx, config, name):
-            try:
-                done.extend(_run_scheduled(ctx, config, name, now, just_synced=name in synced))
-            except Exception:  # one destination's schedule must not stop the others'
-                log.exception("%s: its scheduled run failed unexpectedly; the next tick tries again", name)
-    return done
+    return synced
 
 
 def _run_scheduled(ctx: AppContext, config: Config, name: str, now: float, *, just_synced: bool

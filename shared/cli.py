@@ -60,15 +60,18 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def source_location(path: str) -> tuple[LocalFolderStore, str]:
-    """A local export path as (store, key): the store is the folder holding model.json or the plain file."""
-    p = Path(path)
+    """A local export path as (store, key). The key names the export folder too ('BlobExport/model.json': what a
+    run's report says it read); the store is the folder above it, or the one holding a plain file."""
+    p = Path(path).resolve()
     if p.is_dir():
         if not (p / "model.json").is_file():
             raise ConfigError(f"{path} is a folder without model.json: name a model.json, a CSV or a JSON Lines file",
                               field="--source")
-        return LocalFolderStore(p), "model.json"
+        p = p / "model.json"
     if not p.is_file():
         raise ConfigError(f"{path} does not exist", field="--source")
+    if p.name == "model.json" and p.parent != p.parent.parent:
+        return LocalFolderStore(p.parent.parent), f"{p.parent.name}/model.json"
     return LocalFolderStore(p.parent), p.name
 
 
@@ -380,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
+    _run_commands(sub)
+    _admin_commands(sub)
+    _tool_commands(sub)
+    return parser
+
+
+Subparsers = Any  # argparse's _SubParsersAction, which it does not export
+
+
+def _run_commands(sub: Subparsers) -> None:
+    """Runs and what they did: export, validate, runs, show, and the account's lists and fields."""
     p = sub.add_parser("export", help="export one destination from one source")
     p.add_argument("--config", required=True, help=CONFIG_HELP)
     p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
@@ -425,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --api-key-secret: the account's region (default global)")
         p.set_defaults(func=cmd_account, read=read)
 
+
+def _admin_commands(sub: Subparsers) -> None:
+    """Taking data back out: remove (and purge), enable, erase."""
     p = sub.add_parser("remove", help="disable a destination; --purge takes its contacts out too")
     p.add_argument("--config", required=True, help=CONFIG_HELP)
     p.add_argument("--destination", required=True, help="the destination's name in the destinations file")
@@ -448,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_erase)
 
+
+def _tool_commands(sub: Subparsers) -> None:
+    """After deploying and around the product: smoke, ui, sandbox, demo."""
     p = sub.add_parser("smoke", help="after deploying: dry-run every destination through the app")
     p.add_argument("--url", required=True, help="the function app, e.g. https://APP.azurewebsites.net")
     p.add_argument("--key", required=True, help="the app's host key (docs/deploy.md, 'The function key')")
@@ -455,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=float, default=5.0, help="seconds between looks at a run (default 5)")
     p.set_defaults(func=cmd_smoke)
 
-    p = sub.add_parser("ui", help="write the run-history page (what GET /api/ui shows) as HTML files")
+    p = sub.add_parser("ui", help="write the run-history page (as GET /api/ui) to HTML files")
     p.add_argument("--state-dir", default=".state", help="the state folder runs were written to (default .state)")
     p.add_argument("--out", default="history.html", help="the page to write; run pages go to <name>-runs/ beside it")
     p.add_argument("--config", help="destinations file: adds each destination's settings and schedule")
@@ -468,7 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profiles", type=int, default=25_000, help="profiles in the generated export (default 25,000)")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated export (default 7)")
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

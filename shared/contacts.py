@@ -281,7 +281,8 @@ class ContactMapper:
     """(email, contact, note) or the rejection reason. note mentions values left out; None when nothing was. The
     function __init__ generates for this instance."""
 
-    def _generate(self, text: list[tuple[str, int, int]], alternates: int | None,
+    # long and branchy on purpose (C901): a code generator with one block per kind of field, read top to bottom
+    def _generate(self, text: list[tuple[str, int, int]], alternates: int | None,  # noqa: C901 (see above)
                   custom: list[tuple[CustomField, int]]) -> Callable[[Sequence[str | None]], Mapped]:
         """Compiles two versions of map() for this plan, with the same results.
 
@@ -308,6 +309,7 @@ class ContactMapper:
         def ind(lines: list[str], depth: int) -> list[str]:
             return [" " * (4 * depth) + line for line in lines]
 
+        # long: the generated function's body, one block per kind of field, in the order the function runs them
         def body(fast: bool) -> list[str]:
             """Everything after the email's fetch and strip; a field's value is its stripped text or, only when not
             fast, None or "" too."""

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 PurgeWhat = Literal["list", "contacts"]  # take the contacts off the destination's list, or delete them from SendGrid
 PURGE_WHATS: tuple[PurgeWhat, ...] = get_args(PurgeWhat)
-SALT_KEY = "erasure-salt"
 LEASE_WAIT_SECONDS = 60.0
 PURGE_OPEN_STATUSES = frozenset({"queued", "running", "interrupted"})  # a purge not final yet
 RUNS_LOOKED_AT = 100  # how far back _list_released looks past runs that sent nothing
@@ -241,15 +240,14 @@ def _stage_purge(svc: Services, dest: Destination, record: RunRecord) -> None:
 def _salt(svc: Services) -> bytes:
     """A random salt kept in the state store, made once: hashes of one person stay comparable across erasures."""
     store = svc.state.store
-    salt = store.read_bytes(SALT_KEY)
+    salt = store.read_bytes(StateStore.SALT_KEY)
     if salt:
         return salt
     with contextlib.suppress(PreconditionFailed):
-        store.write_bytes(SALT_KEY, pysecrets.token_bytes(32), if_none_match=True)
-    return store.read_bytes(SALT_KEY) or b""
+        store.write_bytes(StateStore.SALT_KEY, pysecrets.token_bytes(32), if_none_match=True)
+    return store.read_bytes(StateStore.SALT_KEY) or b""
 
 
-ERASURE_OPEN = "erasures/open/"  # an erasure not finished yet: its address, until it is done (then deleted)
 
 
 def _accounts(svc: Services) -> dict[str, list[Destination]]:
@@ -282,7 +280,7 @@ def erase(svc: Services, email: str, *, by: str = "cli", wait_seconds: float | N
     """Forget one person: in every SendGrid account of the configuration, wait until the product's jobs there are
     final, then delete the contact and search again until SendGrid no longer finds it; only then remove the address
     from what each destination holds (snapshot and parts). `completed` only when every account confirmed; otherwise
-    `incomplete`, kept open (the address in ERASURE_OPEN, deleted when done) for the timer or a second call. The
+    `incomplete`, kept open (the address in erasures/open/, deleted when done) for the timer or a second call. The
     report and the logs name the person by a salted hash only."""
     address = single_address(email)  # ConfigError (field 'email') unless exactly one valid address
     person = mirror.erasure_hash(address, _salt(svc))
@@ -309,7 +307,7 @@ def erase(svc: Services, email: str, *, by: str = "cli", wait_seconds: float | N
     report["status"] = "completed" if confirmed and not report["errors"] else "incomplete"
     report["finished_at"] = now_iso()
     _keep_open(svc, person, address, report["status"] != "completed")
-    svc.state.store.write_bytes(f"erasures/{new_run_id()}.json", orjson.dumps(report))
+    svc.state.store.write_bytes(svc.state.erasure_report_key(new_run_id()), orjson.dumps(report))
     log.info("erasure of %s: %s; destinations %s, %d account(s) deleted it", person, report["status"],
              report["destinations"], report["accounts_deleted"])
     return report
@@ -335,7 +333,7 @@ def _forget_everywhere(svc: Services, address: str, report: dict[str, Any]) -> N
 
 
 def _keep_open(svc: Services, person: str, address: str, still_open: bool) -> None:
-    key = f"{ERASURE_OPEN}{person}.json"
+    key = svc.state.open_erasure_key(person)
     if still_open:
         svc.state.store.write_bytes(key, orjson.dumps({"address": address, "since": now_iso()}))
     else:
@@ -345,7 +343,7 @@ def _keep_open(svc: Services, person: str, address: str, still_open: bool) -> No
 def finish_erasures(svc: Services, wait_seconds: float) -> list[dict[str, Any]]:
     """Go on with every erasure not finished yet (the timer)."""
     done = []
-    for info in list(svc.state.store.list(ERASURE_OPEN)):
+    for info in list(svc.state.store.list(StateStore.OPEN_ERASURES)):
         data = svc.state.store.read_bytes(info.key)
         address = orjson.loads(data).get("address") if data else None
         if isinstance(address, str):

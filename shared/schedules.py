@@ -23,7 +23,7 @@ import orjson
 
 from . import ncrontab
 from .config import Destination
-from .state import StateStore, check_destination, parse_iso
+from .state import StateStore, parse_iso
 from .storage import PreconditionFailed
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Markers:
 
     @staticmethod
     def key(destination: str) -> str:
-        return f"schedules/{check_destination(destination)}.json"
+        return StateStore.schedule_key(destination)
 
     def read(self, destination: str) -> Marker | None:
         """The stored marker, or None (none yet, or one this version cannot read: the next tick notes a new one)."""

@@ -791,7 +791,9 @@ def _first_record_end(buf: bytes, tries: int = 256) -> int:
     return 0
 
 
-def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], required: Collection[str] = (),
+# long and branchy on purpose (C901): the one loop that cuts a partition at record boundaries for workers, every way
+# out of it in one place (a stray quote, bad bytes, a long line, a damaged gzip) so none is forgotten
+def csv_chunks(store: ObjectStore, part: Partition, wanted: Sequence[str], required: Collection[str] = (),  # noqa: C901
                warnings: list[str] | None = None, *, chunk_bytes: int = CHUNK_BYTES, max_field: int = MAX_FIELD_CHARS,
                max_line: int | None = None) -> Generator[CsvChunk | ReadOn, None, None]:
     """A CSV partition as CsvChunks of whole records, in order; a ReadOn ends the stream early when the rest must

@@ -13,6 +13,12 @@ Layout (keys):
     sent/<destination>/<list>/<run_id>/<n>.gz   emails SendGrid accepted at one checkpoint, until folded (`held`)
     staging/<destination>/<run_id>/<name>.gz    a mirror run's working sets (its export's emails, its leavers)
     accounts/<account>/open-jobs/<run_id>       a run whose SendGrid jobs may not be final yet (`jobs`)
+    erasures/<id>.json                   an erasure's report (the person by a salted hash only)
+    erasures/open/<hash>.json            an erasure not finished yet: its address, deleted when it completes
+    erasure-salt                         the salt of those hashes, made once
+    schedules/<destination>.json         up to when a destination's schedule is handled (`schedules`)
+    blob-errors/<digest>.json            a blob that can never be exported, and why
+    runs/<destination>/<id>.rejections.csv / .removals.csv    every rejected row of a run; who a dry run would remove
     leases/<destination>                 one run per destination at a time
 
 Destination names and run ids are checked against strict patterns on every call: they come from HTTP routes and
@@ -58,7 +64,8 @@ from .storage import (
 DESTINATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 LIST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # SendGrid list ids are UUIDs
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # our own names inside keys (accounts, staging objects)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_HEX = re.compile(r"^[0-9a-f]{16,64}$")  # our own names inside keys (accounts, staging objects)
 # not final yet; the timer looks at these ('waiting': for an export to be complete)
 OPEN_STATUSES = frozenset({"queued", "running", "interrupted", "submitted", "waiting"})
 
@@ -372,6 +379,21 @@ class StateStore:
         """The destination's lease, waiting up to timeout seconds for the holder (renew it; leave it with
         __exit__). LeaseUnavailable when the wait ends."""
         return wait_for_lease(self.store, f"leases/{check_destination(destination)}", seconds, timeout)
+
+    # -- erasure and schedules (their owners read and write; the names live here) ------------------------------
+    SALT_KEY = "erasure-salt"  # the random salt of erasure hashes, made once
+    OPEN_ERASURES = "erasures/open/"  # an erasure not finished yet: its address, until it is done (then deleted)
+
+    @staticmethod
+    def erasure_report_key(report_id: str) -> str:
+        return f"erasures/{check_run_id(report_id)}.json"
+
+    def open_erasure_key(self, person: str) -> str:
+        return f"{self.OPEN_ERASURES}{_check(person, _HEX, 'person')}.json"
+
+    @staticmethod
+    def schedule_key(destination: str) -> str:
+        return f"schedules/{check_destination(destination)}.json"
 
     def fingerprints_key(self, destination: str, list_id: str) -> str:
         """What was last sent for each contact of the list and confirmed (`delta`)."""

@@ -245,12 +245,12 @@ class Stream:
         started = client.start_import([self.dest.list_id], f.field_mappings)
         try:
             with open(f.path, "rb") as fh:
-                client.upload(started["upload_uri"], started.get("upload_headers", []), fh, f.size)
+                client.upload(started.upload_uri, started.upload_headers, fh, f.size)
             done = f.last_index + 1
             self.held.record_file(self.record.run_id, done, f.emails_path)
         finally:
             f.discard()
-        return Sent(done, Job(str(started["job_id"]), f.count, kind="import", done=done), f.size, [])
+        return Sent(done, Job(started.job_id, f.count, kind="import", done=done), f.size, [])
 
     def send_batch(self, client: SendGridClient, batch: batching.ContactBatch) -> Sent:
         """One request; the contacts SendGrid refuses by name are left out and the rest sent again."""

@@ -81,3 +81,30 @@ def test_the_deployed_app_never_imports_the_development_tools() -> None:
 def test_the_functions_package_leaves_the_development_tools_out() -> None:
     ignored = {line.strip().rstrip("/") for line in (REPO / ".funcignore").read_text().splitlines()}
     assert {"sandbox", "tests", "benchmarks"} <= ignored
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def _long_functions() -> list[str]:
+    """Functions of the product over MAX_FUNCTION_LINES lines whose def is not preceded by a comment saying why."""
+    found = []
+    for path in [*SHARED.glob("*.py"), REPO / "function_app.py"]:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                above = first - 2
+                while above >= 0 and lines[above].strip().startswith("#") and not lines[above].strip().startswith(
+                        "# long"):
+                    above -= 1
+                reason = above >= 0 and lines[above].strip().startswith("# long")
+                if length > MAX_FUNCTION_LINES and not reason:
+                    found.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_a_function_fits_on_a_screen_or_says_why() -> None:
+    """Issue 13: no function over ~60 lines in the product without its reason written beside it ("# long ...")."""
+    assert _long_functions() == []

@@ -607,7 +607,7 @@ def test_a_cdm_export_reaches_the_list_as_the_sdk_reads_it(sandbox: Any, tmp_pat
     assert people["zoe@x.com"] == ("Zoë", "Núñez") and people["obrien@x.com"] == ('"Pat"', 'O"Brien')
     report = orjson.loads(report_path.read_bytes())
     assert report["status"] == "completed" and report["counts"]["rejected"] == {"invalid_email": 1}
-    hv5 = "HighValue/2026/11/28/0130/HighValue_5.csv"  # the CLI's folder is the model.json's
+    hv5 = "BlobExport/HighValue/2026/11/28/0130/HighValue_5.csv"  # keys name the export folder (issue 14)
     assert report["warnings"] == ["segments not in this export: Gone",
                                   "segment 'Lapsed' is in the export without partitions (an empty segment): no "
                                   "contacts come from it",

@@ -218,10 +218,11 @@ def test_deadline_interrupts_and_resume_completes_the_list(sandbox, env, tmp_pat
     list_id = sandbox.box.create_list("VIP")
     sandbox.box.create_field("lifetime_value", "Number")
     sandbox.box.create_field("signup_date", "Date")
-    config = write_config(tmp_path / "d.json", list_id, max_profiles=None)
+    config = write_config(tmp_path / "d.json", list_id, max_profiles=None, max_in_flight=1)
     base = ["--config", str(config), "--destination", "vip-newsletter", "--state-dir", str(tmp_path / "s"), "--quiet"]
     source = str(tmp_path / "export" / info.model_key)
-    # the first request is answered slowly; the deadline passes while it is in flight, so the run stops after it
+    # one request at a time; the first is answered slowly; the deadline passes while it is in flight, so the run
+    # stops after it
     sandbox.box.inject({"endpoint": "PUT /v3/marketing/contacts", "kind": "slow", "delay": 7.0, "times": 1})
     res = cli(env, "export", *base, "--source", source, "--deadline-seconds", "5",
               "--report", str(tmp_path / "r.json"))

@@ -140,6 +140,9 @@ def test_run_interrupted_at_its_deadline_is_resumed_by_the_timer(deployed, sandb
     import function_app
 
     monkeypatch.setenv("RUN_DEADLINE_SECONDS", "5")
+    config = samplegen.demo_destinations(deployed["list_id"], max_profiles=None)
+    config["destinations"][0]["max_in_flight"] = 1  # one request at a time: the deadline passes during the first
+    deployed["state"].upload_blob("destinations.json", orjson.dumps(config), overwrite=True)
     sandbox.box.inject({"endpoint": "PUT /v3/marketing/contacts", "kind": "slow", "delay": 7.0, "times": 1})
     deployed["land"]()
     function_app.on_export(deployed["exports"].get_blob_client(deployed["info"].model_key))

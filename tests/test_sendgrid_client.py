@@ -301,13 +301,13 @@ def test_upsert_returns_a_job_and_import_status_reports_it(api: Api) -> None:
 
     assert uuid.UUID(job_id) and api.box.job(job_id) is not None
     status = client.import_status(job_id)
-    assert status["id"] == job_id
-    assert status["status"] in ("pending", "completed")
-    assert status["job_type"] == "upsert_contacts"
-    assert status["results"]["requested_count"] == 2
+    assert status.id == job_id
+    assert status.status in ("pending", "completed")
+    assert status.job_type == "upsert_contacts"
+    assert status.results["requested_count"] == 2
     api.box.complete_jobs()
     done = client.import_status(job_id)
-    assert done["status"] == "completed" and done["results"]["created_count"] == 2
+    assert done.status == "completed" and done.results["created_count"] == 2
     assert api.box.list_emails(list_id) == ["a@example.com", "b@example.com"]
     put = api.session.to("/v3/marketing/contacts")[0]
     assert put.method == "PUT" and put.body == body
@@ -974,9 +974,9 @@ def test_errors_head_reads_the_errors_file_without_the_api_key(api: Api) -> None
     job_id = client.upsert(orjson.dumps({"contacts": [{"email": f"p{i}@example.com"} for i in range(3)]}))
     api.box.complete_jobs()
     status = client.import_status(job_id)
-    assert status["status"] == "errored"
-    errors_url = status["results"]["errors_url"]
-    assert errors_url.startswith(api.url)
+    assert status.status == "errored" and "errors_url" not in status.results
+    errors_url = status.errors_url
+    assert errors_url is not None and errors_url.startswith(api.url)
 
     lines = client.errors_head(errors_url)
     assert lines == ["index,email,error", "0,p0@example.com,sandbox fault: contact errored",
@@ -1005,10 +1005,10 @@ def test_csv_import_upload_goes_to_the_upload_uri_without_the_api_key(api: Api) 
     started = client.start_import([list_id], ["_rf2_T", "_rf0_T"])
     data = gzip.compress(b"email,first_name\nann@example.com,Ann\nbob@example.com,Bob\n")
 
-    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    client.upload(started.upload_uri, started.upload_headers, io.BytesIO(data), len(data))
 
     api.box.complete_jobs()
-    assert client.import_status(started["job_id"])["status"] == "completed"
+    assert client.import_status(started.job_id).status == "completed"
     assert api.box.list_emails(list_id) == ["ann@example.com", "bob@example.com"]
     upload = api.session.to("/_sandbox/uploads/")[0]
     assert "Authorization" not in upload.headers and upload.headers["Content-Length"] == str(len(data))
@@ -1031,10 +1031,10 @@ def test_an_upload_whose_answer_was_lost_is_not_refused_when_sent_again(api: Api
         return resp
 
     monkeypatch.setattr(api.session, "send", send)
-    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    client.upload(started.upload_uri, started.upload_headers, io.BytesIO(data), len(data))
     assert lost == [200] and len(api.session.to("/_sandbox/uploads/")) == 2
     api.box.complete_jobs()
-    assert client.import_status(started["job_id"])["status"] == "completed"
+    assert client.import_status(started.job_id).status == "completed"
     assert api.box.list_emails(list_id) == ["ann@example.com"]
 
 
@@ -1042,9 +1042,9 @@ def test_an_upload_refused_at_once_is_not_taken_for_a_lost_answer(api: Api) -> N
     client = api.client()
     started = client.start_import([api.box.create_list("imported")], ["_rf2_T"])
     data = gzip.compress(b"email\nann@example.com\n")
-    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    client.upload(started.upload_uri, started.upload_headers, io.BytesIO(data), len(data))
     with pytest.raises(PayloadRejected, match="409"):  # a second upload of the same job, not a retry
-        client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+        client.upload(started.upload_uri, started.upload_headers, io.BytesIO(data), len(data))
 
 
 def _started_upload(api: Api, client: SendGridClient) -> tuple[dict[str, Any], bytes]:
@@ -1056,10 +1056,10 @@ def test_an_upload_told_when_to_come_back_waits_that_long(api: Api) -> None:
     client = api.client(backoff_base=0.5, rng=MaxRandom())
     started, data = _started_upload(api, client)
     api.box.inject({"endpoint": UPLOAD, "kind": "503", "retry_after": 4})
-    client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+    client.upload(started.upload_uri, started.upload_headers, io.BytesIO(data), len(data))
     assert api.clock.waits == [4.0] and client.stats["retries"] == 1
     api.box.complete_jobs()
-    assert client.import_status(started["job_id"])["status"] == "completed"
+    assert client.import_status(started.job_id).status == "completed"
 
 
 def test_an_upload_failing_past_the_budget_names_what_failed_and_wastes_no_last_wait(api: Api) -> None:
@@ -1068,7 +1068,7 @@ def test_an_upload_failing_past_the_budget_names_what_failed_and_wastes_no_last_
     api.box.inject({"endpoint": UPLOAD, "kind": "500", "times": 2})
     api.box.inject({"endpoint": UPLOAD, "kind": "reset", "times": 5})
     with api.watch.raises(TransientError) as info:
-        client.upload(started["upload_uri"], started["upload_headers"], io.BytesIO(data), len(data))
+        client.upload(started.upload_uri, started.upload_headers, io.BytesIO(data), len(data))
     assert "PUT import upload: failed 3 times (500 from SendGrid x2, connection failed x1)" in str(info.value)
-    assert started["upload_uri"] not in str(info.value)  # a capability URL: never shown
+    assert started.upload_uri not in str(info.value)  # a capability URL: never shown
     assert len(api.session.to("/_sandbox/uploads/")) == 3 and len(api.clock.waits) == 2
