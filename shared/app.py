@@ -15,11 +15,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import engine, purge, queue_worker, runlog
+from . import runlog
 from .config import Config
 from .context import AppContext
 from .errors import ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
-from .routing import destinations_for_blob
 from .secrets import install_log_redaction, redact
 from .services import RunRequest
 from .state import parse_iso
@@ -42,6 +41,7 @@ def _age_seconds(stamp: str | None) -> float:
 def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, trigger: str) -> dict[str, Any]:
     """Run one destination on one export version once: a repeated trigger for the same (key, ETag) is a no-op, a
     destination busy with another run defers to the timer (the export is remembered as its latest)."""
+    from . import engine  # here, not at import: the HTTP door shares the process and starts without it
     claim = ctx.state.export_claim(name, key, etag)
     if claim is not None:  # a repeated event: it is not the latest export again
         log.info("%s: %s (ETag %s) was already handled by run %s; nothing to do", name, key, etag, claim.get("run_id"))
@@ -59,6 +59,7 @@ def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, 
 
 
 def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
+    from .routing import destinations_for_blob  # it reads exports: loaded by the doors that export only
     config = ctx.config()
     info = ctx.exports.info(key)
     if info is None:
@@ -85,6 +86,7 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
 def _retry_pending_exports(ctx: AppContext) -> list[dict[str, Any]]:
     """Blobs that looked like exports still being written: look again; after engine.EXPORT_WAIT_HOURS the blob is
     reported as one that can never be exported (state container, blob-errors/) and an error is logged."""
+    from . import engine
     done: list[dict[str, Any]] = []
     for _, note in ctx.state.pending_exports():
         source = note["source"]
@@ -161,6 +163,7 @@ def _log_destinations(ctx: AppContext, config: Config) -> None:
 def on_timer(ctx: AppContext) -> list[dict[str, Any]]:
     """Finish what is open (poll jobs of submitted runs, resume interrupted or crashed runs), then run each enabled
     destination's latest export that has not been exported yet."""
+    from . import engine, purge, queue_worker
     config = ctx.config()
     svc = ctx.services(config)
     _log_destinations(ctx, config)
