@@ -1,9 +1,11 @@
-"""De-duplication of a run's contacts by 64-bit email fingerprints (contacts.fingerprint), 8 bytes a profile.
+"""De-duplication of a run's contacts by 64-bit email fingerprints (pipeline.MappedChunk.fps), 8 bytes a profile.
 
 The only numpy user on the mapping path: the exporting process imports it, worker processes do not.
 """
 
 from __future__ import annotations
+
+from array import array
 
 import numpy as np
 
@@ -39,11 +41,12 @@ class Deduper:
                 return True
         return False
 
-    def first_seen(self, fps: bytes | np.ndarray) -> np.ndarray:
+    def first_seen(self, fps: bytes | array | np.ndarray) -> np.ndarray:
         """Bool mask, True where the fingerprint is new: not seen in earlier calls nor earlier in fps. Records them.
-        fps: an array, or contacts.fingerprints' bytes (8 little-endian bytes each)."""
-        if isinstance(fps, bytes | bytearray | memoryview):
-            fps = np.frombuffer(fps, dtype="<u8")
+        fps: a numpy array, or a buffer of 8-byte integers in the machine's order (an array("q"), or the bytes of
+        contacts.fingerprints), read as unsigned."""
+        if isinstance(fps, bytes | bytearray | memoryview | array):
+            fps = np.frombuffer(fps, dtype=np.uint64)
         fps = np.asarray(fps)
         if fps.dtype != np.uint64:
             fps = fps.astype(np.uint64)
