@@ -64,12 +64,12 @@ class MappedChunk:
     notes: list[tuple[int | None, contacts.Note]]  # (line, note) of contacts sent without some value
     trimmed: dict[str, int]  # field -> values cut to SendGrid's length
     emails: list[str]
-    data: bytes  # the contacts' encodings, back to back: JSON objects, or CSV lines each ending in CRLF
-    ends: array  # end offset in data of each contact
+    data: bytes  # the contacts' encodings: JSON objects with a comma between two, or CSV lines each ending in CRLF
+    ends: array  # end offset in data of each contact (its separator not included)
     encoding: str = JSON
 
     def contact(self, pos: int) -> bytes:
-        return self.data[self.ends[pos - 1] if pos else 0 : self.ends[pos]]
+        return self.data[self.ends[pos - 1] + (self.encoding == JSON) if pos else 0 : self.ends[pos]]
 
     @property
     def fps(self) -> array:
@@ -81,9 +81,10 @@ class MappedChunk:
 
 
 def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encoding: str = JSON) -> MappedChunk:
-    """Map and encode rows (as read_rows gives them) as JSON or as import CSV lines. Pure but for mapper.trimmed,
-    which it hands on and clears."""
-    mapfn, dumps = (mapper.map, orjson.dumps) if encoding == JSON else (mapper.map_line, str.encode)
+    """Map and encode rows (as read_rows gives them) as JSON, a comma between two contacts (so that the packer
+    copies contacts that follow each other in one slice), or as import CSV lines. Pure but for mapper.trimmed, which
+    it hands on and clears."""
+    mapfn, dumps, sep = (mapper.map, orjson.dumps, b",") if encoding == JSON else (mapper.map_line, str.encode, b"")
     rejects: list[tuple[int | None, contacts.Rejected]] = []
     notes: list[tuple[int | None, contacts.Note]] = []
     emails: list[str] = []
@@ -104,9 +105,12 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
             notes.append((line, note))
         buf += dumps(contact)  # appended at once: orjson's results are over-allocated, never keep them
         ends.append(len(buf))
+        buf += sep
         emails.append(email)
     trimmed = dict(mapper.trimmed)
     mapper.trimmed.clear()
+    if sep and buf:
+        del buf[-1]  # no separator after the last contact
     return MappedChunk(read, rejects, notes, trimmed, emails, bytes(buf), ends, encoding)
 
 

@@ -25,6 +25,11 @@ def email(i: int) -> str:
     return f"u{i}@example.com"
 
 
+def joined(items: list[bytes]) -> tuple[bytes, list[int]]:
+    """A chunk's data and end offsets as pipeline.map_rows lays JSON out: a comma between two contacts."""
+    return b",".join(items), [end - 1 for end in itertools.accumulate(len(x) + 1 for x in items)]
+
+
 def pack_all(items: list[bytes], overhead: int | None = None, *, rng: random.Random | None = None,
              **limits_: int) -> list[ContactBatch]:
     """Items through a Packer as the engine feeds it (each chunk's data, ends and emails, then flush), in one add, or
@@ -36,8 +41,7 @@ def pack_all(items: list[bytes], overhead: int | None = None, *, rng: random.Ran
     batches: list[ContactBatch] = []
     for start, stop in itertools.pairwise(cuts):
         chunk = items[start:stop]
-        batches += packer.add(b"".join(chunk), list(itertools.accumulate(map(len, chunk))),
-                              [email(i) for i in range(start, stop)], range(len(chunk)), start)
+        batches += packer.add(*joined(chunk), [email(i) for i in range(start, stop)], range(len(chunk)), start)
     last = packer.flush()
     assert packer.flush() is None  # flush empties the packer
     return batches if last is None else [*batches, last]
@@ -139,7 +143,7 @@ def test_item_that_can_never_fit_raises_after_earlier_batches() -> None:
     overhead = body_overhead(LIST_IDS)
     items = [blob(100), blob(100), blob(100), blob(1_000 - overhead + 1)]
     packer = Packer(overhead, max_count=2, max_bytes=1_000)
-    [first] = packer.add(b"".join(items[:3]), [100, 200, 300], [email(i) for i in range(3)], range(3), 0)
+    [first] = packer.add(*joined(items[:3]), [email(i) for i in range(3)], range(3), 0)
     assert contents(first) == items[:2] and list(first.indexes) == [0, 1]
     with pytest.raises(ValueError, match=rf"contact #3 is {len(items[3])} bytes.*never fit.* at most 1000 bytes"):
         packer.add(items[3], [len(items[3])], [email(3)], [0], 3)
@@ -184,13 +188,12 @@ def test_batches_come_out_as_they_fill() -> None:
     rest = packer.flush()
     assert rest is not None and list(rest.indexes) == [8] and rest.emails == [email(8)]
     assert packer.flush() is None
-    assert packer.add(item * 3, [50, 100, 150], ["a@x.co", "b@x.co", "c@x.co"], [0, 2], 9) == []
+    assert packer.add(*joined([item] * 3), ["a@x.co", "b@x.co", "c@x.co"], [0, 2], 9) == []
     again = packer.flush()
     assert again is not None and list(again.indexes) == [9, 10] and again.emails == ["a@x.co", "c@x.co"]
     half = (10_000 - overhead - 1) // 2  # after a flush a batch has the whole request again: these two fill it
     exact = [blob(half), blob(10_000 - overhead - 1 - half)]
-    assert packer.add(b"".join(exact), [len(exact[0]), len(exact[0]) + len(exact[1])], ["d@x.co", "e@x.co"], [0, 1],
-                      11) == []
+    assert packer.add(*joined(exact), ["d@x.co", "e@x.co"], [0, 1], 11) == []
     full = packer.flush()
     assert full is not None and contents(full) == exact and len(full.body(LIST_IDS)) == 10_000
 
@@ -239,7 +242,7 @@ def test_chunking_and_skipped_positions_do_not_change_the_batches(seed: int) -> 
             chunk = items[start:stop]
             keep = [i - start for i in kept if start <= i < stop]
             emails = [email(kept.index(start + p)) if start + p in kept else "dup@x.co" for p in range(len(chunk))]
-            out += packer.add(b"".join(chunk), list(itertools.accumulate(map(len, chunk))), emails, keep, index)
+            out += packer.add(*joined(chunk), emails, keep, index)
             index += len(keep)
         last = packer.flush()
         return out if last is None else [*out, last]
