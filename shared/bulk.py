@@ -49,9 +49,20 @@ def _split(chunk: ImportChunk, room: int) -> tuple[ImportChunk, ImportChunk | No
     """The chunk's first `room` contacts, and the rest (None when nothing is left)."""
     if len(chunk.emails) <= room:
         return chunk, None
-    cut = chunk.ends[room - 1] if room else 0
-    rest = ImportChunk(chunk.first + room, chunk.emails[room:], chunk.data[cut:], [e - cut for e in chunk.ends[room:]])
-    return ImportChunk(chunk.first, chunk.emails[:room], chunk.data[:cut], chunk.ends[:room]), rest
+    taken: list[tuple[bytes | memoryview, Sequence[int], int]] = []
+    count = 0
+    for i, (data, ends, start) in enumerate(chunk.runs):
+        if count + len(ends) <= room:
+            taken.append((data, ends, start))
+            count += len(ends)
+            continue
+        k = room - count  # the file's last contact is this run's k-th
+        if k:
+            taken.append((data, ends[:k], start))
+        rest = [(data, ends[k:], ends[k - 1] if k else start), *chunk.runs[i + 1 :]]
+        return (ImportChunk(chunk.first, chunk.emails[:room], taken),
+                ImportChunk(chunk.first + room, chunk.emails[room:], rest))
+    raise AssertionError("the runs hold fewer lines than the chunk has emails")
 
 
 def _alive(pid: int) -> bool:
@@ -87,13 +98,13 @@ def sweep_stale(parent: str, *, older_than: float = STALE_AFTER_S, now: float | 
 
 
 class ImportChunk(NamedTuple):
-    """Contacts for the import, in stream order: the first one's stream index, their emails and their CSV lines
-    (data[ends[k-1]:ends[k]] is contact k's line, CRLF included)."""
+    """Contacts for the import, in stream order: the first one's stream index, their emails, and their CSV lines (CRLF
+    included) as runs of lines that follow each other in a mapped chunk, each (the chunk's data, the end offsets of
+    the run's lines in it, the offset of its first line): written a run at a time, never a line at a time."""
 
     first: int
     emails: Sequence[str]
-    data: bytes
-    ends: Sequence[int]
+    runs: Sequence[tuple[bytes | memoryview, Sequence[int], int]]
 
 
 class Importer:
@@ -135,7 +146,8 @@ class Importer:
                             break
                         taken, carry = _split(carry, self.per_file - count)
                         if taken.emails:
-                            gz.write(taken.data)
+                            for data, ends, start in taken.runs:
+                                gz.write(data[start : ends[-1]])
                             eg.write(("\n".join(taken.emails) + "\n").encode())
                             count, last = count + len(taken.emails), taken.first + len(taken.emails) - 1
             except BaseException:  # the export failed mid-file (a read error, the deadline): cleanup() cannot see it

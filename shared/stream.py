@@ -294,14 +294,12 @@ def _import_chunks(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]]
     for chunk, keep, index in chunks:
         if not keep:
             continue
-        every = len(keep) == len(chunk.emails)
-        emails = chunk.emails if every else [chunk.emails[k] for k in keep]
+        emails = chunk.emails if len(keep) == len(chunk.emails) else [chunk.emails[k] for k in keep]
         if chunk.encoding == pipeline.CSV:
-            if every:
-                yield bulk.ImportChunk(index, emails, chunk.data, chunk.ends)
-                continue
-            lines = [chunk.contact(k) for k in keep]
-        else:
-            decoded = orjson.loads(b"[" + b",".join([chunk.contact(k) for k in keep]) + b"]")
-            lines = [mapper.line_of(contact).encode() for contact in decoded]
-        yield bulk.ImportChunk(index, emails, b"".join(lines), list(itertools.accumulate(map(len, lines))))
+            data, ends = memoryview(chunk.data), chunk.ends
+            yield bulk.ImportChunk(index, emails, [(data, ends[a:b], ends[a - 1] if a else 0)
+                                                   for a, b in batching.runs(keep)])
+            continue
+        decoded = orjson.loads(b"[" + b",".join([chunk.contact(k) for k in keep]) + b"]")
+        lines = [mapper.line_of(contact).encode() for contact in decoded]
+        yield bulk.ImportChunk(index, emails, [(b"".join(lines), list(itertools.accumulate(map(len, lines))), 0)])

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from shared import limits
-from shared.batching import ContactBatch, Packer, body_overhead, body_size, upsert_body
+from shared.batching import ContactBatch, Packer, body_overhead, body_size, runs, upsert_body
 from shared.contacts import CUSTOM_TEXT_MAX_LENGTH, ContactMapper, CustomField, encode
 
 LIST_IDS = ["0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10"]
@@ -307,3 +307,17 @@ def test_contact_batch_builds_the_same_body_and_drops_refused_contacts() -> None
         orjson.loads(items[i]) for p, i in enumerate(first.indexes) if p not in (0, 3)]
     assert kept.last_index == first.last_index
     assert first.without(set()).body(["l1"]) == first.body(["l1"])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_runs_are_the_stretches_of_consecutive_positions(seed: int) -> None:
+    rng = random.Random(seed)
+    positions = sorted(rng.sample(range(300), rng.randint(0, 300)))
+    expected: list[tuple[int, int]] = []
+    for p in positions:
+        if expected and expected[-1][1] == p:
+            expected[-1] = (expected[-1][0], p + 1)
+        else:
+            expected.append((p, p + 1))
+    assert list(runs(positions)) == expected
+    assert list(runs([0, 1, 2, 5, 6])) == [(0, 3), (5, 7)] and list(runs([])) == []

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
+import random
 from pathlib import Path
 
 import orjson
 import pytest
 
 from sandbox import samplegen
-from shared import engine, pipeline, sources
+from shared import engine, pipeline, sources, stream
 from shared.bulk import ImportChunk, Importer
 from shared.config import parse_config
 from shared.contacts import ContactMapper, CustomField
@@ -157,7 +159,37 @@ def _expected_row(n: int) -> list[str]:
 
 def _chunk(first: int, ns: range) -> ImportChunk:
     mapped = pipeline.map_rows(MAPPER, [(n, _row(n), None) for n in ns], pipeline.CSV)
-    return ImportChunk(first, mapped.emails, mapped.data, mapped.ends)
+    return ImportChunk(first, mapped.emails, [(mapped.data, mapped.ends, 0)] if mapped.emails else [])
+
+
+def _read_rows(files: list) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for f in files:
+        with gzip.open(f.path, "rt", encoding="utf-8", newline="") as fh:
+            rows += list(csv.reader(fh))[1:]
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_kept_contacts_of_each_chunk_become_the_rows_in_order(tmp_path: Path, seed: int) -> None:
+    """What the stream hands the importer (stream._import_chunks): each chunk's kept contacts (de-duplication drops
+    some) as runs of lines, or, for a chunk mapped as JSON before the switch, its contacts turned into lines; files
+    cut anywhere, inside a run too."""
+    rng = random.Random(seed)
+    chunks, ns, first = [], [], 0
+    for c in range(rng.randint(1, 8)):
+        rows = range(100 * c, 100 * c + rng.randint(0, 40))
+        encoding = rng.choice([pipeline.CSV, pipeline.CSV, pipeline.JSON])
+        mapped = pipeline.map_rows(MAPPER, [(n, _row(n), None) for n in rows], encoding)
+        keep = [k for k in range(len(rows)) if rng.random() < rng.choice([1.0, 0.9, 0.5])]
+        chunks.append((mapped, keep, first))
+        ns += [rows[k] for k in keep]
+        first += len(keep)
+    importer = Importer(MAPPING, CUSTOM, RESERVED, per_file=rng.randint(1, 30), tmp_dir=str(tmp_path))
+    files = list(importer.files(stream._import_chunks(chunks, MAPPER)))
+    assert _read_rows(files) == [_expected_row(n) for n in ns]
+    assert [f.last_index for f in files] == [n - 1 for n in itertools.accumulate(f.count for f in files)]
+    importer.cleanup()
 
 
 @pytest.mark.parametrize("sizes", [[3, 10, 0, 5, 1], [7, 7], [1] * 15, [20], []])
