@@ -7,6 +7,8 @@ is built: body_overhead(list_ids) + the contacts' sizes + one comma between each
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 from collections.abc import Collection, Iterator, Sequence
 
 import orjson
@@ -104,6 +106,9 @@ class Packer:
         filled."""
         full: list[ContactBatch] = []
         index = first_index
+        if scattered(positions):  # the chosen contacts are gathered first and packed as one run
+            data, ends, emails = _gathered(data, ends, emails, positions)
+            positions = range(len(ends))
         view = memoryview(data)
         for start, stop in runs(positions):
             index = self._run(view, ends, emails, start, stop, index, full)
@@ -145,17 +150,36 @@ class Packer:
 
 def runs(positions: Sequence[int]) -> Iterator[tuple[int, int]]:
     """The runs of consecutive numbers in ascending distinct positions, as (first, stop): [0, 1, 2, 5, 6] gives (0, 3)
-    and (5, 7). A chunk's kept contacts are one run or a few (de-duplication drops ~1%), so this costs a bisect per
-    run, never a step per position."""
+    and (5, 7). A chunk's kept contacts are one run or a few (de-duplication drops ~1%): the rest being one run is
+    checked first, and a run's end is found by galloping then bisecting, never by a step per position."""
     n, i = len(positions), 0
     while i < n:
         a = positions[i]
-        if positions[n - 1] - (n - 1) == a - i:  # the rest is one run: the common case
+        d = a - i  # positions[k] - k never decreases; the run is where it stays d
+        if positions[n - 1] - (n - 1) == d:  # the rest is one run: the common case
             j = n
-        else:  # positions[j] - j never decreases: the run ends where it grows
-            j = bisect.bisect_right(range(n), a - i, i, n, key=lambda k: positions[k] - k)
+        else:
+            lo, step = i, 1  # positions[lo] - lo == d
+            while (hi := i + step) < n and positions[hi] - hi == d:
+                lo, step = hi, step * 2
+            j = bisect.bisect_right(range(n), d, lo + 1, min(hi, n), key=lambda k: positions[k] - k)
         yield a, a + j - i
         i = j
+
+
+def scattered(positions: Sequence[int]) -> bool:
+    """Whether more than 1/16 of the span of ascending positions is left out (a sparse choice, e.g. only the contacts
+    that changed): then runs are short (~4 us each to copy), and copying the contacts one by one (~0.3 us each) into
+    one run costs less."""
+    return bool(positions) and len(positions) * 16 < (positions[-1] - positions[0] + 1) * 15
+
+
+def _gathered(data: bytes, ends: Sequence[int], emails: Sequence[str],
+              positions: Sequence[int]) -> tuple[bytes, list[int], list[str]]:
+    """The contacts at positions as a chunk of their own (data with a comma between two, end offsets, emails)."""
+    parts = [data[ends[k - 1] + 1 if k else 0 : ends[k]] for k in positions]
+    gathered_ends = list(map(operator.add, itertools.accumulate(map(len, parts)), range(len(parts))))
+    return b",".join(parts), gathered_ends, [emails[k] for k in positions]
 
 
 _CONTACTS_KEY = b',"contacts":['

@@ -295,11 +295,14 @@ def _import_chunks(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]]
         if not keep:
             continue
         emails = chunk.emails if len(keep) == len(chunk.emails) else [chunk.emails[k] for k in keep]
-        if chunk.encoding == pipeline.CSV:
+        if chunk.encoding == pipeline.CSV and not batching.scattered(keep):  # runs of lines, written as they are
             data, ends = memoryview(chunk.data), chunk.ends
             yield bulk.ImportChunk(index, emails, [(data, ends[a:b], ends[a - 1] if a else 0)
                                                    for a, b in batching.runs(keep)])
             continue
-        decoded = orjson.loads(b"[" + b",".join([chunk.contact(k) for k in keep]) + b"]")
-        lines = [mapper.line_of(contact).encode() for contact in decoded]
+        if chunk.encoding == pipeline.CSV:
+            lines = [chunk.contact(k) for k in keep]
+        else:
+            decoded = orjson.loads(b"[" + b",".join([chunk.contact(k) for k in keep]) + b"]")
+            lines = [mapper.line_of(contact).encode() for contact in decoded]
         yield bulk.ImportChunk(index, emails, [(b"".join(lines), list(itertools.accumulate(map(len, lines))), 0)])

@@ -219,16 +219,17 @@ def batch_view(batches: list[ContactBatch]) -> list[tuple[bytes, list[str], list
     return [(b.body(LIST_IDS), b.emails, list(b.indexes)) for b in batches]
 
 
+@pytest.mark.parametrize("share", [0.7, 0.98])
 @pytest.mark.parametrize("seed", range(12))
-def test_chunking_and_skipped_positions_do_not_change_the_batches(seed: int) -> None:
-    """The engine feeds each mapped chunk's kept positions (de-duplication skips some), numbered on from the
-    previous chunk's: the batches are those of the kept contacts in one add."""
+def test_chunking_and_skipped_positions_do_not_change_the_batches(seed: int, share: float) -> None:
+    """The engine feeds each mapped chunk's kept positions (de-duplication skips some: few, packed in runs, or many,
+    gathered first), numbered on from the previous chunk's: the batches are those of the kept contacts in one add."""
     rng = random.Random(100 + seed)
     max_bytes = rng.choice([300, 2_000, 20_000])
     max_count = rng.choice([1, 3, 10, 30_000])
     room = max_bytes - body_overhead(LIST_IDS)
     items = [blob(rng.randint(8, min(room, 200))) for _ in range(rng.randint(1, 600))]
-    kept = [i for i in range(len(items)) if rng.random() < 0.7]
+    kept = [i for i in range(len(items)) if rng.random() < share]
     kept_items = [items[i] for i in kept]
     expected = pack_all(kept_items, max_count=max_count, max_bytes=max_bytes)
     check_batches(kept_items, expected, max_count=max_count, max_bytes=max_bytes)
