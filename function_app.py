@@ -3,7 +3,9 @@ shared.queue_worker (the runs queue) in a few lines. No business rules here.
 
 Every invocation works with the worker process's one set of clients (shared.context.invocation_context): built by
 the first invocation, shared by every later one, so the blob clients, the Key Vault client, its token and the key
-cache live as long as the process. Nothing is read or built at import."""
+cache live as long as the process. Nothing is read or built at import, and the engine (with numpy and the modules
+that read, pack and send exports) is imported by the blob, timer and queue doors when they first run: a worker
+process that only answers the HTTP routes that read state never loads it (tests/test_cold_start.py)."""
 
 from __future__ import annotations
 

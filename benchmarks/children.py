@@ -352,13 +352,17 @@ class SandboxProcess:
 
     @classmethod
     def start(cls, *, env: Mapping[str, str], cwd: Path, list_id: str, fields: Sequence[str], job_delay: float,
-              log_dir: Path, nodelay: bool = False, latency: float = 0.0, timeout: float = 30.0) -> SandboxProcess:
-        """`latency` > 0: passed as `--latency SECONDS` (the sandbox waits that long before every answer)."""
+              log_dir: Path, nodelay: bool = False, latency: float = 0.0, bandwidth_mbit: float | None = None,
+              timeout: float = 30.0) -> SandboxProcess:
+        """`latency` > 0: passed as `--latency SECONDS` (the sandbox waits that long before every answer);
+        `bandwidth_mbit`: as `--bandwidth-mbit N` (request bodies are read no faster)."""
         command = ["benchmarks.nodelay_sandbox"] if nodelay else ["shared", "sandbox"]
         argv = [sys.executable, "-m", *command, "--host", "127.0.0.1", "--port", "0", "--list-id", list_id,
                 "--job-delay", str(job_delay)]
         if latency > 0:
             argv += ["--latency", f"{latency:g}"]
+        if bandwidth_mbit:
+            argv += ["--bandwidth-mbit", f"{bandwidth_mbit:g}"]
         for f in fields:
             argv += ["--field", f]
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def stages_pass(export: Export, depth: int) -> int:
 
 
 STAGES = ("csv.reader over the files (reference)", "sources.read_rows in chunks (engine's reader)",
-          "+ ContactMapper.map", "+ orjson + fingerprints (= pipeline.map_rows)", "+ Deduper.first_seen",
+          "+ ContactMapper.map", "+ orjson into the chunk (= pipeline.map_rows)", "+ hash() + Deduper.first_seen",
           "+ batching.Packer.add + ContactBatch.body", "+ list snapshot (EmailSorter, write_snapshot)")
 
 

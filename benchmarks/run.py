@@ -1,8 +1,8 @@
 """The performance benchmark: the real engine (the CLI in a child process) against the local sandbox (another child
 process, loopback), next to two baselines measured in the same run. See benchmarks/README.md for every figure.
 
-    python -m benchmarks.run [--sizes 100000,1000000,5000000 | --quick] [--seed 7] [--no-naive] [--latency 0.1]
-                             [--workers N]
+    python -m benchmarks.run [--sizes 100000,1000000,5000000 | --quick] [--seed 7] [--no-naive]
+                             [--latency [SECONDS] [--bandwidth-mbit N]] [--workers N] [--imports]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 from sandbox import samplegen
 from shared import limits
 
-from . import children
+from . import children, latency
+from . import imports as door_imports
 from .exports import Export, ensure_export, warm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,23 +316,35 @@ def export_args(config: Path, model_json: Path, state: Path, report: Path) -> li
             "--state-dir", str(state), "--wait", "--quiet", "--report", str(report)]
 
 
-def engine_config(list_id: str, bulk_threshold: int | None, mode: str = "upsert") -> dict[str, Any]:
+def engine_config(list_id: str, bulk_threshold: int | None, mode: str = "upsert",
+                  max_in_flight: int | None = None) -> dict[str, Any]:
     """The benchmark's destinations file: the demo destination without a profile limit (so the first request leaves
-    while the export is read) and, by default, without the bulk CSV path (so every contact goes as JSON requests)."""
+    while the export is read) and, by default, without the bulk CSV path (so every contact goes as JSON requests);
+    max_in_flight only when given (engines before issue 16's second decision refuse the field)."""
     config = samplegen.demo_destinations(list_id, max_profiles=None, mode=mode)
     config["destinations"][0]["bulk_threshold"] = bulk_threshold
+    if max_in_flight is not None:
+        config["destinations"][0]["max_in_flight"] = max_in_flight
     return config
 
 
+def link_s(export: Export, bandwidth_mbit: float | None) -> float:
+    """Seconds of a child's timeout for the bandwidth cap: twice the export's bytes at the bandwidth."""
+    return 2 * export.bytes * 8 / (bandwidth_mbit * 1e6) if bandwidth_mbit else 0.0
+
+
 def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, work: Path,
-               args: argparse.Namespace) -> dict[str, Any]:
-    config = work / f"destinations-{export.profiles}.json"
-    config.write_text(json.dumps(engine_config(sandbox.list_id, args.bulk_threshold, args.mode), indent=2))
-    report_path = work / f"engine-report-{export.profiles}.json"
+               args: argparse.Namespace, max_in_flight: int | None = None) -> dict[str, Any]:
+    suffix = f"{export.profiles}" + (f"-in-flight-{max_in_flight}" if max_in_flight is not None else "")
+    config = work / f"destinations-{suffix}.json"
+    config.write_text(json.dumps(engine_config(sandbox.list_id, args.bulk_threshold, args.mode, max_in_flight),
+                                 indent=2))
+    report_path = work / f"engine-report-{suffix}.json"
     state = work / f"state-{export.profiles}"
     argv = [sys.executable, "-m", "shared", *export_args(config, export.model_json, state, report_path)]
     watch = EngineWatch(sandbox.url, export.partitions, args.latency)
-    timeout = timeout_for(60, 300, export.rows, args.timeout_scale, args.latency, 500)
+    timeout = (timeout_for(60, 300, export.rows, args.timeout_scale, args.latency, 500)
+               + link_s(export, args.bandwidth_mbit) * args.timeout_scale)
     env = child_env(api_key, sandbox.url)
     if args.workers is not None:
         env["EXPORT_WORKERS"] = str(args.workers)
@@ -351,6 +364,7 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
     return {
         **tree_figures(result),
         "export_workers": env.get("EXPORT_WORKERS"),
+        "max_in_flight": max_in_flight,
         "seconds": report["timings"]["seconds"],
         "first_request_s": report["timings"]["first_request_s"],
         "read_fraction_at_first_request": watch.fraction,
@@ -367,6 +381,7 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
         "imports": imports,
         "import_contacts": import_contacts,
         "request_bytes": req["bytes"] if not imports else None,  # with imports the report mixes in gzip file sizes
+        "sent_bytes": req["bytes"],  # request bodies and import files: what went over the link
         "max_request_bytes": req["max_bytes"] if not imports else None,
         "max_request_contacts": req["max_contacts"],
         "retries": req["retries"],
@@ -383,9 +398,10 @@ def run_engine(export: Export, sandbox: children.SandboxProcess, api_key: str, w
 
 
 def run_naive(export: Export, sandbox: children.SandboxProcess, api_key: str, scale: float,
-              latency: float) -> dict[str, Any]:
+              latency: float, bandwidth_mbit: float | None = None) -> dict[str, Any]:
     figures, out = _baseline("naive", export, child_env(api_key, sandbox.url),
-                             timeout_for(60, 900, export.rows, scale, latency, 1_500))
+                             timeout_for(60, 900, export.rows, scale, latency, 1_500)
+                             + link_s(export, bandwidth_mbit) * scale)
     return {**figures, "seconds": out["seconds"], "sent_s": out["sent_s"], "sent": out["sent"],
             "requests": out["requests"], "request_bytes": out["bytes"], "last_job_status": out["last_job_status"],
             "list_count": list_count(sandbox.url, api_key, out["list_id"], latency)}
@@ -412,7 +428,8 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
         "rows": export.rows, "valid_distinct": export.valid_distinct, "bad_rows": export.bad_rows,
         "duplicate_rows": export.duplicate_rows, "partitions": len(export.partitions), "bytes": export.bytes,
         "path": str(export.root)}}
-    api_key, sandbox = start_sandbox(args.engine_root, work, nodelay=args.sandbox_nodelay, latency=args.latency)
+    api_key, sandbox = start_sandbox(args.engine_root, work, nodelay=args.sandbox_nodelay, latency=args.latency,
+                                     bandwidth_mbit=args.bandwidth_mbit)
     log(f"[{label(n)}] sandbox: python {' '.join(sandbox.argv[1:])}")
     floors: list[dict[str, Any]] = []
     engines: list[dict[str, Any]] = []
@@ -431,10 +448,14 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
             log(f"{tag} engine {e['wall_s']:7.2f} s, {tree_summary(e)}, {e['requests']} requests, "
                 f"status {e['status']}, list holds {e['list_count']:,}" + mirror_summary(e.get("mirror")))
         if args.naive:
-            row["naive"] = run_naive(export, sandbox, api_key, args.timeout_scale, args.latency)
+            row["naive"] = run_naive(export, sandbox, api_key, args.timeout_scale, args.latency, args.bandwidth_mbit)
             v = row["naive"]
             log(f"[{label(n)}] naive  {v['wall_s']:7.2f} s, {tree_summary(v)}, "
                 f"{v['requests']} requests, list holds {v['list_count']:,}")
+        if args.latency > 0:  # the latency table's variants, against the same sandbox
+            row["latency"] = latency.measure_variants(
+                lambda m: run_engine(export, sandbox, api_key, work, args, max_in_flight=m),
+                args.takes_max_in_flight, min(engines, key=lambda e: e["wall_s"]), log, f"[{label(n)}]")
     finally:
         row["sandbox_peak_rss_bytes"] = sandbox.stop()
         shutil.rmtree(work / f"state-{export.profiles}", ignore_errors=True)
@@ -443,6 +464,8 @@ def measure_size(n: int, args: argparse.Namespace, work: Path, log: Callable[[st
     row["load_1min_before_engine"] = row["engine"]["load_1min_before"]
     row["sandbox_cpu_during_engine_s"] = row["engine"]["sandbox_cpu_s"]
     row["derived"] = derive(row)
+    if "latency" in row:
+        row["latency_summary"] = latency.summary(row, args.bandwidth_mbit)
     return row
 
 
@@ -599,12 +622,16 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 
 def settings_lines(results: dict[str, Any]) -> list[str]:
     """What the run was measured under, printed above the table."""
-    latency = results["latency_s"]
+    delay, bandwidth = results["latency_s"], results.get("bandwidth_mbit")
     workers, source = results["export_workers"], results["export_workers_source"]
     bulk = "none" if results["bulk_threshold"] is None else f"{results['bulk_threshold']:,}"
     return [
-        f"sandbox latency: {latency:g} s before every answer (engine and naive alike)" if latency > 0
+        f"sandbox latency: {delay:g} s before every answer (engine and naive alike)" if delay > 0
         else "sandbox latency: none (loopback only)",
+        f"sandbox bandwidth: request bodies read at {bandwidth:g} Mbit/s at most" if bandwidth
+        else "sandbox bandwidth: no cap",
+        *([f"max_in_flight: {'built' if results.get('max_in_flight_built') else 'not built (the single sender only)'}"]
+          if delay > 0 else []),
         f"engine workers: EXPORT_WORKERS={workers} ({source})" if workers is not None
         else "engine workers: EXPORT_WORKERS not set (the engine's default)",
         f"destination mode: {results.get('mode', 'upsert')}"
@@ -658,10 +685,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "this repository")
     p.add_argument("--sandbox-nodelay", action="store_true",
                    help="run the sandbox with TCP_NODELAY (benchmarks/nodelay_sandbox.py): no ~40 ms stall per answer")
-    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--latency", type=float, nargs="?", const=latency.NETWORK_LATENCY_S, default=0.0,
+                   metavar="SECONDS",
                    help="the sandbox waits this long before answering every request (python -m shared sandbox "
                         "--latency), for the engine and the naive baseline alike: the WAN round trip and SendGrid's "
-                        "handling per request; default 0 (loopback only; the option is not passed)")
+                        f"handling per request (alone: {latency.NETWORK_LATENCY_S:g} s), and the latency table is "
+                        "added: end to end for naive, the single sender and max_in_flight 2 and 4; default 0 "
+                        "(loopback only; the option is not passed)")
+    p.add_argument("--bandwidth-mbit", type=float, default=None, metavar="N",
+                   help="the sandbox reads request bodies no faster than N Mbit/s (python -m shared sandbox "
+                        f"--bandwidth-mbit); default {latency.NETWORK_BANDWIDTH_MBIT:g} with --latency, none without; "
+                        "0: no cap")
+    p.add_argument("--imports", action="store_true",
+                   help="also measure the import time of each door (benchmarks/imports.py) of the engine root")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="set EXPORT_WORKERS=N for the engine (0: parse in the export process itself, N: N worker "
                         "processes); default: not set by the benchmark (the engine's default, or the value in the "
@@ -687,6 +723,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.latency < 0 or not math.isfinite(args.latency):
         print("--latency must be 0 or more seconds", file=sys.stderr)
         return 2
+    if args.bandwidth_mbit is None and args.latency > 0:
+        args.bandwidth_mbit = latency.NETWORK_BANDWIDTH_MBIT
+    if args.bandwidth_mbit is not None and (args.bandwidth_mbit < 0 or not math.isfinite(args.bandwidth_mbit)):
+        print("--bandwidth-mbit must be 0 (no cap) or more", file=sys.stderr)
+        return 2
+    args.bandwidth_mbit = args.bandwidth_mbit or None
     if args.workers is not None and args.workers < 0:
         print("--workers must be 0 or more", file=sys.stderr)
         return 2
@@ -709,7 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers, workers_source = os.environ["EXPORT_WORKERS"], "inherited from the environment"
     else:
         workers, workers_source = None, None
-    settings = {"latency_s": args.latency, "export_workers": workers, "export_workers_source": workers_source,
+    args.takes_max_in_flight = args.latency > 0 and latency.engine_takes_max_in_flight(args.engine_root)
+    settings = {"latency_s": args.latency, "bandwidth_mbit": args.bandwidth_mbit,
+                "max_in_flight_built": args.takes_max_in_flight,
+                "export_workers": workers, "export_workers_source": workers_source,
                 "bulk_threshold": args.bulk_threshold, "mode": args.mode, "seed": args.seed, "repeat": args.repeat,
                 "tree_interval_s": children.TREE_INTERVAL_S, "subreaper": children.become_subreaper()}
     for line in settings_lines(settings):
@@ -740,16 +785,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             (small["profiles"], small["engine"]["tree_peak_rss_bytes"]),
             (big["profiles"], big["engine"]["tree_peak_rss_bytes"]))}
     targets = evaluate_targets(rows)
+    if args.latency > 0:
+        targets += latency.targets(rows, args.latency, args.bandwidth_mbit)
+    doors = door_imports.measure([args.engine_root], 5) if args.imports else None
     results = {"date": started.isoformat(timespec="seconds").replace("+00:00", "Z"), "machine": machine(),
                "load_1min_at_start": load, "engine_version": version_at_start,
                "engine_changed_during_run": engine_version(args.engine_root) != version_at_start,
                **settings, "sizes": args.sizes, "job_delay_s": JOB_DELAY_S,
                "engine_root": str(args.engine_root), "naive": args.naive, "sandbox_nodelay": args.sandbox_nodelay,
                "total_s": time.monotonic() - t0,
-               "results": rows, "memory_growth": growth, "targets": targets}
+               "results": rows, "memory_growth": growth, "targets": targets, "door_imports": doors}
     out = args.bench_dir / f"results-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(render(rows, growth, targets, settings_lines(results)))
+    if args.latency > 0:
+        print("\n" + latency.render(rows, args.latency, args.bandwidth_mbit, label))
+    if doors is not None:
+        print("\nimport time of each door (median of 5 fresh interpreters):\n"
+              + door_imports.render(doors, [args.engine_root]))
     version = results["engine_version"]
     changed = version["uncommitted_shared_files"]
     dirty = f" + uncommitted changes in {', '.join(changed)}" if changed else ""

@@ -17,11 +17,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import engine, purge, queue_worker, runlog, schedules
+from . import queue_worker, runlog, schedules
 from .config import Config
 from .context import AppContext
 from .errors import ConnectorError, ExportIncomplete, LeaseUnavailable, SourceError
-from .routing import destinations_for_blob
 from .secrets import install_log_redaction, redact
 from .services import RunRequest, Services
 from .state import parse_iso
@@ -44,6 +43,7 @@ def _age_seconds(stamp: str | None) -> float:
 def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, trigger: str) -> dict[str, Any]:
     """Run one destination on one export version once: a repeated trigger for the same (key, ETag) is a no-op, a
     destination busy with another run defers to the timer (the export is remembered as its latest)."""
+    from . import engine  # here, not at import: the HTTP door shares the process and starts without it
     claim = ctx.state.export_claim(name, key, etag)
     if claim is not None:  # a repeated event: it is not the latest export again
         log.info("%s: %s (ETag %s) was already handled by run %s; nothing to do", name, key, etag, claim.get("run_id"))
@@ -61,6 +61,7 @@ def run_export(ctx: AppContext, config: Config, name: str, key: str, etag: str, 
 
 
 def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
+    from .routing import destinations_for_blob  # it reads exports: loaded by the doors that export only
     config = ctx.config()
     info = ctx.exports.info(key)
     if info is None:
@@ -93,6 +94,7 @@ def on_blob(ctx: AppContext, key: str) -> list[dict[str, Any]]:
 def _retry_pending_exports(ctx: AppContext) -> list[dict[str, Any]]:
     """Blobs that looked like exports still being written: look again; after engine.EXPORT_WAIT_HOURS the blob is
     reported as one that can never be exported (state container, blob-errors/) and an error is logged."""
+    from . import engine
     done: list[dict[str, Any]] = []
     for _, note in ctx.state.pending_exports():
         source = note["source"]
@@ -172,6 +174,7 @@ def on_timer(ctx: AppContext, now: float | None = None) -> list[dict[str, Any]]:
     exported yet (when it takes new exports at once), then re-sync the latest export of each destination whose
     schedule is due at `now` (default: the clock)."""
     now = time.time() if now is None else now
+    from . import purge  # here, not at import: the HTTP door shares the process and starts without it
     config = ctx.config()
     svc = ctx.services(config)
     _log_destinations(ctx, config)
@@ -208,6 +211,7 @@ def _go_on_with(ctx: AppContext, config: Config, svc: Services, record: dict[str
 
 
 def _go_on(ctx: AppContext, config: Config, svc: Services, record: dict[str, Any]) -> list[dict[str, Any]]:
+    from . import engine, purge
     name, run_id, status = record["destination"], record["run_id"], record["status"]
     queued = status == queue_worker.QUEUED
     if name not in config.destinations and not queued:
@@ -263,6 +267,7 @@ def _run_scheduled(ctx: AppContext, config: Config, name: str, now: float, *, ju
     (not a claim, which would answer "skipped"; a version no run has claimed yet is claimed by it). The occurrence is
     taken first (schedules.Markers.advance), so two ticks never both run it; given back when the destination is busy
     with another run, so the next tick tries again."""
+    from . import engine
     schedule, markers = str(config.destinations[name].schedule), schedules.Markers(ctx.state)
     marker = markers.read(name)
     decision = schedules.decide(schedule, marker, now)

@@ -2,24 +2,25 @@
 
 One file holds up to 1,000,000 contacts. Files are written to a temporary folder as contacts stream past (memory stays
 flat), and uploaded with a known length: the upload URI SendGrid gives is a presigned URL that wants Content-Length.
+The rows are the mapper's own (contacts.ContactMapper.map_line: CSV lines in the order of its import_fields, which
+are the destination's mapping then its custom fields, the order of the header and field mappings here); this module
+only cuts them into files, compresses them and keeps each file's emails.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import gzip
-import io
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import limits
-from .contacts import CustomField
+from .contacts import CustomField, csv_line
 from .errors import ConfigError
 
 
@@ -39,9 +40,29 @@ class ImportFile:
                     os.unlink(path)
 
 
-_NO_FIELDS: dict[str, Any] = {}
 DIR_PREFIX = "sg-import-"
+LEVEL = 1  # gzip level of import files: 40% less CPU than level 3 for a file ~14% larger (~0.25 s at 1M)
 STALE_AFTER_S = 3_600.0  # a run's folder changes at least every file; an invocation ends within 30 minutes
+
+
+def _split(chunk: ImportChunk, room: int) -> tuple[ImportChunk, ImportChunk | None]:
+    """The chunk's first `room` contacts, and the rest (None when nothing is left)."""
+    if len(chunk.emails) <= room:
+        return chunk, None
+    taken: list[tuple[bytes | memoryview, Sequence[int], int]] = []
+    count = 0
+    for i, (data, ends, start) in enumerate(chunk.runs):
+        if count + len(ends) <= room:
+            taken.append((data, ends, start))
+            count += len(ends)
+            continue
+        k = room - count  # the file's last contact is this run's k-th
+        if k:
+            taken.append((data, ends[:k], start))
+        rest = [(data, ends[k:], ends[k - 1] if k else start), *chunk.runs[i + 1 :]]
+        return (ImportChunk(chunk.first, chunk.emails[:room], taken),
+                ImportChunk(chunk.first + room, chunk.emails[room:], rest))
+    raise AssertionError("the runs hold fewer lines than the chunk has emails")
 
 
 def _alive(pid: int) -> bool:
@@ -76,6 +97,16 @@ def sweep_stale(parent: str, *, older_than: float = STALE_AFTER_S, now: float | 
     return removed
 
 
+class ImportChunk(NamedTuple):
+    """Contacts for the import, in stream order: the first one's stream index, their emails, and their CSV lines (CRLF
+    included) as runs of lines that follow each other in a mapped chunk, each (the chunk's data, the end offsets of
+    the run's lines in it, the offset of its first line): written a run at a time, never a line at a time."""
+
+    first: int
+    emails: Sequence[str]
+    runs: Sequence[tuple[bytes | memoryview, Sequence[int], int]]
+
+
 class Importer:
     """Turns mapped contacts into import files with the destination's columns."""
 
@@ -87,53 +118,38 @@ class Importer:
         if missing:
             raise ConfigError(f"the CSV import cannot map {', '.join(missing)}: SendGrid's field definitions list no "
                               "such reserved field")
-        self.reserved = list(mapping)
-        self.custom_ids = [c.id for c in custom]
-        self.headers = self.reserved + [c.name for c in custom]
-        self.field_mappings: list[str | None] = [ids[name] for name in self.reserved] + list(self.custom_ids)
+        self.headers = [*mapping, *(c.name for c in custom)]  # = ContactMapper(mapping, custom).import_fields
+        self.field_mappings: list[str | None] = [ids[name] for name in mapping] + [c.id for c in custom]
         self.per_file = per_file
-        self._alternates = self.reserved.index("alternate_emails") if "alternate_emails" in self.reserved else None
         self._tmp_parent, self._dir = tmp_dir, ""
         self._open: list[ImportFile] = []
 
-    def row(self, contact: Mapping[str, Any]) -> list[Any]:
-        """The contact's CSV cells in header order: None (an empty cell) where it has no value; csv.writer turns
-        numbers into text as str() does."""
-        custom = contact.get("custom_fields") or _NO_FIELDS
-        cells = [*map(contact.get, self.reserved), *map(custom.get, self.custom_ids)]
-        if self._alternates is not None and cells[self._alternates]:
-            cells[self._alternates] = ",".join(cells[self._alternates])
-        return cells
-
-    def files(self, chunks: Iterable[tuple[int, list[dict[str, Any]]]]) -> Iterator[ImportFile]:
-        """Consume (stream index of the first contact, contacts) chunk by chunk and yield finished files, each of at
-        most per_file contacts (a chunk may be split between two files)."""
+    def files(self, chunks: Iterable[ImportChunk]) -> Iterator[ImportFile]:
+        """Consume chunks of contacts and yield finished files, each of at most per_file contacts (a chunk may be
+        split between two files)."""
         if not self._dir:
             self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=self._tmp_parent)
             sweep_stale(os.path.dirname(self._dir))
         source = iter(chunks)
-        carry: tuple[int, list[dict[str, Any]]] | None = None  # what the previous file had no room for
+        carry: ImportChunk | None = None  # what the previous file had no room for
+        header = (csv_line(self.headers) + "\r\n").encode()
         while True:
             fd, path = tempfile.mkstemp(suffix=".csv.gz", dir=self._dir)
             efd, emails_path = tempfile.mkstemp(suffix=".emails.gz", dir=self._dir)
             count, last = 0, -1
             try:
-                with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3) as gz, \
-                        io.TextIOWrapper(gz, encoding="utf-8", newline="") as text, \
+                with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=LEVEL) as gz, \
                         os.fdopen(efd, "wb") as eraw, gzip.GzipFile(fileobj=eraw, mode="wb", compresslevel=1) as eg:
-                    writer = csv.writer(text)
-                    writer.writerow(self.headers)
+                    gz.write(header)
                     while count < self.per_file:
                         if carry is None and (carry := next(source, None)) is None:
                             break
-                        first, contacts = carry
-                        room = self.per_file - count
-                        taken_contacts = contacts[:room]
-                        writer.writerows(map(self.row, taken_contacts))
-                        eg.write(("\n".join(c["email"] for c in taken_contacts) + "\n").encode())
-                        taken = min(room, len(contacts))
-                        count, last = count + taken, first + taken - 1
-                        carry = (first + taken, contacts[taken:]) if taken < len(contacts) else None
+                        taken, carry = _split(carry, self.per_file - count)
+                        if taken.emails:
+                            for data, ends, start in taken.runs:
+                                gz.write(data[start : ends[-1]])
+                            eg.write(("\n".join(taken.emails) + "\n").encode())
+                            count, last = count + len(taken.emails), taken.first + len(taken.emails) - 1
             except BaseException:  # the export failed mid-file (a read error, the deadline): cleanup() cannot see it
                 os.unlink(path)
                 os.unlink(emails_path)

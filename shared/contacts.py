@@ -21,15 +21,18 @@ Choices where SendGrid's contract is silent (see tests/contracts/tsg_mc_contacts
 from __future__ import annotations
 
 import collections
+import csv
 import datetime
 import functools
-import hashlib
+import io
 import platform
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Literal, final
 
 import orjson
@@ -235,13 +238,22 @@ def _invalid_email(shown: str) -> Rejected:
 
 
 Mapped = tuple[str, dict[str, Any], Note | None] | Rejected  # (email, contact, note) or why the row was rejected
+MappedLine = tuple[str, str, Note | None] | Rejected  # (email, import CSV line, note) or why the row was rejected
 
 
 class ContactMapper:
     """Turns one row (values in ``columns`` order) into a SendGrid contact, or a rejection reason.
 
-    map() is specialised per mapping: __init__ generates a straight-line function with one block per field (no
-    per-row loops over the plan, no lookups of the plan), in two versions with the same results (see _generate).
+    The per-row rules (trimming, email checks, alternates, numbers, dates) are one set, written once in
+    _MapSource, which generates for each mapping straight-line functions (one block per field; no per-row loops over
+    the plan, no lookups of the plan) that differ only in what they return:
+
+    - map(values): the contact as a dict, for the JSON upsert (`encode`);
+    - map_line(values): the contact as a line of the bulk import's CSV file (`import_fields` order, CRLF), so the
+      bulk path writes what the mapper gives without building or decoding a dict;
+    - line_of(contact): the import line of a contact map() made (the contacts mapped before a run switched to the
+      import: the same cells and formatting as map_line's).
+
     Only ints of our own making are written into the generated source; every name, id and column travels as a
     bound constant, never as code.
     """
@@ -269,8 +281,10 @@ class ContactMapper:
         alternates = col(mapping["alternate_emails"]) if "alternate_emails" in mapping else None
         custom_plan = [(f, col(f.column)) for f in custom]
         self.columns: tuple[str, ...] = tuple(columns)
+        self.import_fields: tuple[str, ...] = (*mapping, *(f.name for f in custom))  # map_line's cells, in order
         self._trimmed: collections.Counter[str] = collections.Counter()
-        self.map = self._generate(text, alternates, custom_plan)
+        source = _MapSource(list(mapping), text, alternates, custom_plan, self._trimmed, self._alternate_emails)
+        self.map, self.map_line, self.line_of = source.compile(len(columns))
 
     @property
     def trimmed(self) -> collections.Counter[str]:
@@ -281,156 +295,13 @@ class ContactMapper:
     """(email, contact, note) or the rejection reason. note mentions values left out; None when nothing was. The
     function __init__ generates for this instance."""
 
-    # long and branchy on purpose (C901): a code generator with one block per kind of field, read top to bottom
-    def _generate(self, text: list[tuple[str, int, int]], alternates: int | None,  # noqa: C901 (see above)
-                  custom: list[tuple[CustomField, int]]) -> Callable[[Sequence[str | None]], Mapped]:
-        """Compiles two versions of map() for this plan, with the same results.
+    map_line: Callable[[Sequence[str | None]], MappedLine]
+    """(email, the contact's import CSV line ending in CRLF, note) or the rejection reason: map()'s rules and
+    results, as the bulk import file's row. Generated for this instance."""
 
-        The fast one unpacks the row and strips every value up front, inside a try (free when nothing is raised),
-        assuming what the readers give nearly always: one str per column. The first row that breaks this (a None,
-        e.g. an absent column or a JSON null, or a wrong length) goes to the guarded version, which tests each value
-        before stripping it; and map() then becomes the guarded version (its code is swapped, so callers that hold
-        the function switch too): no later row pays for an exception.
-        Both end alike: when every field has a value the contact is built as one dict display (presized, no store
-        per field); otherwise field by field. Numbers take an inline float() path and dates a dict cache.
-        """
-        env: dict[str, Any] = {
-            "fullmatch": EMAIL_RE.fullmatch, "shown": _shown, "trimmed": self._trimmed, "add_note": _add_note,
-            "parse_number": parse_number, "alternate_emails": self._alternate_emails, "float": float,
-            "date_get": _DATE_CACHE.get, "date_miss": _date_miss, "MISS": _MISS,
-            "MISSING_EMAIL": _MISSING_EMAIL, "EMAIL_TOO_LONG": _EMAIL_TOO_LONG, "invalid_email": _invalid_email,
-        }
-        # One variable per field: t{k} text fields, alt the alternates, c{k} custom values (v{k}: their texts).
-        variables: list[tuple[str, int]] = [("email", 0)] + [(f"t{k}", i) for k, (_, i, _) in enumerate(text)]
-        if alternates is not None:
-            variables.append(("alt", alternates))
-        variables += [(f"c{k}" if f.field_type == "Text" else f"v{k}", i) for k, (f, i) in enumerate(custom)]
-
-        def ind(lines: list[str], depth: int) -> list[str]:
-            return [" " * (4 * depth) + line for line in lines]
-
-        # long: the generated function's body, one block per kind of field, in the order the function runs them
-        def body(fast: bool) -> list[str]:
-            """Everything after the email's fetch and strip; a field's value is its stripped text or, only when not
-            fast, None or "" too."""
-
-            def value(var: str, i: int, lines: list[str]) -> list[str]:  # lines run when var is a str (stripped)
-                if fast:
-                    return ind(lines, 1)
-                return [f"    {var} = values[{int(i)}]", f"    if {var}:", f"        {var} = {var}.strip()",
-                        *ind(lines, 2)]
-
-            src = [
-                "    if not email:",
-                "        return MISSING_EMAIL",
-                f"    if len(email) > {int(limits.MAX_EMAIL_LENGTH)}:",
-                "        return EMAIL_TOO_LONG",
-                "    lowered = email.lower()",
-                "    if not email.isascii() or fullmatch(lowered) is None or '..' in lowered:",
-                "        return invalid_email(shown(email))",
-                "    note = None",
-            ]
-            for k, (field, i, limit) in enumerate(text):  # t{k}: the value; false ("" or None) when empty
-                env[f"F{k}"] = field
-                src += value(f"t{k}", i, [
-                    f"if len(t{k}) > {int(limit)}:",
-                    f"    t{k} = t{k}[:{int(limit)}].rstrip()",
-                    f"    trimmed[F{k}] += 1",
-                ])
-            if alternates is not None:  # alt: the list of good alternates; false when none
-                src += value("alt", alternates, [
-                    "if alt:",
-                    "    alt, alt_note = alternate_emails(alt, lowered)",
-                    "    if alt_note:",
-                    "        note = add_note(note, alt_note, 'alternate_emails')",
-                ])
-            for k, (f, i) in enumerate(custom):  # c{k}: the value; None when empty or left out
-                env[f"ID{k}"], env[f"N{k}"] = f.id, f.name
-                if f.field_type == "Text":
-                    src += value(f"c{k}", i, [
-                        f"if len(c{k}) > {int(CUSTOM_TEXT_MAX_LENGTH)}:",
-                        f"    c{k} = c{k}[:{int(CUSTOM_TEXT_MAX_LENGTH)}].rstrip()",
-                        f"    trimmed[N{k}] += 1",
-                    ])
-                    src += [f"    if not c{k}:", f"        c{k} = None"]
-                    continue
-                number = f.field_type == "Number"
-                env[f"PRE{k}"], env[f"COL{k}"] = f"{f.column}: ", f.column
-                env[f"POST{k}"] = (f" is not {'a number' if number else 'a date (YYYY-MM-DD or MM/DD/YYYY)'}; "
-                                   "field left out")
-                if number:  # parse_number, inline where float() takes the text (same results, see there)
-                    parse = [
-                        "try:",
-                        f"    c{k} = float(v{k})",
-                        "except ValueError:",
-                        f"    c{k} = parse_number(v{k})",
-                        "else:",
-                        f"    if c{k} - c{k} != 0.0 or '_' in v{k} or not v{k}.isascii():",
-                        f"        c{k} = None",
-                        f"    elif c{k}.is_integer() and {-_MAX_EXACT_INT} <= c{k} <= {_MAX_EXACT_INT}:",
-                        f"        c{k} = int(c{k})",
-                    ]
-                else:  # parse_date through _DATE_CACHE
-                    parse = [f"c{k} = date_get(v{k}, MISS)", f"if c{k} is MISS:", f"    c{k} = date_miss(v{k})"]
-                src.append(f"    c{k} = None")
-                src += value(f"v{k}", i, [
-                    f"if v{k}:",
-                    *ind(parse, 1),
-                    f"    if c{k} is None:",
-                    f"        note = add_note(note, PRE{k} + shown(v{k}) + POST{k}, COL{k})",
-                ])
-            texts = [f"t{k}" for k in range(len(text))]
-            customs = [f"c{k}" for k in range(len(custom))]
-            whole = ["'email': lowered", *(f"F{k}: t{k}" for k in range(len(text)))]
-            if custom:
-                whole.append(f"'custom_fields': {{{', '.join(f'ID{k}: c{k}' for k in range(len(custom)))}}}")
-            every = [*texts, *(["not alt"] if alternates is not None else []), *(f"{c} is not None" for c in customs)]
-            if every:
-                src += [f"    if {' and '.join(every)}:", f"        return lowered, {{{', '.join(whole)}}}, note"]
-            src.append("    contact = {'email': lowered}")
-            for k, t in enumerate(texts):
-                src += [f"    if {t}:", f"        contact[F{k}] = {t}"]
-            if alternates is not None:
-                src += ["    if alt:", "        contact['alternate_emails'] = alt"]
-            if custom:
-                src.append("    fields = {}")
-                for k, c in enumerate(customs):
-                    src += [f"    if {c} is not None:", f"        fields[ID{k}] = {c}"]
-                src += ["    if fields:", "        contact['custom_fields'] = fields"]
-            src.append("    return lowered, contact, note")
-            return src
-
-        names: dict[int, str] = {}  # column -> the variable the fast version unpacks it into
-        copies: list[str] = []  # a column used by several fields: the later ones copy the stripped text
-        for var, i in variables:
-            if i in names:
-                copies.append(f"    {var} = {names[i]}")
-            else:
-                names[i] = var
-        unpacked = [names[i] for i in range(len(self.columns))]  # every column is some field's
-        src = [
-            "def map(values):",
-            "    try:",
-            f"        {', '.join(unpacked)}, = values",
-            *(f"        {var} = {var}.strip()" for var in unpacked),
-            "    except (ValueError, AttributeError):",
-            "        return fallback(values)",
-            *copies,
-            *body(fast=True),
-            "",
-            "def map_guarded(values):",
-            "    email = values[0]",
-            "    if email:",
-            "        email = email.strip()",
-            *body(fast=False),
-            "",
-            "def fallback(values):",
-            "    map.__code__ = map_guarded.__code__  # for every holder of this mapper's map, at no cost per row",
-            "    return map_guarded(values)",
-        ]
-        exec(compile("\n".join(src), "<ContactMapper.map>", "exec"), env)
-        generated: Callable[[Sequence[str | None]], Mapped] = env["map"]  # compiled from `src` just above
-        return generated
+    line_of: Callable[[Mapping[str, Any]], str]
+    """The import CSV line (CRLF) of a contact map() made: map_line's line for the same row. Generated for this
+    instance."""
 
     def _alternate_emails(self, text: str, primary: str) -> tuple[list[str], str | None]:
         """Valid, lower-cased, distinct alternates (not the primary), at most MAX_ALTERNATE_EMAILS; and a note."""
@@ -458,27 +329,236 @@ def _add_note(note: Note | None, more: str, field: str) -> Note:
     return Note(f"{note}; {more}", (*note.fields, field))
 
 
+def csv_line(cells: Sequence[str]) -> str:
+    """One CSV line (no line break) as csv.writer writes it (RFC 4180, quotes only where needed): what the
+    generated map_line and line_of fall back to for the rare cell holding a comma, a quote or a line break."""
+    out = io.StringIO()
+    csv.writer(out).writerow(cells)  # its line break (CRLF) decides what is quoted too: keep it, then cut it
+    return out.getvalue()[:-2]
+
+
+class _MapSource:
+    """The source of ContactMapper's generated functions: the field rules once, and the endings that differ.
+
+    map and map_line come in two versions with the same results. The fast one unpacks the row and strips every
+    value up front, inside a try (free when nothing is raised), assuming what the readers give nearly always: one
+    str per column. The first row that breaks this (a None, e.g. an absent column or a JSON null, or a wrong length)
+    goes to the guarded version, which tests each value before stripping it; and the function then becomes the
+    guarded version (its code is swapped, so callers that hold the function switch too): no later row pays for an
+    exception. map ends alike in both: when every field has a value the contact is built as one dict display
+    (presized, no store per field); otherwise field by field. Numbers take an inline float() path and dates a dict
+    cache. Variables: email/lowered, t{k} text fields, alt the alternates, c{k} custom values (v{k}: their texts).
+    """
+
+    def __init__(self, fields: list[str], text: list[tuple[str, int, int]], alternates: int | None,
+                 custom: list[tuple[CustomField, int]], trimmed: collections.Counter[str],
+                 alternate_emails: Callable[[str, str], tuple[list[str], str | None]]) -> None:
+        self.fields, self.text, self.alternates, self.custom = fields, text, alternates, custom
+        self.env: dict[str, Any] = {
+            "fullmatch": EMAIL_RE.fullmatch, "shown": _shown, "trimmed": trimmed, "add_note": _add_note,
+            "parse_number": parse_number, "alternate_emails": alternate_emails, "float": float,
+            "date_get": _DATE_CACHE.get, "date_miss": _date_miss, "MISS": _MISS, "csv_line": csv_line,
+            "MISSING_EMAIL": _MISSING_EMAIL, "EMAIL_TOO_LONG": _EMAIL_TOO_LONG, "invalid_email": _invalid_email,
+            "NO_FIELDS": _NO_FIELDS,
+        }
+        for k, (field, _, _) in enumerate(text):
+            self.env[f"F{k}"] = field
+        for k, (f, _) in enumerate(custom):
+            self.env[f"ID{k}"], self.env[f"N{k}"] = f.id, f.name
+            self.env[f"PRE{k}"], self.env[f"COL{k}"] = f"{f.column}: ", f.column
+            what = "a number" if f.field_type == "Number" else "a date (YYYY-MM-DD or MM/DD/YYYY)"
+            self.env[f"POST{k}"] = f" is not {what}; field left out"
+
+    def compile(self, n_columns: int) -> tuple[Callable[[Sequence[str | None]], Mapped],
+                                               Callable[[Sequence[str | None]], MappedLine],
+                                               Callable[[Mapping[str, Any]], str]]:
+        """map, map_line and line_of for this plan."""
+        src = [*self._entry("map", self._as_contact(), n_columns), "",
+               *self._entry("map_line", [*self._line(), "    return lowered, line + '\\r\\n', note"], n_columns), "",
+               *self._line_of()]
+        env = self.env
+        exec(compile("\n".join(src), "<ContactMapper.map>", "exec"), env)
+        return env["map"], env["map_line"], env["line_of"]  # compiled from `src` just above
+
+    def _entry(self, name: str, ending: list[str], n_columns: int) -> list[str]:
+        """The fast and the guarded version of one function, and the fallback that swaps the first for the second."""
+        variables: list[tuple[str, int]] = [("email", 0)] + [(f"t{k}", i) for k, (_, i, _) in enumerate(self.text)]
+        if self.alternates is not None:
+            variables.append(("alt", self.alternates))
+        variables += [(f"c{k}" if f.field_type == "Text" else f"v{k}", i) for k, (f, i) in enumerate(self.custom)]
+        names: dict[int, str] = {}  # column -> the variable the fast version unpacks it into
+        copies: list[str] = []  # a column used by several fields: the later ones copy the stripped text
+        for var, i in variables:
+            if i in names:
+                copies.append(f"    {var} = {names[i]}")
+            else:
+                names[i] = var
+        unpacked = [names[i] for i in range(n_columns)]  # every column is some field's
+        return [
+            f"def {name}(values):",
+            "    try:",
+            f"        {', '.join(unpacked)}, = values",
+            *(f"        {var} = {var}.strip()" for var in unpacked),
+            "    except (ValueError, AttributeError):",
+            f"        return {name}_fallback(values)",
+            *copies,
+            *self._rules(fast=True),
+            *ending,
+            "",
+            f"def {name}_guarded(values):",
+            "    email = values[0]",
+            "    if email:",
+            "        email = email.strip()",
+            *self._rules(fast=False),
+            *ending,
+            "",
+            f"def {name}_fallback(values):",
+            f"    {name}.__code__ = {name}_guarded.__code__  # for every holder of this function, at no cost per row",
+            f"    return {name}_guarded(values)",
+        ]
+
+    def _rules(self, fast: bool) -> list[str]:
+        """Everything after the email's fetch and strip up to the ending; a field's value is its stripped text or,
+        only when not fast, None or "" too."""
+
+        def value(var: str, i: int, lines: list[str]) -> list[str]:  # lines run when var is a str (stripped)
+            if fast:
+                return _indent(lines, 1)
+            return [f"    {var} = values[{int(i)}]", f"    if {var}:", f"        {var} = {var}.strip()",
+                    *_indent(lines, 2)]
+
+        src = [
+            "    if not email:",
+            "        return MISSING_EMAIL",
+            f"    if len(email) > {int(limits.MAX_EMAIL_LENGTH)}:",
+            "        return EMAIL_TOO_LONG",
+            "    lowered = email.lower()",
+            "    if not email.isascii() or fullmatch(lowered) is None or '..' in lowered:",
+            "        return invalid_email(shown(email))",
+            "    note = None",
+        ]
+        for k, (_, i, limit) in enumerate(self.text):  # t{k}: the value; false ("" or None) when empty
+            src += value(f"t{k}", i, [
+                f"if len(t{k}) > {int(limit)}:",
+                f"    t{k} = t{k}[:{int(limit)}].rstrip()",
+                f"    trimmed[F{k}] += 1",
+            ])
+        if self.alternates is not None:  # alt: the list of good alternates; false when none
+            src += value("alt", self.alternates, [
+                "if alt:",
+                "    alt, alt_note = alternate_emails(alt, lowered)",
+                "    if alt_note:",
+                "        note = add_note(note, alt_note, 'alternate_emails')",
+            ])
+        for k, (f, i) in enumerate(self.custom):  # c{k}: the value; None when empty or left out
+            if f.field_type == "Text":
+                src += value(f"c{k}", i, [
+                    f"if len(c{k}) > {int(CUSTOM_TEXT_MAX_LENGTH)}:",
+                    f"    c{k} = c{k}[:{int(CUSTOM_TEXT_MAX_LENGTH)}].rstrip()",
+                    f"    trimmed[N{k}] += 1",
+                ])
+                src += [f"    if not c{k}:", f"        c{k} = None"]
+                continue
+            src.append(f"    c{k} = None")
+            src += value(f"v{k}", i, [
+                f"if v{k}:",
+                *_indent(self._parse(k, f.field_type), 1),
+                f"    if c{k} is None:",
+                f"        note = add_note(note, PRE{k} + shown(v{k}) + POST{k}, COL{k})",
+            ])
+        return src
+
+    @staticmethod
+    def _parse(k: int, field_type: str) -> list[str]:
+        """c{k} from the text v{k}: a number (parse_number, inline where float() takes the text: same results) or a
+        date (parse_date through _DATE_CACHE); None when it is not one."""
+        if field_type == "Number":
+            return [
+                "try:",
+                f"    c{k} = float(v{k})",
+                "except ValueError:",
+                f"    c{k} = parse_number(v{k})",
+                "else:",
+                f"    if c{k} - c{k} != 0.0 or '_' in v{k} or not v{k}.isascii():",
+                f"        c{k} = None",
+                f"    elif c{k}.is_integer() and {-_MAX_EXACT_INT} <= c{k} <= {_MAX_EXACT_INT}:",
+                f"        c{k} = int(c{k})",
+            ]
+        return [f"c{k} = date_get(v{k}, MISS)", f"if c{k} is MISS:", f"    c{k} = date_miss(v{k})"]
+
+    def _as_contact(self) -> list[str]:
+        """map's ending: the contact dict, without the fields that have no value."""
+        texts = [f"t{k}" for k in range(len(self.text))]
+        customs = [f"c{k}" for k in range(len(self.custom))]
+        whole = ["'email': lowered", *(f"F{k}: t{k}" for k in range(len(self.text)))]
+        if customs:
+            whole.append(f"'custom_fields': {{{', '.join(f'ID{k}: c{k}' for k in range(len(customs)))}}}")
+        every = [*texts, *(["not alt"] if self.alternates is not None else []), *(f"{c} is not None" for c in customs)]
+        src = []
+        if every:
+            src += [f"    if {' and '.join(every)}:", f"        return lowered, {{{', '.join(whole)}}}, note"]
+        src.append("    contact = {'email': lowered}")
+        for k, t in enumerate(texts):
+            src += [f"    if {t}:", f"        contact[F{k}] = {t}"]
+        if self.alternates is not None:
+            src += ["    if alt:", "        contact['alternate_emails'] = alt"]
+        if customs:
+            src.append("    fields = {}")
+            for k, c in enumerate(customs):
+                src += [f"    if {c} is not None:", f"        fields[ID{k}] = {c}"]
+            src += ["    if fields:", "        contact['custom_fields'] = fields"]
+        src.append("    return lowered, contact, note")
+        return src
+
+    def _line(self) -> list[str]:
+        """`line`: the import row of the fields' values (None or "" for no value) in import_fields order, as
+        csv.writer writes it: a plain join unless a cell holds a comma, a quote or a line break (one check of the
+        joined line); numbers as str() writes them, as csv.writer does."""
+        cells: list[str] = []
+        texts = iter(range(len(self.text)))
+        for field in self.fields:
+            if field == "email":
+                cells.append("lowered")
+            elif field == "alternate_emails":
+                cells.append("(','.join(alt) if alt else '')")
+            else:
+                cells.append(f"(t{next(texts)} or '')")
+        for k, (f, _) in enumerate(self.custom):
+            cells.append(f"('' if c{k} is None else str(c{k}))" if f.field_type == "Number" else f"(c{k} or '')")
+        return [
+            f"    cells = ({', '.join(cells)},)",
+            "    line = ','.join(cells)",
+            f"    if line.count(',') != {len(cells) - 1} or '\"' in line or '\\n' in line or '\\r' in line:",
+            "        line = csv_line(cells)",
+        ]
+
+    def _line_of(self) -> list[str]:
+        """line_of: a contact dict's values into the variables the rules leave, then the same line."""
+        src = ["def line_of(contact):", "    lowered = contact['email']"]
+        src += [f"    t{k} = contact.get(F{k})" for k in range(len(self.text))]
+        if self.alternates is not None:
+            src.append("    alt = contact.get('alternate_emails')")
+        if self.custom:
+            src.append("    fields = contact.get('custom_fields') or NO_FIELDS")
+            src += [f"    c{k} = fields.get(ID{k})" for k in range(len(self.custom))]
+        return [*src, *self._line(), "    return line + '\\r\\n'"]
+
+
+def _indent(lines: list[str], depth: int) -> list[str]:
+    return [" " * (4 * depth) + line for line in lines]
+
+
+_NO_FIELDS: Mapping[str, Any] = MappingProxyType({})
+
+
 def encode(contact: dict[str, Any]) -> bytes:
     """Compact JSON, as it goes into the request body."""
     return orjson.dumps(contact)
 
 
-_BLAKE2B_64 = hashlib.blake2b(digest_size=8)  # never updated: fingerprints() copies it
-
-
-def fingerprint(email: str) -> int:
-    """Stable 64-bit fingerprint of an (already normalised) email: blake2b-64, little-endian. Same in every process."""
-    return int.from_bytes(hashlib.blake2b(email.encode(), digest_size=8).digest(), "little")
-
-
-def fingerprints(emails: Sequence[str]) -> bytes:
-    """fingerprint() of each email, as 8 little-endian bytes apiece (dedup.Deduper takes them as they are). Bytes,
-    not a numpy array, so that worker processes, which only map and encode, never import numpy (~10 MB each)."""
-    new = _BLAKE2B_64.copy  # copying a prepared state is much cheaper than blake2b(data, digest_size=8)
-    out: list[bytes] = []
-    add = out.append
-    for e in emails:
-        h = new()
-        h.update(e.encode())
-        add(h.digest())
-    return b"".join(out)
+def email_fps(emails: Iterable[str]) -> array[int]:
+    """64-bit fingerprints of (normalised) emails for a run's de-duplication (dedup.Deduper) and a delta run's send
+    set: hash(), SipHash keyed per process, ~0.05 us an email against ~0.3 for blake2b. So they are made where they
+    are used, in the exporting process, never in a worker, and never stored: a resumed run replays its export and
+    makes them again in its own process."""
+    return array("q", map(hash, emails))

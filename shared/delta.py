@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ import orjson
 
 from . import snapshots
 from .config import Destination
-from .contacts import CustomField, fingerprints
+from .contacts import CustomField, email_fps
 from .storage import ObjectStore
 
 SEP = "\t"
@@ -101,10 +102,10 @@ def classify(store: ObjectStore, fp_key: str, held_key: str, current_key: str, *
     for block in _blocks(changed()):
         count += len(block)
         if want_filter:
-            pieces.append(np.frombuffer(fingerprints(block), dtype="<u8"))
+            pieces.append(np.frombuffer(email_fps(block), dtype=np.uint64))
     total = snapshots.snapshot_size(store, current_key)
     new = snapshots.count_sorted(snapshots.diff_sorted(changed(), snapshots.read_snapshot(store, held_key)))
-    wanted = np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype="<u8")
+    wanted = np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.uint64)
     return {"new": new, "changed": count - new, "unchanged": total - count}, (wanted if want_filter else None)
 
 
@@ -113,11 +114,12 @@ def _blocks(items: Iterator[str], size: int = 8192) -> Iterator[list[str]]:
         yield block
 
 
-def keep_mask(wanted: np.ndarray, fps: bytes, positions: list[int]) -> list[int]:
-    """The positions (of a chunk's kept contacts) whose email fingerprint is in `wanted`."""
+def keep_mask(wanted: np.ndarray, fps: array[int], positions: list[int]) -> list[int]:
+    """The positions (of a chunk's kept contacts) whose email fingerprint (MappedChunk.fps, made in this process as
+    `wanted` was) is in `wanted`."""
     if not len(wanted) or not positions:
         return []
-    values = np.frombuffer(fps, dtype="<u8")[positions]
+    values = np.frombuffer(fps, dtype=np.uint64)[positions]
     at = np.searchsorted(wanted, values)
     hit = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == values)
     return [p for p, h in zip(positions, hit.tolist(), strict=True) if h]

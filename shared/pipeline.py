@@ -1,7 +1,9 @@
 """Rows to encoded contacts, chunk by chunk, in this process or in worker processes, always in source order.
 
-A chunk of rows becomes a MappedChunk: the rows' rejections and notes, and for every mapped contact its email, its
-fingerprint and its JSON, joined in one buffer. The exporting process then only de-duplicates, packs and sends.
+A chunk of rows becomes a MappedChunk: the rows' rejections and notes, and for every mapped contact its email and
+its encoding, joined in one buffer: its JSON for an upsert request, or, once a run has switched to
+the bulk import, its line of the import's CSV file (ContactMapper.map_line: the same rules, no dict on the way). The
+exporting process then only de-duplicates, packs and sends.
 
 Large CSV partitions are cut into chunks of whole records (sources.csv_chunks) that worker processes parse, map and
 encode; results are taken in submission order, so the contacts come out exactly as a serial read gives them and a
@@ -13,17 +15,18 @@ Workers see rows and the mapping only, never a secret or a client.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import multiprocessing
 import os
 import threading
 import time
 from array import array
-from collections.abc import Collection, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -34,6 +37,7 @@ from .storage import ObjectStore
 log = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 4096  # rows mapped at a time in this process
+JSON, CSV = "json", "csv"  # what a chunk's contacts are encoded as: upsert JSON, or bulk import CSV lines
 PARALLEL_MIN_BYTES = 2 * 1024 * 1024  # a smaller partition is not worth shipping to workers
 MAX_WORKERS = 8
 WORKERS_SETTING = "EXPORT_WORKERS"
@@ -61,17 +65,29 @@ class MappedChunk:
     notes: list[tuple[int | None, contacts.Note]]  # (line, note) of contacts sent without some value
     trimmed: dict[str, int]  # field -> values cut to SendGrid's length
     emails: list[str]
-    fps: bytes  # contacts.fingerprints(emails): 8 bytes each
-    data: bytes  # the contacts' JSON, back to back
-    ends: array[int]  # end offset in data of each contact
+    data: bytes  # the contacts' encodings: JSON objects with a comma between two, or CSV lines each ending in CRLF
+    ends: array[int]  # end offset in data of each contact (its separator not included)
+    encoding: str = JSON
 
     def contact(self, pos: int) -> bytes:
-        return self.data[self.ends[pos - 1] if pos else 0 : self.ends[pos]]
+        return self.data[self.ends[pos - 1] + (self.encoding == JSON) if pos else 0 : self.ends[pos]]
+
+    @functools.cached_property
+    def fps(self) -> array[int]:
+        """contacts.email_fps of the emails: made in the exporting process when first asked (never in a worker)."""
+        return contacts.email_fps(self.emails)
 
 
-def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row]) -> MappedChunk:
-    """Map and encode rows (as read_rows gives them). Pure but for mapper.trimmed, which it hands on and clears."""
-    mapfn, dumps = mapper.map, orjson.dumps
+def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encoding: str = JSON) -> MappedChunk:
+    """Map and encode rows (as read_rows gives them) as JSON, a comma between two contacts (so that the packer
+    copies contacts that follow each other in one slice), or as import CSV lines. Pure but for mapper.trimmed, which
+    it hands on and clears."""
+    mapfn: Callable[[Sequence[str | None]], contacts.Mapped | contacts.MappedLine]
+    dumps: Callable[[Any], bytes]
+    if encoding == JSON:
+        mapfn, dumps, sep = mapper.map, orjson.dumps, b","
+    else:
+        mapfn, dumps, sep = mapper.map_line, cast(Callable[[Any], bytes], str.encode), b""
     rejects: list[tuple[int | None, contacts.Rejected]] = []
     notes: list[tuple[int | None, contacts.Note]] = []
     emails: list[str] = []
@@ -92,10 +108,13 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row]) -> Map
             notes.append((line, note))
         buf += dumps(contact)  # appended at once: orjson's results are over-allocated, never keep them
         ends.append(len(buf))
+        buf += sep
         emails.append(email)
     trimmed = dict(mapper.trimmed)
     mapper.trimmed.clear()
-    return MappedChunk(read, rejects, notes, trimmed, emails, contacts.fingerprints(emails), bytes(buf), ends)
+    if sep and buf:
+        del buf[-1]  # no separator after the last contact
+    return MappedChunk(read, rejects, notes, trimmed, emails, bytes(buf), ends, encoding)
 
 
 def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -131,13 +150,13 @@ def _parsed(chunk: sources.CsvChunk) -> Iterator[sources.Row]:
         raise _Untrusted(str(e)) from None
 
 
-def map_csv_chunk(spec: MapperSpec, chunk: sources.CsvChunk) -> MappedChunk | None:
+def map_csv_chunk(spec: MapperSpec, chunk: sources.CsvChunk, encoding: str = JSON) -> MappedChunk | None:
     """A worker's job: parse, map and encode one chunk; None when the chunk must be read with read_rows instead."""
     mapper = _MAPPERS.get(spec)
     if mapper is None:
         mapper = _MAPPERS[spec] = spec.build()
     try:
-        return map_rows(mapper, _parsed(chunk))
+        return map_rows(mapper, _parsed(chunk), encoding)
     except _Untrusted:
         mapper.trimmed.clear()
         return None
@@ -243,13 +262,14 @@ def shutdown() -> None:
 
 def mapped_chunks(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
                   required: Collection[str], warnings: list[str], *, workers: int = 0, min_bytes: int | None = None,
-                  chunk_bytes: int | None = None) -> Iterator[MappedChunk]:
+                  chunk_bytes: int | None = None, encoding: Callable[[], str] = lambda: JSON) -> Iterator[MappedChunk]:
     """The partition's rows as MappedChunks, in source order; mapper maps in this process, spec in workers (for CSV
-    partitions of at least min_bytes, default PARALLEL_MIN_BYTES, cut into chunks of about chunk_bytes). Raises
-    SourceError as read_rows does, after the chunks before the problem, and when the file is stopped (`Stop`). A file
-    that gives no row at all is noted in warnings ("0 rows in <file>")."""
+    partitions of at least min_bytes, default PARALLEL_MIN_BYTES, cut into chunks of about chunk_bytes), each chunk
+    encoded as encoding() says when it is mapped (or handed to a worker). Raises SourceError as read_rows does, after
+    the chunks before the problem, and when the file is stopped (`Stop`). A file that gives no row at all is noted in
+    warnings ("0 rows in <file>")."""
     stop = Stop(part.key)
-    for chunk in _mapped(store, part, mapper, spec, required, warnings, workers, min_bytes, chunk_bytes):
+    for chunk in _mapped(store, part, mapper, spec, required, warnings, workers, min_bytes, chunk_bytes, encoding):
         yield chunk
         stop.check(chunk)
     if not stop.read:
@@ -296,7 +316,7 @@ class Stop:
 
 def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
             required: Collection[str], warnings: list[str], workers: int, min_bytes: int | None,
-            chunk_bytes: int | None) -> Iterator[MappedChunk]:
+            chunk_bytes: int | None, encoding: Callable[[], str]) -> Iterator[MappedChunk]:
     wanted = mapper.columns
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -304,7 +324,8 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
     if (workers > 0 and _cannot_start is None and part.fmt == "csv" and part.quoting
             and _big(store, part, min_bytes)):
         noted = len(warnings)
-        read_on = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes)
+        read_on = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes,
+                                         encoding)
         if read_on is None:  # the workers read the whole partition
             return
         line = read_on
@@ -314,7 +335,7 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
     if line > 1:
         rows = (row for row in rows if row[0] >= line)
     for chunk in chunked(rows, ROWS_PER_CHUNK):
-        yield map_rows(mapper, chunk)
+        yield map_rows(mapper, chunk, encoding())
 
 
 def _big(store: ObjectStore, part: sources.Partition, min_bytes: int) -> bool:
@@ -323,8 +344,8 @@ def _big(store: ObjectStore, part: sources.Partition, min_bytes: int) -> bool:
 
 
 def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, wanted: Sequence[str],
-                required: Collection[str], warnings: list[str], workers: int,
-                chunk_bytes: int) -> Generator[MappedChunk, None, int | None]:
+                required: Collection[str], warnings: list[str], workers: int, chunk_bytes: int,
+                encoding: Callable[[], str]) -> Generator[MappedChunk, None, int | None]:
     """Chunks mapped by the pool; returns None when the partition is done, else the line read_rows goes on from."""
     try:
         pool = _get_pool(workers)
@@ -344,7 +365,7 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
                     read_on = item.line
                     break
                 try:
-                    pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item)))
+                    pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item, encoding())))
                 except Exception as e:  # whatever stops a hand-over, this chunk is mapped here
                     # BrokenProcessPool, OSError, RuntimeError; and CPython 3.11's ValueError "bad value(s) in
                     # fds_to_keep" when a worker dies while its siblings spawn (the pool closes a pipe that the next

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from . import engine, purge, runlog
+from . import runlog
 from .context import AppContext
 from .errors import ConfigError, LeaseUnavailable
 from .secrets import redact
@@ -54,6 +54,7 @@ def work(ctx: AppContext, body: bytes | str, dequeue_count: int | None = None) -
     if record.get("kind") == "purge":
         if record.get("status") not in (QUEUED, "interrupted"):
             return record
+        from . import purge  # here, not at import: the HTTP door imports this module for QUEUED
         return runlog.finished(purge.remove_destination(ctx.services(ctx.config()), name, record["purge"],
                                                         confirmed=True, by="http", run_id=run_id))
     return run_queued(ctx, record, attempt=dequeue_count or 1)  # which runs it only if it is still queued
@@ -65,6 +66,7 @@ def run_queued(ctx: AppContext, record: dict[str, Any], *, attempt: int = MAX_AT
 
     Busy destination: LeaseUnavailable is raised for the host to redeliver the message (after host.json's
     queues.visibilityTimeout) until the last attempt; then the run stays queued and the timer starts it."""
+    from . import engine  # here, not at import: the HTTP door imports this module for QUEUED
     name, run_id = record["destination"], record["run_id"]
     stored = ctx.state.load_run(run_id)  # the caller's copy may be old: the timer lists open runs once per tick
     if stored is None or stored.get("status") != QUEUED:

@@ -62,6 +62,7 @@ class Stream:
         self.read = True  # this attempt reads the export (a mirror run resumed past its sending does not)
         self.store = CountingStore(svc.sources)  # what is read, through it: bytes for the progress line
         self.total_bytes: int | None = None  # the partitions' sizes, once they are found
+        self.encoding = pipeline.JSON  # what chunks mapped from now on are encoded as (work() switches it to CSV)
         self._last_progress = self.started = time.monotonic()
 
     # --- reading ------------------------------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ class Stream:
         assert self.mapper is not None and self.spec is not None
         counts, rows = self.record.counts, self.rows
         for chunk in pipeline.mapped_chunks(self.store, part, self.mapper, self.spec, (self.mapper.columns[0],),
-                                            self.record.warnings, workers=self.workers):
+                                            self.record.warnings, workers=self.workers,
+                                            encoding=lambda: self.encoding):
             counts.read += chunk.read
             tally["rows"] += chunk.read
             for line, rejected in chunk.rejects:
@@ -160,6 +162,7 @@ class Stream:
         the checkpoint are replayed (counted, de-duplicated) but not sent."""
         skip = self.record.checkpoint.contacts_done
         limit = self.dest.bulk_threshold if self.importer is not None else None
+        self.encoding = pipeline.CSV if limit is not None and skip >= limit else pipeline.JSON
         packer = batching.Packer(batching.body_overhead([self.dest.list_id]))
         chunks = self.kept_chunks()
         index = 0  # stream index of the chunk's first kept contact
@@ -177,9 +180,10 @@ class Stream:
             if cut < len(keep):
                 if (rest_batch := packer.flush()) is not None:
                     yield "json", rest_batch
-                assert self.importer is not None
+                assert self.importer is not None and self.mapper is not None
+                self.encoding = pipeline.CSV  # the chunks mapped from here on are import lines
                 rest = itertools.chain([(chunk, keep[cut:], start + cut)], _numbered(chunks, index))
-                yield from (("csv", f) for f in self.importer.files(_contact_dicts(rest)))
+                yield from (("csv", f) for f in self.importer.files(_import_chunks(rest, self.mapper)))
                 return
         if (last := packer.flush()) is not None:
             yield "json", last
@@ -289,13 +293,26 @@ def _numbered(chunks: Iterator[Chunk], index: int) -> Iterator[tuple[pipeline.Ma
         index += len(keep)
 
 
-def _contact_dicts(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]]
-                   ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(stream index of the first, contacts) per chunk for the bulk path, which writes contacts as CSV rows: the
-    chunk's kept contacts decoded in one orjson call (one call per contact cost ~5 us a contact)."""
+def _import_chunks(chunks: Iterable[tuple[pipeline.MappedChunk, list[int], int]],
+                   mapper: contacts.ContactMapper) -> Iterator[bulk.ImportChunk]:
+    """The kept contacts of each chunk as import lines: as mapped (CSV), or, for chunks mapped as JSON before the run
+    switched to the import (the one the threshold fell in; with worker processes, those already handed out), decoded
+    in one orjson call and turned into the same lines by mapper.line_of."""
     for chunk, keep, index in chunks:
-        if keep:
-            yield index, orjson.loads(b"[" + b",".join([chunk.contact(p) for p in keep]) + b"]")
+        if not keep:
+            continue
+        emails = chunk.emails if len(keep) == len(chunk.emails) else [chunk.emails[k] for k in keep]
+        if chunk.encoding == pipeline.CSV and not batching.scattered(keep):  # runs of lines, written as they are
+            data, ends = memoryview(chunk.data), chunk.ends
+            yield bulk.ImportChunk(index, emails, [(data, ends[a:b], ends[a - 1] if a else 0)
+                                                   for a, b in batching.runs(keep)])
+            continue
+        if chunk.encoding == pipeline.CSV:
+            lines = [chunk.contact(k) for k in keep]
+        else:
+            decoded = orjson.loads(b"[" + b",".join([chunk.contact(k) for k in keep]) + b"]")
+            lines = [mapper.line_of(contact).encode() for contact in decoded]
+        yield bulk.ImportChunk(index, emails, [(b"".join(lines), list(itertools.accumulate(map(len, lines))), 0)])
 
 
 class CountingStore:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from shared import limits
-from shared.batching import ContactBatch, Packer, body_overhead, body_size, upsert_body
+from shared.batching import ContactBatch, Packer, body_overhead, body_size, runs, upsert_body
 from shared.contacts import CUSTOM_TEXT_MAX_LENGTH, ContactMapper, CustomField, encode
 
 LIST_IDS = ["0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10"]
@@ -25,6 +25,11 @@ def email(i: int) -> str:
     return f"u{i}@example.com"
 
 
+def joined(items: list[bytes]) -> tuple[bytes, list[int]]:
+    """A chunk's data and end offsets as pipeline.map_rows lays JSON out: a comma between two contacts."""
+    return b",".join(items), [end - 1 for end in itertools.accumulate(len(x) + 1 for x in items)]
+
+
 def pack_all(items: list[bytes], overhead: int | None = None, *, rng: random.Random | None = None,
              **limits_: int) -> list[ContactBatch]:
     """Items through a Packer as the engine feeds it (each chunk's data, ends and emails, then flush), in one add, or
@@ -36,8 +41,7 @@ def pack_all(items: list[bytes], overhead: int | None = None, *, rng: random.Ran
     batches: list[ContactBatch] = []
     for start, stop in itertools.pairwise(cuts):
         chunk = items[start:stop]
-        batches += packer.add(b"".join(chunk), list(itertools.accumulate(map(len, chunk))),
-                              [email(i) for i in range(start, stop)], range(len(chunk)), start)
+        batches += packer.add(*joined(chunk), [email(i) for i in range(start, stop)], range(len(chunk)), start)
     last = packer.flush()
     assert packer.flush() is None  # flush empties the packer
     return batches if last is None else [*batches, last]
@@ -139,7 +143,7 @@ def test_item_that_can_never_fit_raises_after_earlier_batches() -> None:
     overhead = body_overhead(LIST_IDS)
     items = [blob(100), blob(100), blob(100), blob(1_000 - overhead + 1)]
     packer = Packer(overhead, max_count=2, max_bytes=1_000)
-    [first] = packer.add(b"".join(items[:3]), [100, 200, 300], [email(i) for i in range(3)], range(3), 0)
+    [first] = packer.add(*joined(items[:3]), [email(i) for i in range(3)], range(3), 0)
     assert contents(first) == items[:2] and list(first.indexes) == [0, 1]
     with pytest.raises(ValueError, match=rf"contact #3 is {len(items[3])} bytes.*never fit.* at most 1000 bytes"):
         packer.add(items[3], [len(items[3])], [email(3)], [0], 3)
@@ -184,13 +188,12 @@ def test_batches_come_out_as_they_fill() -> None:
     rest = packer.flush()
     assert rest is not None and list(rest.indexes) == [8] and rest.emails == [email(8)]
     assert packer.flush() is None
-    assert packer.add(item * 3, [50, 100, 150], ["a@x.co", "b@x.co", "c@x.co"], [0, 2], 9) == []
+    assert packer.add(*joined([item] * 3), ["a@x.co", "b@x.co", "c@x.co"], [0, 2], 9) == []
     again = packer.flush()
     assert again is not None and list(again.indexes) == [9, 10] and again.emails == ["a@x.co", "c@x.co"]
     half = (10_000 - overhead - 1) // 2  # after a flush a batch has the whole request again: these two fill it
     exact = [blob(half), blob(10_000 - overhead - 1 - half)]
-    assert packer.add(b"".join(exact), [len(exact[0]), len(exact[0]) + len(exact[1])], ["d@x.co", "e@x.co"], [0, 1],
-                      11) == []
+    assert packer.add(*joined(exact), ["d@x.co", "e@x.co"], [0, 1], 11) == []
     full = packer.flush()
     assert full is not None and contents(full) == exact and len(full.body(LIST_IDS)) == 10_000
 
@@ -216,16 +219,17 @@ def batch_view(batches: list[ContactBatch]) -> list[tuple[bytes, list[str], list
     return [(b.body(LIST_IDS), b.emails, list(b.indexes)) for b in batches]
 
 
+@pytest.mark.parametrize("share", [0.7, 0.98])
 @pytest.mark.parametrize("seed", range(12))
-def test_chunking_and_skipped_positions_do_not_change_the_batches(seed: int) -> None:
-    """The engine feeds each mapped chunk's kept positions (de-duplication skips some), numbered on from the
-    previous chunk's: the batches are those of the kept contacts in one add."""
+def test_chunking_and_skipped_positions_do_not_change_the_batches(seed: int, share: float) -> None:
+    """The engine feeds each mapped chunk's kept positions (de-duplication skips some: few, packed in runs, or many,
+    gathered first), numbered on from the previous chunk's: the batches are those of the kept contacts in one add."""
     rng = random.Random(100 + seed)
     max_bytes = rng.choice([300, 2_000, 20_000])
     max_count = rng.choice([1, 3, 10, 30_000])
     room = max_bytes - body_overhead(LIST_IDS)
     items = [blob(rng.randint(8, min(room, 200))) for _ in range(rng.randint(1, 600))]
-    kept = [i for i in range(len(items)) if rng.random() < 0.7]
+    kept = [i for i in range(len(items)) if rng.random() < share]
     kept_items = [items[i] for i in kept]
     expected = pack_all(kept_items, max_count=max_count, max_bytes=max_bytes)
     check_batches(kept_items, expected, max_count=max_count, max_bytes=max_bytes)
@@ -239,7 +243,7 @@ def test_chunking_and_skipped_positions_do_not_change_the_batches(seed: int) -> 
             chunk = items[start:stop]
             keep = [i - start for i in kept if start <= i < stop]
             emails = [email(kept.index(start + p)) if start + p in kept else "dup@x.co" for p in range(len(chunk))]
-            out += packer.add(b"".join(chunk), list(itertools.accumulate(map(len, chunk))), emails, keep, index)
+            out += packer.add(*joined(chunk), emails, keep, index)
             index += len(keep)
         last = packer.flush()
         return out if last is None else [*out, last]
@@ -304,3 +308,17 @@ def test_contact_batch_builds_the_same_body_and_drops_refused_contacts() -> None
         orjson.loads(items[i]) for p, i in enumerate(first.indexes) if p not in (0, 3)]
     assert kept.last_index == first.last_index
     assert first.without(set()).body(["l1"]) == first.body(["l1"])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_runs_are_the_stretches_of_consecutive_positions(seed: int) -> None:
+    rng = random.Random(seed)
+    positions = sorted(rng.sample(range(300), rng.randint(0, 300)))
+    expected: list[tuple[int, int]] = []
+    for p in positions:
+        if expected and expected[-1][1] == p:
+            expected[-1] = (expected[-1][0], p + 1)
+        else:
+            expected.append((p, p + 1))
+    assert list(runs(positions)) == expected
+    assert list(runs([0, 1, 2, 5, 6])) == [(0, 3), (5, 7)] and list(runs([])) == []
