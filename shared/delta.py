@@ -1,10 +1,10 @@
 """Send only what changed: per email, a fingerprint of exactly what was sent for it, compared with this export's.
 
 Beside a destination's snapshot (who the list holds from us) lies `<snapshot>.fp.gz`: sorted lines `email<TAB>fp`,
-where fp is 8 bytes of BLAKE2b over the contact's JSON exactly as SendGrid receives it (mapped reserved fields and
-custom field values, by field id), for the contacts whose last sending SendGrid confirmed (job completed, not named in
-its errors file). Its sidecar says for which destination settings (`destination_fp`: list, mapping, custom fields)
-and when the last full send was.
+where fp is 8 bytes of BLAKE2b over the contact's import CSV line (pipeline.content_digest: every mapped value as it
+goes to SendGrid, whether the contact was sent as JSON or in an import file), for the contacts whose last sending
+SendGrid confirmed (job completed, not named in its errors file). Its sidecar says for which destination settings
+(`destination_fp`: list, mapping, custom fields), how fp was taken (`content`) and when the last full send was.
 
 A run reads the export once to collect its own `email<TAB>fp` lines (external sort, bounded memory), then:
 - full (no record, settings changed, asked for, or `full_resync_days` since the last full send): every contact sent;
@@ -37,13 +37,12 @@ FP_CHARS = 16  # hex digits of a content fingerprint
 _TAIL = len(SEP) + FP_CHARS
 
 
-def content_fingerprint(encoded: bytes) -> str:
-    return hashlib.blake2b(encoded, digest_size=8).hexdigest()
+CONTENT = "import-line"  # what fp is taken over; a record of another kind (an earlier version's) is not compared
 
 
-def line(email: str, encoded: bytes) -> str:
-    """What the record holds for one contact."""
-    return f"{email}{SEP}{content_fingerprint(encoded)}"
+def line(email: str, digest: bytes) -> str:
+    """What the record holds for one contact: its email and pipeline.content_digest."""
+    return f"{email}{SEP}{digest.hex()}"
 
 
 def email_of(record_line: str) -> str:
@@ -77,6 +76,9 @@ def decide(store: ObjectStore, fp_key: str, dest: Destination, dest_fp: str, *, 
     meta = snapshots.snapshot_meta(store, fp_key)
     if meta is None:
         return Kind("full", "no record of what was sent yet (a first run, or one after a purge or an upgrade)")
+    if meta.get("content") != CONTENT:
+        return Kind("full", "the record of what was sent was made by an earlier version, which compared contents "
+                            "another way")
     if meta.get("destination_fp") != dest_fp:
         return Kind("full", "the list, the mapping or the custom fields changed since the last run")
     if full_resync:
@@ -135,7 +137,7 @@ def record_synced(store: ObjectStore, fp_key: str, current_key: str, unconfirmed
     missing = list(unconfirmed)
     kept = _without(lines, missing) if missing else lines
     return snapshots.write_snapshot(store, fp_key, kept, trusted=True, written_by=written_by,
-                                    extra={"destination_fp": dest_fp, "last_full_at": last_full})
+                                    extra={"destination_fp": dest_fp, "last_full_at": last_full, "content": CONTENT})
 
 
 def _without(lines: Iterator[str], dropped: list[str]) -> Iterator[str]:
@@ -158,4 +160,4 @@ def forget(store: ObjectStore, fp_key: str, address: str) -> None:
         return
     snapshots.write_snapshot(store, fp_key, _without(snapshots.read_snapshot(store, fp_key), [address]), trusted=True,
                              written_by=meta.get("written_by"),
-                             extra={k: meta[k] for k in ("destination_fp", "last_full_at") if k in meta})
+                             extra={k: meta[k] for k in ("destination_fp", "last_full_at", "content") if k in meta})

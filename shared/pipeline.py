@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -68,6 +69,7 @@ class MappedChunk:
     data: bytes  # the contacts' encodings: JSON objects with a comma between two, or CSV lines each ending in CRLF
     ends: array[int]  # end offset in data of each contact (its separator not included)
     encoding: str = JSON
+    digests: bytes = b""  # with digests: 8 bytes of each contact's content_digest, in order
 
     def contact(self, pos: int) -> bytes:
         return self.data[self.ends[pos - 1] + (self.encoding == JSON) if pos else 0 : self.ends[pos]]
@@ -78,10 +80,22 @@ class MappedChunk:
         return contacts.email_fps(self.emails)
 
 
-def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encoding: str = JSON) -> MappedChunk:
+def content_digest(line: bytes) -> bytes:
+    """8 bytes of BLAKE2b over a contact's import line (ContactMapper.map_line's, or line_of's for a contact mapped
+    as JSON: the same text): what it says, whichever way it was sent. Stable across processes and runs (delta)."""
+    h = _BLAKE2B_64()
+    h.update(line)
+    return h.digest()
+
+
+_BLAKE2B_64 = hashlib.blake2b(digest_size=8).copy  # a copy of a prepared state: cheaper than blake2b(line, ...)
+
+
+def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encoding: str = JSON, *,
+             digests: bool = False) -> MappedChunk:
     """Map and encode rows (as read_rows gives them) as JSON, a comma between two contacts (so that the packer
-    copies contacts that follow each other in one slice), or as import CSV lines. Pure but for mapper.trimmed, which
-    it hands on and clears."""
+    copies contacts that follow each other in one slice), or as import CSV lines; with digests, each contact's
+    content_digest too. Pure but for mapper.trimmed, which it hands on and clears."""
     mapfn: Callable[[Sequence[str | None]], contacts.Mapped | contacts.MappedLine]
     dumps: Callable[[Any], bytes]
     if encoding == JSON:
@@ -93,6 +107,8 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
     emails: list[str] = []
     buf = bytearray()
     ends = array("Q")
+    dig = bytearray()
+    line_of = mapper.line_of if digests and encoding == JSON else None
     read = 0
     for line, values, reason in rows:
         read += 1
@@ -106,15 +122,18 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
         email, contact, note = mapped
         if note:
             notes.append((line, note))
-        buf += dumps(contact)  # appended at once: orjson's results are over-allocated, never keep them
+        encoded = dumps(contact)
+        buf += encoded  # orjson's results are over-allocated: appended, never kept beyond this contact
         ends.append(len(buf))
+        if digests:  # over the import line, however the contact is encoded (a JSON one is turned into it)
+            dig += content_digest(encoded if line_of is None else line_of(cast(dict[str, Any], contact)).encode())
         buf += sep
         emails.append(email)
     trimmed = dict(mapper.trimmed)
     mapper.trimmed.clear()
     if sep and buf:
         del buf[-1]  # no separator after the last contact
-    return MappedChunk(read, rejects, notes, trimmed, emails, bytes(buf), ends, encoding)
+    return MappedChunk(read, rejects, notes, trimmed, emails, bytes(buf), ends, encoding, bytes(dig))
 
 
 def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -150,13 +169,14 @@ def _parsed(chunk: sources.CsvChunk) -> Iterator[sources.Row]:
         raise _Untrusted(str(e)) from None
 
 
-def map_csv_chunk(spec: MapperSpec, chunk: sources.CsvChunk, encoding: str = JSON) -> MappedChunk | None:
+def map_csv_chunk(spec: MapperSpec, chunk: sources.CsvChunk, encoding: str = JSON, digests: bool = False
+                  ) -> MappedChunk | None:
     """A worker's job: parse, map and encode one chunk; None when the chunk must be read with read_rows instead."""
     mapper = _MAPPERS.get(spec)
     if mapper is None:
         mapper = _MAPPERS[spec] = spec.build()
     try:
-        return map_rows(mapper, _parsed(chunk), encoding)
+        return map_rows(mapper, _parsed(chunk), encoding, digests=digests)
     except _Untrusted:
         mapper.trimmed.clear()
         return None
@@ -262,14 +282,17 @@ def shutdown() -> None:
 
 def mapped_chunks(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
                   required: Collection[str], warnings: list[str], *, workers: int = 0, min_bytes: int | None = None,
-                  chunk_bytes: int | None = None, encoding: Callable[[], str] = lambda: JSON) -> Iterator[MappedChunk]:
+                  chunk_bytes: int | None = None, encoding: Callable[[], str] = lambda: JSON,
+                  digests: Callable[[], bool] = lambda: False) -> Iterator[MappedChunk]:
     """The partition's rows as MappedChunks, in source order; mapper maps in this process, spec in workers (for CSV
     partitions of at least min_bytes, default PARALLEL_MIN_BYTES, cut into chunks of about chunk_bytes), each chunk
-    encoded as encoding() says when it is mapped (or handed to a worker). Raises SourceError as read_rows does, after
+    encoded as encoding() says when it is mapped (or handed to a worker), with content digests when digests() says.
+    Raises SourceError as read_rows does, after
     the chunks before the problem, and when the file is stopped (`Stop`). A file that gives no row at all is noted in
     warnings ("0 rows in <file>")."""
     stop = Stop(part.key)
-    for chunk in _mapped(store, part, mapper, spec, required, warnings, workers, min_bytes, chunk_bytes, encoding):
+    for chunk in _mapped(store, part, mapper, spec, required, warnings, workers, min_bytes, chunk_bytes, encoding,
+                         digests):
         yield chunk
         stop.check(chunk)
     if not stop.read:
@@ -316,7 +339,8 @@ class Stop:
 
 def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
             required: Collection[str], warnings: list[str], workers: int, min_bytes: int | None,
-            chunk_bytes: int | None, encoding: Callable[[], str]) -> Iterator[MappedChunk]:
+            chunk_bytes: int | None, encoding: Callable[[], str], digests: Callable[[], bool]
+            ) -> Iterator[MappedChunk]:
     wanted = mapper.columns
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -325,7 +349,7 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
             and _big(store, part, min_bytes)):
         noted = len(warnings)
         read_on = yield from _in_workers(store, part, spec, wanted, required, warnings, workers, chunk_bytes,
-                                         encoding)
+                                         encoding, digests)
         if read_on is None:  # the workers read the whole partition
             return
         line = read_on
@@ -335,7 +359,7 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
     if line > 1:
         rows = (row for row in rows if row[0] >= line)
     for chunk in chunked(rows, ROWS_PER_CHUNK):
-        yield map_rows(mapper, chunk, encoding())
+        yield map_rows(mapper, chunk, encoding(), digests=digests())
 
 
 def _big(store: ObjectStore, part: sources.Partition, min_bytes: int) -> bool:
@@ -345,7 +369,8 @@ def _big(store: ObjectStore, part: sources.Partition, min_bytes: int) -> bool:
 
 def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, wanted: Sequence[str],
                 required: Collection[str], warnings: list[str], workers: int, chunk_bytes: int,
-                encoding: Callable[[], str]) -> Generator[MappedChunk, None, int | None]:
+                encoding: Callable[[], str], digests: Callable[[], bool]
+                ) -> Generator[MappedChunk, None, int | None]:
     """Chunks mapped by the pool; returns None when the partition is done, else the line read_rows goes on from."""
     try:
         pool = _get_pool(workers)
@@ -365,7 +390,7 @@ def _in_workers(store: ObjectStore, part: sources.Partition, spec: MapperSpec, w
                     read_on = item.line
                     break
                 try:
-                    pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item, encoding())))
+                    pending.append((item.first_line, pool.submit(map_csv_chunk, spec, item, encoding(), digests())))
                 except Exception as e:  # whatever stops a hand-over, this chunk is mapped here
                     # BrokenProcessPool, OSError, RuntimeError; and CPython 3.11's ValueError "bad value(s) in
                     # fds_to_keep" when a worker dies while its siblings spawn (the pool closes a pipe that the next

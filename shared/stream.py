@@ -119,7 +119,7 @@ class Stream:
         counts, rows = self.record.counts, self.rows
         for chunk in pipeline.mapped_chunks(self.store, part, self.mapper, self.spec, (self.mapper.columns[0],),
                                             self.record.warnings, workers=self.workers,
-                                            encoding=lambda: self.encoding):
+                                            encoding=lambda: self.encoding, digests=lambda: self.sorter is not None):
             counts.read += chunk.read
             tally["rows"] += chunk.read
             for line, rejected in chunk.rejects:
@@ -134,8 +134,8 @@ class Stream:
                 counts.duplicates += len(chunk.emails) - len(keep)
                 if keep:
                     if self.sorter is not None:  # every contact's record line: what was sent for whom (delta)
-                        emails, entry = chunk.emails, delta.line
-                        self.sorter.extend([entry(emails[k], chunk.contact(k)) for k in keep])
+                        emails, digests, entry = chunk.emails, chunk.digests, delta.line
+                        self.sorter.extend([entry(emails[k], digests[8 * k : 8 * k + 8]) for k in keep])
                     yield chunk, keep
             self.tick()
             self.deadline_check("while reading the export")

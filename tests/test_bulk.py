@@ -76,8 +76,8 @@ def test_after_the_switch_to_the_import_chunks_are_mapped_straight_to_import_lin
     encodings: list[str] = []
     map_rows = pipeline.map_rows
 
-    def spy(mapper, rows, *args):
-        chunk = map_rows(mapper, rows, *args)
+    def spy(mapper, rows, *args, **kwargs):
+        chunk = map_rows(mapper, rows, *args, **kwargs)
         encodings.append(chunk.encoding)
         return chunk
 

@@ -41,15 +41,17 @@ def _stop_workers() -> Any:
 
 
 def outcome(store: LocalFolderStore, part: Partition, workers: int, chunk_bytes: int = 40,
-            spec: pipeline.MapperSpec | None = None) -> dict[str, Any]:
+            spec: pipeline.MapperSpec | None = None, encoding: str = pipeline.JSON) -> dict[str, Any]:
     """Everything a run sees of a partition: per row, per contact, warnings, and the error that ended it."""
     mapper = contacts.ContactMapper(MAPPING, CUSTOM)
     spec = spec or pipeline.MapperSpec.of(MAPPING, CUSTOM)
     warnings: list[str] = []
-    out: dict[str, Any] = {"read": 0, "rejects": [], "notes": [], "trimmed": {}, "contacts": [], "error": None}
+    out: dict[str, Any] = {"read": 0, "rejects": [], "notes": [], "trimmed": {}, "contacts": [], "digests": b"",
+                           "error": None}
     try:
         for chunk in pipeline.mapped_chunks(store, part, mapper, spec, ("Email",), warnings, workers=workers,
-                                            min_bytes=0, chunk_bytes=chunk_bytes):
+                                            min_bytes=0, chunk_bytes=chunk_bytes, encoding=lambda: encoding,
+                                            digests=lambda: True):
             out["read"] += chunk.read
             out["rejects"] += chunk.rejects
             out["notes"] += chunk.notes
@@ -57,6 +59,8 @@ def outcome(store: LocalFolderStore, part: Partition, workers: int, chunk_bytes:
                 out["trimmed"][k] = out["trimmed"].get(k, 0) + v
             assert chunk.fps.tolist() == [hash(e) for e in chunk.emails]  # made here, from a worker's chunk too
             out["contacts"] += [(e, chunk.contact(i)) for i, e in enumerate(chunk.emails)]
+            assert len(chunk.digests) == 8 * len(chunk.emails)
+            out["digests"] += chunk.digests
     except SourceError as e:
         out["error"] = str(e)
     out["warnings"] = warnings
@@ -121,6 +125,10 @@ def test_workers_give_what_a_serial_read_gives(tmp_path: Path, case: str, gz: bo
     assert outcome(store, part, workers=2) == serial
     assert outcome(store, part, workers=2, chunk_bytes=1 << 20) == serial
     assert serial["read"] or serial["error"] or not data
+    # a contact's content digest is its import line's, whether it was mapped as JSON or as that line (delta sync)
+    as_lines = outcome(store, part, workers=2, encoding=pipeline.CSV)
+    assert as_lines["digests"] == serial["digests"]
+    assert as_lines["digests"] == b"".join(pipeline.content_digest(line) for _, line in as_lines["contacts"])
 
 
 def test_a_truncated_gzip_ends_with_the_same_rows_and_error(tmp_path: Path) -> None:
