@@ -435,7 +435,9 @@ def _fields_and_importer(stream: Stream, client: SendGridClient) -> list[contact
 
 
 def _count(stream: Stream) -> None:
-    """The counting pass (max_profiles, dry runs): read everything, send nothing."""
+    """The counting pass (max_profiles, dry runs, a delta run's plan): read everything, send nothing. Mapped as
+    import lines: no dict and no JSON on the way, and a content digest is taken over the line as it is."""
+    stream.encoding = pipeline.CSV  # the sending pass (Stream.work) sets its own
     for _ in stream.kept_chunks():
         pass
     dest, valid = stream.dest, stream.record.counts.valid
