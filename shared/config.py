@@ -32,7 +32,7 @@ DEFAULT_MAX_PROFILES = 100_000  # Customer Insights' own SendGrid export stops a
 KNOWN_FIELDS = (
     "name", "display_name", "enabled", "consent", "api_key_secret", "list_id", "segments", "mapping",
     "custom_fields", "mode", "max_profiles", "region", "max_removal_fraction", "bulk_threshold", "full_resync_days",
-    "max_in_flight", "schedule", "on_new_export",
+    "max_in_flight", "schedule", "on_new_export", "id_column",
 )
 FULL_RESYNC_DAYS_DEFAULT = 7  # a full send at least this often, so edits made in SendGrid's UI are overwritten
 MAX_IN_FLIGHT_DEFAULT, MAX_IN_FLIGHT_MAX = 2, 4  # requests sent at once
@@ -58,6 +58,7 @@ class Destination:
     max_in_flight: int = MAX_IN_FLIGHT_DEFAULT
     schedule: str | None = None  # six-field NCRONTAB in UTC (`ncrontab`): the timer re-syncs the latest export then
     on_new_export: bool = True  # a new export of its segments runs it at once (the blob trigger)
+    id_column: str | None = None  # a source column (e.g. CustomerId) the rejections CSV adds, to find each profile
 
     def public(self) -> dict[str, Any]:
         """Every setting, JSON-ready. Safe to show: api_key_secret is the secret's name, not the key."""
@@ -80,6 +81,7 @@ class Destination:
             "max_in_flight": self.max_in_flight,
             "schedule": self.schedule,
             "on_new_export": self.on_new_export,
+            "id_column": self.id_column,
         }
 
 
@@ -236,6 +238,7 @@ _FIELDS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "max_in_flight": (MAX_IN_FLIGHT_DEFAULT, lambda v: _in_flight(v)),
     "schedule": (None, _schedule),
     "on_new_export": (True, lambda v: _bool("on_new_export", v)),
+    "id_column": (None, lambda v: None if v is None else _string("id_column", v)),
 }
 
 

@@ -258,7 +258,8 @@ class ContactMapper:
     bound constant, never as code.
     """
 
-    def __init__(self, mapping: Mapping[str, str], custom: Sequence[CustomField] = ()) -> None:
+    def __init__(self, mapping: Mapping[str, str], custom: Sequence[CustomField] = (), id_column: str | None = None
+                 ) -> None:
         if "email" not in mapping:
             raise ValueError("mapping needs an 'email' column")
         unknown = set(mapping) - limits.WRITABLE_RESERVED_FIELDS
@@ -281,6 +282,11 @@ class ContactMapper:
         alternates = col(mapping["alternate_emails"]) if "alternate_emails" in mapping else None
         custom_plan = [(f, col(f.column)) for f in custom]
         self.columns: tuple[str, ...] = tuple(columns)
+        # a column read beside the mapped ones that names the profile in the rejections CSV (destination id_column):
+        # read_columns are what the readers give; id_index is its place there (after the mapped columns, which map()
+        # takes without it, unless it is one of them)
+        self.read_columns = self.columns if id_column is None or id_column in index else (*self.columns, id_column)
+        self.id_index: int | None = None if id_column is None else self.read_columns.index(id_column)
         self.import_fields: tuple[str, ...] = (*mapping, *(f.name for f in custom))  # map_line's cells, in order
         self._trimmed: collections.Counter[str] = collections.Counter()
         source = _MapSource(list(mapping), text, alternates, custom_plan, self._trimmed, self._alternate_emails)

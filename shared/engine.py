@@ -403,8 +403,8 @@ def _prepare(stream: Stream, client: SendGridClient) -> list[contacts.CustomFiel
     sources.check_columns(svc.sources, stream.partitions, mapped | {f"custom field {n}": c
                                                                     for n, c in dest.custom_fields.items()})
     custom = _fields_and_importer(stream, client)
-    stream.mapper = contacts.ContactMapper(dest.mapping, custom)
-    stream.spec = pipeline.MapperSpec.of(dest.mapping, custom)
+    stream.mapper = contacts.ContactMapper(dest.mapping, custom, dest.id_column)
+    stream.spec = pipeline.MapperSpec.of(dest.mapping, custom, dest.id_column)
     stream.run_warnings = len(record.warnings)
     return custom
 

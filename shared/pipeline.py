@@ -50,13 +50,15 @@ class MapperSpec:
 
     mapping: tuple[tuple[str, str], ...]
     custom: tuple[contacts.CustomField, ...] = ()
+    id_column: str | None = None
 
     @classmethod
-    def of(cls, mapping: Mapping[str, str], custom: Sequence[contacts.CustomField] = ()) -> MapperSpec:
-        return cls(tuple(mapping.items()), tuple(custom))
+    def of(cls, mapping: Mapping[str, str], custom: Sequence[contacts.CustomField] = (),
+           id_column: str | None = None) -> MapperSpec:
+        return cls(tuple(mapping.items()), tuple(custom), id_column)
 
     def build(self) -> contacts.ContactMapper:
-        return contacts.ContactMapper(dict(self.mapping), self.custom)
+        return contacts.ContactMapper(dict(self.mapping), self.custom, self.id_column)
 
 
 @dataclass
@@ -66,10 +68,13 @@ class MappedChunk:
     notes: list[tuple[int | None, contacts.Note]]  # (line, note) of contacts sent without some value
     trimmed: dict[str, int]  # field -> values cut to SendGrid's length
     emails: list[str]
+    lines: array[int]  # each contact's line in its file
     data: bytes  # the contacts' encodings: JSON objects with a comma between two, or CSV lines each ending in CRLF
     ends: array[int]  # end offset in data of each contact (its separator not included)
     encoding: str = JSON
     digests: bytes = b""  # with digests: 8 bytes of each contact's content_digest, in order
+    ids: list[str | None] | None = None  # with an id column (ContactMapper.id_index): each contact's value of it
+    reject_ids: list[str | None] | None = None  # and each rejected row's
 
     def contact(self, pos: int) -> bytes:
         return self.data[self.ends[pos - 1] + (self.encoding == JSON) if pos else 0 : self.ends[pos]]
@@ -108,16 +113,28 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
     buf = bytearray()
     ends = array("Q")
     dig = bytearray()
+    lines = array("Q")
     line_of = mapper.line_of if digests and encoding == JSON else None
+    at = mapper.id_index
+    ids: list[str | None] | None = None if at is None else []
+    reject_ids: list[str | None] | None = None if at is None else []
+    pop = at is not None and at == len(mapper.columns)  # read after the mapped columns: taken off before map()
+    ident = None
     read = 0
     for line, values, reason in rows:
         read += 1
         if values is None:
             rejects.append((line, contacts.Rejected(reason or "unreadable row", contacts.Reason.UNREADABLE_ROW)))
+            if reject_ids is not None:
+                reject_ids.append(None)
             continue
+        if at is not None:
+            ident = values.pop() if pop else values[at]
         mapped = mapfn(values)
         if type(mapped) is contacts.Rejected:
             rejects.append((line, mapped))
+            if reject_ids is not None:
+                reject_ids.append(ident)
             continue
         email, contact, note = mapped
         if note:
@@ -129,11 +146,15 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
             dig += content_digest(encoded if line_of is None else line_of(cast(dict[str, Any], contact)).encode())
         buf += sep
         emails.append(email)
+        lines.append(line)
+        if ids is not None:
+            ids.append(ident)
     trimmed = dict(mapper.trimmed)
     mapper.trimmed.clear()
     if sep and buf:
         del buf[-1]  # no separator after the last contact
-    return MappedChunk(read, rejects, notes, trimmed, emails, bytes(buf), ends, encoding, bytes(dig))
+    return MappedChunk(read, rejects, notes, trimmed, emails, lines, bytes(buf), ends, encoding, bytes(dig), ids,
+                       reject_ids)
 
 
 def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -341,7 +362,7 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
             required: Collection[str], warnings: list[str], workers: int, min_bytes: int | None,
             chunk_bytes: int | None, encoding: Callable[[], str], digests: Callable[[], bool]
             ) -> Iterator[MappedChunk]:
-    wanted = mapper.columns
+    wanted = mapper.read_columns
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     line = 1  # where read_rows starts

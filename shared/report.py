@@ -15,6 +15,9 @@ from .redaction import redact
 from .storage import ObjectStore
 
 SAMPLE = 100  # rejections and notes kept in the record itself; the CSV has the rejections
+DUPLICATE_OF_EARLIER = ("duplicate of an earlier row with the same email (a run that reads the export twice, such as "
+                        "a delta run, names that row's FILE:LINE)")
+MAX_ID_CHARS = 200  # of an id_column value in the rejections CSV
 MAX_CSV_ROWS = 100_000  # rows in a run's rejections CSV; the rest are counted (counts.rejections_omitted)
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
@@ -25,10 +28,11 @@ def neutralise(cell: str) -> str:
 
 
 class RowReport:
-    """One reading of an export's rows: its rejections (counts by reason, a sample, the CSV spooled to disk), its
-    notes and its trimmed fields. A run makes a new one for each pass over the export."""
+    """One reading of an export's rows: its rejections (counts by reason, a sample, the CSV spooled to disk, with the
+    duplicates that were left out), its notes and its trimmed fields. A run makes a new one for each pass over the
+    export. With an id_column, the CSV has its value for each row (to find the profile)."""
 
-    def __init__(self) -> None:
+    def __init__(self, id_column: str | None = None) -> None:
         self.by_reason: Counter[Reason] = Counter()
         self.sample: list[dict[str, Any]] = []
         self.notes: Counter[str] = Counter()
@@ -37,18 +41,30 @@ class RowReport:
         self.written = self.omitted = 0
         self._file = tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8", newline="")  # noqa: SIM115
         self._csv = csv.writer(self._file)
-        self._csv.writerow(["file", "line", "reason"])
+        self._id = id_column is not None
+        self._csv.writerow(["file", "line", "reason", *([neutralise(id_column)] if id_column is not None else [])])
 
-    def reject(self, file: str, line: int | None, rejected: Rejected) -> None:
+    def reject(self, file: str, line: int | None, rejected: Rejected, ident: str | None = None) -> None:
         self.by_reason[rejected.reason] += 1
         text = redact(rejected)
         if len(self.sample) < SAMPLE:
             self.sample.append({"file": file, "line": line, "reason": text})
+        self._row(file, line, text, ident)
+
+    def duplicate(self, file: str, line: int, original: str | None, ident: str | None = None) -> None:
+        """A row left out because an earlier row has the same email (counts.duplicates); original is that row's
+        FILE:LINE when the reading knows it."""
+        self._row(file, line, f"duplicate of {original}" if original else DUPLICATE_OF_EARLIER, ident)
+
+    def _row(self, file: str, line: int | None, reason: str, ident: str | None) -> None:
         if self.written >= MAX_CSV_ROWS:
             self.omitted += 1
             return
         self.written += 1
-        self._csv.writerow([neutralise(file), line or "", neutralise(text)])
+        cells = [neutralise(file), line or "", neutralise(reason)]
+        if self._id:
+            cells.append(neutralise(redact(ident[:MAX_ID_CHARS])) if ident else "")
+        self._csv.writerow(cells)
 
     def note(self, file: str, line: int | None, note: Note) -> None:
         self.notes.update(note.fields)

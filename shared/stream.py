@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
-from . import batching, bulk, contacts, dedup, delta, jobs, pipeline, sending, snapshots, sources
+from . import batching, bulk, contacts, dedup, delta, jobs, pipeline, report, sending, snapshots, sources
 from .config import Destination
 from .errors import DeadlineReached, SourceError
 from .held import Held
@@ -45,7 +45,8 @@ class Stream:
 
     def __init__(self, req: RunRequest, svc: Services, dest: Destination, record: RunRecord) -> None:
         self.req, self.svc, self.dest, self.record = req, svc, dest, record
-        self.rows = RowReport()
+        self.rows = RowReport(dest.id_column)
+        self.duplicates = Duplicates()
         self.mapper: contacts.ContactMapper | None = None
         self.spec: pipeline.MapperSpec | None = None  # the mapper's recipe, for worker processes
         self.workers = pipeline.worker_count(svc.environ)
@@ -70,7 +71,8 @@ class Stream:
     def new_reading(self) -> None:
         """Forget what an earlier pass over the export counted (the counting pass before the sending pass)."""
         self.rows.close()
-        self.rows = RowReport()
+        self.rows = RowReport(self.dest.id_column)
+        self.duplicates.next_reading()
         counts = self.record.counts
         counts.read = counts.valid = counts.duplicates = 0
         self.record.warnings = self.record.warnings[: self.run_warnings]  # the run's, not the reading's
@@ -116,29 +118,47 @@ class Stream:
     def _partition_chunks(self, part: sources.Partition, deduper: dedup.Deduper,
                           tally: dict[str, int]) -> Iterator[Chunk]:
         assert self.mapper is not None and self.spec is not None
-        counts, rows = self.record.counts, self.rows
+        counts = self.record.counts
         for chunk in pipeline.mapped_chunks(self.store, part, self.mapper, self.spec, (self.mapper.columns[0],),
                                             self.record.warnings, workers=self.workers,
                                             encoding=lambda: self.encoding, digests=lambda: self.sorter is not None):
             counts.read += chunk.read
             tally["rows"] += chunk.read
-            for line, rejected in chunk.rejects:
-                rows.reject(part.key, line, rejected)
-                tally["unreadable"] += rejected.reason is contacts.Reason.UNREADABLE_ROW
-            for line, note in chunk.notes:
-                rows.note(part.key, line, note)
-            if chunk.trimmed:
-                rows.trimmed.update(chunk.trimmed)
-            if chunk.emails:
-                keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
-                counts.duplicates += len(chunk.emails) - len(keep)
-                if keep:
-                    if self.sorter is not None:  # every contact's record line: what was sent for whom (delta)
-                        emails, digests, entry = chunk.emails, chunk.digests, delta.line
-                        self.sorter.extend([entry(emails[k], digests[8 * k : 8 * k + 8]) for k in keep])
-                    yield chunk, keep
+            keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist() if chunk.emails else []
+            self.duplicates.remember_first(part.key, chunk, keep)
+            counts.duplicates += len(chunk.emails) - len(keep)
+            dropped = self.duplicates.left_out(chunk, keep) if len(keep) < len(chunk.emails) else []
+            tally["unreadable"] += self._rows_of(part.key, chunk, dropped)
+            if keep:
+                if self.sorter is not None:  # every contact's record line: what was sent for whom (delta)
+                    emails, digests, entry = chunk.emails, chunk.digests, delta.line
+                    self.sorter.extend([entry(emails[k], digests[8 * k : 8 * k + 8]) for k in keep])
+                yield chunk, keep
             self.tick()
             self.deadline_check("while reading the export")
+
+    def _rows_of(self, file: str, chunk: pipeline.MappedChunk, dropped: list[int]) -> int:
+        """The chunk's rejections, duplicates (positions `dropped`), notes and trimmed values into the reading's
+        RowReport, its rows in line order whatever the chunking; returns its unreadable rows."""
+        rows, ids, unreadable = self.rows, chunk.reject_ids, 0
+        lines, d = chunk.lines, 0  # dropped[d:]: the duplicates not listed yet
+        for i, (line, rejected) in enumerate(chunk.rejects):
+            while d < len(dropped) and (line is None or lines[dropped[d]] < line):
+                self._duplicate(file, chunk, dropped[d])
+                d += 1
+            rows.reject(file, line, rejected, ids[i] if ids else None)
+            unreadable += rejected.reason is contacts.Reason.UNREADABLE_ROW
+        for k in dropped[d:]:
+            self._duplicate(file, chunk, k)
+        for line, note in chunk.notes:
+            rows.note(file, line, note)
+        if chunk.trimmed:
+            rows.trimmed.update(chunk.trimmed)
+        return unreadable
+
+    def _duplicate(self, file: str, chunk: pipeline.MappedChunk, k: int) -> None:
+        self.rows.duplicate(file, chunk.lines[k], self.duplicates.first_row(chunk.emails[k]),
+                            chunk.ids[k] if chunk.ids else None)
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -275,6 +295,46 @@ class Stream:
             self.held.record(self.record.run_id, done, live.emails)
             return Sent(done, Job(job_id, len(live), done=done), len(body), refused)
         return Sent(done, None, 0, refused)  # every contact of the batch was refused
+
+
+class Duplicates:
+    """Lists the rows left out as duplicates (RowReport.duplicate). When the run reads the export a second time, each
+    names the row it repeats: the first reading notes the duplicated emails (fingerprints, at most
+    report.MAX_CSV_ROWS) and the second remembers where each first appears. The first reading of a run that reads
+    once cannot know that row without holding every contact's location; its lines say so. The same for any chunking
+    (workers or not). Memory: the duplicated emails only."""
+
+    def __init__(self) -> None:
+        self._seen: list[np.ndarray] = []  # this reading: fingerprints of the duplicated emails
+        self._noted = 0
+        self._wanted: np.ndarray | None = None  # from the reading before: emails whose first row to remember
+        self._first: dict[str, str] = {}  # email -> FILE:LINE of its first row, for those
+
+    def next_reading(self) -> None:
+        self._wanted = np.unique(np.concatenate(self._seen)) if self._seen else None
+        self._seen, self._noted, self._first = [], 0, {}
+
+    def remember_first(self, file: str, chunk: pipeline.MappedChunk, keep: list[int]) -> None:
+        if self._wanted is None or not keep:
+            return
+        hit = np.isin(np.frombuffer(chunk.fps, dtype=np.uint64)[keep], self._wanted)
+        if hit.any():
+            for k in np.asarray(keep)[hit].tolist():
+                self._first[chunk.emails[k]] = f"{file}:{chunk.lines[k]}"
+
+    def left_out(self, chunk: pipeline.MappedChunk, keep: list[int]) -> list[int]:
+        """The positions of the chunk's duplicates, noted for the next reading."""
+        left_out = np.ones(len(chunk.emails), dtype=bool)
+        left_out[keep] = False
+        dropped: list[int] = np.flatnonzero(left_out).tolist()
+        if self._noted < report.MAX_CSV_ROWS:
+            self._seen.append(np.frombuffer(chunk.fps, dtype=np.uint64)[dropped])
+            self._noted += len(dropped)
+        return dropped
+
+    def first_row(self, email: str) -> str | None:
+        """FILE:LINE of the email's first row, when this reading knows it."""
+        return self._first.get(email)
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,9 @@ def test_a_log_line_during_progress_starts_on_a_clean_line(monkeypatch: pytest.M
     monkeypatch.setattr(sys, "stderr", term)
     handler = logging.StreamHandler(term)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()  # as the CLI leaves it (setup_logging): this handler alone, warnings and up
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.WARNING)
     try:
         with cli_module._progress(argparse.Namespace(quiet=False)) as progress:
             assert progress is not None
@@ -214,7 +216,7 @@ def test_a_log_line_during_progress_starts_on_a_clean_line(monkeypatch: pytest.M
             progress({"phase": "jobs", "pending": 0, "completed": 1})
         logging.getLogger("shared.sendgrid").warning("after the progress")
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
     assert term.getvalue() == (
         "\rwaiting for SendGrid's jobs: 1 pending, 0 completed\x1b[K\r\x1b[K"
         "WARNING shared.sendgrid: GET /x: 503 (attempt 1), retrying\n"

@@ -117,7 +117,7 @@ def test_public_settings_are_json_ready_and_complete() -> None:
     assert json.loads(json.dumps(public)) == public
     assert set(public) == {f.name for f in dataclasses.fields(Destination)}
     expected = with_(EXAMPLE, max_removal_fraction=0.5, bulk_threshold=limits.BULK_THRESHOLD_DEFAULT,
-                     full_resync_days=7, max_in_flight=2, schedule=None, on_new_export=True)
+                     full_resync_days=7, max_in_flight=2, schedule=None, on_new_export=True, id_column=None)
     assert public == expected
 
 

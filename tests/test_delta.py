@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import delta, engine
+from shared import delta, engine, report
 from shared.config import load_config
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
@@ -217,3 +217,53 @@ def test_a_dry_run_refuses_what_the_real_run_would_refuse(world: World, broken: 
     assert dry["status"] == real["status"] != "dry_run", (dry, real)
     assert dry["error"] == real["error"] and dry["counts"]["sent"] == 0
     assert world.puts() == 0
+
+
+# --- the rejections CSV: duplicates and id_column ---------------------------------------------------------------------
+
+
+def rejections(world: World, report: dict[str, Any]) -> list[dict[str, str]]:
+    import csv
+    import io
+    data = (world.tmp / "state" / report["rejections_file"]).read_text(encoding="utf-8")
+    return list(csv.DictReader(io.StringIO(data)))
+
+
+def export_with_ids(world: World, rows: list[tuple[str, str]]) -> str:
+    """(CustomerId, email) rows; line 1 is the header, so row i is on line i + 2."""
+    world.version += 1
+    key = f"members/v{world.version}.csv"
+    world.exports.write_bytes(key, ("CustomerId,email,first,city\n" + "".join(f"{c},{e},F,Oslo\n" for c, e in rows))
+                              .encode())
+    return key
+
+
+def test_duplicates_and_rejections_are_listed_with_the_id_column(world: World) -> None:
+    world.configure(id_column="CustomerId")
+    people = [(f"C{i}", person(i)["email"]) for i in range(5_000)]  # two chunks of 4,096 rows and more
+    rows = [*people[:10], ("C-dup-near", people[3][1].upper()), ("C-bad", "not-an-email"), *people[10:],
+            ("=C-dup-far", people[1][1])]
+    key = export_with_ids(world, rows)
+    first = world.run(key)
+    assert first["counts"]["duplicates"] == 2 and first["counts"]["sent"] == 5_000
+    listed = {r["CustomerId"]: r for r in rejections(world, first)}
+    assert listed["C-bad"]["reason"].startswith("invalid email") and listed["C-bad"]["line"] == "13"
+    near, far = listed["C-dup-near"], listed["'=C-dup-far"]  # a cell a spreadsheet would run gets an apostrophe
+    assert near["line"] == "12" and far["line"] == str(len(rows) + 1)
+    assert near["reason"] == far["reason"] == report.DUPLICATE_OF_EARLIER  # a run that reads once cannot know it
+    # a delta run reads the export twice: the second reading names the row a duplicate repeats
+    second = world.run(key)
+    assert second["sync"]["kind"] == "delta"
+    listed = {r["CustomerId"]: r for r in rejections(world, second)}
+    assert listed["'=C-dup-far"]["reason"] == f"duplicate of {key}:3"  # people[1] is on line 3
+    assert listed["C-dup-near"]["reason"] == f"duplicate of {key}:5"
+    assert second["counts"]["duplicates"] == 2 and second["counts"]["rejected"] == {"invalid_email": 1}
+
+
+def test_an_id_column_the_export_lacks_leaves_the_cell_empty_and_says_so(world: World) -> None:
+    world.configure(id_column="CustomerId")
+    report_ = world.run(world.export([*PEOPLE[:5], {"email": "bad", "first": "B", "city": "X"}]))
+    assert report_["status"] == "completed" and report_["counts"]["sent"] == 5
+    (row,) = rejections(world, report_)
+    assert row["CustomerId"] == "" and row["reason"].startswith("invalid email")
+    assert any("CustomerId" in w for w in report_["warnings"]), report_["warnings"]
