@@ -8,6 +8,7 @@ bad rows (missing or malformed emails), case-variant duplicates and the odd quot
 from __future__ import annotations
 
 import csv
+import os
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -160,19 +161,20 @@ def change_profiles(root: str | Path, info: ExportInfo, count: int) -> int:
     model = orjson.loads((Path(root) / info.model_key).read_bytes())
     location = model["entities"][0]["partitions"][0]["location"]
     path = Path(root) / info.model_key.rsplit("/", 1)[0] / location.split(info.model_key.rsplit("/", 1)[0] + "/", 1)[1]
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.reader(fh))
     email_at, value_at = COLUMNS.index("EmailAddress"), COLUMNS.index("LifetimeValue")
-    seen: set[str] = set()
+    seen: set[str] = set()  # emails before the last change: a changed profile is its email's first row
     changed = 0
-    for row in rows:
-        email = row[email_at].strip()
-        if changed < count and email == email.lower() and "@" in email and email not in seen and "." in email:
-            row[value_at] = f"{float(row[value_at]) + 1:.2f}"
-            changed += 1
-        seen.add(email.lower())
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write("".join(",".join(_q(f) for f in row) + "\r\n" for row in rows))
+    temporary = path.with_name(path.name + ".changing")
+    with open(path, encoding="utf-8", newline="") as src, open(temporary, "w", encoding="utf-8", newline="") as out:
+        for row in csv.reader(src):  # row by row: a 1M-profile export is changed in a few MB
+            if changed < count:
+                email = row[email_at].strip()
+                if email == email.lower() and "@" in email and email not in seen and "." in email:
+                    row[value_at] = f"{float(row[value_at]) + 1:.2f}"
+                    changed += 1
+                seen.add(email.lower())
+            out.write(",".join(_q(f) for f in row) + "\r\n")
+    os.replace(temporary, path)
     return changed
 
 
