@@ -15,6 +15,11 @@ forkserver itself, its resource tracker). run_child accounts for the whole tree:
   the measured tree are reparented to it, and it reaps them with wait4 after the child exits and adds their CPU.
 
 `python -m benchmarks.tree_check` shows both on small pools.
+
+A child's wait4 peak RSS is at least the benchmark's own RSS when it started the child: Linux carries the high-water
+mark of the memory a process had before exec into the new program's (exec_mmap), and subprocess forks (or vforks)
+this process first. So keep the benchmark process small between children (generate and change exports in a child or
+by streaming); a peak far above `tree_sampled_peak_rss_bytes` says it was not.
 """
 
 from __future__ import annotations
