@@ -96,17 +96,20 @@ def classify(store: ObjectStore, fp_key: str, held_key: str, current_key: str, *
     """Counts of this export's contacts that are new to the list, changed (or of unknown content), and unchanged;
     with want_filter, the email fingerprints of the new and changed ones (sorted), which a delta run's sending pass
     keeps. Streams over the sorted files: memory is 8 bytes per contact to send."""
-    def changed() -> Iterator[str]:
-        return emails(snapshots.diff_sorted(snapshots.read_snapshot(store, current_key),
-                                            snapshots.read_snapshot(store, fp_key)))
-
     count, pieces = 0, []
-    for block in _blocks(changed()):
-        count += len(block)
-        if want_filter:
-            pieces.append(np.frombuffer(email_fps(block), dtype=np.uint64))
-    total = snapshots.snapshot_size(store, current_key)
+
+    def changed() -> Iterator[str]:  # counted (and fingerprinted) as the second diff walks it: one pass over each file
+        nonlocal count
+        lines = snapshots.diff_sorted(snapshots.read_snapshot(store, current_key),
+                                      snapshots.read_snapshot(store, fp_key))
+        for block in _blocks(emails(lines)):
+            count += len(block)
+            if want_filter:
+                pieces.append(np.frombuffer(email_fps(block), dtype=np.uint64))
+            yield from block
+
     new = snapshots.count_sorted(snapshots.diff_sorted(changed(), snapshots.read_snapshot(store, held_key)))
+    total = snapshots.snapshot_size(store, current_key)
     wanted = np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.uint64)
     return {"new": new, "changed": count - new, "unchanged": total - count}, (wanted if want_filter else None)
 
@@ -133,11 +136,15 @@ def record_synced(store: ObjectStore, fp_key: str, current_key: str, unconfirmed
     (`unconfirmed`, ascending emails). Returns how many contacts it holds."""
     before = snapshots.snapshot_meta(store, fp_key) or {}
     last_full = time.time() if full else before.get("last_full_at", 0)
-    lines = snapshots.read_snapshot(store, current_key)
+    extra = {"destination_fp": dest_fp, "last_full_at": last_full, "content": CONTENT}
     missing = list(unconfirmed)
+    if not missing:  # every contact confirmed: the record is the staged file as it is, copied, not re-compressed
+        copied = snapshots.copy_snapshot(store, current_key, fp_key, written_by=written_by, extra=extra)
+        if copied is not None:
+            return copied
+    lines = snapshots.read_snapshot(store, current_key)
     kept = _without(lines, missing) if missing else lines
-    return snapshots.write_snapshot(store, fp_key, kept, trusted=True, written_by=written_by,
-                                    extra={"destination_fp": dest_fp, "last_full_at": last_full, "content": CONTENT})
+    return snapshots.write_snapshot(store, fp_key, kept, trusted=True, written_by=written_by, extra=extra)
 
 
 def _without(lines: Iterator[str], dropped: list[str]) -> Iterator[str]:

@@ -46,6 +46,7 @@ _READ_BYTES = 64 * 1024  # bytes read from a run or a snapshot at a time
 _MERGE_READ_BUDGET = 1024 * 1024  # read size shared by the runs of one merge (at least _MIN_RUN_READ each)
 _MIN_RUN_READ = 16 * 1024
 _INFLATE_BYTES = 256 * 1024  # most decompressed bytes per step (bounded even for a hostile snapshot)
+_COPY_BYTES = 1024 * 1024  # bytes a snapshot copy moves at a time
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -433,6 +434,21 @@ def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trust
             "written_at": now_iso(), "written_by": written_by, **(extra or {})}
     store.write_bytes(meta_key(key), orjson.dumps(meta))
     return total
+
+
+def copy_snapshot(store: ObjectStore, source: str, key: str, *, written_by: str | None = None,
+                  extra: dict[str, Any] | None = None) -> int | None:
+    """`source`'s bytes as the snapshot `key` (no decompression, no compression), with a sidecar of its own; None
+    (nothing written) when `source` has no current sidecar to vouch for its count and digest."""
+    meta = snapshot_meta(store, source)
+    if meta is None:
+        return None
+    with store.open_read(source) as fh:
+        etag = store.write_stream(key, iter(lambda: fh.read(_COPY_BYTES), b""))
+    store.write_bytes(meta_key(key), orjson.dumps({"count": meta["count"], "etag": etag, "sha256": meta.get("sha256"),
+                                                   "written_at": now_iso(), "written_by": written_by,
+                                                   **(extra or {})}))
+    return int(meta["count"])
 
 
 def read_snapshot(store: ObjectStore, key: str) -> Iterator[str]:

@@ -22,6 +22,7 @@ from shared.errors import StateError
 from shared.snapshots import (
     EmailSorter,
     count_sorted,
+    copy_snapshot,
     delete_snapshot,
     diff_sorted,
     filter_out,
@@ -247,6 +248,21 @@ def test_blob_round_trip_and_filter_out(blob_container) -> None:  # type: ignore
     assert snapshot_size(blobs, KEY) == 29_999
     assert list_snapshots(blobs) == [KEY]
     assert list(read_snapshot(blobs, "snapshots/none.gz")) == []
+
+
+def test_a_copied_snapshot_reads_the_same_with_a_sidecar_of_its_own(store: LocalFolderStore) -> None:
+    """A copy moves the bytes as they are; its sidecar vouches for the copy (its etag), carries the source's count
+    and digest and the caller's fields. A source without a current sidecar is not copied."""
+    emails = sorted(set(random_emails(random.Random(3), 5_000, 8_000)))
+    write_snapshot(store, KEY, emails, written_by="run-1")
+    assert copy_snapshot(store, KEY, "snapshots/copy.gz", written_by="run-2", extra={"content": "x"}) == len(emails)
+    assert list(read_snapshot(store, "snapshots/copy.gz")) == emails
+    source, copy = snapshot_meta(store, KEY), snapshot_meta(store, "snapshots/copy.gz")
+    assert source is not None and copy is not None
+    assert (copy["count"], copy["sha256"], copy["written_by"], copy["content"]) == (
+        len(emails), source["sha256"], "run-2", "x")
+    store.write_bytes(meta_key(KEY), b"{}")  # the source's sidecar no longer describes it
+    assert copy_snapshot(store, KEY, "snapshots/other.gz") is None and store.info("snapshots/other.gz") is None
 
 
 def test_no_temp_files_leak_from_abandoned_iteration(tmp_path: Path) -> None:
