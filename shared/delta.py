@@ -8,8 +8,10 @@ SendGrid confirmed (job completed, not named in its errors file). Its sidecar sa
 
 A run reads the export once to collect its own `email<TAB>fp` lines (external sort, bounded memory), then:
 - full (no record, settings changed, asked for, or `full_resync_days` since the last full send): every contact sent;
-- delta: the lines not in the record (a plain sorted diff) are the contacts to send; their email fingerprints (8 bytes
-  each) filter the sending pass. Memory: 8 bytes per contact to send.
+- delta: a contact whose email and content are not in the record is sent. Read once (`Unchanged`: the record as
+  8-byte keys, 8 bytes per recorded contact), or, for a record over MAX_UNCHANGED_KEYS, a counting pass or a dry run,
+  planned: the lines not in the record (a plain sorted diff) give the email fingerprints to send (`Wanted`, 8 bytes
+  per contact to send), which filter the sending pass.
 When the run's jobs are final, the record becomes this export's lines minus the contacts SendGrid did not confirm
 (failed jobs, rows in errors files), so those are sent again by the next run.
 """
@@ -22,7 +24,7 @@ import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import orjson
@@ -31,6 +33,9 @@ from . import snapshots
 from .config import Destination
 from .contacts import CustomField, email_fps
 from .storage import ObjectStore
+
+if TYPE_CHECKING:
+    from .pipeline import MappedChunk
 
 SEP = "\t"
 FP_CHARS = 16  # hex digits of a content fingerprint
@@ -119,15 +124,61 @@ def _blocks(items: Iterator[str], size: int = 8192) -> Iterator[list[str]]:
         yield block
 
 
-def keep_mask(wanted: np.ndarray, fps: array[int], positions: list[int]) -> list[int]:
-    """The positions (of a chunk's kept contacts) whose email fingerprint (MappedChunk.fps, made in this process as
-    `wanted` was) is in `wanted`."""
-    if not len(wanted) or not positions:
+class Filter(Protocol):
+    """Which of a chunk's kept contacts a delta run sends."""
+
+    def keep(self, chunk: MappedChunk, positions: list[int]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """The email fingerprints (classify's filter, sorted) of the contacts to send: a planned delta run's filter."""
+    fps: np.ndarray
+
+    def keep(self, chunk: MappedChunk, positions: list[int]) -> list[int]:
+        return _hits(self.fps, np.frombuffer(chunk.fps, dtype=np.uint64), positions, want=True)
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """The record as one key per contact (its email fingerprint mixed with its content digest), sorted: a contact
+    whose key is there is unchanged. Filters a delta run that reads its export once (the chunks carry digests).
+    Memory: 8 bytes per recorded contact (MAX_UNCHANGED_KEYS of them at most)."""
+    keys: np.ndarray
+
+    @classmethod
+    def load(cls, store: ObjectStore, fp_key: str) -> Unchanged:
+        pieces = []
+        for block in _blocks(snapshots.read_snapshot(store, fp_key)):
+            digests = bytes.fromhex("".join([entry[-FP_CHARS:] for entry in block]))
+            pieces.append(_keys(email_fps([entry[:-_TAIL] for entry in block]), digests))
+        return cls(np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.uint64))
+
+    def keep(self, chunk: MappedChunk, positions: list[int]) -> list[int]:
+        return _hits(self.keys, _keys(chunk.fps, chunk.digests), positions, want=False)
+
+
+MAX_UNCHANGED_KEYS = 8_000_000  # 64 MB: a larger record plans its delta run by a counting pass instead
+
+
+def _keys(fps: array[int], digests: bytes) -> np.ndarray:
+    mixed: np.ndarray = np.frombuffer(fps, dtype=np.uint64) ^ (np.frombuffer(digests, dtype=np.uint64) * _MIX)
+    return mixed
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: the digest's bits spread over the key before it meets the email's
+
+
+def _hits(sorted_keys: np.ndarray, keys: np.ndarray, positions: list[int], *, want: bool) -> list[int]:
+    """The positions whose key is in `sorted_keys` (want) or is not (not want)."""
+    if not positions:
         return []
-    values = np.frombuffer(fps, dtype=np.uint64)[positions]
-    at = np.searchsorted(wanted, values)
-    hit = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == values)
-    return [p for p, h in zip(positions, hit.tolist(), strict=True) if h]
+    if not len(sorted_keys):
+        return [] if want else positions
+    values = keys[positions]
+    at = np.searchsorted(sorted_keys, values)
+    hit = sorted_keys[np.minimum(at, len(sorted_keys) - 1)] == values
+    return [p for p, h in zip(positions, hit.tolist(), strict=True) if h is want]
 
 
 def record_synced(store: ObjectStore, fp_key: str, current_key: str, unconfirmed: Iterable[str], *,

@@ -4,7 +4,7 @@
   2. refusals that need no lease (consent, no source);
   3. under the destination's lease, kept by a LeaseKeeper: refusals (disabled), the export claim, then
   4. the attempt: find the export's files, check the list, fields and columns (`_prepare`); a counting pass when
-     max_profiles is set or for a dry run; the stream (`stream.Stream`: read, map, pack, send); the list step
+     max_profiles is set, for a dry run or to plan a delta run over a very large record; the stream (`stream.Stream`: read, map, pack, send); the list step
      (`listsync`: fold what was sent; in mirror mode wait for SendGrid's jobs, the guard rail, confirmed removals);
   5. the outcome: every error becomes a status (`_stopped`), and the record is stored (`_store_outcome`).
 
@@ -296,7 +296,7 @@ def _execute(stream: Stream) -> None:
         custom = _prepare(stream, client)
         kind = _sync_kind(stream, custom)
         svc.state.save_run(record)
-        if dest.max_profiles is not None or req.dry_run or kind.kind == "delta":
+        if dest.max_profiles is not None or req.dry_run or _planned(stream, kind):
             _first_pass(stream, kind)  # counts, refuses over max_profiles, plans what to send
             if req.dry_run:
                 _preview(stream, client)
@@ -304,7 +304,10 @@ def _execute(stream: Stream) -> None:
                 return
             stream.new_reading()
             stream.send_all(client)
-        else:  # a full send reads once: the record lines are collected while sending
+        else:  # a full send reads once, a delta run too: the record lines are collected while sending
+            if kind.kind == "delta":
+                stream.send_only = delta.Unchanged.load(svc.state.store, Held(svc.state, dest.name,
+                                                                              dest.list_id).fingerprints_key)
             with snapshots.EmailSorter() as sorter:
                 stream.sorter = sorter
                 stream.send_all(client)
@@ -327,6 +330,17 @@ def _sync_kind(stream: Stream, custom: list[contacts.CustomField]) -> delta.Kind
     return kind
 
 
+def _planned(stream: Stream, kind: delta.Kind) -> bool:
+    """Whether a delta run plans by a counting pass first: when it did so before it was interrupted (its plan is
+    staged), or when the record is too large to hold as delta.Unchanged. Otherwise it reads its export once."""
+    if kind.kind != "delta":
+        return False
+    if "changes" in stream.record.extra:
+        return True
+    held = Held(stream.svc.state, stream.dest.name, stream.dest.list_id)
+    return snapshots.snapshot_size(stream.svc.state.store, held.fingerprints_key) > delta.MAX_UNCHANGED_KEYS
+
+
 def _first_pass(stream: Stream, kind: delta.Kind) -> None:
     """Read the whole export once without sending: counts (max_profiles), the record lines, and for a delta run the
     contacts to send. A resumed run takes the staged plan instead of reading twice more."""
@@ -337,7 +351,8 @@ def _first_pass(stream: Stream, kind: delta.Kind) -> None:
             _count(stream)
             stream.sorter = None
             _stage_current(stream, sorter)
-    stream.send_only = _classify(stream, want_filter=kind.kind == "delta")
+    wanted = _classify(stream, want_filter=kind.kind == "delta")
+    stream.send_only = None if wanted is None else delta.Wanted(wanted)
 
 
 def _preview(stream: Stream, client: SendGridClient) -> None:

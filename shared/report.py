@@ -15,8 +15,8 @@ from .redaction import redact
 from .storage import ObjectStore
 
 SAMPLE = 100  # rejections and notes kept in the record itself; the CSV has the rejections
-DUPLICATE_OF_EARLIER = ("duplicate of an earlier row with the same email (a run that reads the export twice, such as "
-                        "a delta run, names that row's FILE:LINE)")
+DUPLICATE_OF_EARLIER = ("duplicate of an earlier row with the same email (a run that reads the export twice, a dry run "
+                        "or one with max_profiles, names that row's FILE:LINE)")
 MAX_ID_CHARS = 200  # of an id_column value in the rejections CSV
 MAX_CSV_ROWS = 100_000  # rows in a run's rejections CSV; the rest are counted (counts.rejections_omitted)
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")

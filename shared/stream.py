@@ -55,7 +55,7 @@ class Stream:
         self.importer: bulk.Importer | None = None
         self.run_warnings = 0  # warnings about the run as a whole come first; the reading's follow
         self.sorter: snapshots.EmailSorter | None = None  # every contact's record line (delta), in the first pass
-        self.send_only: np.ndarray | None = None  # a delta run: the email fingerprints of the contacts to send
+        self.send_only: delta.Filter | None = None  # a delta run: which contacts to send (new or changed)
         self.held = Held(svc.state, dest.name, dest.list_id)  # where accepted contacts are recorded as sent
         self.account = jobs.account_of(dest)
         self._jobs_noted = False  # the run is noted under its account as having jobs that may be pending
@@ -188,7 +188,7 @@ class Stream:
         index = 0  # stream index of the chunk's first kept contact
         for chunk, keep in chunks:
             if self.send_only is not None:  # a delta run sends only the contacts that are new or changed
-                keep = delta.keep_mask(self.send_only, chunk.fps, keep)
+                keep = self.send_only.keep(chunk, keep)
             start, index = index, index + len(keep)
             if index <= skip:
                 continue

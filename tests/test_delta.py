@@ -3,6 +3,8 @@ then does. Engine in this process, state and exports in local folders, the sandb
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,8 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import delta, engine, report
+from shared import batching, delta, engine, report
+from shared import stream as stream_module
 from shared.config import load_config
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
@@ -94,17 +97,70 @@ def test_a_second_run_of_an_unchanged_export_sends_nothing_and_says_so(world: Wo
     assert world.puts() == puts and second["counts"]["sent"] == 0
 
 
-def test_one_percent_changed_sends_exactly_those_contacts(world: World) -> None:
+@pytest.fixture(params=["read once", "planned"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Reading:
+    """How a delta run reads: once (the record held as keys), or planned by a counting pass first (a record over
+    delta.MAX_UNCHANGED_KEYS)."""
+    if request.param == "planned":
+        monkeypatch.setattr(delta, "MAX_UNCHANGED_KEYS", 0)
+    seen = Reading(request.param == "planned", [])
+    real = engine._count
+    monkeypatch.setattr(engine, "_count", lambda stream: (seen.counted.append(stream.record.run_id), real(stream))[1])
+    return seen
+
+
+@dataclasses.dataclass
+class Reading:
+    planned: bool
+    counted: list[str]  # the runs that made a counting pass
+
+
+def test_one_percent_changed_sends_exactly_those_contacts(world: World, reading: Reading) -> None:
     world.run(world.export(PEOPLE))
     before = world.sent()
     moved = {i for i in range(0, 1000, 100)}  # 10 people changed city
     joined = [person(i) for i in range(1000, 1005)]
-    second = world.run(world.export([person(i, "Bergen") if i in moved else person(i) for i in range(1000)] + joined))
+    again_later = [person(100, "Tromsø"), person(5, "Tromsø")]  # repeats: their first rows count
+    second = world.run(world.export([person(i, "Bergen") if i in moved else person(i) for i in range(1000)] + joined
+                                    + again_later))
+    assert second["sync"]["kind"] == "delta" and second["counts"]["duplicates"] == 2
+    assert reading.counted == ([second["run_id"]] if reading.planned else [])
     assert second["changes"]["changed"] == 10 and second["changes"]["new"] == 5
     assert second["changes"]["unchanged"] == 990 and second["counts"]["sent"] == 15
     again = {e for e, n in world.sent().items() if n > before.get(e, 0)}
     assert again == {person(i)["email"] for i in moved} | {p["email"] for p in joined}
     assert world.box.contact(person(0)["email"])["city"] == "Bergen"
+    assert world.box.contact(person(100)["email"])["city"] == "Bergen"
+
+
+def test_a_delta_run_stopped_after_its_first_request_sends_the_rest_when_resumed(
+        world: World, reading: Reading, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted (503s past the retry budget) after its first accepted request, a delta run resumed sends the
+    changed contacts it had not sent, and no unchanged one: its filter is the same on the second attempt."""
+    world.run(world.export(PEOPLE))
+    before = world.sent()
+    monkeypatch.setattr(batching, "Packer", functools.partial(batching.Packer, max_count=7))
+    real_checkpoint = stream_module.Stream.checkpoint
+
+    def then_503s(self: stream_module.Stream, done: int) -> None:
+        real_checkpoint(self, done)
+        if done == 7:
+            world.box.inject({"endpoint": PUT, "kind": "503", "times": 2})  # the retry budget: 2 attempts
+
+    monkeypatch.setattr(stream_module.Stream, "checkpoint", then_503s)
+    moved = set(range(0, 1000, 40))  # 25 changed: 4 requests of 7
+    key = world.export([person(i, "Bergen") if i in moved else person(i) for i in range(1000)])
+    world.configure(max_in_flight=1)  # the request after the first is not under way when the 503s are armed
+    first = world.run(key)
+    assert first["status"] == "interrupted" and first["checkpoint"]["contacts_done"] == 7, first
+    second = world.run(key)
+    assert second["run_id"] == first["run_id"] and second["status"] == "completed", second
+    assert second["checkpoint"]["resumed"] == 1 and second["checkpoint"]["contacts_done"] == 25
+    assert second["changes"]["changed"] == 25 and second["changes"]["unchanged"] == 975
+    assert len(reading.counted) == (1 if reading.planned else 0)  # the plan is staged: not made again
+    again = {e: n - before.get(e, 0) for e, n in world.sent().items() if n > before.get(e, 0)}
+    assert again == {person(i)["email"]: 1 for i in moved}
+    assert all(world.box.contact(person(i)["email"])["city"] == "Bergen" for i in moved)
 
 
 # Past bulk_threshold the chunks are mapped as import lines, not JSON (pipeline.CSV), and a delta run's reading pass
@@ -251,7 +307,12 @@ def test_duplicates_and_rejections_are_listed_with_the_id_column(world: World) -
     near, far = listed["C-dup-near"], listed["'=C-dup-far"]  # a cell a spreadsheet would run gets an apostrophe
     assert near["line"] == "12" and far["line"] == str(len(rows) + 1)
     assert near["reason"] == far["reason"] == report.DUPLICATE_OF_EARLIER  # a run that reads once cannot know it
-    # a delta run reads the export twice: the second reading names the row a duplicate repeats
+    second = world.run(key)  # a delta run reads its export once too
+    assert second["sync"]["kind"] == "delta"
+    reasons = {r["CustomerId"]: r["reason"] for r in rejections(world, second)}
+    assert reasons["C-dup-near"] == report.DUPLICATE_OF_EARLIER
+    # a run with max_profiles reads the export twice: the second reading names the row a duplicate repeats
+    world.configure(id_column="CustomerId", max_profiles=10_000)
     second = world.run(key)
     assert second["sync"]["kind"] == "delta"
     listed = {r["CustomerId"]: r for r in rejections(world, second)}
