@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -141,32 +140,30 @@ class Wanted:
 
 @dataclass(frozen=True)
 class Unchanged:
-    """The record as one key per contact (its email fingerprint mixed with its content digest), sorted: a contact
-    whose key is there is unchanged. Filters a delta run that reads its export once (the chunks carry digests).
-    Memory: 8 bytes per recorded contact (MAX_UNCHANGED_KEYS of them at most)."""
+    """The record's content digests, sorted: a contact whose digest is there is unchanged (the digest is taken over
+    its whole import line, email included). Filters a delta run that reads its export once, and tells the mapping
+    which contacts need JSON at all (pipeline.map_rows' only_changed). 8 bytes per recorded contact, at most
+    MAX_UNCHANGED_KEYS of them."""
     keys: np.ndarray
 
     @classmethod
     def load(cls, store: ObjectStore, fp_key: str) -> Unchanged:
-        pieces = []
-        for block in _blocks(snapshots.read_snapshot(store, fp_key)):
-            digests = bytes.fromhex("".join([entry[-FP_CHARS:] for entry in block]))
-            pieces.append(_keys(email_fps([entry[:-_TAIL] for entry in block]), digests))
+        pieces = [np.frombuffer(bytes.fromhex("".join([entry[-FP_CHARS:] for entry in block])), dtype=np.uint64)
+                  for block in _blocks(snapshots.read_snapshot(store, fp_key))]
         return cls(np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.uint64))
 
+    def changed(self, digests: bytes) -> list[int]:
+        """Positions of the digests (8 bytes each) that are not in the record."""
+        found = np.frombuffer(digests, dtype=np.uint64)
+        return _hits(self.keys, found, list(range(len(found))), want=False)
+
     def keep(self, chunk: MappedChunk, positions: list[int]) -> list[int]:
-        return _hits(self.keys, _keys(chunk.fps, chunk.digests), positions, want=False)
+        return _hits(self.keys, np.frombuffer(chunk.digests, dtype=np.uint64), positions, want=False)
 
 
 MAX_UNCHANGED_KEYS = 8_000_000  # 64 MB: a larger record plans its delta run by a counting pass instead
 
 
-def _keys(fps: array[int], digests: bytes) -> np.ndarray:
-    mixed: np.ndarray = np.frombuffer(fps, dtype=np.uint64) ^ (np.frombuffer(digests, dtype=np.uint64) * _MIX)
-    return mixed
-
-
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: the digest's bits spread over the key before it meets the email's
 
 
 def _hits(sorted_keys: np.ndarray, keys: np.ndarray, positions: list[int], *, want: bool) -> list[int]:

@@ -4,7 +4,8 @@
   2. refusals that need no lease (consent, no source);
   3. under the destination's lease, kept by a LeaseKeeper: refusals (disabled), the export claim, then
   4. the attempt: find the export's files, check the list, fields and columns (`_prepare`); a counting pass when
-     max_profiles is set, for a dry run or to plan a delta run over a very large record; the stream (`stream.Stream`: read, map, pack, send); the list step
+     max_profiles is set, for a dry run or to plan a delta run over a very large record; the stream
+     (`stream.Stream`: read, map, pack, send; a delta run sends what its record lacks); the list step
      (`listsync`: fold what was sent; in mirror mode wait for SendGrid's jobs, the guard rail, confirmed removals);
   5. the outcome: every error becomes a status (`_stopped`), and the record is stored (`_store_outcome`).
 

@@ -15,6 +15,7 @@ Workers see rows and the mapping only, never a secret or a client.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -27,7 +28,7 @@ from collections.abc import Callable, Collection, Generator, Iterable, Iterator,
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -96,11 +97,20 @@ def content_digest(line: bytes) -> bytes:
 _BLAKE2B_64 = hashlib.blake2b(digest_size=8).copy  # a copy of a prepared state: cheaper than blake2b(line, ...)
 
 
+class Changed(Protocol):
+    """Which contacts of a chunk a delta run may send, by their content digests (delta.Unchanged)."""
+
+    def changed(self, digests: bytes) -> list[int]: ...
+
+
 def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encoding: str = JSON, *,
-             digests: bool = False) -> MappedChunk:
+             digests: bool = False, only_changed: Changed | None = None) -> MappedChunk:
     """Map and encode rows (as read_rows gives them) as JSON, a comma between two contacts (so that the packer
     copies contacts that follow each other in one slice), or as import CSV lines; with digests, each contact's
-    content_digest too. Pure but for mapper.trimmed, which it hands on and clears."""
+    content_digest too; JSON with only_changed: see _json_of_changed. Pure but for mapper.trimmed, which it hands on
+    and clears."""
+    if only_changed is not None and encoding == JSON:
+        return _json_of_changed(mapper, rows, only_changed)
     mapfn: Callable[[Sequence[str | None]], contacts.Mapped | contacts.MappedLine]
     dumps: Callable[[Any], bytes]
     if encoding == JSON:
@@ -155,6 +165,34 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
         del buf[-1]  # no separator after the last contact
     return MappedChunk(read, rejects, notes, trimmed, emails, lines, bytes(buf), ends, encoding, bytes(dig), ids,
                        reject_ids)
+
+
+def _json_of_changed(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], only_changed: Changed
+                     ) -> MappedChunk:
+    """A delta run's chunk: every row mapped as an import line (its digest taken over it, no dict, no JSON), then only
+    the contacts `only_changed` names encoded as JSON; the others are empty entries, which the run's filter (the same
+    digests) never sends. The same chunk as map_rows(JSON, digests=True) gives, but for those empty entries."""
+    values_at: dict[int | None, list[str | None]] = {}
+
+    def remembered() -> Iterator[sources.Row]:
+        for row in rows:
+            if row[1] is not None:
+                values_at[row[0]] = row[1]  # the list map_rows maps (an id column popped off it in place)
+            yield row
+
+    chunk = map_rows(mapper, remembered(), CSV, digests=True)
+    changed = set(only_changed.changed(chunk.digests))
+    buf, ends = bytearray(), array("Q")
+    for k, line in enumerate(chunk.lines):
+        if k:
+            buf += b","
+        if k in changed:
+            mapped = mapper.map(values_at[line])
+            assert type(mapped) is not contacts.Rejected  # map_line took it, by the same rules
+            buf += orjson.dumps(mapped[1])
+        ends.append(len(buf))
+    mapper.trimmed.clear()  # counted once, by map_line
+    return dataclasses.replace(chunk, data=bytes(buf), ends=ends, encoding=JSON)
 
 
 def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -304,16 +342,18 @@ def shutdown() -> None:
 def mapped_chunks(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
                   required: Collection[str], warnings: list[str], *, workers: int = 0, min_bytes: int | None = None,
                   chunk_bytes: int | None = None, encoding: Callable[[], str] = lambda: JSON,
-                  digests: Callable[[], bool] = lambda: False) -> Iterator[MappedChunk]:
+                  digests: Callable[[], bool] = lambda: False,
+                  only_changed: Callable[[], Changed | None] = lambda: None) -> Iterator[MappedChunk]:
     """The partition's rows as MappedChunks, in source order; mapper maps in this process, spec in workers (for CSV
     partitions of at least min_bytes, default PARALLEL_MIN_BYTES, cut into chunks of about chunk_bytes), each chunk
-    encoded as encoding() says when it is mapped (or handed to a worker), with content digests when digests() says.
+    encoded as encoding() says when it is mapped (or handed to a worker), with content digests when digests() says
+    (in this process, JSON only for the contacts only_changed() names, when it names any: map_rows).
     Raises SourceError as read_rows does, after
     the chunks before the problem, and when the file is stopped (`Stop`). A file that gives no row at all is noted in
     warnings ("0 rows in <file>")."""
     stop = Stop(part.key)
     for chunk in _mapped(store, part, mapper, spec, required, warnings, workers, min_bytes, chunk_bytes, encoding,
-                         digests):
+                         digests, only_changed):
         yield chunk
         stop.check(chunk)
     if not stop.read:
@@ -360,8 +400,8 @@ class Stop:
 
 def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.ContactMapper, spec: MapperSpec,
             required: Collection[str], warnings: list[str], workers: int, min_bytes: int | None,
-            chunk_bytes: int | None, encoding: Callable[[], str], digests: Callable[[], bool]
-            ) -> Iterator[MappedChunk]:
+            chunk_bytes: int | None, encoding: Callable[[], str], digests: Callable[[], bool],
+            only_changed: Callable[[], Changed | None]) -> Iterator[MappedChunk]:
     wanted = mapper.read_columns
     min_bytes = PARALLEL_MIN_BYTES if min_bytes is None else min_bytes
     chunk_bytes = sources.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -380,7 +420,7 @@ def _mapped(store: ObjectStore, part: sources.Partition, mapper: contacts.Contac
     if line > 1:
         rows = (row for row in rows if row[0] >= line)
     for chunk in chunked(rows, ROWS_PER_CHUNK):
-        yield map_rows(mapper, chunk, encoding(), digests=digests())
+        yield map_rows(mapper, chunk, encoding(), digests=digests(), only_changed=only_changed())
 
 
 def _big(store: ObjectStore, part: sources.Partition, min_bytes: int) -> bool:

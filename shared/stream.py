@@ -121,7 +121,8 @@ class Stream:
         counts = self.record.counts
         for chunk in pipeline.mapped_chunks(self.store, part, self.mapper, self.spec, (self.mapper.columns[0],),
                                             self.record.warnings, workers=self.workers,
-                                            encoding=lambda: self.encoding, digests=lambda: self.sorter is not None):
+                                            encoding=lambda: self.encoding, digests=lambda: self.sorter is not None,
+                                            only_changed=self._only_changed):
             counts.read += chunk.read
             tally["rows"] += chunk.read
             keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist() if chunk.emails else []
@@ -136,6 +137,10 @@ class Stream:
                 yield chunk, keep
             self.tick()
             self.deadline_check("while reading the export")
+
+    def _only_changed(self) -> pipeline.Changed | None:
+        """A delta run reading once: the contacts its filter keeps are the only ones mapped as JSON."""
+        return self.send_only if isinstance(self.send_only, delta.Unchanged) else None
 
     def _rows_of(self, file: str, chunk: pipeline.MappedChunk, dropped: list[int]) -> int:
         """The chunk's rejections, duplicates (positions `dropped`), notes and trimmed values into the reading's

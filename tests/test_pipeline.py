@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
 from sandbox import samplegen
-from shared import contacts, engine, pipeline, sources
+from shared import contacts, delta, engine, pipeline, sources
 from shared.config import parse_config
 from shared.errors import SourceError
 from shared.secrets import EnvSecrets
@@ -41,7 +42,8 @@ def _stop_workers() -> Any:
 
 
 def outcome(store: LocalFolderStore, part: Partition, workers: int, chunk_bytes: int = 40,
-            spec: pipeline.MapperSpec | None = None, encoding: str = pipeline.JSON) -> dict[str, Any]:
+            spec: pipeline.MapperSpec | None = None, encoding: str = pipeline.JSON,
+            only_changed: pipeline.Changed | None = None) -> dict[str, Any]:
     """Everything a run sees of a partition: per row, per contact, warnings, and the error that ended it."""
     mapper = contacts.ContactMapper(MAPPING, CUSTOM)
     spec = spec or pipeline.MapperSpec.of(MAPPING, CUSTOM)
@@ -51,7 +53,7 @@ def outcome(store: LocalFolderStore, part: Partition, workers: int, chunk_bytes:
     try:
         for chunk in pipeline.mapped_chunks(store, part, mapper, spec, ("Email",), warnings, workers=workers,
                                             min_bytes=0, chunk_bytes=chunk_bytes, encoding=lambda: encoding,
-                                            digests=lambda: True):
+                                            digests=lambda: True, only_changed=lambda: only_changed):
             out["read"] += chunk.read
             out["rejects"] += chunk.rejects
             out["notes"] += chunk.notes
@@ -129,6 +131,12 @@ def test_workers_give_what_a_serial_read_gives(tmp_path: Path, case: str, gz: bo
     as_lines = outcome(store, part, workers=2, encoding=pipeline.CSV)
     assert as_lines["digests"] == serial["digests"]
     assert as_lines["digests"] == b"".join(pipeline.content_digest(line) for _, line in as_lines["contacts"])
+    # a delta run reading once maps as lines and encodes as JSON only the contacts its record lacks: here every other
+    digests = [serial["digests"][i : i + 8] for i in range(0, len(serial["digests"]), 8)]
+    recorded = np.sort(np.frombuffer(b"".join(digests[::2]), dtype=np.uint64))
+    only = outcome(store, part, workers=0, only_changed=delta.Unchanged(recorded))
+    assert only["contacts"] == [(e, b"" if i % 2 == 0 else c) for i, (e, c) in enumerate(serial["contacts"])]
+    assert {**only, "contacts": None} == {**serial, "contacts": None}
 
 
 def test_a_truncated_gzip_ends_with_the_same_rows_and_error(tmp_path: Path) -> None:
