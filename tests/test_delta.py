@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -328,3 +329,16 @@ def test_an_id_column_the_export_lacks_leaves_the_cell_empty_and_says_so(world: 
     (row,) = rejections(world, report_)
     assert row["CustomerId"] == "" and row["reason"].startswith("invalid email")
     assert any("CustomerId" in w for w in report_["warnings"]), report_["warnings"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 1000, 70_000])
+def test_a_key_set_answers_as_a_set_does(n: int) -> None:
+    """delta.KeySet (sorted keys and a bucket index) against Python's set, with keys at both ends of the range,
+    neighbours of keys and repeats among the asked."""
+    rng = np.random.default_rng(n)
+    keys = np.unique(np.concatenate([rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False),
+                                     np.array([0, 2**64 - 1], dtype=np.uint64)[: min(n, 2)]]))
+    asked = np.concatenate([keys[::3], keys[::5] + np.uint64(1), keys[::7] - np.uint64(1),
+                            rng.integers(0, 2**64, 500, dtype=np.uint64, endpoint=False), keys[:3], keys[:3]])
+    expected = set(keys.tolist())
+    assert delta.KeySet(keys).contains(asked).tolist() == [int(v) in expected for v in asked.tolist()]

@@ -21,8 +21,8 @@ from shared import snapshots
 from shared.errors import StateError
 from shared.snapshots import (
     EmailSorter,
-    count_sorted,
     copy_snapshot,
+    count_sorted,
     delete_snapshot,
     diff_sorted,
     filter_out,
