@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import batching, delta, engine, report
+from shared import batching, delta, engine, report, snapshots
 from shared import stream as stream_module
 from shared.config import load_config
 from shared.secrets import EnvSecrets
@@ -342,3 +342,16 @@ def test_a_key_set_answers_as_a_set_does(n: int) -> None:
                             rng.integers(0, 2**64, 500, dtype=np.uint64, endpoint=False), keys[:3], keys[:3]])
     expected = set(keys.tolist())
     assert delta.KeySet(keys).contains(asked).tolist() == [int(v) in expected for v in asked.tolist()]
+
+
+@pytest.mark.parametrize("said", ["its sidecar", "no sidecar", "fewer than it holds"])
+def test_the_record_loads_as_its_sorted_digests(tmp_path: Path, said: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalFolderStore(tmp_path)
+    digests = [i.to_bytes(8, "little") for i in np.random.default_rng(1).integers(0, 2**63, 20_000).tolist()]
+    snapshots.write_snapshot(store, "fp.gz", sorted(delta.line(f"p{i:06d}@x.io", d) for i, d in enumerate(digests)))
+    if said == "no sidecar":
+        store.write_bytes(snapshots.meta_key("fp.gz"), b"{}")
+    elif said == "fewer than it holds":
+        monkeypatch.setattr(snapshots, "snapshot_size", lambda store, key: 5)
+    keys = delta.Unchanged.load(store, "fp.gz").digests.keys
+    assert keys.tolist() == sorted(int.from_bytes(d, "little") for d in digests)
