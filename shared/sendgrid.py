@@ -323,6 +323,12 @@ class _Pacer:
         self._blocked[endpoint] = max(self._blocked.get(endpoint, 0.0), until)
 
 
+
+# Connections kept per host: the job poller's threads (jobs.POLL_CONCURRENCY, 8) beside up to 4 senders
+# (config.MAX_IN_FLIGHT_MAX) and a call of the run's own. With 8, a run polling while it sends opened connections
+# it then dropped, and urllib3 logged "Connection pool is full" on runs that succeeded.
+POOL_SIZE = 16
+
 class SendGridClient:
     """One account's API. Safe for several threads at once (senders and status polls): they share the pacing, the
     stats and the jitter; each call has its own retry history."""
@@ -342,7 +348,7 @@ class SendGridClient:
         self._secrets, self._secret_name = secrets, secret_name
         self.policy = (policy or RetryPolicy()).new()
         self._session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=8, max_retries=0)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._sleep = sleep

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import batching, engine
+from shared import batching, engine, stream
 from shared.config import load_config
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
@@ -99,3 +100,16 @@ def test_a_429_pauses_every_sender(tmp_path: Path, small_requests: None) -> None
     paused = [round(t - first, 3) for t in box.arrivals if 0.5 < t - first < 1.9]
     assert paused == [], f"upserts sent while the rate limit paused every sender: {paused}"
     assert len(box.arrivals) == 30 and max(b - a for a, b in itertools.pairwise(box.arrivals)) >= 1.9
+
+
+def test_polling_beside_four_senders_keeps_its_connections(tmp_path: Path, small_requests: None,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The job poller's 8 status calls and 4 senders share one client: its pool keeps a connection for each, so none
+    is opened and dropped (urllib3 logs "Connection pool is full" then, a WARNING on a run that succeeds)."""
+    monkeypatch.setattr(stream, "POLL_WHILE_SENDING_S", 0.02)  # polled while sending, many jobs still pending
+    box = Sandbox(api_keys=[KEY], job_delay=1.0, latency=0.02)
+    with serve(box) as server:
+        report = _run(box, server.url, tmp_path, 4)
+    assert report["status"] == "completed" and report["list"] == PEOPLE
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
