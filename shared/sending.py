@@ -42,8 +42,10 @@ def send_in_flight(work: Iterator[Item], send: Callable[[Item], T], commit: Call
     runs on this thread whenever an item is handed on (e.g. polling the jobs of committed requests). Raises the
     first failure once every sender has stopped."""
     senders = max(1, in_flight)
-    # items waiting for a sender: as many as there are senders (~8 MB each at most), plus the one being packed
-    q: queue.Queue[tuple[int, Item] | None] = queue.Queue(maxsize=senders)
+    # one item waits for a sender (~6 MB at most), beside those being sent and the one being packed: packing a
+    # request takes a fraction of the time sending it does, so a deeper queue only held more bodies in memory
+    # (1M at max_in_flight 4: 177 MB with a queue as deep as the senders)
+    q: queue.Queue[tuple[int, Item] | None] = queue.Queue(maxsize=1)
     order: _Order[T] = _Order(commit)
     failure: list[BaseException] = []
     stop = threading.Event()
