@@ -18,8 +18,9 @@ accepted them (sendgrid-go#366, sendgrid-nodejs#1004), which a fixed 0.3 s hides
   `random.Random(seed)` (`--seed`; printed when not given), and never finishes before the job scheduled before it:
   an account's jobs apply in the order they were accepted (imports: uploaded). Until then a contact is invisible to
   search, list membership and counts, and has no id to remove or delete it by; removals and deletions change nothing
-  until their own job completes. `complete_jobs()` still finishes everything at once; `pending_jobs()`,
-  `jobs_final()`, `wait_for_jobs(timeout)` and GET /_sandbox/jobs show what is pending.
+  until their own job completes. `complete_jobs()` still finishes everything at once; `hold_jobs()` keeps every
+  job pending until `release_jobs()` (any profile); `pending_jobs()`, `jobs_final()`, `wait_for_jobs(timeout)` and
+  GET /_sandbox/jobs show what is pending.
 - Job status: GET /v3/marketing/contacts/imports/{id} is documented for the job ids of imports, upserts and contact
   deletions. For list removals (DELETE /v3/marketing/lists/{id}/contacts, "job_id of the async job") it is not
   documented; the sandbox serves them too, the same way, so a client can wait for one, and a client must still
@@ -640,6 +641,7 @@ class Sandbox:
         self._epoch = time.time()  # rate windows start here
         self._is_invalid = invalid_email_check(invalid_email_pattern)
         self._lock = threading.RLock()
+        self._held = False  # hold_jobs(): no job finishes as time passes (complete_jobs still finishes them)
         self._keys: frozenset[str] = frozenset()
         self.rotate_keys(api_keys)
         self._reset_state()
@@ -749,9 +751,22 @@ class Sandbox:
         """True when every job is final (completed, errored or failed): nothing the API accepted is still to apply."""
         return not self.pending_jobs()
 
+    def hold_jobs(self) -> None:
+        """Keep every job pending, however long ago it was due, until release_jobs() (complete_jobs() still finishes
+        them): a test knows what a client that looks at its jobs meanwhile sees, whatever the profile's job times."""
+        with self._lock:
+            self._held = True
+
+    def release_jobs(self) -> None:
+        """Undo hold_jobs(): from now on jobs finish when they are due (those due already, at the next look)."""
+        with self._lock:
+            self._held = False
+
     def wait_for_jobs(self, timeout: float) -> None:
         """Wait until every job is final, as time passes (nothing is forced: see complete_jobs for that). Sleeps until
         the next job is due, not in fixed steps; TimeoutError naming the pending jobs when `timeout` seconds pass."""
+        if self._held:
+            raise RuntimeError("jobs are held (hold_jobs): they never finish by themselves; release_jobs() first")
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -794,8 +809,8 @@ class Sandbox:
             return self._settle(force=True)
 
     def _settle(self, force: bool = False) -> int:
-        """Finish every job whose time has come, oldest first (callers hold the lock)."""
-        if not self._pending:
+        """Finish every job whose time has come, oldest first (callers hold the lock); while held, only if forced."""
+        if not self._pending or (self._held and not force):
             return 0
         now = time.time()
         due = sorted((j for j in self._pending if j.due is not None and (force or j.due <= now)),

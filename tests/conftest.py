@@ -173,7 +173,8 @@ def realistic_sg() -> Iterator[RunningSandbox]:
     """A fresh sandbox under the realistic profile (REALISTIC_TEST_PROFILE): every job (upsert, import, list removal,
     deletion) stays pending 0.5 to 2 s and jobs apply in order, so search, list membership and counts lag behind them;
     an update must carry the contact's existing identifiers. `box.jobs_final()` says whether every job is final,
-    `box.wait_for_jobs(timeout)` waits for that, `box.complete_jobs()` forces it."""
+    `box.wait_for_jobs(timeout)` waits for that, `box.complete_jobs()` forces it; `box.hold_jobs()` keeps every job
+    pending until `box.release_jobs()` (any profile: a test then knows what a run that polls its jobs finds)."""
     key = "SG.test-" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(32)
     box = Sandbox(api_keys=[key], profile=REALISTIC_TEST_PROFILE)
     with serve(box) as server:

@@ -586,15 +586,23 @@ def _checkpoint(state: Path, destination: str) -> tuple[str | None, int]:
     return runs[0]["run_id"], runs[0]["checkpoint"]["contacts_done"]
 
 
+def _sent(state: Path, destination: str) -> int:
+    """counts.sent of the one run in the state folder (its stored checkpoint), or -1 before its record exists."""
+    runs = read_runs(state, destination)
+    return runs[0]["counts"]["sent"] if runs else -1
+
+
 class Killer:
     """SIGKILLs the CLI from inside the sandbox at planned points, in order, observed through the sandbox's calls and
     the state store, never the clock: ("fields", _) on its field definitions call (while it starts, before its run
     record exists); ("put", "before"|"after") on a request, before SendGrid applies it or after (applied, its answer
     lost), once the run's stored checkpoint has passed the previous request kill's (so no request is in flight at two
-    kills); ("poll", _) on a job-status call (everything accepted)."""
+    kills); ("poll", _) on a job-status call once the stored run says all `total` contacts were sent (the job poller
+    also asks while requests are in flight: a kill then would send them again). While "poll" is the next point the
+    sandbox holds its jobs, so the sweep after the last request is sure to ask for their status."""
 
-    def __init__(self, box: Sandbox, state: Path, destination: str, plan: list[tuple[str, str]]) -> None:
-        self.box, self.state, self.destination, self.plan = box, state, destination, list(plan)
+    def __init__(self, box: Sandbox, state: Path, destination: str, plan: list[tuple[str, str]], total: int) -> None:
+        self.box, self.state, self.destination, self.plan, self.total = box, state, destination, list(plan), total
         self.proc: subprocess.Popen[str] | None = None
         self.floor = -1  # the stored checkpoint at the last request kill
         self.kills: list[tuple[str, str]] = []
@@ -602,6 +610,13 @@ class Killer:
         for where, op in (("fields", "op_fields_get"), ("put", "op_upsert"), ("poll", "op_job_status")):
             original = getattr(box, op)
             setattr(box, op, lambda req, where=where, original=original: self._at(where, req, original))
+        self._hold_before_poll()
+
+    def _hold_before_poll(self) -> None:
+        if self.plan and self.plan[0][0] == "poll":
+            self.box.hold_jobs()
+        else:
+            self.box.release_jobs()
 
     def _at(self, where: str, req: Any, original: Callable[[Any], tuple[int, Any]]) -> tuple[int, Any]:
         with self._lock:
@@ -610,10 +625,13 @@ class Killer:
                 done = _checkpoint(self.state, self.destination)[1]
                 due = done > self.floor
                 self.floor = done if due else self.floor
+            elif due and where == "poll":
+                due = _sent(self.state, self.destination) == self.total
             if not due:
                 return original(req)
             _, phase = self.plan.pop(0)
             proc = self.proc
+            self._hold_before_poll()
         answer = original(req) if phase == "after" else (503, {"errors": [{"message": "the client was killed"}]})
         assert proc is not None
         os.kill(proc.pid, signal.SIGKILL)
@@ -623,6 +641,7 @@ class Killer:
     def close(self) -> None:
         for op in ("op_fields_get", "op_upsert", "op_job_status"):
             delattr(self.box, op)
+        self.box.release_jobs()
 
 
 @pytest.mark.parametrize("in_flight", [1, 2, 4])
@@ -644,7 +663,7 @@ def test_sigkill_at_seeded_points_then_resume_loses_nothing(sg: Box, tmp_path: P
     state = tmp_path / "state"
     base = cli_args(config, "vip-newsletter", tmp_path / "export" / info.model_key, state, "--wait")
     per_request = limits.MAX_CONTACTS_PER_REQUEST
-    killer = Killer(sg.box, state, "vip-newsletter", plan)
+    killer = Killer(sg.box, state, "vip-newsletter", plan, total=len(expected))
     runs, run_id = 0, None
     try:
         while True:
@@ -860,6 +879,7 @@ def test_the_lease_outlives_a_long_wait_on_sendgrid_and_the_timer_keeps_off(
         with after_accepted_put(sg.box, 1, arm):
             outcome.extend(app.on_blob(world.ctx(), world.key))
 
+    sg.box.hold_jobs()  # the run's jobs are pending when it polls them once at its end
     runner = threading.Thread(target=first_run)
     runner.start()
     ticks_after_lapse = 0
@@ -871,7 +891,9 @@ def test_the_lease_outlives_a_long_wait_on_sendgrid_and_the_timer_keeps_off(
     [first] = outcome
     leaks.add("first run", orjson.dumps(first))
     assert ticks_after_lapse >= 1, "no tick came after an unrenewed lease would have lapsed"
-    assert first["status"] in ("submitted", "completed") and first["checkpoint"]["resumed"] == 0, first["error"]
+    assert first["status"] == "submitted" and first["checkpoint"]["resumed"] == 0, first["error"]
+    sg.box.release_jobs()
+    sg.box.complete_jobs()
     final = world.tick_until_final(first["run_id"], leaks)  # a blob-triggered run leaves its jobs to the timer
     assert final["status"] == "completed" and final["checkpoint"]["resumed"] == 0, final["error"]
     world.tally(fault_tally, f"lease: {fault['kind']} wait of {LEASE_S + 5} s (lease {LEASE_S} s)", faults=1,
@@ -1017,7 +1039,8 @@ def test_a_mirror_removal_waiting_past_its_lease_keeps_a_newer_export_out_until_
             leaks.add("timer report", orjson.dumps(report))
         runner.join(timeout=1.0)  # the timer's period, shortened
     [older] = outcome
-    assert older["status"] in ("submitted", "completed") and older["mirror"]["removed"] == 100, older["error"]
+    # a mirror run waits for its jobs and its removals within its deadline (600 s here)
+    assert older["status"] == "completed" and older["mirror"]["removed"] == 100, older["error"]
     give_up = time.monotonic() + 90
     while True:  # the timer syncs the latest export, e2, once the older run is done
         for report in app.on_timer(world.ctx()):

@@ -1284,6 +1284,29 @@ def test_wait_for_jobs_names_what_is_still_pending() -> None:
     assert box.complete_jobs() == 1 and box.jobs_final()
 
 
+@pytest.mark.parametrize("profile", [Profile(), Profile(job_seconds=(5.0, 5.0))], ids=["default", "job_seconds"])
+def test_held_jobs_stay_pending_past_their_time_until_released_or_completed(profile: Profile,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """hold_jobs() lets a test say what a client sees while its jobs are pending, whatever the profile's job times."""
+    clock = FakeClock()
+    monkeypatch.setattr(sandbox_module, "time", clock)
+    box = Sandbox([KEY], job_delay=0.05, profile=profile)
+    with serve(box) as server:
+        api = Api(server.url)
+        box.hold_jobs()
+        first = api.upsert(contacts_of(1)).json()["job_id"]
+        clock.now += 3600.0
+        assert api.job(first)["status"] == "pending" and box.contact_count() == 0 and not box.jobs_final()
+        with pytest.raises(RuntimeError, match="held"):
+            box.wait_for_jobs(timeout=0.05)
+        assert box.complete_jobs() == 1 and api.job(first)["status"] == "completed"  # a forced finish still works
+        second = api.upsert(contacts_of(2)).json()["job_id"]
+        clock.now += 3600.0
+        assert api.job(second)["status"] == "pending"  # still held
+        box.release_jobs()
+        assert api.job(second)["status"] == "completed" and box.contact_count() == 2 and box.jobs_final()
+
+
 def _error_rows(job: dict[str, Any]) -> list[dict[str, str]]:
     errors = requests.get(job["results"]["errors_url"], timeout=10)
     assert errors.status_code == 200
