@@ -9,9 +9,9 @@ SendGrid confirmed (job completed, not named in its errors file). Its sidecar sa
 A run reads the export once to collect its own `email<TAB>fp` lines (external sort, bounded memory), then:
 - full (no record, settings changed, asked for, or `full_resync_days` since the last full send): every contact sent;
 - delta: a contact whose email and content are not in the record is sent. Read once (`Unchanged`: the record as
-  8-byte keys, 8 bytes per recorded contact), or, for a record over MAX_UNCHANGED_KEYS, a counting pass or a dry run,
-  planned: the lines not in the record (a plain sorted diff) give the email fingerprints to send (`Wanted`, 8 bytes
-  per contact to send), which filter the sending pass.
+  digests, 10 bytes per recorded contact with their index), or, for a record over MAX_UNCHANGED_KEYS, a counting
+  pass or a dry run, planned: the lines not in the record (a plain sorted diff) give the email fingerprints to send
+  (`Wanted`, 8 bytes per contact to send), which filter the sending pass.
 When the run's jobs are final, the record becomes this export's lines minus the contacts SendGrid did not confirm
 (failed jobs, rows in errors files), so those are sent again by the next run.
 """
@@ -207,7 +207,8 @@ class Unchanged:
         return _pick(self._recorded(chunk.digests), positions, want=False)
 
 
-MAX_UNCHANGED_KEYS = 8_000_000  # 80 MB: a larger record plans its delta run by a counting pass instead
+MAX_UNCHANGED_KEYS = 4_000_000  # 40 MB: a larger record plans its delta run by a counting pass instead (read once,
+# a 5M delta run peaked at 206 MB, over the 200 MB a full run of 5M keeps to)
 
 
 def _pick(hit: np.ndarray, positions: list[int], *, want: bool) -> list[int]:
