@@ -107,8 +107,7 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
              digests: bool = False, only_changed: Changed | None = None) -> MappedChunk:
     """Map and encode rows (as read_rows gives them) as JSON, a comma between two contacts (so that the packer
     copies contacts that follow each other in one slice), or as import CSV lines; with digests, each contact's
-    content_digest too; JSON with only_changed: see _json_of_changed. Pure but for mapper.trimmed, which it hands on
-    and clears."""
+    content_digest too (JSON with only_changed: _json_of_changed). Pure but for mapper.trimmed, handed on, cleared."""
     if only_changed is not None and encoding == JSON:
         return _json_of_changed(mapper, rows, only_changed)
     mapfn: Callable[[Sequence[str | None]], contacts.Mapped | contacts.MappedLine]
@@ -120,10 +119,7 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
     rejects: list[tuple[int | None, contacts.Rejected]] = []
     notes: list[tuple[int | None, contacts.Note]] = []
     emails: list[str] = []
-    buf = bytearray()
-    ends = array("Q")
-    dig = bytearray()
-    lines = array("Q")
+    buf, ends, dig, lines = bytearray(), array("Q"), bytearray(), array("Q")
     line_of = mapper.line_of if digests and encoding == JSON else None
     at = mapper.id_index
     ids: list[str | None] | None = None if at is None else []
