@@ -296,13 +296,23 @@ def test_contact_deleted_between_search_and_removal(sandbox: Any) -> None:
     client.close()
 
 
-def test_jobs_kept_are_bounded(api) -> None:
+def test_jobs_kept_are_bounded_to_the_newest(api) -> None:
     running, client, _ = api
     box = running.box
     list_id = box.create_list("segment")
-    counts = remove_emails(client, list_id, [], counts={"requested": 5, "removed": 5, "jobs": ["j"] * 500,
+    carried = [f"old-{i:03d}" for i in range(500)]  # an interrupted attempt's job ids, oldest first
+    counts = remove_emails(client, list_id, [], counts={"requested": 5, "removed": 5, "jobs": carried,
                                                         "job_count": 500})
-    assert counts["requested"] == 5 and len(counts["jobs"]) == JOBS_KEPT and counts["job_count"] == 500
+    assert counts["requested"] == 5 and counts["job_count"] == 500
+    assert counts["jobs"] == carried[-JOBS_KEPT:]  # the newest are kept: the oldest jobs are the settled ones
+
+    emails = people(range(250))
+    upsert(client, box, emails, list_id)
+    counts = remove_emails(client, list_id, emails, counts={"requested": 5, "removed": 5, "jobs": carried,
+                                                            "job_count": 500})
+    new = counts["jobs"][-3:]  # three chunks of 100, one removal job each, appended after the carried ones
+    assert len(counts["jobs"]) == JOBS_KEPT and counts["job_count"] == 503
+    assert counts["jobs"][:-3] == carried[-(JOBS_KEPT - 3):] and not set(new) & set(carried) and all(new)
 
 
 # ---------------------------------------------------------------------------------------------- delete and purge
