@@ -157,3 +157,16 @@ def test_a_resumed_run_goes_on_exactly_after_the_last_accepted_request(world: Wo
     assert second["status"] == "completed" and second["counts"]["sent"] == len(PEOPLE), second
     assert world.box.list_emails(world.list_id) == [e for _, e in PEOPLE]
     assert world.box.send_counts() == {e: 1 for _, e in PEOPLE}  # none sent twice, none skipped
+
+
+def test_contacts_sendgrid_refuses_by_name_are_left_out_and_the_rest_sent(world: World) -> None:
+    """The sandbox refuses addresses on .invalid domains by name (a 400 naming them), as SendGrid refuses some our
+    check lets through: the batch goes again without them, and they are counted apart from what was sent."""
+    refused = [("R1", "someone@nowhere.invalid"), ("R2", "other@else.invalid")]
+    rows = [*PEOPLE[:10], refused[0], *PEOPLE[10:30], refused[1], *PEOPLE[30:]]
+    done = world.run(world.export(rows))
+    assert done["status"] == "completed", done
+    assert done["counts"]["sent"] == len(PEOPLE) and done["checkpoint"]["refused_by_sendgrid"] == 2
+    assert done["counts"]["rejected"] == {"refused_by_sendgrid": 2}
+    assert done["checkpoint"]["contacts_done"] == len(rows)  # the checkpoint passes the refused ones too
+    assert world.box.list_emails(world.list_id) == [e for _, e in PEOPLE]
