@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import batching, engine, report, stream
+from shared import batching, contacts, engine, report, stream
 from shared.config import load_config
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
@@ -170,3 +170,15 @@ def test_contacts_sendgrid_refuses_by_name_are_left_out_and_the_rest_sent(world:
     assert done["counts"]["rejected"] == {"refused_by_sendgrid": 2}
     assert done["checkpoint"]["contacts_done"] == len(rows)  # the checkpoint passes the refused ones too
     assert world.box.list_emails(world.list_id) == [e for _, e in PEOPLE]
+
+
+def test_the_rejections_file_holds_the_first_100000_rows_and_counts_the_rest() -> None:
+    rows = report.RowReport(id_column="CustomerId")
+    bad = contacts.Rejected("invalid email 'x'", contacts.Reason.INVALID_EMAIL)
+    for line in range(100_001):
+        rows.reject("f.csv", line + 2, bad, "C" * 250)
+    body = b"".join(rows.csv_chunks()).decode()
+    rows.close()
+    assert (rows.written, rows.omitted) == (100_000, 1)  # README: the first 100,000 rejected rows
+    lines = body.splitlines()
+    assert len(lines) == 1 + 100_000 and lines[1] == "f.csv,2,invalid email 'x'," + "C" * 200  # ids cut to 200
