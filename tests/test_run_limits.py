@@ -182,3 +182,12 @@ def test_the_rejections_file_holds_the_first_100000_rows_and_counts_the_rest() -
     assert (rows.written, rows.omitted) == (100_000, 1)  # README: the first 100,000 rejected rows
     lines = body.splitlines()
     assert len(lines) == 1 + 100_000 and lines[1] == "f.csv,2,invalid email 'x'," + "C" * 200  # ids cut to 200
+
+
+def test_the_record_keeps_a_sample_of_100_notes_and_counts_them_all_by_column() -> None:
+    rows = report.RowReport()
+    for line in range(130):
+        rows.note("f.csv", line + 2, contacts.Note("LifetimeValue: 'x' is not a number; left out", ("LifetimeValue",)))
+    rows.close()
+    assert len(rows.note_sample) == 100 and rows.note_sample[-1]["line"] == 101
+    assert rows.notes == {"LifetimeValue": 130}
