@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 ALLOWLIST = Path(__file__).resolve().parent / "mutate_allow.txt"
 
 # module (under shared/) -> the test files that pin its behaviour; fast ones only (`-m "not slow"`)
-RUN = ("tests/test_run_limits.py", "tests/test_delta.py", "tests/test_in_flight.py")  # whole runs, in-process
+# whole runs in this process against the sandbox: the run's limits, delta runs, several requests in flight
+RUN = ("tests/test_run_limits.py", "tests/test_delta.py", "tests/test_in_flight.py")
+LIFECYCLE = ("tests/test_orchestration.py", "tests/test_guarantees.py")  # claims, leases, resumes, pending jobs
 TARGETS: dict[str, tuple[str, ...]] = {
     "contacts": ("tests/test_contacts.py",),
     "batching": ("tests/test_batching.py",),
@@ -47,10 +49,10 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "config": ("tests/test_config.py",),
     "snapshots": ("tests/test_snapshots.py",),
     # the run's modules: its lifecycle (engine) and the stages it calls
-    "engine": RUN,
-    "stream": RUN,
+    "engine": (*RUN, *LIFECYCLE),
+    "stream": (*RUN, "tests/test_bulk.py", "tests/test_guarantees.py"),
     "report": RUN,
-    "jobs": ("tests/test_jobs.py", *RUN),
+    "jobs": ("tests/test_jobs.py", *RUN, "tests/test_guarantees.py"),
     "sending": RUN,
 }
 DEFAULT_MODULES = ("contacts", "batching", "sendgrid", "mirror", "engine", "stream", "report", "jobs", "sending")
@@ -400,16 +402,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev mutate", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--modules", default=",".join(DEFAULT_MODULES),
                         help=f"comma-separated, of {', '.join(TARGETS)} (default: {','.join(DEFAULT_MODULES)})")
-    parser.add_argument("--max-per-module", type=int, default=20, help="mutants sampled per module (0: all)")
+    parser.add_argument("--max-per-module", type=int, default=15, help="mutants sampled per module (0: all)")
     parser.add_argument("--seed", type=int, default=13, help="the sample's seed")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own copy (default 2)")
     parser.add_argument("--match", help="only mutants whose description contains this text")
+    parser.add_argument("--tests", help="comma-separated test files to run instead of each module's own (TARGETS)")
     parser.add_argument("--list", action="store_true", help="list the sampled mutants and stop")
     args = parser.parse_args(argv)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
     unknown = [m for m in modules if m not in TARGETS]
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    if args.tests:
+        for module in modules:
+            TARGETS[module] = tuple(t.strip() for t in args.tests.split(",") if t.strip())
     plan = choose(modules, args.max_per_module, args.seed, args.match)
     if args.list:
         for m in plan.sample:
