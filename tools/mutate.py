@@ -290,13 +290,30 @@ def run_tests(tree: Path, tests: tuple[str, ...], env: dict[str, str], timeout: 
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    _RUNNING.add(proc)
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return "timeout", time.monotonic() - started
+    finally:
+        _RUNNING.discard(proc)
     return ("passed" if code == 0 else "failed"), time.monotonic() - started
+
+
+_RUNNING: set[subprocess.Popen[bytes]] = set()  # test runs under way, stopped with the pass when it is interrupted
+
+
+def _stop_running_quietly() -> None:
+    for proc in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _stop_running(*_: object) -> None:
+    _stop_running_quietly()
+    raise KeyboardInterrupt
 
 
 @dataclass
@@ -322,6 +339,36 @@ def choose(modules: list[str], per_module: int, seed: int, match: str | None) ->
                 [m for m in chosen if allowlisted(m, allowed) is not None], allowed)
 
 
+def _baseline(plan: Pass, trees: list[Path], env: dict[str, str]) -> dict[tuple[str, ...], float] | None:
+    """Each module's tests, unmutated, spread over the trees: they must pass, and their time sets the timeout."""
+    todo: queue.Queue[tuple[str, ...]] = queue.Queue()
+    for tests in dict.fromkeys(TARGETS[m] for m in plan.modules):
+        todo.put(tests)
+    times: dict[tuple[str, ...], float] = {}
+    failed: list[tuple[str, ...]] = []
+
+    def worker(tree: Path) -> None:
+        while True:
+            try:
+                tests = todo.get_nowait()
+            except queue.Empty:
+                return
+            outcome, seconds = run_tests(tree, tests, env, timeout=1800)
+            if outcome != "passed":
+                failed.append(tests)
+            times[tests] = seconds
+            print(f"baseline {' '.join(tests)}: {outcome} in {seconds:.1f} s", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in trees]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for tests in failed:
+        print(f"these tests fail without any mutant, fix them first: {' '.join(tests)}")
+    return None if failed else times
+
+
 def execute(plan: Pass, jobs: int) -> dict[Mutant, str] | None:
     """Each mutant's outcome ('failed', 'timeout' or 'passed'); None when a module's tests fail unmutated."""
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp, azurite(Path(tmp)) as connection:
@@ -332,17 +379,9 @@ def execute(plan: Pass, jobs: int) -> dict[Mutant, str] | None:
             tree.mkdir()
             copy_tree(tree)
             trees.append(tree)
-        baseline: dict[tuple[str, ...], float] = {}
-        for module in plan.modules:  # the unmutated tests must pass, and their time sets the timeout
-            tests = TARGETS[module]
-            if tests in baseline:
-                continue
-            outcome, seconds = run_tests(trees[0], tests, env, timeout=1800)
-            if outcome != "passed":
-                print(f"the tests of {module} fail without any mutant ({' '.join(tests)}): fix them first")
-                return None
-            baseline[tests] = seconds
-            print(f"baseline {' '.join(tests)}: {seconds:.1f} s", flush=True)
+        baseline = _baseline(plan, trees, env)
+        if baseline is None:
+            return None
 
         todo: queue.Queue[Mutant] = queue.Queue()
         for m in plan.sample:
@@ -369,7 +408,7 @@ def execute(plan: Pass, jobs: int) -> dict[Mutant, str] | None:
                     mark = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED"}[outcome]
                     print(f"[{len(results)}/{len(plan.sample)}] {mark:16} {seconds:5.1f} s  {m.label()}", flush=True)
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in trees]
+        threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in trees]
         for t in threads:
             t.start()
         for t in threads:
@@ -402,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev mutate", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--modules", default=",".join(DEFAULT_MODULES),
                         help=f"comma-separated, of {', '.join(TARGETS)} (default: {','.join(DEFAULT_MODULES)})")
-    parser.add_argument("--max-per-module", type=int, default=15, help="mutants sampled per module (0: all)")
+    parser.add_argument("--max-per-module", type=int, default=12, help="mutants sampled per module (0: all)")
     parser.add_argument("--seed", type=int, default=13, help="the sample's seed")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own copy (default 2)")
     parser.add_argument("--match", help="only mutants whose description contains this text")
@@ -422,7 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             print(" ", m.label())
         return 0
     started = time.monotonic()
-    results = execute(plan, args.jobs)
+    signal.signal(signal.SIGTERM, _stop_running)  # a stopped pass leaves no test run, Azurite or copy behind
+    try:
+        results = execute(plan, args.jobs)
+    except KeyboardInterrupt:
+        _stop_running_quietly()
+        print("mutation pass interrupted")
+        return 130
     if results is None:
         return 2
     summary(plan, results, f"mutation pass: seed {args.seed}, up to {args.max_per_module} mutants per module, "
