@@ -309,6 +309,7 @@ def test_jobs_kept_are_bounded_to_the_newest(api) -> None:
     counts = remove_emails(client, list_id, [], counts={"requested": 5, "removed": 5, "jobs": carried,
                                                         "job_count": 500})
     assert counts["requested"] == 5 and counts["job_count"] == 500
+    assert counts["not_found"] == counts["not_in_list"] == counts["invalid"] == 0  # not carried: none yet
     assert counts["jobs"] == carried[-100:]  # the newest 100 are kept: the oldest jobs are the settled ones
 
     emails = people(range(250))
@@ -384,6 +385,7 @@ def test_delete_emails_deletes_contacts_entirely(api) -> None:
     counts = delete_emails(client, people(range(3, 6)))
     box.complete_jobs()
     assert (counts["requested"], counts["deleted"], counts["not_found"]) == (3, 3, 0)
+    assert counts["not_in_list"] == counts["invalid"] == 0  # no list here: nothing is "not in the list"
     assert all(box.contact(e) is None for e in people(range(3, 6)))
     assert box.contact_count() == 7
     assert box.list_emails(list_id) == people([*range(3), *range(6, 10)])

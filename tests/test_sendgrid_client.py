@@ -1131,6 +1131,13 @@ def test_remaining_zero_without_a_reset_time_waits_before_the_next_call(watch: L
         client.field_definitions()
     assert len(clock.waits) == 1 and 0 < clock.waits[0] <= 1.0  # the second, less the time the answer took
 
+    one_left = (200, {**answer[1], "X-RateLimit-Remaining": "1"}, answer[2])
+    clock.waits.clear()
+    with scripted(watch, one_left, clock) as client:  # one call left: the next goes at once
+        client.field_definitions()
+        client.field_definitions()
+    assert clock.waits == []
+
 
 @pytest.mark.parametrize(("status", "body", "job"), [(202, b'{"job_id": "j-1"}', "j-1"),
                                                      (200, b'{"job_id": "j-2"}', "j-2"), (204, b"", "")])
