@@ -191,3 +191,23 @@ def test_the_record_keeps_a_sample_of_100_notes_and_counts_them_all_by_column() 
     rows.close()
     assert len(rows.note_sample) == 100 and rows.note_sample[-1]["line"] == 101
     assert rows.notes == {"LifetimeValue": 130}
+
+
+def test_a_resume_claims_the_export_version_no_run_has_claimed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run saved without its export's claim (its process died in between, or a manual run): the resume claims it,
+    or the timer's latest-export pass would start a second full run of the same version."""
+    key = world.export(PEOPLE)
+    info = world.exports.info(key)
+    assert info is not None
+
+    def deadline(self: stream.Stream, where: str = "before the next request") -> None:
+        raise engine.DeadlineReached(f"the run's deadline was reached {where}")
+
+    with monkeypatch.context() as patch:  # the first attempt stops before sending anything
+        patch.setattr(stream.Stream, "deadline_check", deadline)
+        first = world.run(key)
+    state = world.services().state
+    assert first["status"] == "interrupted" and state.export_claim("members", key, info.etag) is None, first
+    second = world.run(key, resume=first["run_id"])
+    assert second["status"] == "completed", second
+    assert (state.export_claim("members", key, info.etag) or {}).get("run_id") == first["run_id"]
