@@ -80,7 +80,7 @@ def test_the_deployed_app_never_imports_the_development_tools() -> None:
 
 def test_the_functions_package_leaves_the_development_tools_out() -> None:
     ignored = {line.strip().rstrip("/") for line in (REPO / ".funcignore").read_text().splitlines()}
-    assert {"sandbox", "tests", "benchmarks"} <= ignored
+    assert {"sandbox", "tests", "benchmarks", "tools"} <= ignored
 
 
 MAX_FUNCTION_LINES = 60

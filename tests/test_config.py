@@ -106,6 +106,12 @@ def test_explicit_optional_values() -> None:
     assert d.schedule == "0 30 6 * * Mon-Fri" and d.on_new_export is False  # the expression as the timer reads it
 
 
+def test_exactly_as_many_custom_fields_as_sendgrid_allows_are_accepted() -> None:
+    fields = {f"f{i}": f"Col{i}" for i in range(limits.MAX_CUSTOM_FIELDS)}  # 500: the limit itself is allowed
+    d = parse_config(doc(with_(MINIMAL, custom_fields=fields)), ORIGIN).destinations["minimal"]
+    assert dict(d.custom_fields) == fields
+
+
 def test_list_id_is_normalised_to_lower_case() -> None:
     raw = with_(MINIMAL, list_id="0D7F6B1C-2A7E-4C55-9A61-3C1F6E1B2A10")
     assert parse_config(doc(raw), ORIGIN).destinations["minimal"].list_id == "0d7f6b1c-2a7e-4c55-9a61-3c1f6e1b2a10"
@@ -236,6 +242,7 @@ BAD_FIELDS = [
     ("custom_fields", {"ok": ""}, "source column"),
     ("custom_fields", {"First_Name": "C"}, "reserved"),
     ("custom_fields", {"Score": "A", "score": "B"}, "same SendGrid field"),
+    ("custom_fields", {"score": "A", "Score": "B"}, "same SendGrid field"),  # whichever spelling comes first
     ("custom_fields", {f"f{i}": "C" for i in range(limits.MAX_CUSTOM_FIELDS + 1)}, "at most 500"),
     ("mode", "sync", "'upsert', 'mirror'"),
     ("mode", None, "'upsert', 'mirror'"),

@@ -367,6 +367,13 @@ def test_the_known_answers_hold_on_this_interpreter() -> None:
     assert {expected for _, expected in contacts.EMAIL_KNOWN_ANSWERS} == {True, False}
 
 
+def test_a_check_that_disagrees_with_the_mapper_alone_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """valid_email (the erasure's and the CLI's check) and the mapper's compiled check must both hold."""
+    monkeypatch.setattr(contacts, "valid_email", lambda email: True)
+    problem = contacts.email_validator_problem()
+    assert problem is not None and "should be invalid" in problem
+
+
 @pytest.mark.parametrize("broken,named", [(r"(?!)", "'a@example.com' should be valid"),
                                           (r".*", "'a@example' should be invalid")])
 def test_a_validator_that_disagrees_is_named_with_the_interpreter(monkeypatch: pytest.MonkeyPatch, broken: str,
@@ -421,6 +428,13 @@ def test_custom_text_cut_and_counted_under_the_field_name() -> None:
     m = custom_mapper()
     c = contact_of(m, Email="a@example.com", Tier="ü" * (CUSTOM_TEXT_MAX_LENGTH + 5))
     assert c["custom_fields"]["e3_T"] == "ü" * CUSTOM_TEXT_MAX_LENGTH
+    assert dict(m.trimmed) == {"tier": 1}
+
+
+def test_custom_text_of_exactly_1000_characters_is_kept_whole() -> None:
+    m = custom_mapper()
+    assert contact_of(m, Email="a@example.com", Tier="x" * 1000)["custom_fields"]["e3_T"] == "x" * 1000
+    assert contact_of(m, Email="b@example.com", Tier="y" * 1001)["custom_fields"]["e3_T"] == "y" * 1000
     assert dict(m.trimmed) == {"tier": 1}
 
 

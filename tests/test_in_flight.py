@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
-from shared import batching, engine, stream
+from shared import batching, engine, sending, stream
 from shared.config import load_config
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
@@ -113,3 +114,44 @@ def test_polling_beside_four_senders_keeps_its_connections(tmp_path: Path, small
         report = _run(box, server.url, tmp_path, 4)
     assert report["status"] == "completed" and report["list"] == PEOPLE
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+# --------------------------------------------------------------------------------- sending.send_in_flight on its own
+
+
+def _senders() -> int:
+    return sum(t.name.startswith("sendgrid-sender-") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(("in_flight", "senders"), [(1, 1), (3, 3), (0, 1)])
+def test_as_many_senders_as_requests_in_flight_and_at_least_one(in_flight: int, senders: int) -> None:
+    seen: list[int] = []
+    committed: list[int] = []
+    between: list[int] = []
+
+    def send(item: int) -> int:
+        seen.append(_senders())
+        return item * 10
+
+    sending.send_in_flight(iter(range(7)), send, committed.append, in_flight=in_flight,
+                           between=lambda: between.append(1))
+    assert set(seen) == {senders}  # every sender is started before the first item is handed on
+    assert committed == [i * 10 for i in range(7)]  # in work order, whatever finished first
+    assert len(between) == 7  # `between` runs each time an item is handed on
+    assert _senders() == 0
+
+
+def test_a_failure_stops_the_work_and_is_raised_once_every_sender_stopped() -> None:
+    handed: list[int] = []
+
+    def work() -> Iterator[int]:
+        for i in range(100):
+            handed.append(i)
+            yield i
+
+    def send(item: int) -> int:
+        if item == 2:
+            raise RuntimeError("boom")
+        return item
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sending.send_in_flight(work(), send, lambda _: None, in_flight=1, between=lambda: None)
+    assert len(handed) < 100 and _senders() == 0

@@ -3,8 +3,10 @@ segment (join/leave/return), resume, chunking, not-found and invalid addresses, 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,14 @@ from sandbox.server import Sandbox, serve
 from shared import limits
 from shared.mirror import (
     JOBS_KEPT,
+    PASS_WAIT_FIRST,
     RemovalPlan,
     delete_emails,
     erasure_hash,
+    new_passes,
     plan_removal,
     remove_emails,
+    until_confirmed,
 )
 from shared.secrets import EnvSecrets
 from shared.sendgrid import RetryPolicy, SendGridClient
@@ -296,13 +301,77 @@ def test_contact_deleted_between_search_and_removal(sandbox: Any) -> None:
     client.close()
 
 
-def test_jobs_kept_are_bounded(api) -> None:
+def test_jobs_kept_are_bounded_to_the_newest(api) -> None:
     running, client, _ = api
     box = running.box
     list_id = box.create_list("segment")
-    counts = remove_emails(client, list_id, [], counts={"requested": 5, "removed": 5, "jobs": ["j"] * 500,
+    carried = [f"old-{i:03d}" for i in range(500)]  # an interrupted attempt's job ids, oldest first
+    counts = remove_emails(client, list_id, [], counts={"requested": 5, "removed": 5, "jobs": carried,
                                                         "job_count": 500})
-    assert counts["requested"] == 5 and len(counts["jobs"]) == JOBS_KEPT and counts["job_count"] == 500
+    assert counts["requested"] == 5 and counts["job_count"] == 500
+    assert counts["not_found"] == counts["not_in_list"] == counts["invalid"] == 0  # not carried: none yet
+    assert counts["jobs"] == carried[-100:]  # the newest 100 are kept: the oldest jobs are the settled ones
+
+    emails = people(range(250))
+    upsert(client, box, emails, list_id)
+    counts = remove_emails(client, list_id, emails, counts={"requested": 5, "removed": 5, "jobs": carried,
+                                                            "job_count": 500})
+    new = counts["jobs"][-3:]  # three chunks of 100, one removal job each, appended after the carried ones
+    assert len(counts["jobs"]) == JOBS_KEPT and counts["job_count"] == 503
+    assert counts["jobs"][:-3] == carried[-(JOBS_KEPT - 3):] and not set(new) & set(carried) and all(new)
+
+
+def test_a_negative_start_is_refused(api) -> None:
+    _, client, recorder = api
+    with pytest.raises(ValueError, match="start must not be negative"):
+        remove_emails(client, "some-list", people(range(3)), start=-1)
+    assert recorder.sent == []
+
+
+@pytest.fixture
+def slow_jobs() -> Iterator[tuple[Sandbox, SendGridClient]]:
+    """A sandbox whose jobs stay pending until the test lets them finish (`complete_jobs()`), as SendGrid's take
+    minutes: a removal is not seen by the next search until then."""
+    key = "SG.slow-" + "k" * 16 + "." + "s" * 43
+    box = Sandbox(api_keys=[key], job_delay=3600.0)
+    with serve(box) as server:
+        client = make_client(server.url, key)
+        yield box, client
+        client.close()
+
+
+def test_removal_passes_go_on_until_one_finds_nobody_left(slow_jobs: tuple[Sandbox, SendGridClient]) -> None:
+    box, client = slow_jobs
+    list_id = box.create_list("segment")
+    emails = people(range(5))
+    upsert(client, box, emails, list_id)
+    passes, saved, pauses = new_passes(), [], []
+    assert passes == {"pass": 1, "done": 0, "counts": None, "first": None}
+
+    def pause(seconds: float) -> None:  # SendGrid applies the removals only after the second pause
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            box.complete_jobs()
+
+    done = until_confirmed(functools.partial(remove_emails, client, list_id), "removed", lambda: emails, passes,
+                           checkpoint=lambda: saved.append(dict(passes)), until=time.monotonic() + 3600, pause=pause)
+    assert done is True and passes["confirmed"] is True and passes["pass"] == 3
+    assert pauses == [PASS_WAIT_FIRST, 2 * PASS_WAIT_FIRST]  # the wait doubles between passes
+    assert passes["first"]["removed"] == 5 and passes["last"] == 0  # the first pass's counts are what the run reports
+    assert saved[-1] == passes and box.list_emails(list_id) == []
+
+
+def test_removal_passes_stop_when_the_next_would_start_too_late(slow_jobs: tuple[Sandbox, SendGridClient]) -> None:
+    box, client = slow_jobs
+    list_id = box.create_list("segment")
+    emails = people(range(5))
+    upsert(client, box, emails, list_id)
+    passes, pauses = new_passes(), []
+    done = until_confirmed(functools.partial(remove_emails, client, list_id), "removed", lambda: emails, passes,
+                           checkpoint=lambda: None, until=time.monotonic() - 1, pause=pauses.append)
+    assert done is False and "confirmed" not in passes and pauses == []
+    assert passes["pass"] == 2 and passes["done"] == 0 and passes["counts"] is None  # the next pass starts afresh
+    assert passes["first"]["removed"] == 5
 
 
 # ---------------------------------------------------------------------------------------------- delete and purge
@@ -316,6 +385,7 @@ def test_delete_emails_deletes_contacts_entirely(api) -> None:
     counts = delete_emails(client, people(range(3, 6)))
     box.complete_jobs()
     assert (counts["requested"], counts["deleted"], counts["not_found"]) == (3, 3, 0)
+    assert counts["not_in_list"] == counts["invalid"] == 0  # no list here: nothing is "not in the list"
     assert all(box.contact(e) is None for e in people(range(3, 6)))
     assert box.contact_count() == 7
     assert box.list_emails(list_id) == people([*range(3), *range(6, 10)])

@@ -1072,3 +1072,82 @@ def test_an_upload_failing_past_the_budget_names_what_failed_and_wastes_no_last_
     assert "PUT import upload: failed 3 times (500 from SendGrid x2, connection failed x1)" in str(info.value)
     assert started.upload_uri not in str(info.value)  # a capability URL: never shown
     assert len(api.session.to("/_sandbox/uploads/")) == 3 and len(api.clock.waits) == 2
+
+
+# ------------------------------------------------------------------------ answers SendGrid may give, on a loopback
+
+
+class Scripted(QuietJsonHandler):
+    """Answers every call with (status, headers, body), and an errors file (CSV) at /errors.csv."""
+
+    answer: tuple[int, dict[str, str], bytes] = (200, {}, b"{}")
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.startswith("/errors.csv"):
+            body = b"Email,Error\r\nBad@Example.com,invalid\r\nother@example.com,too long\r\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/csv")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        status, headers, body = self.answer
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_DELETE = _answer
+
+
+@contextlib.contextmanager
+def scripted(watch: LeakWatch, answer: tuple[int, dict[str, str], bytes], clock: Clock | None = None
+             ) -> Iterator[SendGridClient]:
+    key = new_key()
+    watch.keys.add(key)
+    with loopback_server(type("S", (Scripted,), {"answer": answer})) as url:
+        client = SendGridClient(url, EnvSecrets({ENV_VAR: key}), SECRET_NAME, policy=fast_policy(),
+                                sleep=clock.sleep if clock else lambda _: None)
+        watch.clients.append(client)
+        yield client
+        client.close()
+
+
+def test_remaining_zero_without_a_reset_time_waits_before_the_next_call(watch: LeakWatch,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """X-RateLimit-Remaining: 0 and no X-RateLimit-Reset (or one that is not Unix seconds): the next call to that
+    endpoint waits the default second first instead of earning a 429."""
+    clock = Clock([])
+    monkeypatch.setattr(sendgrid_module, "time", SimpleNamespace(time=time.time, monotonic=clock.monotonic,
+                                                                 sleep=clock.sleep))
+    answer = (200, {"Content-Type": "application/json", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "soon"},
+              b'{"custom_fields": [], "reserved_fields": []}')
+    with scripted(watch, answer, clock) as client:
+        client.field_definitions()
+        assert clock.waits == []
+        client.field_definitions()
+    assert len(clock.waits) == 1 and 0 < clock.waits[0] <= 1.0  # the second, less the time the answer took
+
+    one_left = (200, {**answer[1], "X-RateLimit-Remaining": "1"}, answer[2])
+    clock.waits.clear()
+    with scripted(watch, one_left, clock) as client:  # one call left: the next goes at once
+        client.field_definitions()
+        client.field_definitions()
+    assert clock.waits == []
+
+
+@pytest.mark.parametrize(("status", "body", "job"), [(202, b'{"job_id": "j-1"}', "j-1"),
+                                                     (200, b'{"job_id": "j-2"}', "j-2"), (204, b"", "")])
+def test_a_removal_answered_200_202_or_204_is_accepted(watch: LeakWatch, status: int, body: bytes, job: str) -> None:
+    with scripted(watch, (status, {"Content-Type": "application/json"}, body)) as client:
+        assert client.remove_from_list("list-1", ["id-1", "id-2"]) == [job]
+        assert client.delete_contacts(["id-3"]) == [job]
+
+
+def test_the_errors_file_names_its_emails_lower_cased(watch: LeakWatch) -> None:
+    with scripted(watch, (200, {}, b"{}")) as client:
+        url = client.base_url + "/errors.csv"
+        assert client.errored_emails(url) == ["bad@example.com", "other@example.com"]

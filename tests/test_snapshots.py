@@ -148,6 +148,16 @@ def test_streams_tolerate_repeats_and_refuse_disorder() -> None:
         list(subtract_sorted(["a", "z"], ["b"], ["d", "c"]))
 
 
+def test_a_stream_that_breaks_its_order_yields_each_item_once_up_to_the_break() -> None:
+    """A block out of order goes through the per-item path: what came before the break is yielded, repeats still
+    collapsed (a consumer acting as it reads, such as a removal, sees each contact once), then the error."""
+    seen: list[str] = []
+    with pytest.raises(ValueError, match="previous stream is not sorted"):
+        for email in diff_sorted(["a", "a", "b", "b", "c", "a"], ["c"]):
+            seen.append(email)
+    assert seen == ["a", "b"]
+
+
 # ----------------------------------------------------------------------------------------------------- snapshots
 
 
