@@ -307,8 +307,7 @@ def _execute(stream: Stream) -> None:
             stream.send_all(client)
         else:  # a full send reads once, a delta run too: the record lines are collected while sending
             if kind.kind == "delta":
-                stream.send_only = delta.Unchanged.load(svc.state.store, Held(svc.state, dest.name,
-                                                                              dest.list_id).fingerprints_key)
+                stream.send_only = delta.Unchanged.load(svc.state.store, stream.held.fingerprints_key)
             with snapshots.EmailSorter() as sorter:
                 stream.sorter = sorter
                 stream.send_all(client)
@@ -324,8 +323,7 @@ def _sync_kind(stream: Stream, custom: list[contacts.CustomField]) -> delta.Kind
         info = record.extra["sync"]
         return delta.Kind(info["kind"], info["why"])
     dest_fp = delta.destination_fingerprint(dest, custom)
-    held = Held(stream.svc.state, dest.name, dest.list_id)
-    kind = delta.decide(stream.svc.state.store, held.fingerprints_key, dest, dest_fp,
+    kind = delta.decide(stream.svc.state.store, stream.held.fingerprints_key, dest, dest_fp,
                         full_resync=stream.req.full_resync)
     record.extra["sync"] = kind.to_json() | {"destination_fp": dest_fp}
     return kind
@@ -338,8 +336,7 @@ def _planned(stream: Stream, kind: delta.Kind) -> bool:
         return False
     if "changes" in stream.record.extra:
         return True
-    held = Held(stream.svc.state, stream.dest.name, stream.dest.list_id)
-    return snapshots.snapshot_size(stream.svc.state.store, held.fingerprints_key) > delta.MAX_UNCHANGED_KEYS
+    return snapshots.snapshot_size(stream.svc.state.store, stream.held.fingerprints_key) > delta.MAX_UNCHANGED_KEYS
 
 
 def _first_pass(stream: Stream, kind: delta.Kind) -> None:
@@ -387,8 +384,7 @@ def _stage_current(stream: Stream, sorter: snapshots.EmailSorter) -> None:
 
 def _classify(stream: Stream, *, want_filter: bool) -> np.ndarray | None:
     """The changes this export brings (new, changed, unchanged), into the record; for a delta run, what to send."""
-    dest, state = stream.dest, stream.svc.state
-    held = Held(state, dest.name, dest.list_id)
+    state, held = stream.svc.state, stream.held
     changes, wanted = delta.classify(state.store, held.fingerprints_key, held.snapshot_key,
                                      _staged(stream, listsync.CURRENT_FP), want_filter=want_filter)
     stream.record.extra["changes"] = stream.record.extra.get("changes", {}) | changes

@@ -429,11 +429,17 @@ def write_snapshot(store: ObjectStore, key: str, emails: Iterable[str], *, trust
                 yield out
         yield comp.flush()
 
-    etag = store.write_stream(key, chunks())
-    meta = {"count": total, "etag": etag, "sha256": digest.hexdigest(),
-            "written_at": now_iso(), "written_by": written_by, **(extra or {})}
-    store.write_bytes(meta_key(key), orjson.dumps(meta))
+    etag = store.write_stream(key, chunks())  # counts and digests as it writes
+    _write_meta(store, key, etag, total, digest.hexdigest(), written_by, extra)
     return total
+
+
+def _write_meta(store: ObjectStore, key: str, etag: str, count: int, sha256: str | None, written_by: str | None,
+                extra: dict[str, Any] | None) -> None:
+    """The sidecar that vouches for the snapshot `key` as written (its etag)."""
+    meta = {"count": count, "etag": etag, "sha256": sha256, "written_at": now_iso(), "written_by": written_by,
+            **(extra or {})}
+    store.write_bytes(meta_key(key), orjson.dumps(meta))
 
 
 def copy_snapshot(store: ObjectStore, source: str, key: str, *, written_by: str | None = None,
@@ -445,9 +451,7 @@ def copy_snapshot(store: ObjectStore, source: str, key: str, *, written_by: str 
         return None
     with store.open_read(source) as fh:
         etag = store.write_stream(key, iter(lambda: fh.read(_COPY_BYTES), b""))
-    store.write_bytes(meta_key(key), orjson.dumps({"count": meta["count"], "etag": etag, "sha256": meta.get("sha256"),
-                                                   "written_at": now_iso(), "written_by": written_by,
-                                                   **(extra or {})}))
+    _write_meta(store, key, etag, int(meta["count"]), meta.get("sha256"), written_by, extra)
     return int(meta["count"])
 
 
