@@ -30,9 +30,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOWLIST = Path(__file__).resolve().parent / "mutate_allow.txt"
@@ -339,31 +342,40 @@ def choose(modules: list[str], per_module: int, seed: int, match: str | None) ->
                 [m for m in chosen if allowlisted(m, allowed) is not None], allowed)
 
 
-def _baseline(plan: Pass, trees: list[Path], env: dict[str, str]) -> dict[tuple[str, ...], float] | None:
-    """Each module's tests, unmutated, spread over the trees: they must pass, and their time sets the timeout."""
-    todo: queue.Queue[tuple[str, ...]] = queue.Queue()
-    for tests in dict.fromkeys(TARGETS[m] for m in plan.modules):
-        todo.put(tests)
-    times: dict[tuple[str, ...], float] = {}
-    failed: list[tuple[str, ...]] = []
+def _spread(items: Iterable[T], trees: list[Path], do: Callable[[Path, T], None]) -> None:
+    """`do(tree, item)` for every item, one thread per tree taking the next item when it is free."""
+    todo: queue.Queue[T] = queue.Queue()
+    for item in items:
+        todo.put(item)
 
     def worker(tree: Path) -> None:
         while True:
             try:
-                tests = todo.get_nowait()
+                item = todo.get_nowait()
             except queue.Empty:
                 return
-            outcome, seconds = run_tests(tree, tests, env, timeout=1800)
-            if outcome != "passed":
-                failed.append(tests)
-            times[tests] = seconds
-            print(f"baseline {' '.join(tests)}: {outcome} in {seconds:.1f} s", flush=True)
+            do(tree, item)
 
     threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in trees]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+def _baseline(plan: Pass, trees: list[Path], env: dict[str, str]) -> dict[tuple[str, ...], float] | None:
+    """Each module's tests, unmutated, spread over the trees: they must pass, and their time sets the timeout."""
+    times: dict[tuple[str, ...], float] = {}
+    failed: list[tuple[str, ...]] = []
+
+    def one(tree: Path, tests: tuple[str, ...]) -> None:
+        outcome, seconds = run_tests(tree, tests, env, timeout=1800)
+        if outcome != "passed":
+            failed.append(tests)
+        times[tests] = seconds
+        print(f"baseline {' '.join(tests)}: {outcome} in {seconds:.1f} s", flush=True)
+
+    _spread(dict.fromkeys(TARGETS[m] for m in plan.modules), trees, one)
     for tests in failed:
         print(f"these tests fail without any mutant, fix them first: {' '.join(tests)}")
     return None if failed else times
@@ -383,36 +395,24 @@ def execute(plan: Pass, jobs: int) -> dict[Mutant, str] | None:
         if baseline is None:
             return None
 
-        todo: queue.Queue[Mutant] = queue.Queue()
-        for m in plan.sample:
-            todo.put(m)
         results: dict[Mutant, str] = {}
         lock = threading.Lock()
 
-        def worker(tree: Path) -> None:
-            while True:
-                try:
-                    m = todo.get_nowait()
-                except queue.Empty:
-                    return
-                target = tree / m.path
-                original = target.read_text()
-                try:
-                    target.write_text(mutated_source(m))
-                    tests = TARGETS[m.module]
-                    outcome, seconds = run_tests(tree, tests, env, timeout=baseline[tests] * 3 + 30)
-                finally:
-                    target.write_text(original)
-                with lock:
-                    results[m] = outcome
-                    mark = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED"}[outcome]
-                    print(f"[{len(results)}/{len(plan.sample)}] {mark:16} {seconds:5.1f} s  {m.label()}", flush=True)
+        def one(tree: Path, m: Mutant) -> None:
+            target = tree / m.path
+            original = target.read_text()
+            try:
+                target.write_text(mutated_source(m))
+                tests = TARGETS[m.module]
+                outcome, seconds = run_tests(tree, tests, env, timeout=baseline[tests] * 3 + 30)
+            finally:
+                target.write_text(original)
+            with lock:
+                results[m] = outcome
+                mark = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED"}[outcome]
+                print(f"[{len(results)}/{len(plan.sample)}] {mark:16} {seconds:5.1f} s  {m.label()}", flush=True)
 
-        threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in trees]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _spread(plan.sample, trees, one)
     return results
 
 
