@@ -16,11 +16,9 @@ import pytest
 from sandbox.server import Sandbox, serve
 from shared import batching, delta, engine, report, snapshots
 from shared import stream as stream_module
-from shared.config import load_config
-from shared.secrets import EnvSecrets
-from shared.sendgrid import RetryPolicy, SendGridClient
-from shared.state import StateStore
+from shared.sendgrid import RetryPolicy
 from shared.storage import LocalFolderStore
+from tests.engine_world import EngineWorld
 
 KEY = "SG.delta-" + "k" * 20 + "." + "s" * 43
 PUT = "PUT /v3/marketing/contacts"
@@ -30,31 +28,11 @@ def person(i: int, city: str = "Oslo") -> dict[str, str]:
     return {"email": f"p{i:05d}@example.com", "first": f"P{i}", "city": city}
 
 
-class World:
+class World(EngineWorld):
     def __init__(self, box: Sandbox, url: str, tmp: Path) -> None:
-        self.box, self.url, self.tmp = box, url, tmp
-        self.environ = {"SENDGRID_API_KEY": KEY, "SENDGRID_API_URL": url}
-        self.exports = LocalFolderStore(tmp / "exports")
-        self.config = tmp / "destinations.json"
-        self.list_id = box.create_list("members")
+        super().__init__(box, url, tmp, key=KEY, mapping={"email": "email", "first_name": "first", "city": "city"},
+                         policy=RetryPolicy(max_attempts=2))
         self.version = 0
-        self.settings: dict[str, Any] = {
-            "name": "members", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": self.list_id,
-            "segments": ["members"], "mode": "upsert", "max_profiles": None, "bulk_threshold": None,
-            "mapping": {"email": "email", "first_name": "first", "city": "city"}}
-        self.configure()
-
-    def configure(self, **changes: Any) -> None:
-        self.settings.update(changes)
-        self.config.write_bytes(orjson.dumps({"destinations": [self.settings]}))
-
-    def services(self) -> engine.Services:
-        secrets = EnvSecrets(self.environ)
-        return engine.Services(config=load_config(self.config), secrets=secrets,
-                               state=StateStore(LocalFolderStore(self.tmp / "state")), sources=self.exports,
-                               environ=self.environ, poll_interval=0.05, wait_timeout=30.0,
-                               client_factory=lambda d: SendGridClient(self.url, secrets, d.api_key_secret,
-                                                                       policy=RetryPolicy(max_attempts=2)))
 
     def export(self, people: list[dict[str, str]]) -> str:
         self.version += 1
@@ -62,16 +40,6 @@ class World:
         rows = "".join(f"{p['email']},{p['first']},{p['city']}\n" for p in people)
         self.exports.write_bytes(key, ("email,first,city\n" + rows).encode())
         return key
-
-    def run(self, key: str, **request: Any) -> dict[str, Any]:
-        info = self.exports.info(key)
-        assert info is not None
-        report = engine.run(engine.RunRequest("members", key, info.etag, wait=True, **request), self.services())
-        self.box.complete_jobs()
-        return report
-
-    def puts(self) -> int:
-        return int(self.box.stats["requests"].get(PUT, 0))
 
     def sent(self) -> dict[str, int]:
         return dict(self.box.send_counts())

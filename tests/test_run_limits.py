@@ -13,16 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from sandbox.server import Sandbox, serve
 from shared import batching, contacts, engine, report, stream
-from shared.config import load_config
-from shared.secrets import EnvSecrets
-from shared.sendgrid import RetryPolicy, SendGridClient
-from shared.state import StateStore
-from shared.storage import LocalFolderStore
+from shared.sendgrid import RetryPolicy
+from tests.engine_world import EngineWorld
 
 KEY = "SG.limits-" + "k" * 20 + "." + "s" * 43
 PUT = "PUT /v3/marketing/contacts"
@@ -32,31 +28,10 @@ def person(i: int) -> str:
     return f"p{i:05d}@example.com"
 
 
-class World:
+class World(EngineWorld):
     def __init__(self, box: Sandbox, url: str, tmp: Path) -> None:
-        self.box, self.url, self.tmp = box, url, tmp
-        self.environ = {"SENDGRID_API_KEY": KEY, "SENDGRID_API_URL": url}
-        self.exports = LocalFolderStore(tmp / "exports")
-        self.config = tmp / "destinations.json"
-        self.list_id = box.create_list("members")
-        self.settings: dict[str, Any] = {
-            "name": "members", "consent": True, "api_key_secret": "sendgrid-api-key", "list_id": self.list_id,
-            "segments": ["members"], "mode": "upsert", "max_profiles": None, "bulk_threshold": None,
-            "mapping": {"email": "email", "first_name": "first"}}
-        self.configure()
-
-    def configure(self, **changes: Any) -> None:
-        self.settings.update(changes)
-        self.config.write_bytes(orjson.dumps({"destinations": [self.settings]}))
-
-    def services(self) -> engine.Services:
-        secrets = EnvSecrets(self.environ)
-        return engine.Services(config=load_config(self.config), secrets=secrets,
-                               state=StateStore(LocalFolderStore(self.tmp / "state")), sources=self.exports,
-                               environ=self.environ, poll_interval=0.05, wait_timeout=30.0,
-                               client_factory=lambda d: SendGridClient(self.url, secrets, d.api_key_secret,
-                                                                       policy=RetryPolicy(max_attempts=2,
-                                                                                          backoff_base=0.01)))
+        super().__init__(box, url, tmp, key=KEY, mapping={"email": "email", "first_name": "first"},
+                         policy=RetryPolicy(max_attempts=2, backoff_base=0.01))
 
     def export(self, rows: list[tuple[str, str]], name: str = "v1") -> str:
         """(CustomerId, email) rows under a header; row i is on line i + 2."""
@@ -64,13 +39,6 @@ class World:
         body = "".join(f"{c},{e},F\n" for c, e in rows)
         self.exports.write_bytes(key, ("CustomerId,email,first\n" + body).encode())
         return key
-
-    def run(self, key: str, **request: Any) -> dict[str, Any]:
-        info = self.exports.info(key)
-        assert info is not None
-        done = engine.run(engine.RunRequest("members", key, info.etag, wait=True, **request), self.services())
-        self.box.complete_jobs()
-        return done
 
     def rejections_csv(self, record: dict[str, Any]) -> list[list[str]]:
         data = (self.tmp / "state" / record["rejections_file"]).read_text(encoding="utf-8")
