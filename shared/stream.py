@@ -312,17 +312,17 @@ class Duplicates:
     def __init__(self) -> None:
         self._seen: list[np.ndarray] = []  # this reading: fingerprints of the duplicated emails
         self._noted = 0
-        self._wanted: np.ndarray | None = None  # from the reading before: emails whose first row to remember
+        self._wanted: delta.KeySet | None = None  # from the reading before: emails whose first row to remember
         self._first: dict[str, str] = {}  # email -> FILE:LINE of its first row, for those
 
     def next_reading(self) -> None:
-        self._wanted = np.unique(np.concatenate(self._seen)) if self._seen else None
+        self._wanted = delta.KeySet(np.unique(np.concatenate(self._seen))) if self._seen else None
         self._seen, self._noted, self._first = [], 0, {}
 
     def remember_first(self, file: str, chunk: pipeline.MappedChunk, keep: list[int]) -> None:
         if self._wanted is None or not keep:
             return
-        hit = np.isin(np.frombuffer(chunk.fps, dtype=np.uint64)[keep], self._wanted)
+        hit = self._wanted.contains(np.frombuffer(chunk.fps, dtype=np.uint64)[keep])
         if hit.any():
             for k in np.asarray(keep)[hit].tolist():
                 self._first[chunk.emails[k]] = f"{file}:{chunk.lines[k]}"
