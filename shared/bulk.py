@@ -1,6 +1,7 @@
 """The bulk path: contacts as gzip CSV files for SendGrid's import (PUT /v3/marketing/contacts/imports).
 
-One file holds up to 1,000,000 contacts. Files are written to a temporary folder as contacts stream past (memory stays
+One file holds up to `per_file` contacts (the engine's choice: limits.IMPORT_FILE_CONTACTS; SendGrid takes up to
+1,000,000). Files are written to a temporary folder as contacts stream past (memory stays
 flat), and uploaded with a known length: the upload URI SendGrid gives is a presigned URL that wants Content-Length.
 The rows are the mapper's own (contacts.ContactMapper.map_line: CSV lines in the order of its import_fields, which
 are the destination's mapping then its custom fields, the order of the header and field mappings here); this module

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bulk, contacts, delta, gcpolicy, listsync, mirror, pipeline, report, snapshots, sources
+from . import bulk, contacts, delta, gcpolicy, limits, listsync, mirror, pipeline, report, snapshots, sources
 from .config import Destination
 from .errors import (
     AuthError,
@@ -432,7 +432,8 @@ def _fields_and_importer(stream: Stream, client: SendGridClient) -> list[contact
         custom = _resolve_custom_fields(dest, defs)
         if dest.bulk_threshold is not None:
             try:
-                stream.importer = bulk.Importer(dest.mapping, custom, defs.get("reserved_fields", []))
+                stream.importer = bulk.Importer(dest.mapping, custom, defs.get("reserved_fields", []),
+                                                per_file=limits.IMPORT_FILE_CONTACTS)
             except ConfigError as exc:  # e.g. external_id: upserts take it, the import's field ids do not
                 record.warnings.append(f"{exc}: every contact of this run goes as JSON requests (bulk_threshold: "
                                        "null says so once and for all)")

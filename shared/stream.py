@@ -183,8 +183,9 @@ class Stream:
 
     def work(self) -> Iterator[tuple[str, Any]]:
         """What the sender sends, in order: ("json", ContactBatch) request batches for the first bulk_threshold
-        contacts, then ("csv", ImportFile) gzip CSV files of up to 1,000,000 contacts for the rest. Contacts before
-        the checkpoint are replayed (counted, de-duplicated) but not sent."""
+        contacts, then ("csv", ImportFile) gzip CSV files of up to limits.IMPORT_FILE_CONTACTS contacts for the rest,
+        each sent while the next is written. Contacts before the checkpoint are replayed (counted, de-duplicated) but
+        not sent."""
         skip = self.record.checkpoint.contacts_done
         limit = self.dest.bulk_threshold if self.importer is not None else None
         self.encoding = pipeline.CSV if limit is not None and skip >= limit else pipeline.JSON

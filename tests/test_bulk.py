@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import itertools
+import math
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from sandbox import samplegen
-from shared import engine, pipeline, sources, stream
+from shared import engine, limits, pipeline, sources, stream
 from shared.bulk import ImportChunk, Importer
 from shared.config import parse_config
 from shared.contacts import ContactMapper, CustomField
@@ -99,6 +100,29 @@ def test_a_mapping_the_import_cannot_take_sends_every_contact_as_json(sandbox, f
     assert report["requests"]["imports"] == 0 and report["counts"]["sent"] == info.valid_distinct
     assert any("cannot map external_id" in w and "JSON requests" in w for w in report["warnings"]), report["warnings"]
     assert len(sandbox.box.list_emails(list_id)) == info.valid_distinct
+
+
+def test_import_files_go_while_the_rest_of_the_export_is_read(sandbox, fields, tmp_path: Path, monkeypatch) -> None:
+    """Import files of limits.IMPORT_FILE_CONTACTS, each uploaded while the next is written: the first import's job
+    starts before the export is read to its end (with one file of everything it waited for the end), and the list
+    holds every contact once."""
+    monkeypatch.setattr(limits, "IMPORT_FILE_CONTACTS", 500)
+    read_at_upload: list[int] = []
+    send_import = stream.Stream.send_import
+
+    def spy(self, client, f):
+        read_at_upload.append(self.record.counts.read)
+        return send_import(self, client, f)
+
+    monkeypatch.setattr(stream.Stream, "send_import", spy)
+    info = samplegen.write_cdm_export(tmp_path / "x", 12_000, partitions=2, seed=11)  # chunks of 4,096 rows
+    report, list_id = _run(sandbox, tmp_path / "x", info, tmp_path, bulk_threshold=5_000, list_name="files")
+    assert report["status"] == "completed", report["error"]
+    imports = [j for j in report["jobs"] if j.get("kind") == "import"]
+    assert len(imports) == report["requests"]["imports"] == math.ceil((info.valid_distinct - 5_000) / 500)
+    assert all(j["contacts"] == 500 for j in imports[:-1]) and 0 < imports[-1]["contacts"] <= 500
+    assert read_at_upload[0] < info.rows, read_at_upload  # at most 4 files ahead of the sender: not past chunk 3
+    assert len(sandbox.box.list_emails(list_id)) == report["counts"]["sent"] == info.valid_distinct
 
 
 def _list_contents(sandbox, list_id: str) -> dict[str, tuple]:
