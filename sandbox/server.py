@@ -1630,7 +1630,7 @@ def _check_row(row: list[str], columns: list[tuple[int, str, str]], fields: dict
                     finite = False
                 if not finite:
                     return f"custom field {key} is a Number field: '{value}' is not a number"
-            elif ftype == "Date" and not _is_date(value):
+            elif ftype == "Date" and value not in _DATE_CACHE and not _is_date(value):
                 return f"custom field {key} is a Date field: '{value}' is not MM/DD/YYYY"
     return None if has_id else "a contact needs at least one identifier"
 
