@@ -310,9 +310,10 @@ def _execute(stream: Stream) -> None:
                 stream.send_only = delta.Unchanged.load(svc.state.store, stream.held.fingerprints_key)
             with snapshots.EmailSorter() as sorter:
                 stream.sorter = sorter
-                stream.send_all(client)
-                _stage_current(stream, sorter)
-            _classify(stream, want_filter=False)
+                staged: list[dict[str, int]] = []  # what the export changes, found while the last requests are out
+                stream.send_all(client, read_all=lambda: staged.append(_stage_and_compare(stream, sorter)))
+                changes = staged[0] if staged else _stage_and_compare(stream, sorter)  # read_all runs unless it failed
+            _note_changes(stream, changes)
         listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline))
 
 
@@ -387,8 +388,21 @@ def _classify(stream: Stream, *, want_filter: bool) -> np.ndarray | None:
     state, held = stream.svc.state, stream.held
     changes, wanted = delta.classify(state.store, held.fingerprints_key, held.snapshot_key,
                                      _staged(stream, listsync.CURRENT_FP), want_filter=want_filter)
-    stream.record.extra["changes"] = stream.record.extra.get("changes", {}) | changes
+    _note_changes(stream, changes)
     return wanted
+
+
+def _stage_and_compare(stream: Stream, sorter: snapshots.EmailSorter) -> dict[str, int]:
+    """Once the export is read: every contact's record line staged, and the changes against the last record. Runs
+    while the last requests are out, so it touches no record field (the senders save the record meanwhile)."""
+    _stage_current(stream, sorter)
+    state, held = stream.svc.state, stream.held
+    return delta.classify(state.store, held.fingerprints_key, held.snapshot_key, _staged(stream, listsync.CURRENT_FP),
+                          want_filter=False)[0]
+
+
+def _note_changes(stream: Stream, changes: dict[str, int]) -> None:
+    stream.record.extra["changes"] = stream.record.extra.get("changes", {}) | changes
 
 
 def _staged(stream: Stream, name: str) -> str:

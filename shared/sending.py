@@ -37,10 +37,12 @@ class _Order(Generic[T]):
 
 
 def send_in_flight(work: Iterator[Item], send: Callable[[Item], T], commit: Callable[[T], None], *,
-                   in_flight: int, between: Callable[[], None] | None = None) -> None:
+                   in_flight: int, between: Callable[[], None] | None = None,
+                   handed_all: Callable[[], None] | None = None) -> None:
     """Send every work item with up to `in_flight` requests at once, committing results in work order. `between`
-    runs on this thread whenever an item is handed on (e.g. polling the jobs of committed requests). Raises the
-    first failure once every sender has stopped."""
+    runs on this thread whenever an item is handed on (e.g. polling the jobs of committed requests); `handed_all`
+    once the last item has been handed on, while the last requests are still out (work that needs the whole
+    reading but none of SendGrid's answers). Raises the first failure once every sender has stopped."""
     senders = max(1, in_flight)
     # one item waits for a sender (~6 MB at most), beside those being sent and the one being packed: packing a
     # request takes a fraction of the time sending it does, so a deeper queue only held more bodies in memory
@@ -72,6 +74,9 @@ def send_in_flight(work: Iterator[Item], send: Callable[[Item], T], commit: Call
             q.put((seq, item))
             if between is not None and not stop.is_set():
                 between()
+        else:
+            if handed_all is not None and not stop.is_set():
+                handed_all()
     finally:
         for _ in threads:
             q.put(None)

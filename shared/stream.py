@@ -15,7 +15,7 @@ import io
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -214,16 +214,17 @@ class Stream:
         if (last := packer.flush()) is not None:
             yield "json", last
 
-    def send_all(self, client: SendGridClient) -> None:
+    def send_all(self, client: SendGridClient, read_all: Callable[[], None] | None = None) -> None:
         """Read and send, overlapped: this thread packs while up to max_in_flight requests are sent (`sending`), and
-        SendGrid's jobs of committed requests are polled meanwhile, so the sweep at the end has little left."""
+        SendGrid's jobs of committed requests are polled meanwhile, so the sweep at the end has little left.
+        `read_all` runs on this thread once the export is read to its end, while the last requests are out."""
         stop = threading.Event()
         poller = threading.Thread(target=self._poll_while_sending, args=(client, stop), name="job-poller",
                                   daemon=True)
         poller.start()
         try:
             sending.send_in_flight(self.work(), lambda item: self._send(client, item), self._commit,
-                                   in_flight=self.dest.max_in_flight)
+                                   in_flight=self.dest.max_in_flight, handed_all=read_all)
         finally:
             stop.set()
             poller.join()

@@ -155,3 +155,32 @@ def test_a_failure_stops_the_work_and_is_raised_once_every_sender_stopped() -> N
     with pytest.raises(RuntimeError, match="boom"):
         sending.send_in_flight(work(), send, lambda _: None, in_flight=1, between=lambda: None)
     assert len(handed) < 100 and _senders() == 0
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_handed_all_runs_once_the_work_is_read_while_the_last_requests_are_out(in_flight: int) -> None:
+    """The last request waits until handed_all has run: it ran after every item was handed on, before that request
+    came back (else this would time out), exactly once; a failed run never calls it."""
+    handed_all = threading.Event()
+    calls: list[int] = []
+    committed: list[int] = []
+
+    def send(item: int) -> int:
+        if item == 4:
+            assert handed_all.wait(10), "handed_all did not run while the last request was out"
+        return item
+
+    def on_handed_all() -> None:
+        calls.append(len(committed))
+        handed_all.set()
+
+    sending.send_in_flight(iter(range(5)), send, committed.append, in_flight=in_flight, handed_all=on_handed_all)
+    assert len(calls) == 1 and calls[0] < 5 and committed == [0, 1, 2, 3, 4]
+
+    def fail(item: int) -> int:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sending.send_in_flight(iter(range(5)), fail, committed.append, in_flight=in_flight,
+                               handed_all=lambda: calls.append(-1))
+    assert -1 not in calls
