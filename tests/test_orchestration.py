@@ -90,7 +90,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield World(box, list_id, info, tmp_path, {"SENDGRID_API_URL": server.url, "SENDGRID_API_KEY": key})
 
 
-def _deadline(self: Any, client: Any) -> None:
+def _deadline(self: Any, client: Any, read_all: Any = None) -> None:
     """stream.Stream.send_all for a run that meets its deadline before its first request."""
     raise DeadlineReached("the deadline came before the first request")
 
