@@ -59,7 +59,7 @@ def stages_pass(export: Export, depth: int) -> int:
     """Run the first `depth` stages over the export; returns a count so nothing is optimised away."""
     import numpy as np
 
-    from shared import batching, dedup, pipeline, snapshots
+    from shared import batching, dedup, delta, pipeline, snapshots
     from shared.storage import LocalFolderStore
 
     if depth == 0:  # the bare csv module over the files
@@ -81,19 +81,24 @@ def stages_pass(export: Export, depth: int) -> int:
                     n += 1
             mapper.trimmed.clear()
         return n
-    mapped = (pipeline.map_rows(mapper, chunk) for chunk in chunks)  # what pipeline.mapped_chunks does, no workers
+    # what pipeline.mapped_chunks does, no workers; from the record's stage on with each contact's content digest
+    mapped = (pipeline.map_rows(mapper, chunk, digests=depth >= 6) for chunk in chunks)
     if depth == 3:
         return sum(len(chunk.data) for chunk in mapped)
     deduper = dedup.Deduper()
-    sorter = snapshots.EmailSorter() if depth >= 6 else None
+    recorder = snapshots.EmailSorter() if depth >= 6 else None  # every contact's record line (Stream.kept_chunks)
+    sorter = snapshots.EmailSorter() if depth >= 7 else None
 
     def kept_chunks() -> Iterator[tuple[pipeline.MappedChunk, list[int]]]:  # as engine._Run.kept_chunks
         for chunk in mapped:
             if chunk.emails:
                 keep: list[int] = np.flatnonzero(deduper.first_seen(chunk.fps)).tolist()
                 if keep:
+                    emails = chunk.emails
+                    if recorder is not None:
+                        digests = chunk.digests
+                        recorder.extend([delta.line(emails[k], digests[8 * k : 8 * k + 8]) for k in keep])
                     if sorter is not None:
-                        emails = chunk.emails
                         sorter.extend(emails if len(keep) == len(emails) else [emails[k] for k in keep])
                     yield chunk, keep
 
@@ -108,6 +113,11 @@ def stages_pass(export: Export, depth: int) -> int:
             total += len(batch.body(list_ids))
     if (batch := packer.flush()) is not None:
         total += len(batch.body(list_ids))
+    if recorder is not None:  # engine._stage_and_compare on a first run: staged, compared with no record
+        with tempfile.TemporaryDirectory() as tmp, recorder:
+            store = LocalFolderStore(tmp)
+            total += snapshots.write_snapshot(store, "staged.gz", recorder.sorted_unique(), trusted=True)
+            total += delta.classify(store, "record.gz", "snapshot.gz", "staged.gz", want_filter=False)[0]["new"]
     if sorter is not None:  # engine._sync_snapshot on a first run of an upsert destination
         with tempfile.TemporaryDirectory() as tmp, sorter:
             store = LocalFolderStore(tmp)
@@ -119,7 +129,8 @@ def stages_pass(export: Export, depth: int) -> int:
 
 STAGES = ("csv.reader over the files (reference)", "sources.read_rows in chunks (engine's reader)",
           "+ ContactMapper.map", "+ orjson into the chunk (= pipeline.map_rows)", "+ hash() + Deduper.first_seen",
-          "+ batching.Packer.add + ContactBatch.body", "+ list snapshot (EmailSorter, write_snapshot)")
+          "+ batching.Packer.add + ContactBatch.body",
+          "+ delta record (digests, sorted, staged, compared)", "+ list snapshot (EmailSorter, write_snapshot)")
 
 
 def run_stages(export: Export, log: Callable[[str], None], repeat: int = 1) -> list[dict[str, Any]]:
@@ -138,7 +149,7 @@ def run_stages(export: Export, log: Callable[[str], None], repeat: int = 1) -> l
         added = None if prev is None or depth == 1 else cpu - prev
         out.append({"stage": name, "cpu_s": cpu, "wall_s": wall, "added_cpu_s": added,
                     "us_per_row": 1e6 * (added if added is not None else cpu) / export.rows})
-        log(f"  {name:<47} {cpu:7.2f} s CPU ({wall:6.2f} s wall)"
+        log(f"  {name:<52} {cpu:7.2f} s CPU ({wall:6.2f} s wall)"
             + ("" if added is None else f"   +{added:5.2f} s = {1e6 * added / export.rows:.2f} us/row"))
         prev = cpu
     return out

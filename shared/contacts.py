@@ -239,6 +239,7 @@ def _invalid_email(shown: str) -> Rejected:
 
 Mapped = tuple[str, dict[str, Any], Note | None] | Rejected  # (email, contact, note) or why the row was rejected
 MappedLine = tuple[str, str, Note | None] | Rejected  # (email, import CSV line, note) or why the row was rejected
+MappedBoth = tuple[str, dict[str, Any], Note | None, str] | Rejected  # map's result and map_line's line
 
 
 class ContactMapper:
@@ -252,7 +253,9 @@ class ContactMapper:
     - map_line(values): the contact as a line of the bulk import's CSV file (`import_fields` order, CRLF), so the
       bulk path writes what the mapper gives without building or decoding a dict;
     - line_of(contact): the import line of a contact map() made (the contacts mapped before a run switched to the
-      import: the same cells and formatting as map_line's).
+      import: the same cells and formatting as map_line's);
+    - map_with_line(values): map's result and map_line's line in one pass (the JSON path's content digests are
+      taken over the line: a third of the record's cost was line_of decoding the dict map had just built).
 
     Only ints of our own making are written into the generated source; every name, id and column travels as a
     bound constant, never as code.
@@ -290,7 +293,7 @@ class ContactMapper:
         self.import_fields: tuple[str, ...] = (*mapping, *(f.name for f in custom))  # map_line's cells, in order
         self._trimmed: collections.Counter[str] = collections.Counter()
         source = _MapSource(list(mapping), text, alternates, custom_plan, self._trimmed, self._alternate_emails)
-        self.map, self.map_line, self.line_of = source.compile(len(columns))
+        self.map, self.map_line, self.line_of, self.map_with_line = source.compile(len(columns))
 
     @property
     def trimmed(self) -> collections.Counter[str]:
@@ -308,6 +311,10 @@ class ContactMapper:
     line_of: Callable[[Mapping[str, Any]], str]
     """The import CSV line (CRLF) of a contact map() made: map_line's line for the same row. Generated for this
     instance."""
+
+    map_with_line: Callable[[Sequence[str | None]], MappedBoth]
+    """(email, contact, note, import CSV line) or the rejection reason: map() and map_line() of the row at once.
+    Generated for this instance."""
 
     def _alternate_emails(self, text: str, primary: str) -> tuple[list[str], str | None]:
         """Valid, lower-cased, distinct alternates (not the primary), at most MAX_ALTERNATE_EMAILS; and a note."""
@@ -377,14 +384,18 @@ class _MapSource:
 
     def compile(self, n_columns: int) -> tuple[Callable[[Sequence[str | None]], Mapped],
                                                Callable[[Sequence[str | None]], MappedLine],
-                                               Callable[[Mapping[str, Any]], str]]:
-        """map, map_line and line_of for this plan."""
+                                               Callable[[Mapping[str, Any]], str],
+                                               Callable[[Sequence[str | None]], MappedBoth]]:
+        """map, map_line, line_of and map_with_line for this plan."""
+        both = [f"{line}, line + '\\r\\n'" if line.lstrip().startswith("return lowered,") else line
+                for line in self._as_contact()]
         src = [*self._entry("map", self._as_contact(), n_columns), "",
                *self._entry("map_line", [*self._line(), "    return lowered, line + '\\r\\n', note"], n_columns), "",
-               *self._line_of()]
+               *self._line_of(), "",
+               *self._entry("map_with_line", [*self._line(), *both], n_columns)]
         env = self.env
         exec(compile("\n".join(src), "<ContactMapper.map>", "exec"), env)
-        return env["map"], env["map_line"], env["line_of"]  # compiled from `src` just above
+        return env["map"], env["map_line"], env["line_of"], env["map_with_line"]  # compiled from `src` just above
 
     def _entry(self, name: str, ending: list[str], n_columns: int) -> list[str]:
         """The fast and the guarded version of one function, and the fallback that swaps the first for the second."""

@@ -110,7 +110,7 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
     content_digest too (JSON with only_changed: _json_of_changed). Pure but for mapper.trimmed, handed on, cleared."""
     if only_changed is not None and encoding == JSON:
         return _json_of_changed(mapper, rows, only_changed)
-    mapfn: Callable[[Sequence[str | None]], contacts.Mapped | contacts.MappedLine]
+    mapfn: Callable[[Sequence[str | None]], contacts.Mapped | contacts.MappedLine | contacts.MappedBoth]
     dumps: Callable[[Any], bytes]
     if encoding == JSON:
         mapfn, dumps, sep = mapper.map, orjson.dumps, b","
@@ -120,7 +120,9 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
     notes: list[tuple[int | None, contacts.Note]] = []
     emails: list[str] = []
     buf, ends, dig, lines = bytearray(), array("Q"), bytearray(), array("Q")
-    line_of = mapper.line_of if digests and encoding == JSON else None
+    with_line = digests and encoding == JSON  # the digest is over the import line: map_with_line gives both
+    if with_line:
+        mapfn = mapper.map_with_line
     at = mapper.id_index
     ids: list[str | None] | None = None if at is None else []
     reject_ids: list[str | None] | None = None if at is None else []
@@ -142,14 +144,17 @@ def map_rows(mapper: contacts.ContactMapper, rows: Iterable[sources.Row], encodi
             if reject_ids is not None:
                 reject_ids.append(ident)
             continue
-        email, contact, note = mapped
+        if with_line:
+            email, contact, note, import_line = cast(tuple[str, Any, Any, str], mapped)
+        else:
+            email, contact, note = cast(tuple[str, Any, Any], mapped)
         if note:
             notes.append((line, note))
         encoded = dumps(contact)
         buf += encoded  # orjson's results are over-allocated: appended, never kept beyond this contact
         ends.append(len(buf))
         if digests:  # over the import line, however the contact is encoded (a JSON one is turned into it)
-            dig += content_digest(encoded if line_of is None else line_of(cast(dict[str, Any], contact)).encode())
+            dig += content_digest(import_line.encode() if with_line else encoded)
         buf += sep
         emails.append(email)
         lines.append(line)

@@ -637,7 +637,7 @@ def _import_cells(mapper: ContactMapper, custom: list[CustomField], contact: dic
 def test_import_lines_are_the_contacts_cells_as_csv_writer_writes_them() -> None:
     """map_line gives map()'s contact as the import's CSV line (fast and guarded alike), and line_of gives the same
     line for the contact map() made, also after a JSON round trip (the chunks a run maps before it switches to the
-    import): one set of rules, the same file as csv.writer over the contact's cells."""
+    import), and map_with_line both at once: one set of rules, the same file as csv.writer over the contact's cells."""
     rng = random.Random(5)
     fast, guarded = ContactMapper(FULL_MAPPING, FULL_CUSTOM), ContactMapper(FULL_MAPPING, FULL_CUSTOM)
     n = len(fast.columns)
@@ -650,16 +650,19 @@ def test_import_lines_are_the_contacts_cells_as_csv_writer_writes_them() -> None
         as_text = ["" if v is None else v for v in row]
         mapped = fast.map(as_text)
         line = fast.map_line(as_text)
-        assert guarded.map_line(row) == line
+        both = fast.map_with_line(as_text)
+        assert guarded.map_line(row) == line and guarded.map_with_line(row) == both
         if isinstance(mapped, str):
-            assert line == mapped  # the same rejection
+            assert line == mapped == both  # the same rejection
             continue
         email, contact, note = mapped
         out = io.StringIO()
         csv.writer(out).writerow(_import_cells(fast, FULL_CUSTOM, contact))
         assert line == (email, out.getvalue(), note)
+        assert both == (email, contact, note, out.getvalue())  # map's contact and map_line's line in one pass
         assert fast.line_of(contact) == fast.line_of(orjson.loads(encode(contact))) == out.getvalue()
     assert fast.map_line.__code__.co_name == "map_line" and guarded.map_line.__code__.co_name == "map_line_guarded"
+    assert guarded.map_with_line.__code__.co_name == "map_with_line_guarded"
 
 
 def test_rows_with_none_or_more_values_map_alike() -> None:
