@@ -214,7 +214,11 @@ def _is_email(value: str) -> bool:
 
 def _is_date(value: object) -> bool:
     """Custom Date fields take MM/DD/YYYY (the documented CSV format) and must be a real calendar day."""
-    if type(value) is not str or (m := _DATE_RE.fullmatch(value)) is None:
+    if type(value) is not str:
+        return False
+    if value in _DATE_CACHE:  # values repeat: an import's rows check each one here
+        return True
+    if (m := _DATE_RE.fullmatch(value)) is None:
         return False
     try:
         date(int(m[3]), int(m[1]), int(m[2]))
@@ -1630,7 +1634,7 @@ def _check_row(row: list[str], columns: list[tuple[int, str, str]], fields: dict
                     finite = False
                 if not finite:
                     return f"custom field {key} is a Number field: '{value}' is not a number"
-            elif ftype == "Date" and value not in _DATE_CACHE and not _is_date(value):
+            elif ftype == "Date" and not _is_date(value):
                 return f"custom field {key} is a Date field: '{value}' is not MM/DD/YYYY"
     return None if has_id else "a contact needs at least one identifier"
 

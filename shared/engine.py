@@ -312,8 +312,7 @@ def _execute(stream: Stream) -> None:
                 stream.sorter = sorter
                 staged: list[dict[str, int]] = []  # what the export changes, found while the last requests are out
                 stream.send_all(client, read_all=lambda: staged.append(_stage_and_compare(stream, sorter)))
-                changes = staged[0] if staged else _stage_and_compare(stream, sorter)  # read_all runs unless it failed
-            _note_changes(stream, changes)
+            _note_changes(stream, staged[0])  # read_all ran: send_all returns only after it, or raises
         listsync.after_send(_sync(record, dest, svc, client, wait=req.wait, deadline=req.deadline))
 
 
@@ -385,9 +384,7 @@ def _stage_current(stream: Stream, sorter: snapshots.EmailSorter) -> None:
 
 def _classify(stream: Stream, *, want_filter: bool) -> np.ndarray | None:
     """The changes this export brings (new, changed, unchanged), into the record; for a delta run, what to send."""
-    state, held = stream.svc.state, stream.held
-    changes, wanted = delta.classify(state.store, held.fingerprints_key, held.snapshot_key,
-                                     _staged(stream, listsync.CURRENT_FP), want_filter=want_filter)
+    changes, wanted = _compare(stream, want_filter=want_filter)
     _note_changes(stream, changes)
     return wanted
 
@@ -396,9 +393,14 @@ def _stage_and_compare(stream: Stream, sorter: snapshots.EmailSorter) -> dict[st
     """Once the export is read: every contact's record line staged, and the changes against the last record. Runs
     while the last requests are out, so it touches no record field (the senders save the record meanwhile)."""
     _stage_current(stream, sorter)
+    return _compare(stream, want_filter=False)[0]
+
+
+def _compare(stream: Stream, *, want_filter: bool) -> tuple[dict[str, int], np.ndarray | None]:
+    """The staged record lines against the last record (delta.classify)."""
     state, held = stream.svc.state, stream.held
     return delta.classify(state.store, held.fingerprints_key, held.snapshot_key, _staged(stream, listsync.CURRENT_FP),
-                          want_filter=False)[0]
+                          want_filter=want_filter)
 
 
 def _note_changes(stream: Stream, changes: dict[str, int]) -> None:
